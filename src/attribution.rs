@@ -1,0 +1,313 @@
+//! Which project a request belongs to: the attribution order of DESIGN.md as one pure function over the
+//! caller's key, the project the caller asked for, and the route prefix. Nothing here does I/O; the proxy
+//! feeds it facts and acts on its answer.
+//!
+//! 1. A project the caller asks for (`OpenAI-Project` / `anthropic-workspace-id`, by id or by name) is used
+//!    only if the caller may use it. Asking for `default` is asking for nothing.
+//! 2. Else the route prefix's project, if the caller may use it.
+//! 3. Else the key's own project. 4. Else `attribution.default_project`.
+//! 5. Else the unattributed policy: reject, or reroute.
+
+use std::collections::HashMap;
+
+use http::HeaderMap;
+
+use crate::config::{AttributionPolicy, Config, Key, ProjectIdx, Unattributed};
+use crate::error::GatewayError;
+
+/// Request headers that name a project. Both are read (and both stripped) on every route, so a caller cannot
+/// slip one past the gateway by using the other API family's spelling.
+pub const PROJECT_HEADERS: [&str; 2] = ["openai-project", "anthropic-workspace-id"];
+
+/// How a request's project was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The caller's own project header.
+    Header,
+    /// The `[[routes]]` prefix.
+    Route,
+    /// The key's `project`.
+    Key,
+    /// `attribution.default_project`.
+    Default,
+    /// Nothing attributed it; the policy rerouted it.
+    Rerouted,
+}
+
+impl Source {
+    /// Name for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Header => "header",
+            Self::Route => "route",
+            Self::Key => "key",
+            Self::Default => "default",
+            Self::Rerouted => "rerouted",
+        }
+    }
+}
+
+/// The answer: a project and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attribution {
+    /// The project the request is sent to.
+    pub project: ProjectIdx,
+    /// Which rule chose it.
+    pub source: Source,
+}
+
+/// What the caller asked for in its project headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requested<'a> {
+    /// No header, empty headers, or `default`.
+    Nothing,
+    /// One project, by name or id (every header that names one agrees).
+    Project(&'a str),
+    /// Headers that name different projects.
+    Conflict,
+}
+
+impl<'a> Requested<'a> {
+    /// Reads every project header value. Values that are not text can name no project, so they are kept
+    /// as a request for an unknown project (and refused) rather than dropped.
+    pub fn from_headers(headers: &'a HeaderMap) -> Self {
+        let mut found = Self::Nothing;
+        for value in PROJECT_HEADERS.iter().flat_map(|name| headers.get_all(*name)) {
+            let asked = std::str::from_utf8(value.as_bytes()).map_or("\u{fffd}", str::trim);
+            if asked.is_empty() || asked.eq_ignore_ascii_case("default") {
+                continue;
+            }
+            found = match found {
+                Self::Nothing => Self::Project(asked),
+                Self::Project(prev) if prev == asked => found,
+                Self::Project(_) | Self::Conflict => return Self::Conflict,
+            };
+        }
+        found
+    }
+}
+
+/// The project lookups and policy, built once per config.
+#[derive(Debug, Clone)]
+pub struct Attributor {
+    by_name_or_id: HashMap<String, ProjectIdx>,
+    names: Vec<String>,
+    policy: AttributionPolicy,
+}
+
+impl Attributor {
+    /// Indexes `config`'s projects by name and by id (validation guarantees the two never collide).
+    pub fn new(config: &Config) -> Self {
+        let mut by_name_or_id = HashMap::new();
+        for (i, p) in config.projects.iter().enumerate() {
+            by_name_or_id.insert(p.name.clone(), ProjectIdx(i));
+            if let Some(id) = &p.id {
+                by_name_or_id.insert(id.clone(), ProjectIdx(i));
+            }
+        }
+        let names = config.projects.iter().map(|p| p.name.clone()).collect();
+        Self { by_name_or_id, names, policy: config.attribution.clone() }
+    }
+
+    /// Applies the attribution order. `key` is `None` for trusted callers (`callers.auth = "none"`), who may
+    /// use any configured project.
+    pub fn resolve(
+        &self,
+        key: Option<&Key>,
+        requested: Requested<'_>,
+        route: Option<ProjectIdx>,
+    ) -> Result<Attribution, GatewayError> {
+        let allowed = |p: ProjectIdx| key.is_none_or(|k| k.may_use(p));
+        match requested {
+            Requested::Conflict => {
+                return Err(GatewayError::InvalidRequest(
+                    "project headers name different projects: send one OpenAI-Project (or anthropic-workspace-id)"
+                        .into(),
+                ));
+            }
+            Requested::Project(asked) => {
+                return match self.by_name_or_id.get(asked).copied().filter(|p| allowed(*p)) {
+                    Some(project) => Ok(Attribution { project, source: Source::Header }),
+                    None => Err(GatewayError::ProjectNotAllowed(truncate(asked))),
+                };
+            }
+            Requested::Nothing => {}
+        }
+        if let Some(project) = route {
+            return if allowed(project) {
+                Ok(Attribution { project, source: Source::Route })
+            } else {
+                Err(GatewayError::ProjectNotAllowed(self.names[project.0].clone()))
+            };
+        }
+        if let Some(project) = key.and_then(|k| k.project) {
+            return Ok(Attribution { project, source: Source::Key });
+        }
+        if let Some(project) = self.policy.default_project {
+            return Ok(Attribution { project, source: Source::Default });
+        }
+        match self.policy.unattributed {
+            Unattributed::Reject => Err(GatewayError::ProjectRequired),
+            Unattributed::Reroute(project) => Ok(Attribution { project, source: Source::Rerouted }),
+        }
+    }
+}
+
+/// Caller-supplied text echoed in an error is kept short.
+fn truncate(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    const CONFIG: &str = r#"
+        [[projects]]
+        name = "Chat-Prod"
+        id = "proj_chat"
+        [[projects]]
+        name = "Chat-Dev"
+        id = "proj_dev"
+        [[projects]]
+        name = "Search"
+        id = "proj_search"
+        [[projects]]
+        name = "Unattributed"
+        id = "proj_unattr"
+        [[keys]]
+        name = "chat"
+        sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+        project = "Chat-Prod"
+        may_select = ["Chat-Dev"]
+        [[keys]]
+        name = "floating"
+        sha256 = "1111111111111111111111111111111111111111111111111111111111111111"
+    "#;
+
+    const PROD: ProjectIdx = ProjectIdx(0);
+    const DEV: ProjectIdx = ProjectIdx(1);
+    const SEARCH: ProjectIdx = ProjectIdx(2);
+    const UNATTR: ProjectIdx = ProjectIdx(3);
+
+    fn setup(extra: &str) -> (Config, Attributor) {
+        let config = Config::from_toml(&format!("{extra}\n{CONFIG}")).expect("config");
+        let attributor = Attributor::new(&config);
+        (config, attributor)
+    }
+
+    fn ok(project: ProjectIdx, source: Source) -> Result<Attribution, GatewayError> {
+        Ok(Attribution { project, source })
+    }
+
+    #[test]
+    fn header_by_name_or_id_when_allowed() {
+        let (c, a) = setup("");
+        let chat = Some(&c.keys[0]);
+        assert_eq!(a.resolve(chat, Requested::Project("proj_dev"), None), ok(DEV, Source::Header));
+        assert_eq!(a.resolve(chat, Requested::Project("Chat-Dev"), None), ok(DEV, Source::Header));
+        assert_eq!(a.resolve(chat, Requested::Project("Chat-Prod"), None), ok(PROD, Source::Header));
+    }
+
+    #[test]
+    fn header_for_a_forbidden_or_unknown_project_is_refused() {
+        let (c, a) = setup("");
+        let chat = Some(&c.keys[0]);
+        for asked in ["proj_search", "Search", "proj_unknown", "chat-prod", "proj_chat ", "\u{fffd}"] {
+            assert_eq!(
+                a.resolve(chat, Requested::Project(asked), None),
+                Err(GatewayError::ProjectNotAllowed(asked.into())),
+                "{asked}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_beats_route_and_key() {
+        let (c, a) = setup("");
+        assert_eq!(a.resolve(Some(&c.keys[0]), Requested::Project("Chat-Dev"), Some(PROD)), ok(DEV, Source::Header));
+    }
+
+    #[test]
+    fn route_needs_permission() {
+        let (c, a) = setup("");
+        assert_eq!(a.resolve(Some(&c.keys[0]), Requested::Nothing, Some(DEV)), ok(DEV, Source::Route));
+        assert_eq!(
+            a.resolve(Some(&c.keys[0]), Requested::Nothing, Some(SEARCH)),
+            Err(GatewayError::ProjectNotAllowed("Search".into()))
+        );
+        assert_eq!(
+            a.resolve(Some(&c.keys[1]), Requested::Nothing, Some(SEARCH)),
+            Err(GatewayError::ProjectNotAllowed("Search".into()))
+        );
+    }
+
+    #[test]
+    fn key_project_then_default_then_policy() {
+        let (c, a) = setup("");
+        assert_eq!(a.resolve(Some(&c.keys[0]), Requested::Nothing, None), ok(PROD, Source::Key));
+        assert_eq!(a.resolve(Some(&c.keys[1]), Requested::Nothing, None), Err(GatewayError::ProjectRequired));
+
+        let (c, a) = setup("[attribution]\ndefault_project = \"Search\"");
+        assert_eq!(a.resolve(Some(&c.keys[0]), Requested::Nothing, None), ok(PROD, Source::Key));
+        assert_eq!(a.resolve(Some(&c.keys[1]), Requested::Nothing, None), ok(SEARCH, Source::Default));
+
+        let (c, a) = setup("[attribution]\nunattributed = \"reroute\"\nreroute_to = \"Unattributed\"");
+        assert_eq!(a.resolve(Some(&c.keys[1]), Requested::Nothing, None), ok(UNATTR, Source::Rerouted));
+        // Rerouting never widens what a key may ask for.
+        assert_eq!(
+            a.resolve(Some(&c.keys[1]), Requested::Project("Search"), None),
+            Err(GatewayError::ProjectNotAllowed("Search".into()))
+        );
+    }
+
+    #[test]
+    fn trusted_callers_may_pick_any_configured_project() {
+        let (_, a) = setup("");
+        assert_eq!(a.resolve(None, Requested::Project("Search"), None), ok(SEARCH, Source::Header));
+        assert_eq!(a.resolve(None, Requested::Nothing, Some(DEV)), ok(DEV, Source::Route));
+        assert_eq!(a.resolve(None, Requested::Nothing, None), Err(GatewayError::ProjectRequired));
+        assert_eq!(
+            a.resolve(None, Requested::Project("proj_other"), None),
+            Err(GatewayError::ProjectNotAllowed("proj_other".into()))
+        );
+    }
+
+    fn requested(pairs: &[(&'static str, &'static [u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_bytes(v).expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn project_headers_are_read_strictly() {
+        let h = requested(&[]);
+        assert_eq!(Requested::from_headers(&h), Requested::Nothing);
+        let h = requested(&[("openai-project", b"default")]);
+        assert_eq!(Requested::from_headers(&h), Requested::Nothing);
+        let h = requested(&[("openai-project", b" ")]);
+        assert_eq!(Requested::from_headers(&h), Requested::Nothing);
+        let h = requested(&[("openai-project", b"proj_a"), ("openai-project", b"proj_a")]);
+        assert_eq!(Requested::from_headers(&h), Requested::Project("proj_a"));
+        let h = requested(&[("openai-project", b"proj_a"), ("openai-project", b"proj_b")]);
+        assert_eq!(Requested::from_headers(&h), Requested::Conflict);
+        let h = requested(&[("openai-project", b"proj_a"), ("anthropic-workspace-id", b"proj_b")]);
+        assert_eq!(Requested::from_headers(&h), Requested::Conflict);
+        let h = requested(&[("anthropic-workspace-id", b"proj_b"), ("openai-project", b"Default")]);
+        assert_eq!(Requested::from_headers(&h), Requested::Project("proj_b"));
+        let h = requested(&[("openai-project", b"proj_\xff")]);
+        assert_eq!(Requested::from_headers(&h), Requested::Project("\u{fffd}"));
+    }
+
+    #[test]
+    fn conflicting_headers_are_refused() {
+        let (c, a) = setup("");
+        assert!(matches!(a.resolve(Some(&c.keys[0]), Requested::Conflict, None), Err(GatewayError::InvalidRequest(_))));
+    }
+}

@@ -1,0 +1,99 @@
+//! The command line: `serve`, `check`, `keys new`, `demo`.
+
+mod check;
+mod keys;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+
+/// mantlegate: every Bedrock request attributed to the right project.
+#[derive(Debug, Parser)]
+#[command(name = "mantlegate", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file (default: $MANTLEGATE_CONFIG, else config/mantlegate.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config and print its attribution table.
+    Check {
+        /// Config file (default: $MANTLEGATE_CONFIG, else config/mantlegate.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage gateway keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Run the gateway in front of a built-in stub upstream on loopback: no AWS account needed.
+    Demo {
+        /// Traffic address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Admin address.
+        #[arg(long, default_value = "127.0.0.1:9091")]
+        admin_listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Print a fresh random key and the `[[keys]]` stanza holding its hash.
+    New {
+        /// The key's name, as it will appear in logs and metrics.
+        #[arg(long)]
+        name: String,
+        /// The project the key's requests belong to.
+        #[arg(long)]
+        project: Option<String>,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Serve { config } => {
+            let path = config::resolve_path(config);
+            let config = Config::load(&path)?;
+            crate::telemetry::init();
+            runtime()?.block_on(crate::server::run(config))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Check { config } => check::run(&config::resolve_path(config)),
+        Command::Keys { command: KeysCommand::New { name, project } } => {
+            print!("{}", keys::new_key(&name, project.as_deref())?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Demo { listen, admin_listen } => {
+            crate::telemetry::init();
+            runtime()?.block_on(crate::demo::run(listen, admin_listen))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

@@ -1,0 +1,288 @@
+//! Configuration: defaults, then the TOML file, then `MANTLEGATE__SECTION__KEY` environment overrides,
+//! deserialized into [`raw::RawConfig`] and validated into [`Config`], whose types leave no room for the
+//! mistakes the file can hold (unknown projects, bad hashes, durations that do not parse).
+
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+
+pub use raw::RawConfig;
+pub use validate::ConfigErrors;
+
+/// Where `serve` and `check` look when no `--config` is given and `MANTLEGATE_CONFIG` is unset.
+pub const DEFAULT_PATH: &str = "config/mantlegate.toml";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listeners and limits.
+    pub server: Server,
+    /// The upstream and how to authenticate to it.
+    pub upstream: Upstream,
+    /// How callers authenticate.
+    pub callers: CallerAuth,
+    /// Fallbacks for requests no key, header or route attributes.
+    pub attribution: AttributionPolicy,
+    /// Tag rules (already checked against every project).
+    pub taxonomy: Taxonomy,
+    /// All projects; [`ProjectIdx`] indexes this list.
+    pub projects: Vec<Project>,
+    /// All gateway keys.
+    pub keys: Vec<Key>,
+    /// All route prefixes.
+    pub routes: Vec<Route>,
+}
+
+/// `[server]`, validated.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Traffic listener.
+    pub listen: SocketAddr,
+    /// Admin listener (health, readiness).
+    pub admin_listen: SocketAddr,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: u64,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// `[upstream]`, validated.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port of bedrock-mantle.
+    pub authority: Authority,
+    /// The gateway's own credential.
+    pub auth: UpstreamAuth,
+    /// AWS region, kept for SigV4.
+    pub region: Option<String>,
+    /// Longest wait for a connection.
+    pub connect_timeout: Duration,
+    /// Longest wait for the response head.
+    pub response_timeout: Duration,
+    /// Longest silence inside a response body.
+    pub idle_timeout: Duration,
+}
+
+/// How the gateway authenticates to bedrock-mantle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAuth {
+    /// A Bedrock API key sent as `Authorization: Bearer`.
+    ApiKey(KeySource),
+    /// The caller's own `Authorization` / `x-api-key` is forwarded (only with `callers.auth = "none"`).
+    Passthrough,
+}
+
+/// Where the Bedrock API key is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// An environment variable, read at start-up.
+    Env(String),
+    /// A file (a mounted Kubernetes secret), read at start-up.
+    File(PathBuf),
+}
+
+/// `[callers] auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerAuth {
+    /// Every caller presents a gateway key.
+    Keys,
+    /// Callers are trusted (sidecar); their credentials are dropped.
+    None,
+}
+
+/// `[attribution]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttributionPolicy {
+    /// Project for requests nothing else attributes (sidecar mode).
+    pub default_project: Option<ProjectIdx>,
+    /// What happens when even that is absent.
+    pub unattributed: Unattributed,
+}
+
+/// The unattributed policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unattributed {
+    /// 403 `project_required`.
+    Reject,
+    /// Send to this project, counted and logged as rerouted.
+    Reroute(ProjectIdx),
+}
+
+/// `[taxonomy]`.
+#[derive(Debug, Clone, Default)]
+pub struct Taxonomy {
+    /// Tags every project must carry.
+    pub required_tags: Vec<String>,
+    /// Allowed values per tag.
+    pub allowed_values: BTreeMap<String, Vec<String>>,
+}
+
+/// Index of a project in [`Config::projects`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProjectIdx(pub usize);
+
+/// A project requests can be attributed to.
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// Unique name.
+    pub name: String,
+    /// bedrock-mantle id, once provisioned.
+    pub id: Option<String>,
+    /// Cost allocation tags.
+    pub tags: BTreeMap<String, String>,
+    /// Allowed model ids; empty allows any.
+    pub models: Vec<String>,
+}
+
+impl Project {
+    /// Whether this project may use `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+}
+
+/// A gateway key, known only by its hash.
+#[derive(Debug, Clone)]
+pub struct Key {
+    /// Name for logs and metrics.
+    pub name: String,
+    /// SHA-256 of the key.
+    pub sha256: [u8; 32],
+    /// The key's own project.
+    pub project: Option<ProjectIdx>,
+    /// Other projects the key may ask for.
+    pub may_select: Vec<ProjectIdx>,
+}
+
+impl Key {
+    /// Whether this key may send requests to `project`.
+    pub fn may_use(&self, project: ProjectIdx) -> bool {
+        self.project == Some(project) || self.may_select.contains(&project)
+    }
+}
+
+/// A path prefix bound to a project.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// `/name`, no trailing slash.
+    pub prefix: String,
+    /// The route's project.
+    pub project: ProjectIdx,
+}
+
+impl Config {
+    /// Loads defaults, the file at `path` and `MANTLEGATE__` environment overrides, then validates.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let raw = Self::load_raw(path)?;
+        Ok(Self::from_raw(raw)?)
+    }
+
+    /// Parses a TOML string with no environment overrides (tests, the demo).
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()?;
+        Ok(Self::from_raw(raw)?)
+    }
+
+    fn load_raw(path: &Path) -> anyhow::Result<RawConfig> {
+        use anyhow::Context as _;
+        if !path.is_file() {
+            anyhow::bail!("config file {} not found", path.display());
+        }
+        config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(config::Environment::with_prefix("MANTLEGATE").separator("__").try_parsing(true))
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// Validates a raw config, reporting every problem at once.
+    pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigErrors> {
+        validate::validate(raw)
+    }
+
+    /// Looks a project up by exact name.
+    pub fn project_by_name(&self, name: &str) -> Option<ProjectIdx> {
+        self.projects.iter().position(|p| p.name == name).map(ProjectIdx)
+    }
+
+    /// The project at `idx`.
+    pub fn project(&self, idx: ProjectIdx) -> &Project {
+        &self.projects[idx.0]
+    }
+}
+
+/// The config path from `--config`, else `MANTLEGATE_CONFIG`, else [`DEFAULT_PATH`].
+pub fn resolve_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("MANTLEGATE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+/// A secret string whose `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The secret itself; call only where it is sent on.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl KeySource {
+    /// Reads the key; the error names the source, never the value.
+    pub fn read(&self) -> anyhow::Result<Secret> {
+        let value = match self {
+            Self::Env(name) => std::env::var(name)
+                .map_err(|_| anyhow::anyhow!("upstream.api_key_env: environment variable {name} is not set"))?,
+            Self::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("upstream.api_key_file: cannot read {}: {e}", path.display()))?,
+        };
+        let value = value.trim();
+        if value.is_empty() {
+            anyhow::bail!("upstream API key from {self} is empty");
+        }
+        if http::HeaderValue::from_str(value).is_err() {
+            anyhow::bail!("upstream API key from {self} contains characters not allowed in a header");
+        }
+        Ok(Secret::new(value.to_owned()))
+    }
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Env(name) => write!(f, "environment variable {name}"),
+            Self::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The configuration file as written: plain strings and numbers, every field documented, unknown keys
+//! rejected. Nothing here is trusted yet; [`super::validate`] turns it into the typed [`super::Config`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The whole file. Each section has defaults, so an empty file is a (useless but) parseable config.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// Listeners and request limits.
+    pub server: RawServer,
+    /// Where and how requests are forwarded.
+    pub upstream: RawUpstream,
+    /// How callers prove who they are.
+    pub callers: RawCallers,
+    /// What happens to requests no rule attributes.
+    pub attribution: RawAttribution,
+    /// Tag rules every project must satisfy.
+    pub taxonomy: RawTaxonomy,
+    /// The projects requests are attributed to.
+    pub projects: Vec<RawProject>,
+    /// Gateway keys callers present, stored as SHA-256 hashes.
+    pub keys: Vec<RawKey>,
+    /// Path prefixes that select a project.
+    pub routes: Vec<RawRoute>,
+}
+
+/// `[server]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// Address for OpenAI-compatible traffic.
+    pub listen: String,
+    /// Address for `/healthz`, `/readyz` (never the traffic port).
+    pub admin_listen: String,
+    /// Request bodies larger than this get 413.
+    pub max_body_bytes: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    pub shutdown_grace: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "127.0.0.1:9091".into(),
+            max_body_bytes: 32 * 1024 * 1024,
+            shutdown_grace: "30s".into(),
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    /// Scheme and authority of bedrock-mantle, no path.
+    pub base_url: String,
+    /// `api_key`, `sigv4` or `passthrough`.
+    pub auth: String,
+    /// Environment variable holding the Bedrock API key (`auth = "api_key"`).
+    pub api_key_env: Option<String>,
+    /// File holding the Bedrock API key (`auth = "api_key"`); takes precedence over `api_key_env`.
+    pub api_key_file: Option<String>,
+    /// AWS region, for SigV4.
+    pub region: Option<String>,
+    /// Longest wait for the TCP (and TLS) connection.
+    pub connect_timeout: String,
+    /// Longest wait for the response head.
+    pub response_timeout: String,
+    /// Longest silence inside a streamed response body.
+    pub idle_timeout: String,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            base_url: "https://bedrock-mantle.us-east-1.api.aws".into(),
+            auth: "api_key".into(),
+            api_key_env: None,
+            api_key_file: None,
+            region: None,
+            connect_timeout: "5s".into(),
+            response_timeout: "300s".into(),
+            idle_timeout: "120s".into(),
+        }
+    }
+}
+
+/// `[callers]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCallers {
+    /// `keys` or `none`.
+    pub auth: String,
+}
+
+impl Default for RawCallers {
+    fn default() -> Self {
+        Self { auth: "keys".into() }
+    }
+}
+
+/// `[attribution]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAttribution {
+    /// `reject` or `reroute`.
+    pub unattributed: String,
+    /// Project name that unattributed requests go to when `unattributed = "reroute"`.
+    pub reroute_to: String,
+    /// Project every otherwise unattributed request on this gateway belongs to (sidecar mode).
+    pub default_project: String,
+}
+
+impl Default for RawAttribution {
+    fn default() -> Self {
+        Self { unattributed: "reject".into(), reroute_to: String::new(), default_project: String::new() }
+    }
+}
+
+/// `[taxonomy]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTaxonomy {
+    /// Tags every project must carry, with a non-empty value.
+    pub required_tags: Vec<String>,
+    /// For the tags named here, the only values a project may use.
+    pub allowed_values: BTreeMap<String, Vec<String>>,
+}
+
+/// One `[[projects]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProject {
+    /// Unique name, used by keys, routes and callers.
+    pub name: String,
+    /// bedrock-mantle project id (`proj_...`); absent until the project is provisioned.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Cost allocation tags.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Model ids this project may use; empty means any.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// One `[[keys]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    /// Name shown in logs and metrics.
+    pub name: String,
+    /// Lower- or upper-case hex SHA-256 of the key.
+    pub sha256: String,
+    /// The project this key's requests belong to by default.
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Other projects this key may ask for with its own project header.
+    #[serde(default)]
+    pub may_select: Vec<String>,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Path prefix such as `/chatbot`; stripped before forwarding.
+    pub prefix: String,
+    /// Project of every request under this prefix.
+    pub project: String,
+}

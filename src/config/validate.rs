@@ -1,0 +1,501 @@
+//! Turns a [`RawConfig`] into a [`Config`], collecting every problem with the key that holds it
+//! (`projects[2].tags.CostCenter: missing`) so one run of `mantlegate check` shows them all.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Uri;
+
+use super::raw::{RawConfig, RawKey, RawProject, RawRoute};
+use super::{
+    AttributionPolicy, CallerAuth, Config, Key, KeySource, Project, ProjectIdx, Route, Server, Taxonomy, Unattributed,
+    Upstream, UpstreamAuth,
+};
+
+/// Path prefixes a route may not take, because the API itself lives there.
+const RESERVED_ROUTE_SEGMENTS: &[&str] = &["v1", "openai", "anthropic"];
+
+/// Every problem found in a config, one line each.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem{}):", self.0.len(), if self.0.len() == 1 { "" } else { "s" })?;
+        for line in &self.0 {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn push(&mut self, key: impl fmt::Display, message: impl fmt::Display) {
+        self.0.push(format!("{key}: {message}"));
+    }
+}
+
+pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
+    let mut errs = Errors::default();
+
+    let server = Server {
+        listen: parse_addr(&mut errs, "server.listen", &raw.server.listen),
+        admin_listen: parse_addr(&mut errs, "server.admin_listen", &raw.server.admin_listen),
+        max_body_bytes: raw.server.max_body_bytes,
+        shutdown_grace: parse_duration(&mut errs, "server.shutdown_grace", &raw.server.shutdown_grace, true),
+    };
+    if server.max_body_bytes == 0 {
+        errs.push("server.max_body_bytes", "must be greater than 0");
+    }
+    if server.listen == server.admin_listen && server.listen.port() != 0 {
+        errs.push(
+            "server.admin_listen",
+            "must differ from server.listen (admin endpoints never share the traffic port)",
+        );
+    }
+
+    let callers = match raw.callers.auth.as_str() {
+        "keys" => CallerAuth::Keys,
+        "none" => CallerAuth::None,
+        other => {
+            errs.push("callers.auth", format!("{other:?} is not one of \"keys\", \"none\""));
+            CallerAuth::Keys
+        }
+    };
+
+    let upstream = validate_upstream(&mut errs, &raw, callers);
+    let taxonomy = Taxonomy { required_tags: raw.taxonomy.required_tags, allowed_values: raw.taxonomy.allowed_values };
+    let projects = validate_projects(&mut errs, raw.projects, &taxonomy);
+
+    let lookup = |errs: &mut Errors, key: &str, name: &str| -> Option<ProjectIdx> {
+        let found = projects.iter().position(|p| p.name == name).map(ProjectIdx);
+        if found.is_none() {
+            errs.push(key, format!("no project named {name:?}"));
+        }
+        found
+    };
+
+    let keys = validate_keys(&mut errs, raw.keys, callers, &lookup);
+    let routes = validate_routes(&mut errs, raw.routes, &lookup);
+
+    let default_project = match raw.attribution.default_project.as_str() {
+        "" => None,
+        name => lookup(&mut errs, "attribution.default_project", name),
+    };
+    let unattributed = match raw.attribution.unattributed.as_str() {
+        "reject" => Unattributed::Reject,
+        "reroute" if raw.attribution.reroute_to.is_empty() => {
+            errs.push("attribution.reroute_to", "required when attribution.unattributed = \"reroute\"");
+            Unattributed::Reject
+        }
+        "reroute" => lookup(&mut errs, "attribution.reroute_to", &raw.attribution.reroute_to)
+            .map_or(Unattributed::Reject, Unattributed::Reroute),
+        other => {
+            errs.push("attribution.unattributed", format!("{other:?} is not one of \"reject\", \"reroute\""));
+            Unattributed::Reject
+        }
+    };
+
+    if errs.0.is_empty() {
+        Ok(Config {
+            server,
+            upstream,
+            callers,
+            attribution: AttributionPolicy { default_project, unattributed },
+            taxonomy,
+            projects,
+            keys,
+            routes,
+        })
+    } else {
+        Err(ConfigErrors(errs.0))
+    }
+}
+
+fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) -> Upstream {
+    let u = &raw.upstream;
+    let (scheme, authority) = match u.base_url.parse::<Uri>() {
+        Ok(uri) => {
+            let scheme = uri.scheme().filter(|s| matches!(s.as_str(), "http" | "https")).cloned();
+            if scheme.is_none() {
+                errs.push("upstream.base_url", format!("{:?} must start with https:// or http://", u.base_url));
+            }
+            if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+                errs.push(
+                    "upstream.base_url",
+                    format!(
+                        "{:?} must have no path or query: the caller's /v1, /openai/v1 or /anthropic/v1 path is kept",
+                        u.base_url
+                    ),
+                );
+            }
+            if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+                errs.push("upstream.base_url", "must not carry credentials");
+            }
+            (scheme.unwrap_or(http::uri::Scheme::HTTPS), uri.authority().cloned())
+        }
+        Err(e) => {
+            errs.push("upstream.base_url", format!("{:?} is not a URL: {e}", u.base_url));
+            (http::uri::Scheme::HTTPS, None)
+        }
+    };
+    if authority.is_none() && errs.0.iter().all(|e| !e.starts_with("upstream.base_url")) {
+        errs.push("upstream.base_url", format!("{:?} has no host", u.base_url));
+    }
+
+    let auth = match u.auth.as_str() {
+        "api_key" => match (&u.api_key_env, &u.api_key_file) {
+            (Some(_), Some(_)) => {
+                errs.push("upstream.api_key_file", "set either api_key_env or api_key_file, not both");
+                UpstreamAuth::Passthrough
+            }
+            (_, Some(file)) if file.is_empty() => {
+                errs.push("upstream.api_key_file", "must not be empty");
+                UpstreamAuth::Passthrough
+            }
+            (_, Some(file)) => UpstreamAuth::ApiKey(KeySource::File(PathBuf::from(file))),
+            (Some(env), None) if env.is_empty() => {
+                errs.push("upstream.api_key_env", "must not be empty");
+                UpstreamAuth::Passthrough
+            }
+            (env, None) => UpstreamAuth::ApiKey(KeySource::Env(env.clone().unwrap_or_else(|| "MANTLE_API_KEY".into()))),
+        },
+        "passthrough" => {
+            if callers == CallerAuth::Keys {
+                errs.push(
+                    "upstream.auth",
+                    "\"passthrough\" forwards the caller's own credential, so it needs callers.auth = \"none\" \
+                     (with callers.auth = \"keys\" the caller's credential is a gateway key)",
+                );
+            }
+            UpstreamAuth::Passthrough
+        }
+        "sigv4" => {
+            errs.push("upstream.auth", "\"sigv4\" is not supported yet; use \"api_key\" or \"passthrough\"");
+            UpstreamAuth::Passthrough
+        }
+        other => {
+            errs.push("upstream.auth", format!("{other:?} is not one of \"api_key\", \"sigv4\", \"passthrough\""));
+            UpstreamAuth::Passthrough
+        }
+    };
+
+    Upstream {
+        scheme,
+        authority: authority.unwrap_or_else(|| http::uri::Authority::from_static("invalid")),
+        auth,
+        region: u.region.clone().filter(|r| !r.is_empty()),
+        connect_timeout: parse_duration(errs, "upstream.connect_timeout", &u.connect_timeout, false),
+        response_timeout: parse_duration(errs, "upstream.response_timeout", &u.response_timeout, false),
+        idle_timeout: parse_duration(errs, "upstream.idle_timeout", &u.idle_timeout, false),
+    }
+}
+
+fn validate_projects(errs: &mut Errors, raw: Vec<RawProject>, taxonomy: &Taxonomy) -> Vec<Project> {
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    let mut projects = Vec::with_capacity(raw.len());
+    for (i, p) in raw.into_iter().enumerate() {
+        let at = format!("projects[{i}]");
+        if let Err(why) = check_name(&p.name) {
+            errs.push(format!("{at}.name"), format!("{:?} {why}", p.name));
+        } else if p.name.eq_ignore_ascii_case("default") {
+            errs.push(
+                format!("{at}.name"),
+                "\"default\" is the account's unattributed project and cannot be configured",
+            );
+        } else if let Some(j) = names.insert(p.name.clone(), i) {
+            errs.push(format!("{at}.name"), format!("{:?} is also the name of projects[{j}]", p.name));
+        }
+        let id = p.id.filter(|id| !id.is_empty());
+        if let Some(id) = &id {
+            if !is_project_id(id) {
+                errs.push(
+                    format!("{at}.id"),
+                    format!("{id:?} is not a project id (proj_ followed by letters, digits, - or _)"),
+                );
+            } else if let Some(j) = ids.insert(id.clone(), i) {
+                errs.push(format!("{at}.id"), format!("{id:?} is also the id of projects[{j}]"));
+            }
+        }
+        for tag in &taxonomy.required_tags {
+            match p.tags.get(tag) {
+                None => errs.push(format!("{at}.tags.{tag}"), "missing"),
+                Some(v) if v.trim().is_empty() => errs.push(format!("{at}.tags.{tag}"), "empty"),
+                Some(_) => {}
+            }
+        }
+        for (tag, allowed) in &taxonomy.allowed_values {
+            if let Some(value) = p.tags.get(tag).filter(|v| !allowed.contains(v)) {
+                errs.push(format!("{at}.tags.{tag}"), format!("{value:?} is not one of {}", allowed.join(", ")));
+            }
+        }
+        for (tag, value) in &p.tags {
+            if tag.is_empty() || tag.chars().count() > 128 {
+                errs.push(format!("{at}.tags"), format!("tag key {tag:?} must be 1 to 128 characters"));
+            }
+            if value.chars().count() > 256 {
+                errs.push(format!("{at}.tags.{tag}"), "value longer than 256 characters");
+            }
+        }
+        if p.models.iter().any(String::is_empty) {
+            errs.push(format!("{at}.models"), "empty model id");
+        }
+        projects.push(Project { name: p.name, id, tags: p.tags, models: p.models });
+    }
+    // A caller may name a project by name or by id: neither may mean two different projects.
+    for (id, i) in &ids {
+        if let Some(j) = names.get(id).filter(|j| *j != i) {
+            errs.push(format!("projects[{i}].id"), format!("{id:?} is the name of projects[{j}]"));
+        }
+    }
+    projects
+}
+
+fn validate_keys(
+    errs: &mut Errors,
+    raw: Vec<RawKey>,
+    callers: CallerAuth,
+    lookup: &dyn Fn(&mut Errors, &str, &str) -> Option<ProjectIdx>,
+) -> Vec<Key> {
+    if callers == CallerAuth::None && !raw.is_empty() {
+        errs.push(
+            "keys",
+            "callers.auth = \"none\" ignores gateway keys; remove [[keys]] or set callers.auth = \"keys\"",
+        );
+    }
+    if callers == CallerAuth::Keys && raw.is_empty() {
+        errs.push("keys", "callers.auth = \"keys\" but no [[keys]] are configured: every request would get 401");
+    }
+    let mut names = HashMap::new();
+    let mut hashes = HashMap::new();
+    let mut keys = Vec::with_capacity(raw.len());
+    for (i, k) in raw.into_iter().enumerate() {
+        let at = format!("keys[{i}]");
+        if let Err(why) = check_name(&k.name) {
+            errs.push(format!("{at}.name"), format!("{:?} {why}", k.name));
+        } else if let Some(j) = names.insert(k.name.clone(), i) {
+            errs.push(format!("{at}.name"), format!("{:?} is also the name of keys[{j}]", k.name));
+        }
+        let mut sha256 = [0u8; 32];
+        if hex::decode_to_slice(&k.sha256, &mut sha256).is_err() {
+            // The value is a hash, but one pasted in the wrong field might be a key: never echo it.
+            errs.push(format!("{at}.sha256"), "must be 64 hex digits (the SHA-256 of the key, not the key)");
+        } else if let Some(j) = hashes.insert(sha256, i) {
+            errs.push(format!("{at}.sha256"), format!("same hash as keys[{j}]"));
+        }
+        let project = k.project.filter(|p| !p.is_empty()).and_then(|p| lookup(errs, &format!("{at}.project"), &p));
+        let may_select = k
+            .may_select
+            .iter()
+            .enumerate()
+            .filter_map(|(j, p)| lookup(errs, &format!("{at}.may_select[{j}]"), p))
+            .collect();
+        keys.push(Key { name: k.name, sha256, project, may_select });
+    }
+    keys
+}
+
+fn validate_routes(
+    errs: &mut Errors,
+    raw: Vec<RawRoute>,
+    lookup: &dyn Fn(&mut Errors, &str, &str) -> Option<ProjectIdx>,
+) -> Vec<Route> {
+    let mut seen = HashSet::new();
+    let mut routes = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let at = format!("routes[{i}]");
+        if let Err(why) = check_prefix(&r.prefix) {
+            errs.push(format!("{at}.prefix"), format!("{:?} {why}", r.prefix));
+        } else if !seen.insert(r.prefix.clone()) {
+            errs.push(format!("{at}.prefix"), format!("{:?} is configured twice", r.prefix));
+        }
+        if let Some(project) = lookup(errs, &format!("{at}.project"), &r.project) {
+            routes.push(Route { prefix: r.prefix, project });
+        }
+    }
+    routes
+}
+
+fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        Err("must not be empty")
+    } else if name.chars().count() > 128 {
+        Err("is longer than 128 characters")
+    } else if name.trim() != name || name.chars().any(char::is_control) {
+        Err("must not have leading or trailing spaces or control characters")
+    } else {
+        Ok(())
+    }
+}
+
+/// Project ids go into a header and into upstream URLs, so they are held to a strict alphabet.
+pub(crate) fn is_project_id(id: &str) -> bool {
+    id.len() > 5
+        && id.len() <= 128
+        && id.starts_with("proj_")
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn check_prefix(prefix: &str) -> Result<(), &'static str> {
+    let Some(rest) = prefix.strip_prefix('/') else {
+        return Err("must start with /");
+    };
+    if rest.is_empty() || rest.ends_with('/') {
+        return Err("must name at least one path segment and not end with /");
+    }
+    for segment in rest.split('/') {
+        if segment.is_empty() || segment == "." || segment == ".." {
+            return Err("must not contain empty, . or .. segments");
+        }
+        if !segment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~')) {
+            return Err("may only use letters, digits, -, _, . and ~");
+        }
+    }
+    let first = rest.split('/').next().unwrap_or_default();
+    if RESERVED_ROUTE_SEGMENTS.contains(&first) {
+        return Err("would shadow the API's own /v1, /openai or /anthropic paths");
+    }
+    Ok(())
+}
+
+fn parse_addr(errs: &mut Errors, key: &str, value: &str) -> std::net::SocketAddr {
+    value.parse().unwrap_or_else(|e| {
+        errs.push(key, format!("{value:?} is not an address like 0.0.0.0:8080: {e}"));
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+fn parse_duration(errs: &mut Errors, key: &str, value: &str, zero_ok: bool) -> Duration {
+    match humantime::parse_duration(value) {
+        Ok(d) if d.is_zero() && !zero_ok => {
+            errs.push(key, "must be greater than 0");
+            d
+        }
+        Ok(d) => d,
+        Err(e) => {
+            errs.push(key, format!("{value:?} is not a duration like \"30s\" or \"5m\": {e}"));
+            Duration::from_secs(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(toml: &str) -> Vec<String> {
+        match crate::Config::from_toml(toml) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.downcast::<ConfigErrors>().map(|e| e.0).unwrap_or_else(|e| vec![e.to_string()]),
+        }
+    }
+
+    const BASE: &str = r#"
+        [[projects]]
+        name = "A"
+        id = "proj_a"
+        tags = { Team = "t" }
+        [[keys]]
+        name = "k"
+        sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+        project = "A"
+    "#;
+
+    #[test]
+    fn base_is_valid() {
+        assert_eq!(errors(BASE), Vec::<String>::new());
+    }
+
+    #[test]
+    fn taxonomy_errors_name_the_key() {
+        let errs = errors(&format!(
+            "[taxonomy]\nrequired_tags = [\"Team\", \"CostCenter\"]\n[taxonomy.allowed_values]\nTeam = [\"x\"]\n{BASE}"
+        ));
+        assert!(errs.contains(&"projects[0].tags.CostCenter: missing".to_string()), "{errs:?}");
+        assert!(errs.contains(&"projects[0].tags.Team: \"t\" is not one of x".to_string()), "{errs:?}");
+    }
+
+    #[test]
+    fn unknown_project_reference_is_named() {
+        let errs = errors(&format!("{BASE}\n[[routes]]\nprefix = \"/x\"\nproject = \"Nope\""));
+        assert_eq!(errs, vec!["routes[0].project: no project named \"Nope\"".to_string()]);
+    }
+
+    #[test]
+    fn bad_hash_is_rejected_without_echo() {
+        let errs =
+            errors(&BASE.replace("0000000000000000000000000000000000000000000000000000000000000000", "mg_secretkey"));
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].starts_with("keys[0].sha256"));
+        assert!(!errs[0].contains("mg_secretkey"));
+    }
+
+    #[test]
+    fn sigv4_is_refused_clearly() {
+        let errs = errors(&format!("[upstream]\nauth = \"sigv4\"\n{BASE}"));
+        assert_eq!(
+            errs,
+            vec!["upstream.auth: \"sigv4\" is not supported yet; use \"api_key\" or \"passthrough\"".to_string()]
+        );
+    }
+
+    #[test]
+    fn passthrough_needs_trusted_callers() {
+        let errs = errors(&format!("[upstream]\nauth = \"passthrough\"\n{BASE}"));
+        assert!(errs[0].starts_with("upstream.auth:"), "{errs:?}");
+    }
+
+    #[test]
+    fn base_url_must_not_have_a_path() {
+        let errs = errors(&format!("[upstream]\nbase_url = \"https://h.example/v1\"\n{BASE}"));
+        assert!(errs[0].starts_with("upstream.base_url:"), "{errs:?}");
+    }
+
+    #[test]
+    fn route_prefixes_are_strict() {
+        for bad in ["chat", "/", "/v1", "/a/", "/a//b", "/a/../b", "/a%2f"] {
+            assert!(check_prefix(bad).is_err(), "{bad}");
+        }
+        assert!(check_prefix("/team-a/chat").is_ok());
+    }
+
+    #[test]
+    fn names_and_ids_are_unique_and_unambiguous() {
+        let toml = format!(
+            "{BASE}\n[[projects]]\nname = \"proj_a\"\ntags = {{}}\n[[projects]]\nname = \"A\"\nid = \"proj_a\""
+        );
+        let errs = errors(&toml);
+        assert!(errs.iter().any(|e| e.starts_with("projects[2].name: \"A\" is also")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("projects[2].id: \"proj_a\" is also")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("is the name of projects[1]")), "{errs:?}");
+    }
+
+    #[test]
+    fn default_cannot_be_configured() {
+        let errs = errors(&BASE.replace("name = \"A\"", "name = \"default\"").replace("project = \"A\"", ""));
+        assert!(errs.iter().any(|e| e.starts_with("projects[0].name")), "{errs:?}");
+    }
+
+    #[test]
+    fn reroute_needs_a_target() {
+        let errs = errors(&format!("[attribution]\nunattributed = \"reroute\"\n{BASE}"));
+        assert_eq!(
+            errs,
+            vec!["attribution.reroute_to: required when attribution.unattributed = \"reroute\"".to_string()]
+        );
+    }
+
+    #[test]
+    fn durations_parse() {
+        let errs = errors(&format!("[upstream]\nidle_timeout = \"soon\"\n{BASE}"));
+        assert!(errs[0].starts_with("upstream.idle_timeout:"), "{errs:?}");
+    }
+}

@@ -1,0 +1,134 @@
+//! Every error the gateway itself returns to a caller, grouped by whose fault it is, and the one JSON
+//! shape they all take. Upstream errors never pass through here: they are forwarded unchanged.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+/// A request-time error the gateway answers itself.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum GatewayError {
+    // The caller's fault.
+    /// No gateway key, or one that is not configured.
+    #[error("missing or unknown API key: send a gateway key as `Authorization: Bearer` or `x-api-key`")]
+    InvalidApiKey,
+    /// The caller asked for a project its key may not use.
+    #[error("project {0:?} is not allowed for this caller")]
+    ProjectNotAllowed(String),
+    /// Nothing attributes the request and the policy rejects unattributed traffic.
+    #[error("this request is not attributed to any project: use a key, route or OpenAI-Project header that names one")]
+    ProjectRequired,
+    /// The project's `models` allowlist excludes the requested model.
+    #[error("model {model:?} is not allowed for project {project:?}")]
+    ModelNotAllowed {
+        /// The requested model.
+        model: String,
+        /// The resolved project's name.
+        project: String,
+    },
+    /// Not an inference route the gateway forwards.
+    #[error("unknown route: only inference endpoints are served here")]
+    UnknownRoute,
+    /// The request body exceeds `server.max_body_bytes`.
+    #[error("request body is larger than the limit of {0} bytes")]
+    RequestTooLarge(u64),
+    /// The body could not be read as the JSON the route needs.
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    // The gateway's state.
+    /// The gateway is draining for shutdown.
+    #[error("the gateway is shutting down; retry")]
+    ShuttingDown,
+
+    // The upstream's fault.
+    /// No connection to the upstream could be made.
+    #[error("the upstream could not be reached")]
+    UpstreamUnreachable,
+    /// The upstream did not answer in time.
+    #[error("the upstream did not respond in time")]
+    UpstreamTimeout,
+}
+
+impl GatewayError {
+    /// HTTP status of the error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Self::ProjectNotAllowed(_) | Self::ProjectRequired | Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::UnknownRoute => StatusCode::NOT_FOUND,
+            Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `error.code` callers and SDKs match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::ProjectNotAllowed(_) => "project_not_allowed",
+            Self::ProjectRequired => "project_required",
+            Self::ModelNotAllowed { .. } => "model_not_allowed",
+            Self::UnknownRoute => "unknown_route",
+            Self::RequestTooLarge(_) => "request_too_large",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::ShuttingDown => "shutting_down",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// The `error.type`, from the vocabulary both OpenAI and Anthropic SDKs know.
+    pub fn kind(&self) -> &'static str {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+            s if s.is_server_error() => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The error body: OpenAI's `{"error": {...}}`, with Anthropic's top-level `"type": "error"` beside it so
+    /// that both SDK families parse it.
+    pub fn body(&self) -> String {
+        serde_json::json!({
+            "type": "error",
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "param": null,
+                "code": self.code(),
+            }
+        })
+        .to_string()
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let mut res = (self.status(), self.body()).into_response();
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_openai_shaped() {
+        let e = GatewayError::ModelNotAllowed { model: "m".into(), project: "P".into() };
+        let v: serde_json::Value = serde_json::from_str(&e.body()).expect("json");
+        assert_eq!(v["error"]["code"], "model_not_allowed");
+        assert_eq!(v["error"]["type"], "permission_error");
+        assert_eq!(v["error"]["param"], serde_json::Value::Null);
+        assert_eq!(v["error"]["message"], "model \"m\" is not allowed for project \"P\"");
+        assert_eq!(e.status(), StatusCode::FORBIDDEN);
+    }
+}

@@ -1,0 +1,245 @@
+//! Header rules, both directions. Upstream gets the caller's headers minus hop-by-hop headers and minus
+//! everything that identifies the caller to AWS (its credential, its project and organization headers),
+//! plus the resolved project and the gateway's credential. Callers get upstream's headers minus hop-by-hop.
+
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue};
+
+use crate::attribution::PROJECT_HEADERS;
+use crate::endpoint::Api;
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1), plus `proxy-*` relatives and `expect`, which this hop answers.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The request id header, taken from the caller or made here, sent upstream and returned to the caller.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
+const ANTHROPIC_WORKSPACE: HeaderName = HeaderName::from_static("anthropic-workspace-id");
+
+/// The credential the gateway presents upstream.
+#[derive(Clone)]
+pub enum Credential {
+    /// `Authorization: Bearer <key>` (and `x-api-key: <key>` on the Anthropic route, as Anthropic clients send).
+    ApiKey {
+        /// `Bearer <key>`, marked sensitive.
+        bearer: HeaderValue,
+        /// `<key>`, marked sensitive.
+        raw: HeaderValue,
+    },
+    /// The caller's own `Authorization` / `x-api-key` go through untouched.
+    Passthrough,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ApiKey { .. } => "ApiKey([redacted])",
+            Self::Passthrough => "Passthrough",
+        })
+    }
+}
+
+impl Credential {
+    /// A Bedrock API key credential.
+    pub fn api_key(key: &crate::config::Secret) -> anyhow::Result<Self> {
+        let mut bearer = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+            .map_err(|_| anyhow::anyhow!("upstream API key is not a valid header value"))?;
+        let mut raw = HeaderValue::try_from(key.expose())
+            .map_err(|_| anyhow::anyhow!("upstream API key is not a valid header value"))?;
+        bearer.set_sensitive(true);
+        raw.set_sensitive(true);
+        Ok(Self::ApiKey { bearer, raw })
+    }
+}
+
+/// Turns the caller's request headers, in place, into the headers sent upstream.
+pub fn to_upstream(
+    headers: &mut HeaderMap,
+    api: Api,
+    project_id: &HeaderValue,
+    credential: &Credential,
+    request_id: &HeaderValue,
+) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::EXPECT);
+    headers.remove(OPENAI_ORGANIZATION);
+    for name in PROJECT_HEADERS {
+        headers.remove(name);
+    }
+    match credential {
+        Credential::ApiKey { bearer, raw } => {
+            headers.insert(header::AUTHORIZATION, bearer.clone());
+            if api == Api::Anthropic {
+                headers.insert(X_API_KEY, raw.clone());
+            } else {
+                headers.remove(X_API_KEY);
+            }
+        }
+        Credential::Passthrough => {}
+    }
+    let project_header = match api {
+        Api::OpenAi => OPENAI_PROJECT,
+        Api::Anthropic => ANTHROPIC_WORKSPACE,
+    };
+    headers.insert(project_header, project_id.clone());
+    headers.insert(REQUEST_ID, request_id.clone());
+}
+
+/// Turns upstream's response headers, in place, into the headers sent to the caller.
+pub fn to_caller(headers: &mut HeaderMap, request_id: &HeaderValue) {
+    strip_hop_by_hop(headers);
+    headers.insert(REQUEST_ID, request_id.clone());
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too; collect them before `Connection` itself goes.
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The caller's request id if it is a sane one, else a fresh UUID.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()))
+        .cloned()
+        .unwrap_or_else(|| {
+            let mut buf = uuid::Uuid::encode_buffer();
+            HeaderValue::from_str(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf))
+                .unwrap_or(HeaderValue::from_static("unknown"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("host", "gateway:8080"),
+            ("authorization", "Bearer caller-key"),
+            ("x-api-key", "caller-key"),
+            ("openai-project", "proj_evil"),
+            ("anthropic-workspace-id", "proj_evil"),
+            ("openai-organization", "org_x"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("expect", "100-continue"),
+            ("content-type", "application/json"),
+            ("openai-beta", "assistants=v2"),
+            ("anthropic-version", "2023-06-01"),
+            ("x-custom", "kept"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn credential() -> Credential {
+        Credential::api_key(&crate::config::Secret::new("upstream-key".into())).expect("credential")
+    }
+
+    #[test]
+    fn openai_request_headers() {
+        let mut h = caller_headers();
+        let rid = HeaderValue::from_static("rid-1");
+        to_upstream(&mut h, Api::OpenAi, &HeaderValue::from_static("proj_ok"), &credential(), &rid);
+        assert_eq!(h["authorization"], "Bearer upstream-key");
+        assert_eq!(h["openai-project"], "proj_ok");
+        assert_eq!(h["x-request-id"], "rid-1");
+        for gone in [
+            "host",
+            "x-api-key",
+            "anthropic-workspace-id",
+            "openai-organization",
+            "connection",
+            "x-hop",
+            "keep-alive",
+            "te",
+            "transfer-encoding",
+            "proxy-authorization",
+            "expect",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} must not reach upstream");
+        }
+        for kept in ["content-type", "openai-beta", "anthropic-version", "x-custom"] {
+            assert!(h.contains_key(kept), "{kept} must reach upstream");
+        }
+        assert_eq!(h.get_all("openai-project").iter().count(), 1);
+    }
+
+    #[test]
+    fn anthropic_request_headers() {
+        let mut h = caller_headers();
+        let rid = HeaderValue::from_static("rid-1");
+        to_upstream(&mut h, Api::Anthropic, &HeaderValue::from_static("proj_ok"), &credential(), &rid);
+        assert_eq!(h["anthropic-workspace-id"], "proj_ok");
+        assert_eq!(h["x-api-key"], "upstream-key");
+        assert_eq!(h["authorization"], "Bearer upstream-key");
+        assert!(!h.contains_key("openai-project"));
+    }
+
+    #[test]
+    fn passthrough_keeps_the_callers_credential_only() {
+        let mut h = caller_headers();
+        let rid = HeaderValue::from_static("rid-1");
+        to_upstream(&mut h, Api::OpenAi, &HeaderValue::from_static("proj_ok"), &Credential::Passthrough, &rid);
+        assert_eq!(h["authorization"], "Bearer caller-key");
+        assert_eq!(h["openai-project"], "proj_ok");
+    }
+
+    #[test]
+    fn response_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-type", HeaderValue::from_static("text/event-stream"));
+        h.insert("x-request-id", HeaderValue::from_static("upstreams-own"));
+        to_caller(&mut h, &HeaderValue::from_static("rid-1"));
+        assert_eq!(h.len(), 2);
+        assert_eq!(h["x-request-id"], "rid-1");
+        assert_eq!(h["content-type"], "text/event-stream");
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        let made = request_id(&h);
+        assert_eq!(made.len(), 36);
+        assert_ne!(made, request_id(&HeaderMap::new()));
+        assert!(format!("{:?}", credential()).contains("redacted"));
+    }
+}
