@@ -91,7 +91,7 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         let duration = self.started.elapsed();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
         let incomplete_reason = match (&self.stream_error, self.complete) {
             (Some(e), _) => Some(e.as_str()),
             (None, false) => Some("client went away before the response ended"),

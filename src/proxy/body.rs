@@ -106,10 +106,14 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
-        match this.inner.poll_frame(cx) {
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_data() {
                     this.log.first_byte();
+                }
+                // A body of known length is done after its last frame; hyper will not poll again to see `None`.
+                if this.inner.is_end_stream() {
+                    this.log.complete();
                 }
                 this.idle.as_mut().reset(Instant::now() + *this.idle_timeout);
                 Poll::Ready(Some(Ok(frame)))

@@ -1,0 +1,362 @@
+//! Test harness: a scriptable mock upstream on 127.0.0.1:0 that records exactly what it received, and the
+//! gateway started in-process in front of it on 127.0.0.1:0.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, Method, StatusCode, Uri};
+use http_body_util::BodyExt;
+use mantlegate::Config;
+use mantlegate::config::Secret;
+use mantlegate::proxy::Credential;
+use mantlegate::server::Running;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Mutex, mpsc};
+
+/// The upstream key the gateway is configured with.
+pub const UPSTREAM_KEY: &str = "upstream-secret-key";
+/// Gateway keys in the standard config.
+pub const CHAT_KEY: &str = "caller-chat-key";
+pub const SEARCH_KEY: &str = "caller-search-key";
+pub const FLOATING_KEY: &str = "caller-floating-key";
+
+/// Bound on every wait, so a broken feature fails a test instead of hanging it.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// What the mock upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    pub fn header_count(&self, name: &str) -> usize {
+        self.headers.get_all(name).iter().count()
+    }
+}
+
+type Handler = Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync>;
+
+/// A mock upstream.
+pub struct Mock {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    seen: Mutex<mpsc::UnboundedReceiver<Seen>>,
+    seen_tx: mpsc::UnboundedSender<Seen>,
+}
+
+impl Mock {
+    /// A mock whose handler sees the request with its body already read (and recorded).
+    pub async fn start<F, Fut>(handler: F) -> Arc<Self>
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        Self::start_raw_inner(move |req: Request, tx: mpsc::UnboundedSender<Seen>| {
+            let handler = handler.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                let seen = Seen { method: parts.method, uri: parts.uri, headers: parts.headers, body };
+                let _ = tx.send(seen.clone());
+                handler(seen).await
+            }
+        })
+        .await
+    }
+
+    /// A mock that answers every request with `200` and a small JSON body.
+    pub async fn ok_json() -> Arc<Self> {
+        Self::start(|_| async { json_response(StatusCode::OK, r#"{"ok":true}"#) }).await
+    }
+
+    /// A mock whose handler gets the raw request (body unread); only the head is recorded.
+    pub async fn start_raw<F, Fut>(handler: F) -> Arc<Self>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        Self::start_raw_inner(move |req: Request, tx: mpsc::UnboundedSender<Seen>| {
+            let _ = tx.send(Seen {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                headers: req.headers().clone(),
+                body: Bytes::new(),
+            });
+            handler(req)
+        })
+        .await
+    }
+
+    async fn start_raw_inner<F, Fut>(handler: F) -> Arc<Self>
+    where
+        F: Fn(Request, mpsc::UnboundedSender<Seen>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+        let handler: Handler = {
+            let hits = hits.clone();
+            let tx = seen_tx.clone();
+            let handler = Arc::new(handler);
+            Arc::new(move |req| {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let fut = handler(req, tx.clone());
+                Box::pin(fut)
+            })
+        };
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let handler = handler.clone();
+            async move { handler(req).await }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Arc::new(Self { addr, hits, seen: Mutex::new(seen_rx), seen_tx })
+    }
+
+    /// How many requests reached the mock.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// The next request the mock recorded.
+    pub async fn next(&self) -> Seen {
+        tokio::time::timeout(WAIT, self.seen.lock().await.recv())
+            .await
+            .expect("the mock upstream received no request")
+            .unwrap()
+    }
+}
+
+pub fn json_response(status: StatusCode, body: &'static str) -> Response {
+    (status, [(http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// A streamed response body fed by the test, one chunk at a time. `dropped` fires when the mock's side of
+/// the stream is dropped, which is how the test sees the gateway hang up on upstream.
+pub struct ScriptedBody {
+    pub tx: mpsc::Sender<Bytes>,
+    pub dropped: tokio::sync::oneshot::Receiver<()>,
+}
+
+pub fn scripted_sse() -> (ScriptedBody, Response) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+    let (drop_tx, dropped) = tokio::sync::oneshot::channel();
+    struct Guard(Option<tokio::sync::oneshot::Sender<()>>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(tx) = self.0.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+    let guard = Guard(Some(drop_tx));
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        let _keep = &guard;
+        rx.poll_recv(cx).map(|o| o.map(Ok::<_, std::convert::Infallible>))
+    });
+    let res = ([(http::header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(stream)).into_response();
+    (ScriptedBody { tx, dropped }, res)
+}
+
+/// Knobs for the gateway config under test.
+#[derive(Clone)]
+pub struct Opts {
+    /// Extra lines for `[server]`.
+    pub server: &'static str,
+    /// Extra lines for `[upstream]`.
+    pub upstream: &'static str,
+    /// `[callers] auth`.
+    pub callers: &'static str,
+    /// Lines for `[attribution]`.
+    pub attribution: &'static str,
+    /// Whether to configure the standard `[[keys]]`.
+    pub keys: bool,
+    /// The credential to present upstream.
+    pub credential: Option<Credential>,
+    /// Override the upstream address (e.g. a closed port).
+    pub upstream_addr: Option<SocketAddr>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            server: "",
+            upstream: "",
+            callers: "keys",
+            attribution: "",
+            keys: true,
+            credential: None,
+            upstream_addr: None,
+        }
+    }
+}
+
+pub fn sha(key: &str) -> String {
+    hex::encode(mantlegate::auth::hash_key(key.as_bytes()))
+}
+
+/// The standard test config.
+pub fn config_text(upstream: SocketAddr, opts: &Opts) -> String {
+    let mut text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+max_body_bytes = 4096
+shutdown_grace = "5s"
+{server}
+
+[upstream]
+base_url = "http://{upstream}"
+connect_timeout = "2s"
+{upstream_extra}
+
+[callers]
+auth = "{callers}"
+
+[attribution]
+{attribution}
+
+[taxonomy]
+required_tags = ["Team"]
+
+[[projects]]
+name = "Chat-Prod"
+id = "proj_chat"
+tags = {{ Team = "chat" }}
+
+[[projects]]
+name = "Chat-Dev"
+id = "proj_dev"
+tags = {{ Team = "chat" }}
+
+[[projects]]
+name = "Search"
+id = "proj_search"
+tags = {{ Team = "search" }}
+models = ["openai.gpt-oss-20b"]
+
+[[projects]]
+name = "Unattributed"
+id = "proj_unattr"
+tags = {{ Team = "platform" }}
+
+[[routes]]
+prefix = "/chatbot"
+project = "Chat-Prod"
+
+[[routes]]
+prefix = "/search"
+project = "Search"
+"#,
+        server = opts.server,
+        upstream_extra = opts.upstream,
+        callers = opts.callers,
+        attribution = opts.attribution,
+    );
+    if opts.keys {
+        text.push_str(&format!(
+            r#"
+[[keys]]
+name = "chat-service"
+sha256 = "{}"
+project = "Chat-Prod"
+may_select = ["Chat-Dev"]
+
+[[keys]]
+name = "search-service"
+sha256 = "{}"
+project = "Search"
+
+[[keys]]
+name = "floating-service"
+sha256 = "{}"
+"#,
+            sha(CHAT_KEY),
+            sha(SEARCH_KEY),
+            sha(FLOATING_KEY)
+        ));
+    }
+    text
+}
+
+/// A gateway running in-process in front of a mock.
+pub struct Gw {
+    pub mock: Arc<Mock>,
+    pub running: Option<Running>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub client: reqwest::Client,
+}
+
+impl Gw {
+    pub async fn start(mock: Arc<Mock>, opts: Opts) -> Self {
+        let upstream = opts.upstream_addr.unwrap_or(mock.addr);
+        let config = Config::from_toml(&config_text(upstream, &opts)).unwrap();
+        let credential =
+            opts.credential.clone().unwrap_or_else(|| Credential::api_key(&Secret::new(UPSTREAM_KEY.into())).unwrap());
+        let running = mantlegate::server::start(config, credential).await.unwrap();
+        Self {
+            mock,
+            addr: running.addr,
+            admin: running.admin_addr,
+            running: Some(running),
+            client: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path)).bearer_auth(key).header("content-type", "application/json")
+    }
+
+    pub fn get(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path)).bearer_auth(key)
+    }
+
+    /// Sends raw bytes as one HTTP/1.1 request and returns the status code and the whole response text.
+    pub async fn raw(&self, request: &str) -> (u16, String) {
+        raw_request(self.addr, request.as_bytes()).await
+    }
+}
+
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut buf)).await.expect("raw response").unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// The error code of an OpenAI-shaped error body.
+pub async fn error_code(res: reqwest::Response) -> (u16, String) {
+    let status = res.status().as_u16();
+    let body: serde_json::Value = res.json().await.unwrap();
+    (status, body["error"]["code"].as_str().unwrap_or_default().to_owned())
+}
+
+pub const CHAT_BODY: &str = r#"{"model":"openai.gpt-oss-120b","messages":[{"role":"user","content":"hi"}]}"#;
