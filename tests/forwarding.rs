@@ -1,0 +1,336 @@
+//! Forwarding: blocked routes, transparency, streaming without buffering, client disconnects, timeouts,
+//! body limits, upstream errors, health and graceful shutdown.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::response::IntoResponse;
+use common::*;
+use futures_util::StreamExt;
+use http::StatusCode;
+
+#[tokio::test]
+async fn only_inference_routes_are_forwarded_however_a_path_is_spelled() {
+    let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
+    let paths = [
+        "GET /v1/organization/projects",
+        "POST /v1/organization/projects",
+        "POST /v1/organization/projects/proj_chat/archive",
+        "GET /openai/v1/organization/projects",
+        "GET /v1/./organization/projects",
+        "GET /v1/../v1/organization/projects",
+        "GET /v1/models/../organization/projects",
+        "GET /v1/responses/%2e%2e/organization/projects",
+        "GET /v1/responses/..%2Forganization%2Fprojects",
+        "GET /v1/%6Frganization/projects",
+        "GET //v1/organization/projects",
+        "GET /v1//organization/projects",
+        "GET /chatbot/v1/organization/projects",
+        "GET /chatbot/../v1/organization/projects",
+        "POST /v1/chat/completions/../../organization/projects",
+        "POST /v1/chat//completions",
+        "POST /v1/chat/completions/",
+        "GET /v1/chat/completions",
+        "POST /v2/chat/completions",
+        "GET /",
+        "GET /healthz",
+        "GET /metrics",
+        "GET http://evil.example/v1/organization/projects",
+    ];
+    for line in paths {
+        let request = format!(
+            "{line} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {CHAT_KEY}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+        );
+        let (status, text) = gw.raw(&request).await;
+        assert_eq!(status, 404, "{line}: {text}");
+        assert!(text.contains("\"unknown_route\""), "{line}: {text}");
+    }
+    // Also without a key: the route check comes first and never leaks to upstream.
+    let (status, _) = gw.raw("GET /v1/organization/projects HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n").await;
+    assert_eq!(status, 404);
+    assert_eq!(gw.mock.hits(), 0, "no blocked path may reach upstream");
+}
+
+#[tokio::test]
+async fn every_inference_endpoint_is_forwarded_under_v1_and_openai_v1() {
+    let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
+    for prefix in ["/v1", "/openai/v1"] {
+        let calls = [
+            ("POST", "/chat/completions"),
+            ("POST", "/responses"),
+            ("GET", "/responses/resp_123"),
+            ("DELETE", "/responses/resp_123"),
+            ("POST", "/responses/resp_123/cancel"),
+            ("GET", "/models"),
+            ("GET", "/models/openai.gpt-oss-120b"),
+        ];
+        for (method, path) in calls {
+            let url = gw.url(&format!("{prefix}{path}"));
+            let req = gw.client.request(method.parse().unwrap(), &url).bearer_auth(CHAT_KEY);
+            let req = if method == "POST" { req.body(CHAT_BODY) } else { req };
+            assert_eq!(req.send().await.unwrap().status(), 200, "{method} {url}");
+            let seen = gw.mock.next().await;
+            assert_eq!((seen.method.as_str(), seen.uri.path()), (method, format!("{prefix}{path}").as_str()));
+        }
+    }
+}
+
+#[tokio::test]
+async fn headers_and_bodies_pass_through_transparently() {
+    let mock = Mock::start(|seen| async move {
+        let mut res = (StatusCode::CREATED, seen.body.clone()).into_response();
+        let h = res.headers_mut();
+        h.insert("x-upstream", "yes".parse().unwrap());
+        h.insert("openai-processing-ms", "12".parse().unwrap());
+        h.insert("connection", "x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "hop".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        res
+    })
+    .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let body: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    let res = gw
+        .client
+        .post(gw.url("/v1/responses?foo=bar&x=%2F"))
+        .bearer_auth(CHAT_KEY)
+        .header("content-type", "application/octet-stream")
+        .header("openai-beta", "responses=v1")
+        .header("x-custom", "kept")
+        .header("connection", "x-hop-header")
+        .header("x-hop-header", "dropped")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic abc")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(res.headers()["x-upstream"], "yes");
+    assert_eq!(res.headers()["openai-processing-ms"], "12");
+    assert!(res.headers().get("x-secret-hop").is_none());
+    assert!(res.headers().get("keep-alive").is_none());
+    assert_eq!(res.bytes().await.unwrap(), body, "response body is byte-identical");
+
+    let seen = gw.mock.next().await;
+    assert_eq!(seen.uri.path_and_query().unwrap().as_str(), "/v1/responses?foo=bar&x=%2F");
+    assert_eq!(seen.body, body, "request body is byte-identical");
+    assert_eq!(seen.header("openai-beta"), Some("responses=v1"));
+    assert_eq!(seen.header("x-custom"), Some("kept"));
+    assert_eq!(seen.header("content-type"), Some("application/octet-stream"));
+    for gone in ["x-hop-header", "te", "proxy-authorization"] {
+        assert_eq!(seen.header(gone), None, "{gone}");
+    }
+    assert_eq!(seen.header("host"), Some(gw.mock.addr.to_string().as_str()));
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_unchanged() {
+    let body = r#"{"error":{"message":"Rate limit reached","type":"rate_limit_error","param":null,"code":"rate_limit_exceeded"}}"#;
+    let mock = Mock::start(move |_| async move {
+        let mut res = json_response(StatusCode::TOO_MANY_REQUESTS, body);
+        res.headers_mut().insert("retry-after", "7".parse().unwrap());
+        res
+    })
+    .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["retry-after"], "7");
+    assert_eq!(res.text().await.unwrap(), body);
+
+    let mock =
+        Mock::start(|_| async { json_response(StatusCode::NOT_FOUND, r#"{"error":{"code":"project_not_found"}}"#) })
+            .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(error_code(res).await, (404, "project_not_found".into()));
+}
+
+#[tokio::test]
+async fn sse_events_reach_the_client_while_upstream_is_still_producing() {
+    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mock = Mock::start(move |_| {
+        let (script, res) = scripted_sse();
+        script_tx.send(script).unwrap();
+        async move { res }
+    })
+    .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[]}"#;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let script = script_rx.recv().await.unwrap();
+    let mut stream = res.bytes_stream();
+
+    // Each event is released by upstream only after the previous one reached the client: a gateway that
+    // buffered anything would deadlock here, and the bounded wait turns that into a failure.
+    let mut received = Vec::new();
+    for i in 0..5 {
+        let event = format!("data: {{\"n\":{i}}}\n\n");
+        script.tx.send(Bytes::from(event.clone())).await.unwrap();
+        let chunk = tokio::time::timeout(WAIT, stream.next()).await.expect("event held back").unwrap().unwrap();
+        assert_eq!(chunk, event.as_bytes(), "event {i} arrives whole and on its own");
+        received.push(chunk);
+    }
+    script.tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await.unwrap();
+    drop(script.tx);
+    let rest: Vec<Bytes> = stream.map(|c| c.unwrap()).collect().await;
+    assert_eq!(rest.concat(), b"data: [DONE]\n\n");
+}
+
+#[tokio::test]
+async fn client_going_away_mid_stream_drops_the_upstream_request() {
+    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mock = Mock::start(move |_| {
+        let (script, res) = scripted_sse();
+        script_tx.send(script).unwrap();
+        async move { res }
+    })
+    .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    script.tx.send(Bytes::from_static(b"data: {}\n\n")).await.unwrap();
+    let mut stream = res.bytes_stream();
+    tokio::time::timeout(WAIT, stream.next()).await.unwrap().unwrap().unwrap();
+    drop(stream); // the client hangs up; upstream has sent nothing more
+
+    tokio::time::timeout(WAIT, script.dropped)
+        .await
+        .expect("upstream stream still open after the client left")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn request_bodies_stream_to_upstream_when_the_model_need_not_be_read() {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Bytes>();
+    let first_tx = std::sync::Mutex::new(Some(first_tx));
+    let mock = Mock::start_raw(move |req| {
+        let first_tx = first_tx.lock().unwrap().take();
+        async move {
+            let mut body = req.into_body().into_data_stream();
+            let first = body.next().await.unwrap().unwrap();
+            first_tx.unwrap().send(first).unwrap();
+            let rest: Vec<Bytes> = body.map(|c| c.unwrap()).collect().await;
+            (StatusCode::OK, rest.concat()).into_response()
+        }
+    })
+    .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let req = gw
+        .post("/v1/chat/completions", CHAT_KEY)
+        .body(reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx)))
+        .send();
+    let pending = tokio::spawn(req);
+    body_tx.send(Ok(Bytes::from_static(b"{\"model\":\"openai.gpt-oss-120b\","))).await.unwrap();
+    // Upstream sees the first part while the client has not finished sending.
+    let first = tokio::time::timeout(WAIT, first_rx).await.expect("request body was held back").unwrap();
+    assert_eq!(first, &b"{\"model\":\"openai.gpt-oss-120b\","[..]);
+    body_tx.send(Ok(Bytes::from_static(b"\"messages\":[]}"))).await.unwrap();
+    drop(body_tx);
+    let res = pending.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "\"messages\":[]}");
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
+    let big = format!(r#"{{"model":"openai.gpt-oss-20b","input":"{}"}}"#, "x".repeat(5000));
+    // Declared length over the cap: refused before reading, for both the streamed and the read path.
+    for key in [CHAT_KEY, SEARCH_KEY] {
+        let res = gw.post("/v1/responses", key).body(big.clone()).send().await.unwrap();
+        assert_eq!(error_code(res).await, (413, "request_too_large".into()));
+    }
+    // Chunked, no declared length: the cap still holds while reading the model...
+    let chunked = || reqwest::Body::wrap_stream(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(big.clone())]));
+    let res = gw.post("/v1/responses", SEARCH_KEY).body(chunked()).send().await.unwrap();
+    assert_eq!(error_code(res).await, (413, "request_too_large".into()));
+    assert_eq!(gw.mock.hits(), 0);
+    // ...and while streaming to upstream (which may have seen the start, never the whole).
+    let res = gw.post("/v1/responses", CHAT_KEY).body(chunked()).send().await.unwrap();
+    assert_eq!(error_code(res).await, (413, "request_too_large".into()));
+    // At the cap exactly is fine.
+    let exact = format!(r#"{{"model":"openai.gpt-oss-20b","input":"{}"}}"#, "x".repeat(4096 - 41));
+    assert_eq!(exact.len(), 4096);
+    let res = gw.post("/v1/responses", SEARCH_KEY).body(exact).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gw = Gw::start(Mock::ok_json().await, Opts { upstream_addr: Some(closed), ..Opts::default() }).await;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(error_code(res).await, (502, "upstream_unreachable".into()));
+}
+
+#[tokio::test]
+async fn no_response_head_in_time_is_504() {
+    let mock = Mock::start(|_| async { std::future::pending().await }).await;
+    let gw = Gw::start(mock, Opts { upstream: "response_timeout = \"300ms\"", ..Opts::default() }).await;
+    let started = std::time::Instant::now();
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(error_code(res).await, (504, "upstream_timeout".into()));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn a_silent_stream_is_ended_after_the_idle_timeout() {
+    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mock = Mock::start(move |_| {
+        let (script, res) = scripted_sse();
+        script_tx.send(script).unwrap();
+        async move { res }
+    })
+    .await;
+    let gw = Gw::start(mock, Opts { upstream: "idle_timeout = \"300ms\"", ..Opts::default() }).await;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    script.tx.send(Bytes::from_static(b"data: {}\n\n")).await.unwrap();
+    let mut stream = res.bytes_stream();
+    assert_eq!(stream.next().await.unwrap().unwrap(), &b"data: {}\n\n"[..]);
+    // Upstream keeps the stream open and says nothing: the gateway ends it, as an error the client can see
+    // (never as a clean end, which would pass a truncated answer off as complete).
+    let end = tokio::time::timeout(WAIT, stream.next()).await.expect("silent stream was never ended");
+    assert!(matches!(end, Some(Err(_))), "{end:?}");
+    tokio::time::timeout(WAIT, script.dropped).await.expect("upstream still attached").unwrap();
+}
+
+#[tokio::test]
+async fn health_readiness_and_graceful_drain() {
+    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mock = Mock::start(move |_| {
+        let (script, res) = scripted_sse();
+        script_tx.send(script).unwrap();
+        async move { res }
+    })
+    .await;
+    let mut gw = Gw::start(mock, Opts::default()).await;
+    let admin = |path: &str| format!("http://{}{path}", gw.admin);
+    assert_eq!(gw.client.get(admin("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(gw.client.get(admin("/readyz")).send().await.unwrap().status(), 200);
+    // Admin endpoints are not on the traffic port.
+    assert_eq!(gw.client.get(gw.url("/healthz")).send().await.unwrap().status(), 404);
+
+    // A stream in flight when shutdown starts runs to its end.
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    let running = gw.running.take().unwrap();
+    running.shutdown.trigger();
+    assert_eq!(gw.client.get(admin("/readyz")).send().await.unwrap().status(), 503);
+    script.tx.send(Bytes::from_static(b"data: late\n\n")).await.unwrap();
+    drop(script.tx);
+    assert_eq!(res.bytes().await.unwrap(), &b"data: late\n\n"[..]);
+    tokio::time::timeout(WAIT, running.stopped()).await.expect("gateway did not stop after the drain");
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "listener still accepting");
+}
