@@ -1,0 +1,253 @@
+//! The real binary, as an operator runs it: `serve` with a config file, its JSON request log, SIGTERM,
+//! `check`, `keys new`, and `demo`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Stdio;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mantlegate");
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mantlegate-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+struct Served {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    addr: String,
+    admin: String,
+}
+
+/// Starts `mantlegate serve` and waits for its "listening" log line, which names the bound addresses.
+async fn serve(config: &std::path::Path, env: &[(&str, &str)]) -> Served {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config"]).arg(config).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    cmd.env_remove("MANTLEGATE_LOG").env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("no listening line").unwrap().expect("exited");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
+        if v["message"] == "mantlegate listening" {
+            let addr = v["addr"].as_str().unwrap().to_owned();
+            let admin = v["admin_addr"].as_str().unwrap().to_owned();
+            return Served { child, lines, addr, admin };
+        }
+    }
+}
+
+async fn sigterm(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
+}
+
+#[tokio::test]
+async fn serve_logs_one_json_line_per_request_and_never_a_secret() {
+    let mock = Mock::ok_json().await;
+    let dir = temp_dir("serve");
+    let key_file = dir.join("api-key");
+    std::fs::write(&key_file, format!("{UPSTREAM_KEY}\n")).unwrap();
+    let config = config_text(mock.addr, &Opts::default())
+        .replace("connect_timeout = \"2s\"", &format!("connect_timeout = \"2s\"\napi_key_file = \"{}\"", key_file.display()));
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, config).unwrap();
+
+    let mut served = serve(&config_path, &[]).await;
+    let client = reqwest::Client::new();
+    let prompt = "PROMPT-TEXT-THAT-MUST-NOT-BE-LOGGED";
+    let body = format!(r#"{{"model":"openai.gpt-oss-20b","messages":[{{"role":"user","content":"{prompt}"}}]}}"#);
+    let ok = client
+        .post(format!("http://{}/v1/chat/completions?api_key=QUERY-SECRET", served.addr))
+        .bearer_auth(SEARCH_KEY)
+        .header("x-request-id", "rid-logged")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    ok.bytes().await.unwrap();
+    let denied = client.get(format!("http://{}/v1/models", served.addr)).bearer_auth("wrong-key-secret").send().await.unwrap();
+    assert_eq!(denied.status(), 401);
+    assert_eq!(mock.next().await.header("authorization"), Some(format!("Bearer {UPSTREAM_KEY}").as_str()));
+    let ready = client.get(format!("http://{}/readyz", served.admin)).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    sigterm(&served.child).await;
+    let status = tokio::time::timeout(WAIT, served.child.wait()).await.expect("no exit after SIGTERM").unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut output: Vec<String> = Vec::new();
+    while let Some(line) = served.lines.next_line().await.unwrap() {
+        output.push(line);
+    }
+    let all = output.join("\n");
+    for secret in [SEARCH_KEY, UPSTREAM_KEY, "wrong-key-secret", prompt, "QUERY-SECRET"] {
+        assert!(!all.contains(secret), "{secret} leaked into the log:\n{all}");
+    }
+    let access: Vec<serde_json::Value> = output
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+        .filter(|v| v["target"] == "mantlegate::access")
+        .collect();
+    assert_eq!(access.len(), 2, "one line per request:\n{all}");
+    let ok = &access[0];
+    assert_eq!(ok["request_id"], "rid-logged");
+    assert_eq!(ok["key"], "search-service");
+    assert_eq!(ok["project"], "Search");
+    assert_eq!(ok["project_id"], "proj_search");
+    assert_eq!(ok["endpoint"], "chat.completions");
+    assert_eq!(ok["path"], "/v1/chat/completions");
+    assert_eq!(ok["model"], "openai.gpt-oss-20b");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["complete"], true);
+    assert!(ok["duration_ms"].as_f64().unwrap() >= ok["ttfb_ms"].as_f64().unwrap());
+    let denied = &access[1];
+    assert_eq!((denied["status"].as_u64(), denied["error"].as_str()), (Some(401), Some("invalid_api_key")));
+    assert!(denied.get("key").is_none());
+    assert!(output.iter().any(|l| l.contains("traffic listener drained")), "{all}");
+}
+
+#[tokio::test]
+async fn serve_reads_the_upstream_key_from_the_environment() {
+    let mock = Mock::ok_json().await;
+    let dir = temp_dir("env");
+    let config = config_text(mock.addr, &Opts::default())
+        .replace("connect_timeout = \"2s\"", "connect_timeout = \"2s\"\napi_key_env = \"TEST_MANTLE_KEY\"");
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let served = serve(&config_path, &[("TEST_MANTLE_KEY", "key-from-env")]).await;
+    let res = reqwest::Client::new().get(format!("http://{}/v1/models", served.addr)).bearer_auth(CHAT_KEY).send().await;
+    assert_eq!(res.unwrap().status(), 200);
+    assert_eq!(mock.next().await.header("authorization"), Some("Bearer key-from-env"));
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_without_what_it_needs() {
+    let dir = temp_dir("refuse");
+    let base = config_text("127.0.0.1:9".parse().unwrap(), &Opts::default());
+    let cases = [
+        ("sigv4", base.replace("connect_timeout = \"2s\"", "connect_timeout = \"2s\"\nauth = \"sigv4\""), "\"sigv4\" is not supported yet"),
+        (
+            "no-env",
+            base.replace("connect_timeout = \"2s\"", "connect_timeout = \"2s\"\napi_key_env = \"SURELY_UNSET_VAR\""),
+            "SURELY_UNSET_VAR is not set",
+        ),
+        ("no-id", base.replace("id = \"proj_unattr\"\n", ""), "projects without an id cannot receive traffic: Unattributed"),
+    ];
+    for (name, config, expected) in cases {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let out = Command::new(BIN).args(["serve", "--config"]).arg(&path).env("MANTLE_API_KEY", "k").output().await.unwrap();
+        assert!(!out.status.success(), "{name}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn check_prints_the_attribution_table_and_names_bad_keys() {
+    let out = Command::new(BIN).args(["check", "--config", "config/mantlegate.toml"]).output().await.unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("config/mantlegate.toml: valid"), "{text}");
+    let row = |first: &str| text.lines().find(|l| l.starts_with(first)).unwrap_or_else(|| panic!("no row {first}:\n{text}")).to_owned();
+    assert!(row("chatbot-backend").contains("CustomerChatbot-Prod"));
+    assert!(row("chatbot-backend").contains("CustomerChatbot-Dev"));
+    assert!(row("/docsearch").contains("DocSearch-Research"));
+    assert!(text.contains("unattributed requests: reroute to Unattributed"));
+
+    let dir = temp_dir("check");
+    let bad = std::fs::read_to_string("config/mantlegate.toml")
+        .unwrap()
+        .replace("CostCenter = \"CC-2040\"", "Owner = \"x\"")
+        .replace("Environment = \"Development\"", "Environment = \"Dev\"")
+        .replace("project = \"DocSearch-Research\"\n\n[[keys]]", "project = \"Nope\"\n\n[[keys]]");
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, bad).unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("projects[2].tags.CostCenter: missing"), "{err}");
+    assert!(err.contains("projects[1].tags.Environment: \"Dev\" is not one of Production, Development, Staging, Research"), "{err}");
+    assert!(err.contains("keys[1].project: no project named \"Nope\""), "{err}");
+
+    let out = Command::new(BIN).args(["check", "--config", "does/not/exist.toml"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    // MANTLEGATE_CONFIG names the file when --config is absent; env overrides apply.
+    let out = Command::new(BIN)
+        .arg("check")
+        .env("MANTLEGATE_CONFIG", "config/sidecar.toml")
+        .env("MANTLEGATE__UPSTREAM__BASE_URL", "http://127.0.0.1:7777")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("config/sidecar.toml: valid") && text.contains("upstream: http://127.0.0.1:7777"), "{text}");
+}
+
+#[tokio::test]
+async fn keys_new_prints_a_key_whose_stanza_lets_it_in() {
+    let out = Command::new(BIN).args(["keys", "new", "--name", "new-service", "--project", "Chat-Prod"]).output().await.unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text.lines().find(|l| l.starts_with("mg_")).unwrap().to_owned();
+    let stanza = &text[text.find("[[keys]]").unwrap()..];
+    assert!(!stanza.contains(&key), "the stanza holds only the hash");
+
+    let mock = Mock::ok_json().await;
+    let mut config = config_text(mock.addr, &Opts { keys: false, ..Opts::default() });
+    config.push_str(stanza);
+    let config = mantlegate::Config::from_toml(&config).unwrap();
+    let credential = mantlegate::proxy::Credential::api_key(&mantlegate::config::Secret::new(UPSTREAM_KEY.into())).unwrap();
+    let running = mantlegate::server::start(config, credential).await.unwrap();
+    let res = reqwest::Client::new().get(format!("http://{}/v1/models", running.addr)).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(mock.next().await.header("openai-project"), Some("proj_chat"));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn demo_runs_with_no_aws_account() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("demo printed nothing").unwrap().unwrap();
+        if let Some(rest) = line.strip_prefix("mantlegate demo: the gateway on http://") {
+            break rest.split(',').next().unwrap().to_owned();
+        }
+    };
+    let client = reqwest::Client::new();
+    let res = client
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth("demo-chatbot-key")
+        .header("OpenAI-Project", "CustomerChatbot-Dev")
+        .body(r#"{"model":"openai.gpt-oss-120b","messages":[{"role":"user","content":"Hi"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("proj_demo_chatbot_dev"), "{text}");
+    let res = client.get(format!("http://{addr}/v1/models")).bearer_auth("demo-ops-key").send().await.unwrap();
+    assert_eq!(error_code(res).await, (403, "project_required".into()));
+    sigterm(&child).await;
+    let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+}
