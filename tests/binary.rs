@@ -36,7 +36,8 @@ async fn serve(config: &std::path::Path, env: &[(&str, &str)]) -> Served {
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     loop {
-        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("no listening line").unwrap().expect("exited");
+        let line =
+            tokio::time::timeout(WAIT, lines.next_line()).await.expect("no listening line").unwrap().expect("exited");
         let v: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
         if v["message"] == "mantlegate listening" {
             let addr = v["addr"].as_str().unwrap().to_owned();
@@ -57,8 +58,10 @@ async fn serve_logs_one_json_line_per_request_and_never_a_secret() {
     let dir = temp_dir("serve");
     let key_file = dir.join("api-key");
     std::fs::write(&key_file, format!("{UPSTREAM_KEY}\n")).unwrap();
-    let config = config_text(mock.addr, &Opts::default())
-        .replace("connect_timeout = \"2s\"", &format!("connect_timeout = \"2s\"\napi_key_file = \"{}\"", key_file.display()));
+    let config = config_text(mock.addr, &Opts::default()).replace(
+        "connect_timeout = \"2s\"",
+        &format!("connect_timeout = \"2s\"\napi_key_file = \"{}\"", key_file.display()),
+    );
     let config_path = dir.join("gateway.toml");
     std::fs::write(&config_path, config).unwrap();
 
@@ -76,7 +79,8 @@ async fn serve_logs_one_json_line_per_request_and_never_a_secret() {
         .unwrap();
     assert_eq!(ok.status(), 200);
     ok.bytes().await.unwrap();
-    let denied = client.get(format!("http://{}/v1/models", served.addr)).bearer_auth("wrong-key-secret").send().await.unwrap();
+    let denied =
+        client.get(format!("http://{}/v1/models", served.addr)).bearer_auth("wrong-key-secret").send().await.unwrap();
     assert_eq!(denied.status(), 401);
     assert_eq!(mock.next().await.header("authorization"), Some(format!("Bearer {UPSTREAM_KEY}").as_str()));
     let ready = client.get(format!("http://{}/readyz", served.admin)).send().await.unwrap();
@@ -125,7 +129,8 @@ async fn serve_reads_the_upstream_key_from_the_environment() {
     let config_path = dir.join("gateway.toml");
     std::fs::write(&config_path, config).unwrap();
     let served = serve(&config_path, &[("TEST_MANTLE_KEY", "key-from-env")]).await;
-    let res = reqwest::Client::new().get(format!("http://{}/v1/models", served.addr)).bearer_auth(CHAT_KEY).send().await;
+    let res =
+        reqwest::Client::new().get(format!("http://{}/v1/models", served.addr)).bearer_auth(CHAT_KEY).send().await;
     assert_eq!(res.unwrap().status(), 200);
     assert_eq!(mock.next().await.header("authorization"), Some("Bearer key-from-env"));
 }
@@ -135,18 +140,27 @@ async fn serve_refuses_to_start_without_what_it_needs() {
     let dir = temp_dir("refuse");
     let base = config_text("127.0.0.1:9".parse().unwrap(), &Opts::default());
     let cases = [
-        ("sigv4", base.replace("connect_timeout = \"2s\"", "connect_timeout = \"2s\"\nauth = \"sigv4\""), "\"sigv4\" is not supported yet"),
+        (
+            "sigv4",
+            base.replace("connect_timeout = \"2s\"", "connect_timeout = \"2s\"\nauth = \"sigv4\""),
+            "\"sigv4\" is not supported yet",
+        ),
         (
             "no-env",
             base.replace("connect_timeout = \"2s\"", "connect_timeout = \"2s\"\napi_key_env = \"SURELY_UNSET_VAR\""),
             "SURELY_UNSET_VAR is not set",
         ),
-        ("no-id", base.replace("id = \"proj_unattr\"\n", ""), "projects without an id cannot receive traffic: Unattributed"),
+        (
+            "no-id",
+            base.replace("id = \"proj_unattr\"\n", ""),
+            "projects without an id cannot receive traffic: Unattributed",
+        ),
     ];
     for (name, config, expected) in cases {
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, config).unwrap();
-        let out = Command::new(BIN).args(["serve", "--config"]).arg(&path).env("MANTLE_API_KEY", "k").output().await.unwrap();
+        let out =
+            Command::new(BIN).args(["serve", "--config"]).arg(&path).env("MANTLE_API_KEY", "k").output().await.unwrap();
         assert!(!out.status.success(), "{name}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(expected), "{name}: {stderr}");
@@ -159,7 +173,9 @@ async fn check_prints_the_attribution_table_and_names_bad_keys() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("config/mantlegate.toml: valid"), "{text}");
-    let row = |first: &str| text.lines().find(|l| l.starts_with(first)).unwrap_or_else(|| panic!("no row {first}:\n{text}")).to_owned();
+    let row = |first: &str| {
+        text.lines().find(|l| l.starts_with(first)).unwrap_or_else(|| panic!("no row {first}:\n{text}")).to_owned()
+    };
     assert!(row("chatbot-backend").contains("CustomerChatbot-Prod"));
     assert!(row("chatbot-backend").contains("CustomerChatbot-Dev"));
     assert!(row("/docsearch").contains("DocSearch-Research"));
@@ -177,7 +193,10 @@ async fn check_prints_the_attribution_table_and_names_bad_keys() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("projects[2].tags.CostCenter: missing"), "{err}");
-    assert!(err.contains("projects[1].tags.Environment: \"Dev\" is not one of Production, Development, Staging, Research"), "{err}");
+    assert!(
+        err.contains("projects[1].tags.Environment: \"Dev\" is not one of Production, Development, Staging, Research"),
+        "{err}"
+    );
     assert!(err.contains("keys[1].project: no project named \"Nope\""), "{err}");
 
     let out = Command::new(BIN).args(["check", "--config", "does/not/exist.toml"]).output().await.unwrap();
@@ -198,7 +217,11 @@ async fn check_prints_the_attribution_table_and_names_bad_keys() {
 
 #[tokio::test]
 async fn keys_new_prints_a_key_whose_stanza_lets_it_in() {
-    let out = Command::new(BIN).args(["keys", "new", "--name", "new-service", "--project", "Chat-Prod"]).output().await.unwrap();
+    let out = Command::new(BIN)
+        .args(["keys", "new", "--name", "new-service", "--project", "Chat-Prod"])
+        .output()
+        .await
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let key = text.lines().find(|l| l.starts_with("mg_")).unwrap().to_owned();
@@ -209,9 +232,15 @@ async fn keys_new_prints_a_key_whose_stanza_lets_it_in() {
     let mut config = config_text(mock.addr, &Opts { keys: false, ..Opts::default() });
     config.push_str(stanza);
     let config = mantlegate::Config::from_toml(&config).unwrap();
-    let credential = mantlegate::proxy::Credential::api_key(&mantlegate::config::Secret::new(UPSTREAM_KEY.into())).unwrap();
+    let credential =
+        mantlegate::proxy::Credential::api_key(&mantlegate::config::Secret::new(UPSTREAM_KEY.into())).unwrap();
     let running = mantlegate::server::start(config, credential).await.unwrap();
-    let res = reqwest::Client::new().get(format!("http://{}/v1/models", running.addr)).bearer_auth(&key).send().await.unwrap();
+    let res = reqwest::Client::new()
+        .get(format!("http://{}/v1/models", running.addr))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(mock.next().await.header("openai-project"), Some("proj_chat"));
     running.stop().await;

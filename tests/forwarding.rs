@@ -334,3 +334,39 @@ async fn health_readiness_and_graceful_drain() {
     tokio::time::timeout(WAIT, running.stopped()).await.expect("gateway did not stop after the drain");
     assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "listener still accepting");
 }
+
+#[tokio::test]
+async fn client_going_away_before_the_response_head_drops_the_upstream_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A raw TCP upstream that reads the request, never answers, and reports when the gateway hangs up.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut conn, _) = upstream.accept().await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let mut got_tx = Some(got_tx);
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if let Some(tx) = got_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        }
+        let _ = closed_tx.send(());
+    });
+    let gw = Gw::start(Mock::ok_json().await, Opts { upstream_addr: Some(upstream_addr), ..Opts::default() }).await;
+    let mut client = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {CHAT_KEY}\r\ncontent-length: {}\r\n\r\n{CHAT_BODY}",
+        CHAT_BODY.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::timeout(WAIT, got_rx).await.expect("request never reached upstream").unwrap();
+    drop(client);
+    tokio::time::timeout(WAIT, closed_rx).await.expect("upstream connection still open after the client left").unwrap();
+}
