@@ -14,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod endpoint;
 pub mod error;
+pub mod metering;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;

@@ -10,8 +10,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, UpstreamAuth};
+use crate::metering::Meter;
 use crate::proxy::{Credential, Gateway};
 use crate::shutdown::Shutdown;
+
+/// How long the usage ledger may take to write out what is queued at shutdown.
+const LEDGER_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A running gateway.
 #[derive(Debug)]
@@ -59,7 +63,9 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
     let grace = config.server.shutdown_grace;
 
     let shutdown = Shutdown::default();
-    let gateway = Arc::new(Gateway::new(config, credential, shutdown.clone())?);
+    let (meter, ledger) = Meter::new(&config)?;
+    let meter = Arc::new(meter);
+    let gateway = Arc::new(Gateway::new(config, credential, meter.clone(), shutdown.clone())?);
     let traffic = axum::serve(
         listener.tap_io(|tcp| {
             // Each SSE event is its own small write: send it now, not after Nagle's delay.
@@ -71,7 +77,7 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
         let shutdown = shutdown.clone();
         async move { shutdown.wait().await }
     });
-    let admin = axum::serve(admin, crate::admin::router(shutdown.clone()));
+    let admin = axum::serve(admin, crate::admin::router(shutdown.clone(), meter));
 
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -92,6 +98,9 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
                 }
             }
             admin.abort();
+            if let Some(ledger) = ledger {
+                ledger.finish(LEDGER_FLUSH_LIMIT).await;
+            }
             tracing::info!("stopped");
         }
     });

@@ -224,7 +224,7 @@ async fn request_bodies_stream_to_upstream_when_the_model_need_not_be_read() {
     let gw = Gw::start(mock, Opts::default()).await;
     let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let req = gw
-        .post("/v1/chat/completions", CHAT_KEY)
+        .post("/v1/responses", CHAT_KEY)
         .body(reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx)))
         .send();
     let pending = tokio::spawn(req);

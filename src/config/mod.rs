@@ -38,6 +38,19 @@ pub struct Config {
     pub keys: Vec<Key>,
     /// All route prefixes.
     pub routes: Vec<Route>,
+    /// Usage metering.
+    pub metering: Metering,
+}
+
+/// `[metering]` and `[[prices]]`, validated.
+#[derive(Debug, Clone)]
+pub struct Metering {
+    /// Whether responses are tapped for usage.
+    pub enabled: bool,
+    /// Where the usage ledger goes, if anywhere.
+    pub ledger_path: Option<PathBuf>,
+    /// Price overrides.
+    pub prices: Vec<(String, crate::metering::prices::Price)>,
 }
 
 /// `[server]`, validated.

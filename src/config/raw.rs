@@ -25,6 +25,41 @@ pub struct RawConfig {
     pub keys: Vec<RawKey>,
     /// Path prefixes that select a project.
     pub routes: Vec<RawRoute>,
+    /// Usage metering.
+    pub metering: RawMetering,
+    /// Price overrides per model.
+    pub prices: Vec<RawPrice>,
+}
+
+/// `[metering]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetering {
+    /// Read token usage from responses (and ask for it on chat streams).
+    pub enabled: bool,
+    /// JSON-lines usage ledger; none when unset.
+    pub ledger_path: Option<String>,
+}
+
+impl Default for RawMetering {
+    fn default() -> Self {
+        Self { enabled: true, ledger_path: None }
+    }
+}
+
+/// One `[[prices]]` entry: USD per 1M tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    /// Model id as callers send it.
+    pub model: String,
+    /// Uncached input.
+    pub input: f64,
+    /// Output.
+    pub output: f64,
+    /// Cached input; defaults to `input`.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
 }
 
 /// `[server]`

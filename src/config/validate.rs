@@ -10,9 +10,10 @@ use http::Uri;
 
 use super::raw::{RawConfig, RawKey, RawProject, RawRoute};
 use super::{
-    AttributionPolicy, CallerAuth, Config, Key, KeySource, Project, ProjectIdx, Route, Server, Taxonomy, Unattributed,
-    Upstream, UpstreamAuth,
+    AttributionPolicy, CallerAuth, Config, Key, KeySource, Metering, Project, ProjectIdx, Route, Server, Taxonomy,
+    Unattributed, Upstream, UpstreamAuth,
 };
+use crate::metering::prices::Price;
 
 /// Path prefixes a route may not take, because the API itself lives there.
 const RESERVED_ROUTE_SEGMENTS: &[&str] = &["v1", "openai", "anthropic"];
@@ -103,6 +104,8 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
     };
 
+    let metering = validate_metering(&mut errs, &raw.metering, raw.prices);
+
     if errs.0.is_empty() {
         Ok(Config {
             server,
@@ -113,6 +116,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             projects,
             keys,
             routes,
+            metering,
         })
     } else {
         Err(ConfigErrors(errs.0))
@@ -322,6 +326,38 @@ fn validate_routes(
         }
     }
     routes
+}
+
+fn validate_metering(errs: &mut Errors, raw: &super::raw::RawMetering, prices: Vec<super::raw::RawPrice>) -> Metering {
+    let ledger_path = match raw.ledger_path.as_deref() {
+        None | Some("") => None,
+        Some(path) if path.ends_with('/') => {
+            errs.push("metering.ledger_path", format!("{path:?} must name a file, not a directory"));
+            None
+        }
+        Some(path) => Some(PathBuf::from(path)),
+    };
+    let mut seen = HashSet::new();
+    let prices = prices
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let at = format!("prices[{i}]");
+            if p.model.is_empty() {
+                errs.push(format!("{at}.model"), "must not be empty");
+            } else if !seen.insert(p.model.clone()) {
+                errs.push(format!("{at}.model"), format!("{:?} is priced twice", p.model));
+            }
+            let cached_input = p.cached_input.unwrap_or(p.input);
+            for (field, v) in [("input", p.input), ("output", p.output), ("cached_input", cached_input)] {
+                if !v.is_finite() || v < 0.0 {
+                    errs.push(format!("{at}.{field}"), format!("{v} is not a price (USD per 1M tokens, 0 or more)"));
+                }
+            }
+            (p.model, Price { input: p.input, output: p.output, cached_input })
+        })
+        .collect();
+    Metering { enabled: raw.enabled, ledger_path, prices }
 }
 
 fn check_name(name: &str) -> Result<(), &'static str> {

@@ -1,37 +1,47 @@
-//! The one structured log line each request gets, written when its response is finished: when the body
-//! ends, fails, or is dropped because the caller went away. It names the key by its configured name and
-//! the project; it never holds a credential, a query string or a byte of a body.
+//! The end of every request: one structured log line, the metrics, and the usage ledger line, all written
+//! when the response is finished (its body ended, failed, or was dropped because the caller went away). The
+//! record names the key by its configured name; it never holds a credential, a query string or a body byte.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Method, StatusCode};
 use tokio::time::Instant;
 
-/// The request's log record, filled in phase by phase.
+use crate::attribution::Source;
+use crate::auth::KeyIdx;
+use crate::config::ProjectIdx;
+use crate::metering::usage::UsageTap;
+use crate::metering::{Finished, Meter, millis};
+
+/// The request's record, filled in phase by phase.
 #[derive(Debug)]
 pub struct AccessLog {
+    meter: Arc<Meter>,
     started: Instant,
     request_id: HeaderValue,
     method: Method,
     path: String,
     /// The endpoint name, once the route is known.
     pub endpoint: Option<&'static str>,
-    /// The caller's key name.
-    pub key: Option<String>,
-    /// The project's name.
-    pub project: Option<String>,
-    /// The project's id.
-    pub project_id: Option<String>,
-    /// Which attribution rule chose the project.
-    pub attribution: Option<&'static str>,
+    /// The caller's key.
+    pub key: Option<KeyIdx>,
+    /// The resolved project and how it was chosen.
+    pub project: Option<(ProjectIdx, Source)>,
     /// The requested model, where the body was read.
     pub model: Option<String>,
     /// Response status.
     pub status: Option<StatusCode>,
     /// The gateway's error code, for errors it answered itself.
     pub error: Option<&'static str>,
+    /// Whether upstream answered (so the request is billable).
+    pub forwarded: bool,
+    /// Whether the response is an event stream.
+    pub stream: bool,
+    /// Usage tap on the response body.
+    pub tap: Option<UsageTap>,
     ttfb: Option<Duration>,
-    complete: bool,
+    body_ended: bool,
     stream_error: Option<String>,
 }
 
@@ -40,12 +50,13 @@ const MAX_LOGGED_PATH: usize = 256;
 
 impl AccessLog {
     /// Starts the record for a request.
-    pub fn start(request_id: HeaderValue, method: &Method, path: &str) -> Self {
+    pub fn start(meter: Arc<Meter>, request_id: HeaderValue, method: &Method, path: &str) -> Self {
         let path = match path.char_indices().nth(MAX_LOGGED_PATH) {
             Some((at, _)) => format!("{}...", &path[..at]),
             None => path.to_owned(),
         };
         Self {
+            meter,
             started: Instant::now(),
             request_id,
             method: method.clone(),
@@ -53,13 +64,14 @@ impl AccessLog {
             endpoint: None,
             key: None,
             project: None,
-            project_id: None,
-            attribution: None,
             model: None,
             status: None,
             error: None,
+            forwarded: false,
+            stream: false,
+            tap: None,
             ttfb: None,
-            complete: false,
+            body_ended: false,
             stream_error: None,
         }
     }
@@ -76,10 +88,10 @@ impl AccessLog {
         }
     }
 
-    /// Marks the response as fully sent.
-    pub fn complete(&mut self) {
+    /// Marks the response body as fully sent.
+    pub fn body_ended(&mut self) {
         self.first_byte();
-        self.complete = true;
+        self.body_ended = true;
     }
 
     /// Records why a response body stopped early.
@@ -91,28 +103,56 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         let duration = self.started.elapsed();
-        let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
-        let incomplete_reason = match (&self.stream_error, self.complete) {
-            (Some(e), _) => Some(e.as_str()),
-            (None, false) => Some("client went away before the response ended"),
-            (None, true) => None,
+        let usage = self.tap.as_ref().and_then(UsageTap::usage);
+        let model = self.model.as_deref().or_else(|| self.tap.as_ref().and_then(UsageTap::model));
+        // A stream is complete only if it reached its protocol's end, not merely the end of the connection.
+        let complete = self.body_ended && self.tap.as_ref().is_none_or(UsageTap::finished);
+        let incomplete_reason = match (&self.stream_error, self.body_ended, complete) {
+            (Some(e), _, _) => Some(e.as_str()),
+            (None, false, _) => Some("client went away before the response ended"),
+            (None, true, false) => Some("stream ended without its end marker"),
+            (None, true, true) => None,
         };
+        let status = self.status.map_or(499, |s| s.as_u16());
+        let meter = &self.meter;
+        if let Some(route) = self.endpoint {
+            meter.record(&Finished {
+                request_id: self.request_id.to_str().unwrap_or("-"),
+                key: self.key,
+                project: self.project.map(|(p, _)| p),
+                route,
+                model,
+                stream: self.stream,
+                status,
+                usage,
+                duration,
+                ttfb: self.ttfb,
+                complete,
+                forwarded: self.forwarded,
+            });
+        }
         tracing::info!(
             target: "mantlegate::access",
             request_id = self.request_id.to_str().unwrap_or("-"),
             method = %self.method,
             path = %self.path,
             endpoint = self.endpoint,
-            key = self.key.as_deref(),
-            project = self.project.as_deref(),
-            project_id = self.project_id.as_deref(),
-            attribution = self.attribution,
-            model = self.model.as_deref(),
+            key = self.key.map(|k| meter.key_name(k)),
+            project = self.project.map(|(p, _)| meter.project_name(p)),
+            project_id = self.project.map(|(p, _)| meter.project_id(p)),
+            attribution = self.project.map(|(_, s)| s.name()),
+            model,
+            stream = self.stream,
             status = self.status.map(|s| s.as_u16()),
             error = self.error,
-            duration_ms = ms(duration),
-            ttfb_ms = self.ttfb.map(ms),
-            complete = self.complete,
+            input_tokens = usage.map(|u| u.input),
+            output_tokens = usage.map(|u| u.output),
+            cached_input_tokens = usage.map(|u| u.cached_input),
+            reasoning_tokens = usage.map(|u| u.reasoning),
+            cost_usd = usage.and_then(|u| meter.cost(model, &u)),
+            duration_ms = millis(duration),
+            ttfb_ms = self.ttfb.map(millis),
+            complete,
             incomplete_reason,
             "request"
         );

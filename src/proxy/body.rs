@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::access_log::AccessLog;
 use crate::error::GatewayError;
+use crate::metering::usage::UsageTap;
 
 /// Rejects a request whose declared length is over the cap before a byte of it is read.
 pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), GatewayError> {
@@ -45,35 +46,83 @@ pub fn is_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Reads a JSON request body (at most `limit` bytes) and returns it unchanged, with the `model` it names.
-pub async fn read_json(body: Body, limit: u64) -> Result<(Bytes, Option<String>), GatewayError> {
+/// What the gateway needs to know from a JSON request body.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Facts {
+    /// The `model`.
+    pub model: Option<String>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `stream_options.include_usage: true`.
+    pub include_usage: bool,
+}
+
+/// Reads a JSON request body (at most `limit` bytes) and returns it unchanged, with its [`Facts`].
+pub async fn read_json(body: Body, limit: u64) -> Result<(Bytes, Facts), GatewayError> {
     let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     let bytes = match limited.collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => return Err(GatewayError::RequestTooLarge(limit)),
-        Err(_) => {
-            return Err(GatewayError::InvalidRequest("the request body could not be read".into()));
-        }
+        Err(_) => return Err(GatewayError::InvalidRequest("the request body could not be read".into())),
     };
-    let model = model_of(&bytes)?;
-    Ok((bytes, model))
+    let facts = facts_of(&bytes)?;
+    Ok((bytes, facts))
 }
 
-/// The `model` of a JSON object body. Only that field is materialised; a body that is not one JSON object,
-/// or that names `model` twice (which a parser upstream might read the other way), is refused.
-fn model_of(bytes: &[u8]) -> Result<Option<String>, GatewayError> {
+/// The [`Facts`] of a JSON object body. Only those fields are materialised; a body that is not one JSON
+/// object, or that names a field twice (which a parser upstream might read the other way), is refused.
+fn facts_of(bytes: &[u8]) -> Result<Facts, GatewayError> {
     #[derive(serde::Deserialize)]
-    struct ModelOnly {
+    struct Raw {
         model: Option<String>,
+        stream: Option<bool>,
+        stream_options: Option<StreamOptions>,
     }
-    serde_json::from_slice::<ModelOnly>(bytes)
-        .map(|m| m.model)
+    #[derive(serde::Deserialize)]
+    struct StreamOptions {
+        include_usage: Option<bool>,
+    }
+    serde_json::from_slice::<Raw>(bytes)
+        .map(|r| Facts {
+            model: r.model,
+            stream: r.stream == Some(true),
+            include_usage: r.stream_options.and_then(|o| o.include_usage) == Some(true),
+        })
         .map_err(|e| GatewayError::InvalidRequest(format!("request body is not valid JSON: {e}")))
 }
 
+/// A chat request body with `stream_options.include_usage: true`, so the stream reports its usage. When the
+/// body has no `stream_options` the member is spliced in after the opening brace and every other byte is
+/// kept; otherwise the object is rewritten.
+pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
+    let mentions = body.windows(16).any(|w| w == b"\"stream_options\"");
+    let open = body.iter().position(|b| !b.is_ascii_whitespace()).filter(|i| body[*i] == b'{');
+    if let (false, Some(open)) = (mentions, open) {
+        let empty = body[open + 1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+        let mut out = Vec::with_capacity(body.len() + MEMBER.len() + 1);
+        out.extend_from_slice(&body[..=open]);
+        out.extend_from_slice(MEMBER);
+        if !empty {
+            out.push(b',');
+        }
+        out.extend_from_slice(&body[open + 1..]);
+        return Ok(Bytes::from(out));
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| GatewayError::InvalidRequest(format!("request body is not valid JSON: {e}")))?;
+    let options = &mut value["stream_options"];
+    if !options.is_object() {
+        *options = serde_json::json!({});
+    }
+    options["include_usage"] = serde_json::Value::Bool(true);
+    serde_json::to_vec(&value).map(Bytes::from).map_err(|e| GatewayError::InvalidRequest(e.to_string()))
+}
+
 pin_project_lite::pin_project! {
-    /// An upstream response body on its way to the caller. Owns the request's access log, which is written
-    /// when the body ends or is dropped (the caller went away), whichever comes first.
+    /// An upstream response body on its way to the caller. Owns the request's [`AccessLog`], which is written
+    /// when the body ends or is dropped (the caller went away), whichever comes first, and feeds each chunk to
+    /// the log's usage tap on the way through.
     pub struct Observed<B> {
         #[pin]
         inner: B,
@@ -81,13 +130,14 @@ pin_project_lite::pin_project! {
         idle: Sleep,
         idle_timeout: Duration,
         log: AccessLog,
+        done: bool,
     }
 }
 
 impl<B> Observed<B> {
     /// Wraps `inner`; silence longer than `idle_timeout` ends the body with an error.
     pub fn new(inner: B, idle_timeout: Duration, log: AccessLog) -> Self {
-        Self { inner, idle: tokio::time::sleep(idle_timeout), idle_timeout, log }
+        Self { inner, idle: tokio::time::sleep(idle_timeout), idle_timeout, log, done: false }
     }
 }
 
@@ -106,48 +156,80 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
-        match this.inner.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if frame.is_data() {
-                    this.log.first_byte();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            return match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.idle.as_mut().reset(Instant::now() + *this.idle_timeout);
+                    // A body of known length is done after its last frame; hyper will not poll again for `None`.
+                    let ended = this.inner.is_end_stream();
+                    let frame = match frame.into_data() {
+                        Ok(mut data) => {
+                            if let Some(tap) = &mut this.log.tap {
+                                data = tap.on_chunk(data);
+                                if ended {
+                                    data = [data, tap.finish()].concat().into();
+                                }
+                            }
+                            if !data.is_empty() {
+                                this.log.first_byte();
+                            }
+                            if data.is_empty() && !ended {
+                                continue;
+                            }
+                            Frame::data(data)
+                        }
+                        Err(trailers) => trailers,
+                    };
+                    if ended {
+                        *this.done = true;
+                        this.log.body_ended();
+                    }
+                    Poll::Ready(Some(Ok(frame)))
                 }
-                // A body of known length is done after its last frame; hyper will not poll again to see `None`.
-                if this.inner.is_end_stream() {
-                    this.log.complete();
+                Poll::Ready(Some(Err(e))) => {
+                    let e = e.into();
+                    this.log.stream_error(&*e);
+                    Poll::Ready(Some(Err(e)))
                 }
-                this.idle.as_mut().reset(Instant::now() + *this.idle_timeout);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let e = e.into();
-                this.log.stream_error(&*e);
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => {
-                this.log.complete();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                ready!(this.idle.poll(cx));
-                let e = IdleTimeout(*this.idle_timeout);
-                this.log.stream_error(&e);
-                Poll::Ready(Some(Err(e.into())))
-            }
+                Poll::Ready(None) => {
+                    *this.done = true;
+                    let rest = this.log.tap.as_mut().map(UsageTap::finish).unwrap_or_default();
+                    this.log.body_ended();
+                    Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))))
+                }
+                Poll::Pending => {
+                    ready!(this.idle.as_mut().poll(cx));
+                    let e = IdleTimeout(*this.idle_timeout);
+                    this.log.stream_error(&e);
+                    *this.done = true;
+                    Poll::Ready(Some(Err(e.into())))
+                }
+            };
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.done
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.log.tap {
+            Some(tap) if tap.rewrites() => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn model_of(bytes: &[u8]) -> Result<Option<String>, GatewayError> {
+        facts_of(bytes).map(|f| f.model)
+    }
 
     #[test]
     fn model_is_read_strictly() {
@@ -162,12 +244,35 @@ mod tests {
         }
     }
 
+    #[test]
+    fn stream_facts() {
+        let f = facts_of(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#).expect("facts");
+        assert_eq!(f, Facts { model: Some("m".into()), stream: true, include_usage: true });
+        let f = facts_of(br#"{"model":"m","stream":false,"stream_options":null}"#).expect("facts");
+        assert!(!f.stream && !f.include_usage);
+    }
+
+    #[test]
+    fn include_usage_is_added_keeping_the_body() {
+        let body = br#" {"model":"m","stream":true}"#;
+        let expected = br#" {"stream_options":{"include_usage":true},"model":"m","stream":true}"#;
+        assert_eq!(&with_include_usage(body).expect("rewrite")[..], expected);
+        assert_eq!(&with_include_usage(b"{ }").expect("rewrite")[..], br#"{"stream_options":{"include_usage":true} }"#);
+        let body = br#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1}}"#;
+        let v: serde_json::Value = serde_json::from_slice(&with_include_usage(body).expect("rewrite")).expect("json");
+        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
+        assert_eq!(v["model"], "m");
+        let body = br#"{"model":"m","stream_options":null}"#;
+        let v: serde_json::Value = serde_json::from_slice(&with_include_usage(body).expect("rewrite")).expect("json");
+        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true}));
+    }
+
     #[tokio::test]
     async fn reading_respects_the_cap() {
         let body = Body::from(r#"{"model":"m"}"#);
-        assert_eq!(read_json(body, 13).await.map(|(_, m)| m), Ok(Some("m".into())));
+        assert_eq!(read_json(body, 13).await.map(|(_, f)| f.model), Ok(Some("m".into())));
         let body = Body::from(r#"{"model":"m"}"#);
-        assert_eq!(read_json(body, 12).await.map(|(_, m)| m), Err(GatewayError::RequestTooLarge(12)));
+        assert_eq!(read_json(body, 12).await.map(|(_, f)| f.model), Err(GatewayError::RequestTooLarge(12)));
     }
 
     #[test]

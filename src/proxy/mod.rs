@@ -16,11 +16,13 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::attribution::{Attributor, Requested};
+use crate::attribution::{Attributor, Requested, Source};
 use crate::auth::KeyTable;
 use crate::config::{Config, Project};
-use crate::endpoint::RouteTable;
+use crate::endpoint::{Endpoint, RouteTable};
 use crate::error::GatewayError;
+use crate::metering::Meter;
+use crate::metering::usage::{Dialect, UsageTap};
 use crate::shutdown::Shutdown;
 use access_log::AccessLog;
 pub use headers::Credential;
@@ -35,12 +37,21 @@ pub struct Gateway {
     project_ids: Vec<HeaderValue>,
     credential: Credential,
     client: client::UpstreamClient,
+    meter: Arc<Meter>,
     shutdown: Shutdown,
+}
+
+/// A request upstream answered.
+struct Forwarded {
+    response: Response<Incoming>,
+    endpoint: Endpoint,
+    /// The gateway asked for stream usage the client did not ask for.
+    usage_injected: bool,
 }
 
 impl Gateway {
     /// Builds the gateway. Every project must have an id: a request can be attributed to any of them.
-    pub fn new(config: Config, credential: Credential, shutdown: Shutdown) -> anyhow::Result<Self> {
+    pub fn new(config: Config, credential: Credential, meter: Arc<Meter>, shutdown: Shutdown) -> anyhow::Result<Self> {
         let missing: Vec<&str> = config.projects.iter().filter(|p| p.id.is_none()).map(|p| p.name.as_str()).collect();
         if !missing.is_empty() {
             anyhow::bail!(
@@ -60,6 +71,7 @@ impl Gateway {
             project_ids,
             client: client::build(&config.upstream)?,
             credential,
+            meter,
             shutdown,
             config,
         })
@@ -67,7 +79,7 @@ impl Gateway {
 
     /// The request filter and upstream phases. Errors are the gateway's own answers; upstream's error
     /// responses are `Ok` and pass through unchanged.
-    async fn forward(&self, req: Request, log: &mut AccessLog) -> Result<Response<Incoming>, GatewayError> {
+    async fn forward(&self, req: Request, log: &mut AccessLog) -> Result<Forwarded, GatewayError> {
         if self.shutdown.is_draining() {
             return Err(GatewayError::ShuttingDown);
         }
@@ -75,21 +87,22 @@ impl Gateway {
 
         // Request filter: which endpoint, who is calling, which project.
         let matched = self.routes.classify(&parts.method, parts.uri.path())?;
-        log.endpoint = Some(matched.endpoint.name());
-        let key = self.keys.authenticate(&parts.headers)?.map(|k| &self.config.keys[k.0]);
-        log.key = key.map(|k| k.name.clone());
+        let endpoint = matched.endpoint;
+        log.endpoint = Some(endpoint.name());
+        let key_idx = self.keys.authenticate(&parts.headers)?;
+        log.key = key_idx;
+        let key = key_idx.map(|k| &self.config.keys[k.0]);
         let attribution =
             self.attributor.resolve(key, Requested::from_headers(&parts.headers), matched.route_project)?;
         let project = self.config.project(attribution.project);
-        log.project = Some(project.name.clone());
-        log.project_id = project.id.clone();
-        log.attribution = Some(attribution.source.name());
-        if attribution.source == crate::attribution::Source::Rerouted {
+        log.project = Some((attribution.project, attribution.source));
+        if attribution.source == Source::Rerouted {
+            self.meter.unattributed("rerouted");
             tracing::warn!(request_id = ?log.request_id(), project = %project.name, "unattributed request rerouted");
         }
 
         let upstream_uri = self.upstream_uri(matched.upstream_path, parts.uri.query())?;
-        let body = self.request_body(&parts.headers, body, matched.endpoint.has_model(), project, log).await?;
+        let (body, usage_injected) = self.request_body(&mut parts.headers, body, endpoint, project, log).await?;
 
         // Upstream request filter.
         headers::to_upstream(
@@ -108,7 +121,7 @@ impl Gateway {
             .await
         {
             Err(_) => Err(GatewayError::UpstreamTimeout),
-            Ok(Ok(res)) => Ok(res),
+            Ok(Ok(response)) => Ok(Forwarded { response, endpoint, usage_injected }),
             Ok(Err(e)) if body::is_over_limit(&e) => {
                 Err(GatewayError::RequestTooLarge(self.config.server.max_body_bytes))
             }
@@ -119,27 +132,40 @@ impl Gateway {
         }
     }
 
-    /// The body to send upstream: read whole only when the project's model allowlist needs the model.
+    /// The body to send upstream, and whether the gateway asked for stream usage on the caller's behalf. The
+    /// body is read whole only when the gateway needs what it says: the model, for a project's allowlist, or
+    /// the stream flag, to have a chat stream report its usage for metering.
     async fn request_body(
         &self,
-        headers: &http::HeaderMap,
+        headers: &mut http::HeaderMap,
         body: Body,
-        has_model: bool,
+        endpoint: Endpoint,
         project: &Project,
         log: &mut AccessLog,
-    ) -> Result<Body, GatewayError> {
+    ) -> Result<(Body, bool), GatewayError> {
         let limit = self.config.server.max_body_bytes;
         body::check_declared_length(headers, limit)?;
-        if !has_model || project.models.is_empty() {
-            return Ok(body::streamed(body, limit));
+        let check_model = endpoint.has_model() && !project.models.is_empty();
+        let meter_stream = self.meter.taps && endpoint == Endpoint::ChatCompletions;
+        if !check_model && !meter_stream {
+            return Ok((body::streamed(body, limit), false));
         }
-        let (bytes, model) = body::read_json(body, limit).await?;
-        let model = model.ok_or_else(|| GatewayError::InvalidRequest("request body names no \"model\"".into()))?;
-        if !project.allows_model(&model) {
-            return Err(GatewayError::ModelNotAllowed { model, project: project.name.clone() });
+        let (bytes, facts) = body::read_json(body, limit).await?;
+        if check_model {
+            let model = facts
+                .model
+                .as_deref()
+                .ok_or_else(|| GatewayError::InvalidRequest("request body names no \"model\"".into()))?;
+            if !project.allows_model(model) {
+                return Err(GatewayError::ModelNotAllowed { model: model.to_owned(), project: project.name.clone() });
+            }
         }
-        log.model = Some(model);
-        Ok(Body::from(bytes))
+        log.model = facts.model;
+        if meter_stream && facts.stream && !facts.include_usage {
+            headers.remove(http::header::CONTENT_LENGTH);
+            return Ok((Body::from(body::with_include_usage(&bytes)?), true));
+        }
+        Ok((Body::from(bytes), false))
     }
 
     fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
@@ -161,19 +187,35 @@ impl Gateway {
 /// The traffic handler: every request on the traffic listener comes here.
 pub async fn handle(State(gateway): State<Arc<Gateway>>, req: Request) -> Response {
     let request_id = headers::request_id(req.headers());
-    let mut log = AccessLog::start(request_id.clone(), req.method(), req.uri().path());
+    let mut log = AccessLog::start(gateway.meter.clone(), request_id.clone(), req.method(), req.uri().path());
     match gateway.forward(req, &mut log).await {
-        Ok(res) => {
-            let (mut parts, incoming) = res.into_parts();
+        Ok(Forwarded { response, endpoint, usage_injected }) => {
+            let (mut parts, incoming) = response.into_parts();
             headers::to_caller(&mut parts.headers, &request_id);
             log.status = Some(parts.status);
+            log.forwarded = true;
+            log.stream = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            if gateway.meter.taps && parts.status.is_success() {
+                log.tap = Dialect::of(endpoint).map(|dialect| {
+                    if log.stream { UsageTap::sse(dialect, usage_injected) } else { UsageTap::json(dialect) }
+                });
+                if log.tap.as_ref().is_some_and(UsageTap::rewrites) {
+                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                }
+            }
             let body = body::Observed::new(incoming, gateway.config.upstream.idle_timeout, log);
             Response::from_parts(parts, Body::new(body))
         }
         Err(e) => {
+            if e == GatewayError::ProjectRequired {
+                gateway.meter.unattributed("rejected");
+            }
             log.status = Some(e.status());
             log.error = Some(e.code());
-            log.complete();
+            log.body_ended();
             let mut res = e.into_response();
             res.headers_mut().insert(headers::REQUEST_ID, request_id);
             res

@@ -1,0 +1,201 @@
+//! Real-time metering: tokens and cost per project, model and tag, from every response the gateway
+//! forwards (streams included), into Prometheus metrics and a JSON-lines usage ledger. AWS billing lags a
+//! day; this does not.
+
+pub mod ledger;
+pub mod metrics;
+pub mod prices;
+pub mod usage;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::auth::KeyIdx;
+use crate::config::{Config, ProjectIdx};
+use ledger::{Ledger, LedgerWriter};
+use metrics::{Metrics, Observation};
+use prices::PriceTable;
+use usage::Usage;
+
+/// A project as the meter reports it.
+#[derive(Debug)]
+struct ProjectMeta {
+    name: String,
+    id: String,
+    tags: BTreeMap<String, String>,
+}
+
+/// Prices, metrics and the ledger, shared by every request.
+#[derive(Debug)]
+pub struct Meter {
+    /// Whether responses are tapped for usage (and chat streams asked for it).
+    pub taps: bool,
+    prices: PriceTable,
+    metrics: Metrics,
+    ledger: Option<Ledger>,
+    projects: Vec<ProjectMeta>,
+    keys: Vec<String>,
+}
+
+/// Everything known about a finished request.
+#[derive(Debug)]
+pub struct Finished<'a> {
+    /// Request id.
+    pub request_id: &'a str,
+    /// The caller's key.
+    pub key: Option<KeyIdx>,
+    /// The resolved project.
+    pub project: Option<ProjectIdx>,
+    /// Endpoint name.
+    pub route: &'static str,
+    /// Model (from the request, else the response).
+    pub model: Option<&'a str>,
+    /// Whether the response was a stream.
+    pub stream: bool,
+    /// Response status.
+    pub status: u16,
+    /// Tokens seen.
+    pub usage: Option<Usage>,
+    /// Whole request.
+    pub duration: Duration,
+    /// To first response byte.
+    pub ttfb: Option<Duration>,
+    /// Whether the response ended as its protocol says it should.
+    pub complete: bool,
+    /// Whether upstream was contacted (gateway rejections write no ledger line).
+    pub forwarded: bool,
+}
+
+/// One ledger line.
+#[derive(Serialize)]
+struct LedgerLine<'a> {
+    time: String,
+    request_id: &'a str,
+    key: Option<&'a str>,
+    project: &'a str,
+    project_id: &'a str,
+    tags: &'a BTreeMap<String, String>,
+    route: &'static str,
+    model: Option<&'a str>,
+    stream: bool,
+    status: u16,
+    input_tokens: u64,
+    output_tokens: u64,
+    cached_input_tokens: u64,
+    reasoning_tokens: u64,
+    cost_usd: Option<f64>,
+    duration_ms: f64,
+    ttfb_ms: Option<f64>,
+    complete: bool,
+}
+
+impl Meter {
+    /// Builds the meter; opens the ledger when `metering.ledger_path` is set.
+    pub fn new(config: &Config) -> anyhow::Result<(Self, Option<LedgerWriter>)> {
+        let (ledger, writer) = match &config.metering.ledger_path {
+            Some(path) => {
+                let (ledger, writer) = Ledger::open(path)?;
+                (Some(ledger), Some(writer))
+            }
+            None => (None, None),
+        };
+        let meter = Self {
+            taps: config.metering.enabled,
+            prices: PriceTable::new(&config.metering.prices),
+            metrics: Metrics::new(config),
+            ledger,
+            projects: config
+                .projects
+                .iter()
+                .map(|p| ProjectMeta {
+                    name: p.name.clone(),
+                    id: p.id.clone().unwrap_or_default(),
+                    tags: p.tags.clone(),
+                })
+                .collect(),
+            keys: config.keys.iter().map(|k| k.name.clone()).collect(),
+        };
+        Ok((meter, writer))
+    }
+
+    /// A project's name.
+    pub fn project_name(&self, idx: ProjectIdx) -> &str {
+        &self.projects[idx.0].name
+    }
+
+    /// A project's id.
+    pub fn project_id(&self, idx: ProjectIdx) -> &str {
+        &self.projects[idx.0].id
+    }
+
+    /// A key's name.
+    pub fn key_name(&self, idx: KeyIdx) -> &str {
+        &self.keys[idx.0]
+    }
+
+    /// Cost of `usage` for `model`, if the model has a price.
+    pub fn cost(&self, model: Option<&str>, usage: &Usage) -> Option<f64> {
+        model.and_then(|m| self.prices.get(m)).map(|p| p.cost(usage))
+    }
+
+    /// Counts an unattributed request (`rejected` or `rerouted`).
+    pub fn unattributed(&self, outcome: &'static str) {
+        self.metrics.unattributed(outcome);
+    }
+
+    /// Records a finished request in the metrics and, if it was forwarded, the ledger.
+    pub fn record(&self, f: &Finished<'_>) {
+        let cost = f.usage.as_ref().and_then(|u| self.cost(f.model, u));
+        let project = f.project.map(|p| &self.projects[p.0]);
+        self.metrics.observe(&Observation {
+            project: project.map_or("", |p| p.name.as_str()),
+            route: f.route,
+            status: f.status,
+            duration: f.duration.as_secs_f64(),
+            ttfb: f.ttfb.map(|d| d.as_secs_f64()),
+            model: f.model,
+            usage: f.usage,
+            cost,
+        });
+        let (Some(ledger), Some(project), true) = (&self.ledger, project, f.forwarded) else { return };
+        let usage = f.usage.unwrap_or_default();
+        let line = LedgerLine {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            request_id: f.request_id,
+            key: f.key.map(|k| self.key_name(k)),
+            project: &project.name,
+            project_id: &project.id,
+            tags: &project.tags,
+            route: f.route,
+            model: f.model,
+            stream: f.stream,
+            status: f.status,
+            input_tokens: usage.input,
+            output_tokens: usage.output,
+            cached_input_tokens: usage.cached_input,
+            reasoning_tokens: usage.reasoning,
+            cost_usd: cost,
+            duration_ms: millis(f.duration),
+            ttfb_ms: f.ttfb.map(millis),
+            complete: f.complete,
+        };
+        if let Ok(line) = serde_json::to_string(&line) {
+            ledger.append(line);
+        }
+    }
+
+    /// The `/metrics` text.
+    pub fn render(&self) -> String {
+        if let Some(ledger) = &self.ledger {
+            self.metrics.set_ledger_dropped(ledger.dropped());
+        }
+        self.metrics.encode()
+    }
+}
+
+/// Milliseconds with microsecond resolution.
+pub fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}

@@ -1,0 +1,462 @@
+//! Reading token usage out of responses as they pass, without holding a byte back: non-streamed JSON bodies
+//! (parsed once at the end, from reference-counted chunk handles, never a copy), and SSE streams line by line,
+//! where only the few events that carry usage are parsed (a substring test screens out the rest).
+//!
+//! Chat Completions: the final usage chunk (`choices: []`, `usage`), then `data: [DONE]`.
+//! Responses: `response.completed` / `response.incomplete` / `response.failed`, whose `response.usage` holds it.
+//! Anthropic Messages: `message_start` (input, cache reads) and `message_delta` (cumulative output), then
+//! `message_stop`.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+
+use crate::endpoint::Endpoint;
+
+/// Token counts of one request. `input` includes cached input, `output` includes reasoning.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// All input tokens, cached ones included.
+    pub input: u64,
+    /// All output tokens, reasoning included.
+    pub output: u64,
+    /// Input tokens served from the prompt cache.
+    pub cached_input: u64,
+    /// Output tokens spent on reasoning.
+    pub reasoning: u64,
+}
+
+/// Which usage dialect a response speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// Chat Completions.
+    Chat,
+    /// Responses API (create).
+    Responses,
+    /// Anthropic Messages.
+    Messages,
+}
+
+impl Dialect {
+    /// The dialect of an endpoint whose responses carry billable usage. Retrieving a stored response repeats
+    /// its usage, so only creation is metered.
+    pub fn of(endpoint: Endpoint) -> Option<Self> {
+        match endpoint {
+            Endpoint::ChatCompletions => Some(Self::Chat),
+            Endpoint::ResponsesCreate => Some(Self::Responses),
+            Endpoint::Messages => Some(Self::Messages),
+            Endpoint::ResponsesGet
+            | Endpoint::ResponsesDelete
+            | Endpoint::ResponsesCancel
+            | Endpoint::ModelsList
+            | Endpoint::ModelsGet => None,
+        }
+    }
+}
+
+/// Largest non-streamed JSON body kept for parsing; a bigger one is forwarded but not metered.
+const MAX_JSON_BODY: usize = 8 * 1024 * 1024;
+/// Longest SSE line kept while waiting for its end (a line longer than this carries no usage we can read).
+const MAX_SSE_LINE: usize = 1024 * 1024;
+
+/// Watches one response body for usage.
+#[derive(Debug)]
+pub struct UsageTap {
+    dialect: Dialect,
+    state: State,
+    usage: Option<Usage>,
+    model: Option<String>,
+    /// Whether a stream reached its protocol end (`[DONE]`, a terminal Responses event, `message_stop`).
+    finished: bool,
+    /// The gateway asked for usage on the client's behalf: hide the usage-only chunk (and the `usage: null`
+    /// fields that asking adds) from the client.
+    strip_usage: bool,
+    anthropic: AnthropicCounters,
+}
+
+#[derive(Debug)]
+enum State {
+    Json { chunks: Vec<Bytes>, len: usize },
+    Sse { line: BytesMut, event: BytesMut },
+}
+
+impl UsageTap {
+    /// A tap for a JSON body.
+    pub fn json(dialect: Dialect) -> Self {
+        Self::new(dialect, State::Json { chunks: Vec::new(), len: 0 }, false)
+    }
+
+    /// A tap for an SSE body; `strip_usage` when the gateway added `include_usage` itself.
+    pub fn sse(dialect: Dialect, strip_usage: bool) -> Self {
+        Self::new(dialect, State::Sse { line: BytesMut::new(), event: BytesMut::new() }, strip_usage)
+    }
+
+    fn new(dialect: Dialect, state: State, strip_usage: bool) -> Self {
+        Self {
+            dialect,
+            state,
+            usage: None,
+            model: None,
+            finished: false,
+            strip_usage,
+            anthropic: AnthropicCounters::default(),
+        }
+    }
+
+    /// Whether the tap changes what is forwarded (so the body's length is no longer upstream's).
+    pub fn rewrites(&self) -> bool {
+        self.strip_usage
+    }
+
+    /// Usage seen so far.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// The model the response names.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Whether the protocol's own end marker was seen (always true for JSON once [`Self::finish`] ran).
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Observes a chunk and returns what to forward: the chunk itself, unless usage chunks are being stripped,
+    /// in which case whole events are forwarded as they complete.
+    pub fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
+        match &mut self.state {
+            State::Json { chunks, len } => {
+                *len += chunk.len();
+                if *len <= MAX_JSON_BODY {
+                    chunks.push(chunk.clone());
+                } else {
+                    chunks.clear();
+                }
+                chunk
+            }
+            State::Sse { .. } if self.strip_usage => self.filter_events(&chunk),
+            State::Sse { .. } => {
+                self.scan_lines(&chunk);
+                chunk
+            }
+        }
+    }
+
+    /// The body ended: parse a JSON body. Returns what is still held back (only a partial last SSE event
+    /// when stripping).
+    pub fn finish(&mut self) -> Bytes {
+        match &mut self.state {
+            State::Json { chunks, len } => {
+                let body = (*len <= MAX_JSON_BODY).then(|| chunks.concat());
+                chunks.clear();
+                if let Some(body) = body {
+                    self.read_json_body(&body);
+                }
+                self.finished = true;
+                Bytes::new()
+            }
+            State::Sse { line, event } => {
+                let rest = std::mem::take(line);
+                if self.strip_usage {
+                    let mut event = std::mem::take(event);
+                    event.extend_from_slice(&rest);
+                    event.freeze()
+                } else {
+                    self.read_line(&rest);
+                    Bytes::new()
+                }
+            }
+        }
+    }
+
+    fn scan_lines(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+            let (head, tail) = rest.split_at(nl + 1);
+            rest = tail;
+            let State::Sse { line, .. } = &mut self.state else { return };
+            if line.is_empty() {
+                self.read_line(head);
+            } else {
+                line.extend_from_slice(head);
+                let full = std::mem::take(line);
+                self.read_line(&full);
+            }
+        }
+        if let State::Sse { line, .. } = &mut self.state {
+            if line.len() + rest.len() <= MAX_SSE_LINE {
+                line.extend_from_slice(rest);
+            } else {
+                line.clear();
+            }
+        }
+    }
+
+    /// Event-at-a-time forwarding for streams whose usage chunk the client never asked for: an event goes
+    /// out as soon as its blank line arrives, unless it is the usage-only chunk.
+    fn filter_events(&mut self, chunk: &[u8]) -> Bytes {
+        let mut out = Vec::new();
+        let mut rest = chunk;
+        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+            let (head, tail) = rest.split_at(nl + 1);
+            rest = tail;
+            let State::Sse { line, event } = &mut self.state else { break };
+            line.extend_from_slice(head);
+            let full = std::mem::take(line);
+            event.extend_from_slice(&full);
+            if matches!(&full[..], b"\n" | b"\r\n") {
+                let complete = std::mem::take(event);
+                let mut usage_only = false;
+                for l in complete.split_inclusive(|b| *b == b'\n') {
+                    usage_only |= self.read_line(l);
+                }
+                if !usage_only {
+                    out.extend_from_slice(&strip_null_usage(&complete));
+                }
+            }
+        }
+        if let State::Sse { line, .. } = &mut self.state {
+            line.extend_from_slice(rest);
+        }
+        Bytes::from(out)
+    }
+
+    /// Reads one SSE line; returns whether it is a usage-only chat chunk.
+    fn read_line(&mut self, line: &[u8]) -> bool {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else { return false };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        match self.dialect {
+            Dialect::Chat => {
+                if data == b"[DONE]" {
+                    self.finished = true;
+                    return false;
+                }
+                if self.model.is_none() || contains(data, b"\"usage\":{") || contains(data, b"\"usage\": {") {
+                    if let Ok(chunk) = serde_json::from_slice::<ChatBody>(data) {
+                        self.model = self.model.take().or(chunk.model);
+                        if let Some(u) = chunk.usage {
+                            self.usage = Some(u.into());
+                            return chunk.choices.is_some_and(|c| c.is_empty());
+                        }
+                    }
+                }
+                false
+            }
+            Dialect::Responses => {
+                if [&b"response.completed"[..], b"response.incomplete", b"response.failed"]
+                    .iter()
+                    .any(|t| contains(data, t))
+                {
+                    if let Ok(event) = serde_json::from_slice::<ResponsesEvent>(data) {
+                        if matches!(
+                            event.kind.as_str(),
+                            "response.completed" | "response.incomplete" | "response.failed"
+                        ) {
+                            self.finished = true;
+                            if let Some(r) = event.response {
+                                self.model = r.model.or(self.model.take());
+                                self.usage = r.usage.map(Into::into).or(self.usage);
+                            }
+                        }
+                    }
+                } else if self.model.is_none() && contains(data, b"response.created") {
+                    if let Ok(ResponsesEvent { response: Some(r), .. }) = serde_json::from_slice(data) {
+                        self.model = r.model;
+                    }
+                }
+                false
+            }
+            Dialect::Messages => {
+                if contains(data, b"\"message_start\"") || contains(data, b"\"message_delta\"") {
+                    if let Ok(event) = serde_json::from_slice::<MessagesEvent>(data) {
+                        if let Some(m) = event.message {
+                            self.model = m.model.or(self.model.take());
+                            self.anthropic.apply(m.usage);
+                        }
+                        self.anthropic.apply(event.usage);
+                        self.usage = Some(self.anthropic.usage());
+                    }
+                } else if contains(data, b"\"message_stop\"") {
+                    self.finished = true;
+                }
+                false
+            }
+        }
+    }
+
+    fn read_json_body(&mut self, body: &[u8]) {
+        match self.dialect {
+            Dialect::Chat => {
+                if let Ok(b) = serde_json::from_slice::<ChatBody>(body) {
+                    self.model = b.model;
+                    self.usage = b.usage.map(Into::into);
+                }
+            }
+            Dialect::Responses => {
+                if let Ok(r) = serde_json::from_slice::<ResponsesObject>(body) {
+                    self.model = r.model;
+                    self.usage = r.usage.map(Into::into);
+                }
+            }
+            Dialect::Messages => {
+                if let Ok(m) = serde_json::from_slice::<MessagesObject>(body) {
+                    self.model = m.model;
+                    if m.usage.is_some() {
+                        self.anthropic.apply(m.usage);
+                        self.usage = Some(self.anthropic.usage());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Removes the `"usage":null` members that `include_usage` adds to every chunk.
+fn strip_null_usage(event: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(event.len());
+    let mut rest = event;
+    const PATTERNS: [&[u8]; 4] = [b",\"usage\":null", b", \"usage\": null", b"\"usage\":null,", b"\"usage\": null, "];
+    'outer: while !rest.is_empty() {
+        for p in PATTERNS {
+            if rest.starts_with(p) {
+                rest = &rest[p.len()..];
+                continue 'outer;
+            }
+        }
+        out.push(rest[0]);
+        rest = &rest[1..];
+    }
+    out
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    model: Option<String>,
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+    usage: Option<ChatUsage>,
+}
+
+#[derive(Deserialize)]
+struct ChatUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    prompt_tokens_details: Option<CachedDetails>,
+    completion_tokens_details: Option<ReasoningDetails>,
+}
+
+#[derive(Deserialize)]
+struct CachedDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ReasoningDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl From<ChatUsage> for Usage {
+    fn from(u: ChatUsage) -> Self {
+        Self {
+            input: u.prompt_tokens,
+            output: u.completion_tokens,
+            cached_input: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            reasoning: u.completion_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ResponsesEvent {
+    #[serde(rename = "type", default)]
+    kind: String,
+    response: Option<ResponsesObject>,
+}
+
+#[derive(Deserialize)]
+struct ResponsesObject {
+    model: Option<String>,
+    usage: Option<ResponsesUsage>,
+}
+
+#[derive(Deserialize)]
+struct ResponsesUsage {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    input_tokens_details: Option<CachedDetails>,
+    output_tokens_details: Option<ReasoningDetails>,
+}
+
+impl From<ResponsesUsage> for Usage {
+    fn from(u: ResponsesUsage) -> Self {
+        Self {
+            input: u.input_tokens,
+            output: u.output_tokens,
+            cached_input: u.input_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            reasoning: u.output_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct MessagesEvent {
+    message: Option<MessagesObject>,
+    usage: Option<MessagesUsage>,
+}
+
+#[derive(Deserialize)]
+struct MessagesObject {
+    model: Option<String>,
+    usage: Option<MessagesUsage>,
+}
+
+/// Anthropic's usage object: cache reads and writes are counted apart from `input_tokens`.
+#[derive(Deserialize)]
+struct MessagesUsage {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+/// Anthropic's counters as last reported. Events repeat cumulative counts, so a field present replaces the
+/// previous value and a field absent keeps it.
+#[derive(Debug, Default, Clone, Copy)]
+struct AnthropicCounters {
+    input: u64,
+    output: u64,
+    cache_read: u64,
+    cache_creation: u64,
+}
+
+impl AnthropicCounters {
+    fn apply(&mut self, usage: Option<MessagesUsage>) {
+        let Some(u) = usage else { return };
+        self.input = u.input_tokens.unwrap_or(self.input);
+        self.output = u.output_tokens.unwrap_or(self.output);
+        self.cache_read = u.cache_read_input_tokens.unwrap_or(self.cache_read);
+        self.cache_creation = u.cache_creation_input_tokens.unwrap_or(self.cache_creation);
+    }
+
+    /// Cache reads and writes folded into `input`, as the other dialects count it.
+    fn usage(&self) -> Usage {
+        Usage {
+            input: self.input + self.cache_read + self.cache_creation,
+            output: self.output,
+            cached_input: self.cache_read,
+            reasoning: 0,
+        }
+    }
+}

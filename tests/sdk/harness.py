@@ -1,0 +1,166 @@
+"""What the SDK suite shares: the gateway config it runs, the caller and upstream keys, and the assertions on
+what upstream received and what the client got."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from mock_upstream import Seen
+
+ROOT = Path(__file__).resolve().parents[2]
+UPSTREAM_KEY = "sdk-suite-upstream-key"
+UPSTREAM_KEY_ENV = "MANTLEGATE_SDK_SUITE_UPSTREAM_KEY"
+CHAT_KEY = "mg-sdk-chat-key"  # project Chat-Prod, may also select Chat-Dev
+SEARCH_KEY = "mg-sdk-search-key"  # project Search only
+WRONG_KEY = "mg-sdk-not-a-key"
+ALL_CALLER_KEYS = (CHAT_KEY, SEARCH_KEY, WRONG_KEY)
+ROUTE_PREFIX = "/labs"  # [[routes]] prefix -> project Labs
+START_TIMEOUT = 30.0
+
+# The SDKs read these from the environment; a developer's own settings must not leak into the suite.
+for _name in list(os.environ):
+    if _name.startswith(("OPENAI_", "ANTHROPIC_")):
+        del os.environ[_name]
+
+
+def sha256_hex(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def config_text(upstream_url: str) -> str:
+    return f"""
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "1s"
+
+[upstream]
+base_url = "{upstream_url}"
+auth = "api_key"
+api_key_env = "{UPSTREAM_KEY_ENV}"
+connect_timeout = "2s"
+response_timeout = "20s"
+idle_timeout = "20s"
+
+[callers]
+auth = "keys"
+
+[attribution]
+unattributed = "reject"
+
+[taxonomy]
+required_tags = ["Team"]
+
+[[projects]]
+name = "Chat-Prod"
+id = "proj_chat"
+tags = {{ Team = "chat" }}
+
+[[projects]]
+name = "Chat-Dev"
+id = "proj_dev"
+tags = {{ Team = "chat" }}
+
+[[projects]]
+name = "Labs"
+id = "proj_labs"
+tags = {{ Team = "chat" }}
+
+[[projects]]
+name = "Search"
+id = "proj_search"
+tags = {{ Team = "search" }}
+
+[[keys]]
+name = "chat-service"
+sha256 = "{sha256_hex(CHAT_KEY)}"
+project = "Chat-Prod"
+may_select = ["Chat-Dev", "Labs"]
+
+[[keys]]
+name = "search-service"
+sha256 = "{sha256_hex(SEARCH_KEY)}"
+project = "Search"
+
+[[routes]]
+prefix = "{ROUTE_PREFIX}"
+project = "Labs"
+"""
+
+
+@dataclass
+class Gateway:
+    url: str  # http://127.0.0.1:PORT
+    admin_url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def log_record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    fields = record.get("fields") if isinstance(record.get("fields"), dict) else {}
+    return {**record, **fields}
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# --- assertions on what upstream received, shared by the test modules ---------------------------------------
+
+
+def assert_forwarded(
+    seen: Seen,
+    *,
+    method: str,
+    path: str,
+    project: str,
+    anthropic: bool = False,
+) -> None:
+    """The request reached upstream on `path`, attributed to `project`, with the gateway's own upstream
+    credential and none of the caller's keys or project/organization headers."""
+    assert seen.method == method
+    assert seen.path == path, f"upstream path {seen.path!r}, expected {path!r}"
+    assert seen.header_all("authorization") == [f"Bearer {UPSTREAM_KEY}"]
+    if anthropic:
+        assert seen.header_all("anthropic-workspace-id") == [project]
+        assert seen.header_all("openai-project") == []
+        assert seen.header_all("x-api-key") == [UPSTREAM_KEY]
+    else:
+        assert seen.header_all("openai-project") == [project]
+        assert seen.header_all("anthropic-workspace-id") == []
+        assert seen.header_all("x-api-key") == []
+    assert seen.header_all("openai-organization") == []
+    for name, value in seen.headers:
+        for key in ALL_CALLER_KEYS:
+            assert key not in value, f"caller key leaked upstream in header {name}"
+    assert len(seen.header_all("x-request-id")) == 1, "the gateway sends one x-request-id upstream"
+
+
+def assert_error(err, *, status: int, code: str, type_: str | None = None) -> None:
+    """An SDK error raised from a gateway (or upstream) error body."""
+    assert err.status_code == status
+    assert err.code == code, f"error code {err.code!r} (body {err.body!r})"
+    if type_ is not None:
+        assert err.type == type_
