@@ -2,6 +2,7 @@
 
 mod check;
 mod keys;
+mod usage;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Report metered usage.
+    Usage {
+        #[command(subcommand)]
+        command: UsageCommand,
+    },
     /// Run the gateway in front of a built-in stub upstream on loopback: no AWS account needed.
     Demo {
         /// Traffic address.
@@ -44,6 +50,27 @@ enum Command {
         /// Admin address.
         #[arg(long, default_value = "127.0.0.1:9091")]
         admin_listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsageCommand {
+    /// Spend and tokens per group, from the usage ledger.
+    Report {
+        /// The ledger file (rotated siblings are read too); default: `[metering] ledger_path` of the config.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+        /// Config file, for the default ledger path.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// `project`, `model`, `key`, or a tag name such as `CostCenter`.
+        #[arg(long, default_value = "project")]
+        group_by: String,
+        #[arg(long, help = usage::SINCE_HELP)]
+        since: Option<String>,
+        /// `table`, `csv` or `json`.
+        #[arg(long, default_value = "table")]
+        format: String,
     },
 }
 
@@ -84,6 +111,16 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Check { config } => check::run(&config::resolve_path(config)),
         Command::Keys { command: KeysCommand::New { name, project } } => {
             print!("{}", keys::new_key(&name, project.as_deref())?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Usage { command: UsageCommand::Report { ledger, config, group_by, since, format } } => {
+            let ledger = match ledger {
+                Some(path) => path,
+                None => Config::load(&config::resolve_path(config))?.metering.ledger_path.ok_or_else(|| {
+                    anyhow::anyhow!("no --ledger given and the config sets no [metering] ledger_path")
+                })?,
+            };
+            print!("{}", usage::run(&ledger, &group_by, since.as_deref(), &format)?);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Demo { listen, admin_listen } => {

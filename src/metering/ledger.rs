@@ -14,21 +14,36 @@ use std::time::{Duration, SystemTime};
 /// Lines that may wait for the writer.
 const QUEUE: usize = 65_536;
 
+/// What the writer thread is sent.
+#[derive(Debug)]
+enum Msg {
+    Line(String),
+    /// Write out everything before this, then stop.
+    Close,
+}
+
 /// The request side of the ledger.
 #[derive(Debug, Clone)]
 pub struct Ledger {
-    tx: SyncSender<String>,
+    tx: SyncSender<Msg>,
     dropped: Arc<AtomicU64>,
 }
 
-/// The writer thread; joining it flushes everything queued before the last [`Ledger`] was dropped.
+/// The writer thread.
 #[derive(Debug)]
-pub struct LedgerWriter(std::thread::JoinHandle<()>);
+pub struct LedgerWriter {
+    tx: SyncSender<Msg>,
+    thread: std::thread::JoinHandle<()>,
+}
 
 impl LedgerWriter {
-    /// Waits (up to `limit`) for the writer to drain and close the file.
+    /// Writes out every line queued so far and stops the writer, waiting at most `limit`.
     pub async fn finish(self, limit: Duration) {
-        let join = tokio::task::spawn_blocking(move || self.0.join());
+        let Self { tx, thread } = self;
+        let join = tokio::task::spawn_blocking(move || {
+            let _ = tx.send(Msg::Close);
+            thread.join()
+        });
         if tokio::time::timeout(limit, join).await.is_err() {
             tracing::warn!("usage ledger writer did not finish in time; some lines may be lost");
         }
@@ -45,16 +60,16 @@ impl Ledger {
         let file = open_append(path)?;
         let (tx, rx) = sync_channel(QUEUE);
         let path = path.to_owned();
-        let handle = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("usage-ledger".into())
             .spawn(move || write_loop(&path, file, &rx))
             .map_err(|e| anyhow::anyhow!("starting the ledger writer: {e}"))?;
-        Ok((Self { tx, dropped: Arc::new(AtomicU64::new(0)) }, LedgerWriter(handle)))
+        Ok((Self { tx: tx.clone(), dropped: Arc::new(AtomicU64::new(0)) }, LedgerWriter { tx, thread }))
     }
 
     /// Queues a line without waiting.
     pub fn append(&self, line: String) {
-        match self.tx.try_send(line) {
+        match self.tx.try_send(Msg::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -91,11 +106,13 @@ pub fn utc_day(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()[..10].to_owned()
 }
 
-fn write_loop(path: &Path, file: File, rx: &Receiver<String>) {
+fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>) {
     let mut day =
         file.metadata().and_then(|m| m.modified()).map(utc_day).unwrap_or_else(|_| utc_day(SystemTime::now()));
     let mut out = BufWriter::new(file);
-    while let Ok(first) = rx.recv() {
+    let mut closing = false;
+    while !closing {
+        let Ok(first) = rx.recv() else { break };
         let today = utc_day(SystemTime::now());
         if today != day {
             let _ = out.flush();
@@ -106,7 +123,14 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<String>) {
             day = today;
         }
         // Write everything already queued, then flush once: a burst costs one write system call.
-        for line in std::iter::once(first).chain(rx.try_iter()) {
+        for msg in std::iter::once(first).chain(rx.try_iter()) {
+            let line = match msg {
+                Msg::Line(line) => line,
+                Msg::Close => {
+                    closing = true;
+                    continue;
+                }
+            };
             if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.write_all(b"\n")) {
                 tracing::error!(error = %e, "usage ledger write failed");
             }
@@ -142,10 +166,11 @@ mod tests {
         for i in 0..1000 {
             ledger.append(format!("{{\"n\":{i}}}"));
         }
-        drop(ledger);
+        // The ledger handle is still alive (as it is in a running gateway): finish must not wait for it.
         writer.finish(Duration::from_secs(10)).await;
         let text = std::fs::read_to_string(&path).expect("ledger");
         assert_eq!(text.lines().count(), 1000);
         assert_eq!(text.lines().last(), Some("{\"n\":999}"));
+        drop(ledger);
     }
 }

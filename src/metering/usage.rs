@@ -460,3 +460,129 @@ impl AnthropicCounters {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `body` in chunks of `size` and returns what was forwarded.
+    fn run(tap: &mut UsageTap, body: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chunk in body.chunks(size) {
+            out.extend_from_slice(&tap.on_chunk(Bytes::copy_from_slice(chunk)));
+        }
+        out.extend_from_slice(&tap.finish());
+        out
+    }
+
+    const CHAT_STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7,",
+        "\"prompt_tokens_details\":{\"cached_tokens\":4},\"completion_tokens_details\":{\"reasoning_tokens\":3}}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    #[test]
+    fn chat_stream_usage_at_any_chunking() {
+        for size in [1, 2, 7, 64, 10_000] {
+            let mut tap = UsageTap::sse(Dialect::Chat, false);
+            let out = run(&mut tap, CHAT_STREAM.as_bytes(), size);
+            assert_eq!(out, CHAT_STREAM.as_bytes(), "forwarded untouched");
+            assert_eq!(tap.usage(), Some(Usage { input: 12, output: 7, cached_input: 4, reasoning: 3 }), "{size}");
+            assert_eq!(tap.model(), Some("openai.gpt-oss-120b"));
+            assert!(tap.finished());
+        }
+    }
+
+    #[test]
+    fn injected_usage_is_hidden_from_the_client() {
+        let expected = concat!(
+            "data: {\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        for size in [1, 5, 33, 10_000] {
+            let mut tap = UsageTap::sse(Dialect::Chat, true);
+            let out = run(&mut tap, CHAT_STREAM.as_bytes(), size);
+            assert_eq!(String::from_utf8_lossy(&out), expected, "{size}");
+            assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((12, 7)));
+        }
+    }
+
+    #[test]
+    fn chat_stream_without_done_is_not_finished() {
+        let cut = &CHAT_STREAM[..CHAT_STREAM.find("data: [DONE]").expect("done")];
+        let mut tap = UsageTap::sse(Dialect::Chat, false);
+        run(&mut tap, cut.as_bytes(), 16);
+        assert_eq!(tap.usage().map(|u| u.output), Some(7));
+        assert!(!tap.finished());
+    }
+
+    #[test]
+    fn responses_stream_terminal_events() {
+        for terminal in ["response.completed", "response.incomplete", "response.failed"] {
+            let body = format!(
+                "event: response.created\ndata: {{\"type\":\"response.created\",\"response\":{{\"model\":\"openai.gpt-5.4\",\"usage\":null}}}}\n\n\
+                 event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"response.completed\"}}\n\n\
+                 event: {terminal}\ndata: {{\"type\":\"{terminal}\",\"response\":{{\"model\":\"openai.gpt-5.4\",\"usage\":{{\"input_tokens\":100,\
+                 \"input_tokens_details\":{{\"cached_tokens\":60}},\"output_tokens\":40,\"output_tokens_details\":{{\"reasoning_tokens\":25}}}}}}}}\n\n"
+            );
+            let mut tap = UsageTap::sse(Dialect::Responses, false);
+            assert_eq!(run(&mut tap, body.as_bytes(), 9), body.as_bytes());
+            assert_eq!(
+                tap.usage(),
+                Some(Usage { input: 100, output: 40, cached_input: 60, reasoning: 25 }),
+                "{terminal}"
+            );
+            assert_eq!(tap.model(), Some("openai.gpt-5.4"));
+            assert!(tap.finished());
+        }
+    }
+
+    #[test]
+    fn messages_stream_cumulative_usage() {
+        let body = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"anthropic.claude-sonnet-4-5\",",
+            "\"usage\":{\"input_tokens\":20,\"cache_read_input_tokens\":30,\"cache_creation_input_tokens\":5,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"message_delta\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":9}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":15}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let mut tap = UsageTap::sse(Dialect::Messages, false);
+        run(&mut tap, body.as_bytes(), 11);
+        assert_eq!(tap.usage(), Some(Usage { input: 55, output: 15, cached_input: 30, reasoning: 0 }));
+        assert_eq!(tap.model(), Some("anthropic.claude-sonnet-4-5"));
+        assert!(tap.finished());
+    }
+
+    #[test]
+    fn json_bodies() {
+        let cases = [
+            (
+                Dialect::Chat,
+                r#"{"model":"openai.gpt-oss-20b","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}}"#,
+                Usage { input: 5, output: 6, cached_input: 0, reasoning: 0 },
+            ),
+            (
+                Dialect::Responses,
+                r#"{"model":"m","output":[],"usage":{"input_tokens":8,"output_tokens":2,"input_tokens_details":{"cached_tokens":1}}}"#,
+                Usage { input: 8, output: 2, cached_input: 1, reasoning: 0 },
+            ),
+            (
+                Dialect::Messages,
+                r#"{"model":"m","content":[],"usage":{"input_tokens":3,"output_tokens":4,"cache_read_input_tokens":10}}"#,
+                Usage { input: 13, output: 4, cached_input: 10, reasoning: 0 },
+            ),
+        ];
+        for (dialect, body, usage) in cases {
+            let mut tap = UsageTap::json(dialect);
+            assert_eq!(run(&mut tap, body.as_bytes(), 7), body.as_bytes());
+            assert_eq!(tap.usage(), Some(usage), "{dialect:?}");
+        }
+        let mut tap = UsageTap::json(Dialect::Chat);
+        run(&mut tap, b"{\"truncated", 4);
+        assert_eq!(tap.usage(), None);
+    }
+}

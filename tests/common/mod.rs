@@ -194,6 +194,8 @@ pub struct Opts {
     pub credential: Option<Credential>,
     /// Override the upstream address (e.g. a closed port).
     pub upstream_addr: Option<SocketAddr>,
+    /// Appended to the config (top-level tables such as `[metering]`, `[[prices]]`).
+    pub extra: String,
 }
 
 impl Default for Opts {
@@ -206,6 +208,7 @@ impl Default for Opts {
             keys: true,
             credential: None,
             upstream_addr: None,
+            extra: String::new(),
         }
     }
 }
@@ -296,6 +299,7 @@ sha256 = "{}"
             sha(FLOATING_KEY)
         ));
     }
+    text.push_str(&opts.extra);
     text
 }
 
@@ -334,6 +338,25 @@ impl Gw {
 
     pub fn get(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
         self.client.get(self.url(path)).bearer_auth(key)
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client.get(format!("http://{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
+    }
+
+    /// Polls `/metrics` until `line` appears (metrics are recorded as a response body ends, just after the
+    /// client has read it), failing after [`WAIT`].
+    pub async fn metric_line(&self, line: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = self.metrics().await;
+            if text.lines().any(|l| l == line) {
+                return text;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "metric line {line:?} never appeared in:\n{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Sends raw bytes as one HTTP/1.1 request and returns the status code and the whole response text.

@@ -1,0 +1,301 @@
+//! `mantlegate usage report`: spend and tokens from the usage ledger, grouped the way Cost Explorer groups
+//! by a cost allocation tag (or by project, model or key), in real time rather than a day late.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+/// How to group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupBy {
+    /// Project name.
+    Project,
+    /// Model id.
+    Model,
+    /// Key name.
+    Key,
+    /// A cost allocation tag.
+    Tag(String),
+}
+
+impl GroupBy {
+    /// `project`, `model`, `key`, or any other word as a tag name.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "project" => Self::Project,
+            "model" => Self::Model,
+            "key" => Self::Key,
+            tag => Self::Tag(tag.strip_prefix("tag:").unwrap_or(tag).to_owned()),
+        }
+    }
+
+    fn header(&self) -> &str {
+        match self {
+            Self::Project => "project",
+            Self::Model => "model",
+            Self::Key => "key",
+            Self::Tag(t) => t,
+        }
+    }
+}
+
+/// The ledger fields a report reads.
+#[derive(Debug, Deserialize)]
+struct Line {
+    time: String,
+    key: Option<String>,
+    project: String,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    model: Option<String>,
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    #[serde(default)]
+    cached_input_tokens: u64,
+    #[serde(default)]
+    reasoning_tokens: u64,
+    cost_usd: Option<f64>,
+    #[serde(default)]
+    complete: bool,
+}
+
+/// One group's totals.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct Row {
+    /// The group's value.
+    pub group: String,
+    /// Requests.
+    pub requests: u64,
+    /// Input tokens (cached included).
+    pub input_tokens: u64,
+    /// Output tokens (reasoning included).
+    pub output_tokens: u64,
+    /// Cached input tokens.
+    pub cached_input_tokens: u64,
+    /// Reasoning tokens.
+    pub reasoning_tokens: u64,
+    /// Spend in USD at configured prices.
+    pub cost_usd: f64,
+    /// Requests for models with no price (their tokens are counted, their cost is not).
+    pub unpriced_requests: u64,
+    /// Requests whose response did not end normally.
+    pub incomplete_requests: u64,
+}
+
+/// Totals per group, most expensive first; `skipped` counts lines that could not be read.
+pub fn aggregate(
+    lines: impl Iterator<Item = String>,
+    group_by: &GroupBy,
+    since: Option<SystemTime>,
+) -> (Vec<Row>, u64) {
+    let mut groups: BTreeMap<String, Row> = BTreeMap::new();
+    let mut skipped = 0;
+    for text in lines {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let Ok(line) = serde_json::from_str::<Line>(&text) else {
+            skipped += 1;
+            continue;
+        };
+        if let Some(since) = since {
+            match humantime::parse_rfc3339_weak(&line.time) {
+                Ok(t) if t >= since => {}
+                Ok(_) => continue,
+                Err(_) => {
+                    skipped += 1;
+                    continue;
+                }
+            }
+        }
+        let group = match group_by {
+            GroupBy::Project => line.project.clone(),
+            GroupBy::Model => line.model.clone().unwrap_or_else(|| "(unknown)".into()),
+            GroupBy::Key => line.key.clone().unwrap_or_else(|| "(no key)".into()),
+            GroupBy::Tag(tag) => line.tags.get(tag).cloned().unwrap_or_else(|| "(untagged)".into()),
+        };
+        let row = groups.entry(group.clone()).or_insert_with(|| Row { group, ..Row::default() });
+        row.requests += 1;
+        row.input_tokens += line.input_tokens;
+        row.output_tokens += line.output_tokens;
+        row.cached_input_tokens += line.cached_input_tokens;
+        row.reasoning_tokens += line.reasoning_tokens;
+        match line.cost_usd {
+            Some(cost) => row.cost_usd += cost,
+            None if line.input_tokens + line.output_tokens > 0 => row.unpriced_requests += 1,
+            None => {}
+        }
+        if !line.complete {
+            row.incomplete_requests += 1;
+        }
+    }
+    let mut rows: Vec<Row> = groups.into_values().collect();
+    rows.sort_by(|a, b| b.cost_usd.total_cmp(&a.cost_usd).then_with(|| a.group.cmp(&b.group)));
+    (rows, skipped)
+}
+
+/// The ledger file and its rotated siblings (`usage.jsonl`, `usage.2026-11-25.jsonl`, ...), oldest first.
+pub fn ledger_files(path: &Path) -> Vec<PathBuf> {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            name.strip_prefix(&format!("{stem}."))
+                .and_then(|rest| rest.strip_suffix(&ext))
+                .is_some_and(|day| day.len() == 10 && day.bytes().all(|b| b.is_ascii_digit() || b == b'-'))
+        })
+        .collect();
+    rotated.sort();
+    rotated.push(path.to_owned());
+    rotated
+}
+
+/// Renders rows as `table`, `csv` or `json`.
+pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    match format {
+        "json" => out = serde_json::to_string_pretty(rows)? + "\n",
+        "csv" => {
+            let _ = writeln!(
+                out,
+                "{},requests,input_tokens,output_tokens,cached_input_tokens,reasoning_tokens,cost_usd,unpriced_requests,incomplete_requests",
+                csv_field(group_by.header())
+            );
+            for r in rows {
+                let _ = writeln!(
+                    out,
+                    "{},{},{},{},{},{},{:.6},{},{}",
+                    csv_field(&r.group),
+                    r.requests,
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.cached_input_tokens,
+                    r.reasoning_tokens,
+                    r.cost_usd,
+                    r.unpriced_requests,
+                    r.incomplete_requests
+                );
+            }
+        }
+        "table" => {
+            let header =
+                [group_by.header(), "REQUESTS", "INPUT", "OUTPUT", "CACHED", "REASONING", "COST USD", "UNPRICED"];
+            let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_uppercase()).collect()];
+            for r in rows {
+                cells.push(vec![
+                    r.group.clone(),
+                    r.requests.to_string(),
+                    r.input_tokens.to_string(),
+                    r.output_tokens.to_string(),
+                    r.cached_input_tokens.to_string(),
+                    r.reasoning_tokens.to_string(),
+                    format!("{:.4}", r.cost_usd),
+                    r.unpriced_requests.to_string(),
+                ]);
+            }
+            let total: f64 = rows.iter().map(|r| r.cost_usd).sum();
+            let widths: Vec<usize> =
+                (0..header.len()).map(|i| cells.iter().map(|row| row[i].chars().count()).max().unwrap_or(0)).collect();
+            for row in &cells {
+                let mut line = String::new();
+                for (i, cell) in row.iter().enumerate() {
+                    if i == 0 {
+                        let _ = write!(line, "{cell:<w$}  ", w = widths[i]);
+                    } else {
+                        let _ = write!(line, "{cell:>w$}  ", w = widths[i]);
+                    }
+                }
+                out.push_str(line.trim_end());
+                out.push('\n');
+            }
+            let _ =
+                writeln!(out, "\ntotal: {total:.4} USD over {} requests", rows.iter().map(|r| r.requests).sum::<u64>());
+        }
+        other => anyhow::bail!("--format {other:?}: use table, csv or json"),
+    }
+    Ok(out)
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_owned() }
+}
+
+/// Runs the report.
+pub fn run(ledger: &Path, group_by: &str, since: Option<&str>, format: &str) -> anyhow::Result<String> {
+    let since = since
+        .map(|s| {
+            humantime::parse_duration(s)
+                .map_err(|e| anyhow::anyhow!("--since {s:?} is not a duration like 7d or 12h: {e}"))
+                .map(|d| SystemTime::now().checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH))
+        })
+        .transpose()?;
+    let files = ledger_files(ledger);
+    if !files.iter().any(|f| f.is_file()) {
+        anyhow::bail!("no usage ledger at {} (set [metering] ledger_path and serve some traffic)", ledger.display());
+    }
+    let lines = files
+        .iter()
+        .filter_map(|f| std::fs::File::open(f).ok())
+        .flat_map(|f| std::io::BufReader::new(f).lines().map_while(Result::ok));
+    let group_by = GroupBy::parse(group_by);
+    let (rows, skipped) = aggregate(lines, &group_by, since);
+    let mut out = render(&rows, &group_by, format)?;
+    if skipped > 0 {
+        let _ = writeln!(out, "({skipped} unreadable ledger lines skipped)");
+    }
+    Ok(out)
+}
+
+/// Default `--since` window label for help text.
+pub const SINCE_HELP: &str = "only requests this recent (e.g. 7d, 12h); default: the whole ledger";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(time: &str, project: &str, team: &str, model: &str, input: u64, output: u64, cost: Option<f64>) -> String {
+        serde_json::json!({
+            "time": time, "request_id": "r", "key": "k", "project": project, "project_id": "proj_x",
+            "tags": {"Team": team}, "route": "chat.completions", "model": model, "stream": false, "status": 200,
+            "input_tokens": input, "output_tokens": output, "cached_input_tokens": 0, "reasoning_tokens": 0,
+            "cost_usd": cost, "duration_ms": 1.0, "ttfb_ms": 1.0, "complete": true,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn groups_by_tag_and_sums() {
+        let lines = vec![
+            line("2026-11-20T10:00:00Z", "A", "chat", "m1", 10, 5, Some(1.5)),
+            line("2026-11-25T10:00:00Z", "B", "chat", "m1", 1, 1, Some(0.25)),
+            line("2026-11-25T11:00:00Z", "C", "search", "unknown.model", 7, 3, None),
+            "not json".into(),
+        ];
+        let (rows, skipped) = aggregate(lines.clone().into_iter(), &GroupBy::parse("Team"), None);
+        assert_eq!(skipped, 1);
+        assert_eq!(rows[0].group, "chat");
+        assert_eq!((rows[0].requests, rows[0].input_tokens, rows[0].output_tokens), (2, 11, 6));
+        assert!((rows[0].cost_usd - 1.75).abs() < 1e-12);
+        assert_eq!((rows[1].group.as_str(), rows[1].unpriced_requests), ("search", 1));
+
+        let since = humantime::parse_rfc3339("2026-11-24T00:00:00Z").ok();
+        let (rows, _) = aggregate(lines.into_iter(), &GroupBy::Project, since);
+        assert_eq!(rows.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), ["B", "C"]);
+        let csv = render(&rows, &GroupBy::Project, "csv").expect("csv");
+        assert!(csv.starts_with("project,requests,"));
+        assert!(csv.contains("\nB,1,1,1,0,0,0.250000,0,0\n"), "{csv}");
+        assert!(render(&rows, &GroupBy::Project, "xml").is_err());
+    }
+}

@@ -1,0 +1,354 @@
+//! Metering end to end: exact token and cost figures for each API and streaming mode, the usage chunk the
+//! gateway asks for and hides, incomplete streams, the metrics text, the ledger, and the usage report.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::response::{IntoResponse, Response};
+use common::*;
+use futures_util::StreamExt;
+use http::StatusCode;
+use serde_json::{Value, json};
+
+const CHAT_USAGE: &str = r#"{"prompt_tokens":1000,"completion_tokens":500,"total_tokens":1500,"prompt_tokens_details":{"cached_tokens":200},"completion_tokens_details":{"reasoning_tokens":100}}"#;
+/// openai.gpt-oss-120b at the configured prices: 800 x 0.15 + 200 x 0.015 + 500 x 0.60, per 1M.
+const CHAT_COST: f64 = (800.0 * 0.15 + 200.0 * 0.015 + 500.0 * 0.60) / 1e6;
+/// openai.gpt-5.4 at the default prices: 2000 x 2.75 + 1000 x 16.50, per 1M.
+const RESPONSES_COST: f64 = (2000.0 * 2.75 + 1000.0 * 16.50) / 1e6;
+
+fn sse(events: Vec<String>) -> Response {
+    let stream =
+        futures_util::stream::iter(events.into_iter().map(|e| Ok::<_, std::convert::Infallible>(Bytes::from(e))));
+    ([(http::header::CONTENT_TYPE, "text/event-stream")], axum::body::Body::from_stream(stream)).into_response()
+}
+
+/// An upstream that answers like bedrock-mantle, with fixed usage figures.
+async fn upstream() -> std::sync::Arc<Mock> {
+    Mock::start(|seen| async move {
+        let req: Value = serde_json::from_slice(&seen.body).unwrap_or(Value::Null);
+        let stream = req["stream"] == true;
+        match seen.uri.path().trim_start_matches("/openai") {
+            "/v1/chat/completions" if !stream => json_response(
+                StatusCode::OK,
+                Box::leak(
+                    format!(r#"{{"id":"c","object":"chat.completion","model":"openai.gpt-oss-120b","choices":[],"usage":{CHAT_USAGE}}}"#)
+                        .into_boxed_str(),
+                ),
+            ),
+            "/v1/chat/completions" => {
+                let with_usage = req["stream_options"]["include_usage"] == true;
+                let null = if with_usage { r#","usage":null"# } else { "" };
+                let mut events = vec![
+                    format!("data: {{\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"Hi\"}}}}]{null}}}\n\n"),
+                    format!("data: {{\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]{null}}}\n\n"),
+                ];
+                if with_usage {
+                    events.push(format!("data: {{\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[],\"usage\":{CHAT_USAGE}}}\n\n"));
+                }
+                if req["user"] != "cut-before-done" {
+                    events.push("data: [DONE]\n\n".into());
+                }
+                sse(events)
+            }
+            "/v1/responses" => {
+                let usage = r#"{"input_tokens":2000,"input_tokens_details":{"cached_tokens":0},"output_tokens":1000,"output_tokens_details":{"reasoning_tokens":400},"total_tokens":3000}"#;
+                sse(vec![
+                    "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"openai.gpt-5.4\",\"usage\":null}}\n\n".into(),
+                    "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n".into(),
+                    format!("event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"model\":\"openai.gpt-5.4\",\"usage\":{usage}}}}}\n\n"),
+                ])
+            }
+            "/anthropic/v1/messages" => sse(vec![
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"anthropic.claude-sonnet-4-5\",\"usage\":{\"input_tokens\":300,\"output_tokens\":1}}}\n\n".into(),
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":40}}\n\n".into(),
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
+            ]),
+            _ => json_response(StatusCode::OK, r#"{"object":"list","data":[]}"#),
+        }
+    })
+    .await
+}
+
+struct Metered {
+    gw: Gw,
+    ledger: std::path::PathBuf,
+}
+
+async fn start(name: &str, attribution: &'static str) -> Metered {
+    let dir = std::env::temp_dir().join(format!("mantlegate-metering-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ledger = dir.join("usage.jsonl");
+    let extra = format!(
+        "\n[metering]\nledger_path = \"{}\"\n\n[[prices]]\nmodel = \"openai.gpt-oss-120b\"\ninput = 0.15\noutput = 0.60\ncached_input = 0.015\n",
+        ledger.display()
+    );
+    let gw = Gw::start(upstream().await, Opts { extra, attribution, ..Opts::default() }).await;
+    Metered { gw, ledger }
+}
+
+impl Metered {
+    /// Stops the gateway (which writes out the ledger) and reads the ledger back.
+    async fn ledger(mut self) -> Vec<Value> {
+        self.gw.running.take().unwrap().stop().await;
+        std::fs::read_to_string(&self.ledger).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+/// Metrics text as `series -> value`.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(series, value)| (series.to_owned(), value.parse().unwrap())))
+        .collect()
+}
+
+fn assert_close(actual: f64, expected: f64) {
+    assert!((actual - expected).abs() < 1e-12, "{actual} != {expected}");
+}
+
+#[tokio::test]
+async fn chat_json_usage_and_cost() {
+    let m = start("chat-json", "").await;
+    let res = m.gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.bytes().await.unwrap();
+    let text = m
+        .gw
+        .metric_line(r#"mantlegate_tokens_total{project="Chat-Prod",model="openai.gpt-oss-120b",kind="input"} 1000"#)
+        .await;
+    let metrics = parse_metrics(&text);
+    for (kind, n) in [("output", 500.0), ("cached_input", 200.0), ("reasoning", 100.0)] {
+        assert_eq!(
+            metrics[&format!(
+                r#"mantlegate_tokens_total{{project="Chat-Prod",model="openai.gpt-oss-120b",kind="{kind}"}}"#
+            )],
+            n
+        );
+    }
+    assert_close(metrics[r#"mantlegate_cost_usd_total{project="Chat-Prod",model="openai.gpt-oss-120b"}"#], CHAT_COST);
+    assert_eq!(metrics[r#"mantlegate_requests_total{project="Chat-Prod",route="chat.completions",status="200"}"#], 1.0);
+    assert_eq!(
+        metrics[r#"mantlegate_request_duration_seconds_count{project="Chat-Prod",route="chat.completions"}"#],
+        1.0
+    );
+    assert_eq!(
+        metrics[r#"mantlegate_time_to_first_byte_seconds_count{project="Chat-Prod",route="chat.completions"}"#],
+        1.0
+    );
+
+    let ledger = m.ledger().await;
+    assert_eq!(ledger.len(), 1);
+    let l = &ledger[0];
+    assert_eq!(
+        (l["project"].as_str(), l["project_id"].as_str(), l["key"].as_str()),
+        (Some("Chat-Prod"), Some("proj_chat"), Some("chat-service"))
+    );
+    assert_eq!(l["tags"], json!({"Team": "chat"}));
+    assert_eq!((l["route"].as_str(), l["model"].as_str()), (Some("chat.completions"), Some("openai.gpt-oss-120b")));
+    assert_eq!(
+        (l["stream"].as_bool(), l["status"].as_u64(), l["complete"].as_bool()),
+        (Some(false), Some(200), Some(true))
+    );
+    let tokens: Vec<u64> = ["input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens"]
+        .iter()
+        .map(|k| l[k].as_u64().unwrap())
+        .collect();
+    assert_eq!(tokens, [1000, 500, 200, 100]);
+    assert_close(l["cost_usd"].as_f64().unwrap(), CHAT_COST);
+    assert!(l["request_id"].as_str().unwrap().len() == 36 && l["time"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test]
+async fn chat_stream_is_metered_even_when_the_client_did_not_ask_for_usage() {
+    let m = start("chat-inject", "").await;
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let res = m.gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
+    let text = res.text().await.unwrap();
+    // Exactly what the client would have seen without the gateway: no usage chunk, no usage fields.
+    let expected = concat!(
+        "data: {\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+    assert_eq!(text, expected);
+    let seen = m.gw.mock.next().await;
+    let sent: Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(sent["stream_options"], json!({"include_usage": true}));
+    assert_eq!(sent["messages"], json!([{"role": "user", "content": "hi"}]));
+    assert_eq!(seen.header("content-length"), Some(seen.body.len().to_string().as_str()));
+
+    let ledger = m.ledger().await;
+    assert_eq!((ledger[0]["input_tokens"].as_u64(), ledger[0]["output_tokens"].as_u64()), (Some(1000), Some(500)));
+    assert_eq!((ledger[0]["stream"].as_bool(), ledger[0]["complete"].as_bool()), (Some(true), Some(true)));
+    assert_close(ledger[0]["cost_usd"].as_f64().unwrap(), CHAT_COST);
+}
+
+#[tokio::test]
+async fn chat_stream_that_asked_for_usage_keeps_it() {
+    let m = start("chat-asked", "").await;
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let text = m.gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains(r#""choices":[],"usage":{"prompt_tokens":1000"#), "{text}");
+    assert!(text.contains(r#""usage":null"#));
+    assert_eq!(m.gw.mock.next().await.body, body.as_bytes(), "body forwarded untouched");
+    assert_eq!(m.ledger().await[0]["output_tokens"].as_u64(), Some(500));
+}
+
+#[tokio::test]
+async fn responses_and_messages_streams_are_metered() {
+    let m = start("responses", "").await;
+    let body = r#"{"model":"openai.gpt-5.4","stream":true,"input":"hi"}"#;
+    let text = m.gw.post("/openai/v1/responses", CHAT_KEY).body(body).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("response.completed"));
+    let res =
+        m.gw.client
+            .post(m.gw.url("/anthropic/v1/messages"))
+            .header("x-api-key", CHAT_KEY)
+            .body(r#"{"model":"anthropic.claude-sonnet-4-5","stream":true,"max_tokens":50,"messages":[]}"#)
+            .send()
+            .await
+            .unwrap();
+    assert!(res.text().await.unwrap().contains("message_stop"));
+
+    let metrics = parse_metrics(
+        &m.gw
+            .metric_line(
+                r#"mantlegate_unpriced_requests_total{project="Chat-Prod",model="anthropic.claude-sonnet-4-5"} 1"#,
+            )
+            .await,
+    );
+    assert_eq!(
+        metrics[r#"mantlegate_tokens_total{project="Chat-Prod",model="anthropic.claude-sonnet-4-5",kind="input"}"#],
+        300.0
+    );
+    assert_eq!(
+        metrics[r#"mantlegate_tokens_total{project="Chat-Prod",model="anthropic.claude-sonnet-4-5",kind="output"}"#],
+        40.0
+    );
+    assert!(
+        !metrics.contains_key(r#"mantlegate_cost_usd_total{project="Chat-Prod",model="anthropic.claude-sonnet-4-5"}"#)
+    );
+
+    let ledger = m.ledger().await;
+    let responses = ledger.iter().find(|l| l["route"] == "responses.create").unwrap();
+    assert_eq!(responses["model"], "openai.gpt-5.4");
+    let tokens: Vec<u64> = ["input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens"]
+        .iter()
+        .map(|k| responses[k].as_u64().unwrap())
+        .collect();
+    assert_eq!(tokens, [2000, 1000, 0, 400]);
+    assert_close(responses["cost_usd"].as_f64().unwrap(), RESPONSES_COST);
+    assert_eq!(responses["complete"], true);
+    let messages = ledger.iter().find(|l| l["route"] == "messages").unwrap();
+    assert_eq!((messages["input_tokens"].as_u64(), messages["output_tokens"].as_u64()), (Some(300), Some(40)));
+    assert_eq!(messages["cost_usd"], Value::Null);
+}
+
+#[tokio::test]
+async fn incomplete_streams_are_recorded_with_what_was_seen() {
+    let m = start("incomplete", "").await;
+    // Upstream ends the stream without [DONE].
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"stream_options":{"include_usage":true},"user":"cut-before-done","messages":[]}"#;
+    let text = m.gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("[DONE]"));
+    let ledger = m.ledger().await;
+    assert_eq!(ledger[0]["complete"], false);
+    assert_eq!(ledger[0]["output_tokens"].as_u64(), Some(500));
+}
+
+#[tokio::test]
+async fn a_stream_the_client_cut_is_recorded_as_incomplete() {
+    let dir = std::env::temp_dir().join(format!("mantlegate-metering-cut-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ledger_path = dir.join("usage.jsonl");
+    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mock = Mock::start(move |_| {
+        let (script, res) = scripted_sse();
+        script_tx.send(script).unwrap();
+        async move { res }
+    })
+    .await;
+    let extra = format!("\n[metering]\nledger_path = \"{}\"\n", ledger_path.display());
+    let mut gw = Gw::start(mock, Opts { extra, ..Opts::default() }).await;
+    let res =
+        gw.post("/v1/responses", CHAT_KEY).body(r#"{"model":"openai.gpt-5.4","stream":true}"#).send().await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    script.tx.send(Bytes::from_static(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"openai.gpt-5.4\"}}\n\n")).await.unwrap();
+    let mut stream = res.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    tokio::time::timeout(WAIT, script.dropped).await.unwrap().unwrap();
+    gw.running.take().unwrap().stop().await;
+    let line: Value =
+        serde_json::from_str(std::fs::read_to_string(&ledger_path).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!((line["complete"].as_bool(), line["model"].as_str()), (Some(false), Some("openai.gpt-5.4")));
+    assert_eq!(line["input_tokens"].as_u64(), Some(0));
+}
+
+#[tokio::test]
+async fn unattributed_outcomes_and_project_info_are_exported() {
+    let m = start("unattributed", "unattributed = \"reroute\"\nreroute_to = \"Unattributed\"").await;
+    m.gw.get("/v1/models", FLOATING_KEY).send().await.unwrap();
+    m.gw.get("/v1/models", FLOATING_KEY).send().await.unwrap();
+    let text = m.gw.metric_line(r#"mantlegate_unattributed_total{outcome="rerouted"} 2"#).await;
+    assert!(
+        text.contains(r#"mantlegate_project_info{project="Chat-Prod",project_id="proj_chat",Team="chat"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"mantlegate_project_info{project="Unattributed",project_id="proj_unattr",Team="platform"} 1"#)
+    );
+    assert!(!text.contains(CHAT_KEY) && !text.contains(FLOATING_KEY) && !text.contains(UPSTREAM_KEY));
+
+    let rejecting = start("rejected", "").await;
+    rejecting.gw.get("/v1/models", FLOATING_KEY).send().await.unwrap();
+    rejecting.gw.get("/v1/models", "bad-key").send().await.unwrap();
+    let text = rejecting.gw.metric_line(r#"mantlegate_unattributed_total{outcome="rejected"} 1"#).await;
+    let metrics = parse_metrics(&text);
+    assert_eq!(metrics[r#"mantlegate_requests_total{project="",route="models.list",status="403"}"#], 1.0);
+    assert_eq!(metrics[r#"mantlegate_requests_total{project="",route="models.list",status="401"}"#], 1.0);
+    // Gateway refusals are not billable: the ledger only holds what upstream served.
+    assert!(rejecting.ledger().await.is_empty());
+}
+
+#[tokio::test]
+async fn usage_report_sums_the_ledger_by_tag() {
+    let m = start("report", "").await;
+    for key in [CHAT_KEY, CHAT_KEY, SEARCH_KEY] {
+        let body = if key == SEARCH_KEY { r#"{"model":"openai.gpt-oss-20b","messages":[]}"# } else { CHAT_BODY };
+        m.gw.post("/v1/chat/completions", key).body(body).send().await.unwrap().bytes().await.unwrap();
+    }
+    let ledger_path = m.ledger.clone();
+    assert_eq!(m.ledger().await.len(), 3);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mantlegate"))
+        .args(["usage", "report", "--group-by", "Team", "--since", "1h", "--format", "json", "--ledger"])
+        .arg(&ledger_path)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let chat = rows.iter().find(|r| r["group"] == "chat").unwrap();
+    assert_eq!(
+        (chat["requests"].as_u64(), chat["input_tokens"].as_u64(), chat["output_tokens"].as_u64()),
+        (Some(2), Some(2000), Some(1000))
+    );
+    assert_close(chat["cost_usd"].as_f64().unwrap(), 2.0 * CHAT_COST);
+    let search = rows.iter().find(|r| r["group"] == "search").unwrap();
+    // The mock answers every chat request as gpt-oss-120b, so the search team's line is priced at that model.
+    assert_eq!(search["requests"].as_u64(), Some(1));
+    assert_eq!(rows[0]["group"], "chat", "most expensive first");
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mantlegate"))
+        .args(["usage", "report", "--group-by", "project", "--ledger"])
+        .arg(&ledger_path)
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.lines().any(|l| l.starts_with("Chat-Prod") && l.contains(" 2 ")), "{table}");
+    assert!(table.contains("over 3 requests"), "{table}");
+}
