@@ -108,6 +108,7 @@ class Gateway:
 
 
 def log_record(line: str) -> dict | None:
+    """One JSON log line of the gateway, with tracing's `fields` (if nested) lifted to the top."""
     try:
         record = json.loads(line)
     except ValueError:
@@ -119,6 +120,7 @@ def log_record(line: str) -> dict | None:
 
 
 def stop_process(proc: subprocess.Popen) -> None:
+    """Kills the process (idempotent) and reaps it."""
     if proc.poll() is None:
         proc.kill()
     try:
@@ -152,9 +154,10 @@ def assert_forwarded(
         assert seen.header_all("anthropic-workspace-id") == []
         assert seen.header_all("x-api-key") == []
     assert seen.header_all("openai-organization") == []
-    for name, value in seen.headers:
-        for key in ALL_CALLER_KEYS:
+    for key in ALL_CALLER_KEYS:
+        for name, value in seen.headers:
             assert key not in value, f"caller key leaked upstream in header {name}"
+        assert key not in seen.target and key.encode() not in seen.body, "caller key leaked upstream"
     assert len(seen.header_all("x-request-id")) == 1, "the gateway sends one x-request-id upstream"
 
 

@@ -2,13 +2,15 @@
 path, headers, body) and answers like the real upstream: OpenAI-shaped chat completions (plain and SSE, with the
 final usage chunk when `stream_options.include_usage` is true), responses (create, SSE stream, retrieve, delete),
 models list, and Anthropic messages (plain and SSE). A test can queue an error answer (e.g. a 429) for the next
-request with `fail_next`.
+request with `fail_next`, or have answers gzip-compressed when the request accepts it, as HTTP servers do.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -66,6 +68,7 @@ class MockUpstream:
         self._lock = threading.Lock()
         self._seen: list[Seen] = []
         self._scripted: list[Scripted] = []
+        self.gzip = False  # compress answers for requests that send Accept-Encoding: gzip
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         # Handler threads may sit in keep-alive reads on the gateway's pooled connections: never join them.
         self._server.daemon_threads = True
@@ -96,6 +99,7 @@ class MockUpstream:
         with self._lock:
             self._seen.clear()
             self._scripted.clear()
+            self.gzip = False
 
     def requests(self) -> list[Seen]:
         """Every request received since the last reset."""
@@ -163,10 +167,18 @@ def _make_handler(mock: MockUpstream):
             length = int(self.headers.get("content-length") or 0)
             return self.rfile.read(length) if length else b""
 
+        def _gzip(self) -> bool:
+            return mock.gzip and "gzip" in (self.headers.get("accept-encoding") or "").lower()
+
         def _json(self, status: int, body, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()
+            compress = self._gzip()
+            if compress:
+                data = gzip.compress(data)
             self.send_response(status)
             self.send_header("content-type", "application/json")
+            if compress:
+                self.send_header("content-encoding", "gzip")
             self.send_header("content-length", str(len(data)))
             self.send_header("x-mock-upstream", "1")
             for name, value in (headers or {}).items():
@@ -176,17 +188,26 @@ def _make_handler(mock: MockUpstream):
 
         def _sse(self, events) -> None:
             """Streams `events` ((event name or None, data str)) as SSE, one HTTP chunk per event."""
+            compressor = zlib.compressobj(wbits=31) if self._gzip() else None  # gzip, flushed per event
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.send_header("cache-control", "no-cache")
+            if compressor:
+                self.send_header("content-encoding", "gzip")
             self.send_header("transfer-encoding", "chunked")
             self.send_header("x-mock-upstream", "1")
             self.end_headers()
+
+            def chunk(raw: bytes) -> None:
+                if raw:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
+                    self.wfile.flush()
+
             for name, data in events:
-                text = (f"event: {name}\n" if name else "") + f"data: {data}\n\n"
-                raw = text.encode()
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
-                self.wfile.flush()
+                raw = ((f"event: {name}\n" if name else "") + f"data: {data}\n\n").encode()
+                chunk(compressor.compress(raw) + compressor.flush(zlib.Z_SYNC_FLUSH) if compressor else raw)
+            if compressor:
+                chunk(compressor.flush())
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
 

@@ -1,6 +1,7 @@
 """The official Anthropic Python SDK through the gateway's `/anthropic/v1/messages`, directly and under a
-`[[routes]]` prefix. The SDK sends its key in `x-api-key`; upstream must see `anthropic-workspace-id` with the
-resolved project and the gateway's credential, never the caller's key."""
+`[[routes]]` prefix, with the caller's key in `x-api-key` (Claude's usual header) and, where it matters, the way
+the SDK sends a plain `api_key=` (major 2 sends it as `Authorization: Bearer`). Upstream must see
+`anthropic-workspace-id` with the resolved project and the gateway's credential, never the caller's key."""
 
 from __future__ import annotations
 
@@ -35,7 +36,17 @@ def base(request) -> BaseUrl:
     return BASE_URLS[request.param]
 
 
-def client_for(gateway, base: BaseUrl, key: str = CHAT_KEY, **kwargs):
+@pytest.fixture(params=["x-api-key", "sdk-api-key"])
+def key_header(request) -> str:
+    """Where the caller's key goes: `x-api-key`, or wherever the SDK puts `api_key=` by itself."""
+    return request.param
+
+
+def client_for(gateway, base: BaseUrl, key: str = CHAT_KEY, key_header: str = "x-api-key", **kwargs):
+    if key_header == "x-api-key":
+        # The SDK would also send api_key as a bearer token: send the key in x-api-key alone.
+        headers = {"x-api-key": key, "Authorization": anthropic.omit, **kwargs.pop("default_headers", {})}
+        kwargs["default_headers"] = headers
     sent = []  # requests as they went on the wire (seen from the response, so after the SDK's auth step)
     http_client = anthropic.DefaultHttpxClient(event_hooks={"response": [lambda response: sent.append(response.request)]})
     client = anthropic.Anthropic(
@@ -49,22 +60,27 @@ def client_for(gateway, base: BaseUrl, key: str = CHAT_KEY, **kwargs):
     return client, sent
 
 
-def assert_sent_with_x_api_key(sent, key: str = CHAT_KEY) -> bytes:
+def assert_sent_key(sent, key_header: str, key: str = CHAT_KEY) -> bytes:
+    """The SDK sent the caller's key where the test meant it to; returns the body it sent."""
     assert len(sent) == 1, f"the SDK sent {len(sent)} requests"
-    assert sent[0].headers["x-api-key"] == key
-    assert "authorization" not in sent[0].headers
+    headers = sent[0].headers
+    if key_header == "x-api-key":
+        assert headers["x-api-key"] == key
+        assert "authorization" not in headers
+    else:
+        assert key in (headers.get("x-api-key"), headers.get("authorization", "").removeprefix("Bearer "))
     return sent[0].content
 
 
-def test_messages(gateway, upstream, base):
-    client, sent = client_for(gateway, base)
+def test_messages(gateway, upstream, base, key_header):
+    client, sent = client_for(gateway, base, key_header=key_header)
     message = client.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES, system="Be terse.")
 
     assert message.id == "msg_mock"
     assert message.content[0].text == TEXT
     assert message.stop_reason == "end_turn"
     assert (message.usage.input_tokens, message.usage.output_tokens) == (11, len(TEXT_PIECES))
-    body = assert_sent_with_x_api_key(sent)
+    body = assert_sent_key(sent, key_header)
     seen = upstream.only_request()
     assert_forwarded(seen, method="POST", path=UPSTREAM_PATH, project=base.project, anthropic=True)
     assert seen.body == body
@@ -72,29 +88,48 @@ def test_messages(gateway, upstream, base):
     assert seen.header("anthropic-version") == sent[0].headers["anthropic-version"]
 
 
-EXPECTED_MESSAGE_EVENTS = (
+# What upstream streams; the SDK's event iterator drops the `ping`.
+UPSTREAM_MESSAGE_EVENTS = (
     ["message_start", "content_block_start", "ping"]
     + ["content_block_delta"] * len(TEXT_PIECES)
     + ["content_block_stop", "message_delta", "message_stop"]
 )
+EXPECTED_MESSAGE_EVENTS = [e for e in UPSTREAM_MESSAGE_EVENTS if e != "ping"]
 
 
-def test_messages_stream(gateway, upstream, base):
-    client, sent = client_for(gateway, base)
+def test_messages_stream(gateway, upstream, base, key_header):
+    client, sent = client_for(gateway, base, key_header=key_header)
     events = list(client.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES, stream=True))
 
     assert [e.type for e in events] == EXPECTED_MESSAGE_EVENTS
     assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == TEXT
     assert events[-2].delta.stop_reason == "end_turn"
-    body = assert_sent_with_x_api_key(sent)
+    body = assert_sent_key(sent, key_header)
     seen = upstream.only_request()
     assert_forwarded(seen, method="POST", path=UPSTREAM_PATH, project=base.project, anthropic=True)
     assert seen.body == body
     assert json.loads(seen.body)["stream"] is True
 
 
+def test_messages_stream_raw_events(gateway, upstream, base):
+    """The SSE stream reaches the client event for event, `ping` included, each `event:` line matching its data."""
+    client, _ = client_for(gateway, base)
+    with client.messages.with_streaming_response.create(
+        model=MODEL, max_tokens=64, messages=MESSAGES, stream=True
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+
+    names = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert names == UPSTREAM_MESSAGE_EVENTS
+    assert [d["type"] for d in data] == UPSTREAM_MESSAGE_EVENTS
+    assert_forwarded(upstream.only_request(), method="POST", path=UPSTREAM_PATH, project=base.project, anthropic=True)
+
+
 def test_messages_stream_helper(gateway, upstream, base):
-    client, sent = client_for(gateway, base)
+    key_header = "x-api-key"
+    client, sent = client_for(gateway, base, key_header=key_header)
     with client.messages.stream(model=MODEL, max_tokens=64, messages=MESSAGES) as stream:
         pieces = list(stream.text_stream)
         final = stream.get_final_message()
@@ -102,7 +137,7 @@ def test_messages_stream_helper(gateway, upstream, base):
     assert pieces == TEXT_PIECES
     assert final.content[0].text == TEXT
     assert final.usage.output_tokens == len(TEXT_PIECES)
-    body = assert_sent_with_x_api_key(sent)
+    body = assert_sent_key(sent, key_header)
     seen = upstream.only_request()
     assert_forwarded(seen, method="POST", path=UPSTREAM_PATH, project=base.project, anthropic=True)
     assert seen.body == body
@@ -130,8 +165,8 @@ def test_messages_forbidden_workspace(gateway, upstream, base):
     assert upstream.requests() == []
 
 
-def test_messages_wrong_key(gateway, upstream, base):
-    client, _ = client_for(gateway, base, key=WRONG_KEY)
+def test_messages_wrong_key(gateway, upstream, base, key_header):
+    client, _ = client_for(gateway, base, key=WRONG_KEY, key_header=key_header)
     with pytest.raises(anthropic.AuthenticationError) as info:
         client.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)
 
