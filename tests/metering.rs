@@ -352,3 +352,33 @@ async fn usage_report_sums_the_ledger_by_tag() {
     assert!(table.lines().any(|l| l.starts_with("Chat-Prod") && l.contains(" 2 ")), "{table}");
     assert!(table.contains("over 3 requests"), "{table}");
 }
+
+#[tokio::test]
+async fn metered_endpoints_ask_upstream_for_identity_encoding() {
+    let m = start("encoding", "").await;
+    m.gw.post("/v1/chat/completions", CHAT_KEY)
+        .header("accept-encoding", "gzip, br")
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(m.gw.mock.next().await.header("accept-encoding"), Some("identity"));
+    // Endpoints with nothing to meter keep the caller's preference.
+    m.gw.get("/v1/models", CHAT_KEY).header("accept-encoding", "gzip, br").send().await.unwrap();
+    assert_eq!(m.gw.mock.next().await.header("accept-encoding"), Some("gzip, br"));
+}
+
+#[tokio::test]
+async fn an_encoded_response_passes_through_unmetered() {
+    let gzipped: &'static [u8] = &[0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03];
+    let mock = Mock::start(move |_| async move {
+        ([(http::header::CONTENT_TYPE, "text/event-stream"), (http::header::CONTENT_ENCODING, "gzip")], gzipped)
+            .into_response()
+    })
+    .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[]}"#;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
+    assert_eq!(res.headers()["content-encoding"], "gzip");
+    assert_eq!(res.bytes().await.unwrap(), gzipped, "bytes the tap cannot read are not touched");
+}

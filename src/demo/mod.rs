@@ -84,6 +84,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result
         project_ids: config.projects.iter().filter_map(|p| p.id.clone()).collect(),
         event_delay: Duration::from_millis(40),
     });
+    let stub_listener = axum::serve::ListenerExt::tap_io(stub_listener, |tcp| drop(tcp.set_nodelay(true)));
     let stub_task = tokio::spawn(axum::serve(stub_listener, stub).into_future());
 
     let credential = Credential::api_key(&Secret::new(UPSTREAM_KEY.into()))?;

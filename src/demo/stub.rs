@@ -111,7 +111,7 @@ fn input_tokens(body: &Value) -> u64 {
 fn sse(delay: Duration, events: Vec<String>) -> Response {
     let stream = futures_util::stream::unfold((events.into_iter(), true), move |(mut events, first)| async move {
         let event = events.next()?;
-        if !first {
+        if !first && !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         Some((Ok::<_, Infallible>(Bytes::from(event)), (events, false)))

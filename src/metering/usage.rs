@@ -75,8 +75,14 @@ pub struct UsageTap {
 
 #[derive(Debug)]
 enum State {
-    Json { chunks: Vec<Bytes>, len: usize },
-    Sse { line: BytesMut, event: BytesMut },
+    Json {
+        chunks: Vec<Bytes>,
+        len: usize,
+    },
+    /// `pending` holds what has arrived of the current line (or, when stripping, of the current event).
+    Sse {
+        pending: BytesMut,
+    },
 }
 
 impl UsageTap {
@@ -87,7 +93,7 @@ impl UsageTap {
 
     /// A tap for an SSE body; `strip_usage` when the gateway added `include_usage` itself.
     pub fn sse(dialect: Dialect, strip_usage: bool) -> Self {
-        Self::new(dialect, State::Sse { line: BytesMut::new(), event: BytesMut::new() }, strip_usage)
+        Self::new(dialect, State::Sse { pending: BytesMut::new() }, strip_usage)
     }
 
     fn new(dialect: Dialect, state: State, strip_usage: bool) -> Self {
@@ -135,7 +141,7 @@ impl UsageTap {
                 }
                 chunk
             }
-            State::Sse { .. } if self.strip_usage => self.filter_events(&chunk),
+            State::Sse { .. } if self.strip_usage => self.filter_events(chunk),
             State::Sse { .. } => {
                 self.scan_lines(&chunk);
                 chunk
@@ -156,12 +162,10 @@ impl UsageTap {
                 self.finished = true;
                 Bytes::new()
             }
-            State::Sse { line, event } => {
-                let rest = std::mem::take(line);
+            State::Sse { pending } => {
+                let rest = std::mem::take(pending).freeze();
                 if self.strip_usage {
-                    let mut event = std::mem::take(event);
-                    event.extend_from_slice(&rest);
-                    event.freeze()
+                    rest
                 } else {
                     self.read_line(&rest);
                     Bytes::new()
@@ -172,54 +176,64 @@ impl UsageTap {
 
     fn scan_lines(&mut self, chunk: &[u8]) {
         let mut rest = chunk;
-        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
             let (head, tail) = rest.split_at(nl + 1);
             rest = tail;
-            let State::Sse { line, .. } = &mut self.state else { return };
-            if line.is_empty() {
+            let State::Sse { pending } = &mut self.state else { return };
+            if pending.is_empty() {
                 self.read_line(head);
             } else {
-                line.extend_from_slice(head);
-                let full = std::mem::take(line);
-                self.read_line(&full);
+                pending.extend_from_slice(head);
+                let line = pending.split();
+                self.read_line(&line);
             }
         }
-        if let State::Sse { line, .. } = &mut self.state {
-            if line.len() + rest.len() <= MAX_SSE_LINE {
-                line.extend_from_slice(rest);
+        if let State::Sse { pending } = &mut self.state {
+            if pending.len() + rest.len() <= MAX_SSE_LINE {
+                pending.extend_from_slice(rest);
             } else {
-                line.clear();
+                pending.clear();
             }
         }
     }
 
     /// Event-at-a-time forwarding for streams whose usage chunk the client never asked for: an event goes
-    /// out as soon as its blank line arrives, unless it is the usage-only chunk.
-    fn filter_events(&mut self, chunk: &[u8]) -> Bytes {
-        let mut out = Vec::new();
-        let mut rest = chunk;
-        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-            let (head, tail) = rest.split_at(nl + 1);
-            rest = tail;
-            let State::Sse { line, event } = &mut self.state else { break };
-            line.extend_from_slice(head);
-            let full = std::mem::take(line);
-            event.extend_from_slice(&full);
-            if matches!(&full[..], b"\n" | b"\r\n") {
-                let complete = std::mem::take(event);
-                let mut usage_only = false;
-                for l in complete.split_inclusive(|b| *b == b'\n') {
-                    usage_only |= self.read_line(l);
-                }
-                if !usage_only {
-                    out.extend_from_slice(&strip_null_usage(&complete));
-                }
+    /// out as soon as its blank line arrives, unless it is the usage-only chunk. Chunks made of whole events
+    /// that need no change are forwarded as they are, without a copy.
+    fn filter_events(&mut self, chunk: Bytes) -> Bytes {
+        let State::Sse { pending } = &mut self.state else { return chunk };
+        let data = if pending.is_empty() {
+            chunk
+        } else {
+            pending.extend_from_slice(&chunk);
+            pending.split().freeze()
+        };
+        let mut rewritten: Option<BytesMut> = None;
+        let mut start = 0;
+        while let Some(end) = event_end(&data[start..]).map(|e| start + e) {
+            let event = &data[start..end];
+            let mut usage_only = false;
+            for line in event.split_inclusive(|b| *b == b'\n') {
+                usage_only |= self.read_line(line);
             }
+            let null_usage = memchr::memmem::find(event, b"\"usage\"").is_some() && !usage_only;
+            if usage_only || null_usage {
+                let out = rewritten.get_or_insert_with(|| BytesMut::from(&data[..start]));
+                if null_usage {
+                    out.extend_from_slice(&strip_null_usage(event));
+                }
+            } else if let Some(out) = &mut rewritten {
+                out.extend_from_slice(event);
+            }
+            start = end;
         }
-        if let State::Sse { line, .. } = &mut self.state {
-            line.extend_from_slice(rest);
+        if let State::Sse { pending } = &mut self.state {
+            pending.extend_from_slice(&data[start..]);
         }
-        Bytes::from(out)
+        match rewritten {
+            Some(out) => out.freeze(),
+            None => data.slice(..start),
+        }
     }
 
     /// Reads one SSE line; returns whether it is a usage-only chat chunk.
@@ -315,24 +329,45 @@ impl UsageTap {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
+}
+
+/// Where the first SSE event in `data` ends: just after its blank line (`\n\n` or `\n\r\n`).
+fn event_end(data: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(nl) = memchr::memchr(b'\n', &data[from..]).map(|i| from + i) {
+        match data.get(nl + 1..) {
+            Some([b'\n', ..]) => return Some(nl + 2),
+            Some([b'\r', b'\n', ..]) => return Some(nl + 3),
+            _ => from = nl + 1,
+        }
+    }
+    None
 }
 
 /// Removes the `"usage":null` members that `include_usage` adds to every chunk.
 fn strip_null_usage(event: &[u8]) -> Vec<u8> {
+    const PATTERNS: [&[u8]; 4] = [b",\"usage\":null", b", \"usage\": null", b"\"usage\":null,", b"\"usage\": null, "];
     let mut out = Vec::with_capacity(event.len());
     let mut rest = event;
-    const PATTERNS: [&[u8]; 4] = [b",\"usage\":null", b", \"usage\": null", b"\"usage\":null,", b"\"usage\": null, "];
-    'outer: while !rest.is_empty() {
-        for p in PATTERNS {
-            if rest.starts_with(p) {
-                rest = &rest[p.len()..];
-                continue 'outer;
+    while let Some(at) = memchr::memmem::find(rest, b"\"usage\"") {
+        let found = PATTERNS.iter().find_map(|p| {
+            // The comma may sit before the member (`,"usage":null`) or after it (`"usage":null,`).
+            let begin = at.checked_sub(p.iter().take_while(|b| **b != b'"').count())?;
+            rest[begin..].starts_with(p).then_some((begin, begin + p.len()))
+        });
+        match found {
+            Some((begin, end)) => {
+                out.extend_from_slice(&rest[..begin]);
+                rest = &rest[end..];
+            }
+            None => {
+                out.extend_from_slice(&rest[..at + 7]);
+                rest = &rest[at + 7..];
             }
         }
-        out.push(rest[0]);
-        rest = &rest[1..];
     }
+    out.extend_from_slice(rest);
     out
 }
 
@@ -508,6 +543,31 @@ mod tests {
             assert_eq!(String::from_utf8_lossy(&out), expected, "{size}");
             assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((12, 7)));
         }
+    }
+
+    #[test]
+    fn null_usage_members_are_removed_wherever_they_sit() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            (br#"{"a":1,"usage":null}"#, br#"{"a":1}"#),
+            (br#"{"usage":null,"a":1}"#, br#"{"a":1}"#),
+            (br#"{"a":1, "usage": null}"#, br#"{"a":1}"#),
+            // A lone member has no comma to take with it; it is left alone (still valid JSON).
+            (br#"{"a":{"usage":null},"usage":{"n":1}}"#, br#"{"a":{"usage":null},"usage":{"n":1}}"#),
+            (br#"{"a":"usage"}"#, br#"{"a":"usage"}"#),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(String::from_utf8_lossy(&strip_null_usage(input)), String::from_utf8_lossy(expected));
+        }
+    }
+
+    #[test]
+    fn crlf_events_are_filtered_too() {
+        let body = "data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\r\n\r\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let mut tap = UsageTap::sse(Dialect::Chat, true);
+        let out = run(&mut tap, body.as_bytes(), 3);
+        assert_eq!(String::from_utf8_lossy(&out), "data: {\"choices\":[{\"delta\":{}}]}\r\n\r\ndata: [DONE]\r\n\r\n");
+        assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((2, 3)));
+        assert!(tap.finished());
     }
 
     #[test]

@@ -173,12 +173,16 @@ where
                                     data = [data, tap.finish()].concat().into();
                                 }
                             }
-                            if !data.is_empty() {
-                                this.log.first_byte();
+                            if data.is_empty() {
+                                // Everything in this chunk was held back or hidden: nothing to send yet.
+                                if !ended {
+                                    continue;
+                                }
+                                *this.done = true;
+                                this.log.body_ended();
+                                return Poll::Ready(None);
                             }
-                            if data.is_empty() && !ended {
-                                continue;
-                            }
+                            this.log.first_byte();
                             Frame::data(data)
                         }
                         Err(trailers) => trailers,

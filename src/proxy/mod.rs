@@ -112,6 +112,11 @@ impl Gateway {
             &self.credential,
             log.request_id(),
         );
+        if self.meter.taps && Dialect::of(endpoint).is_some() {
+            // Usage is read from the bytes as they pass, so they must arrive as they are. Accept-Encoding is a
+            // preference, and the caller still gets a valid (uncompressed) response.
+            parts.headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        }
         parts.uri = upstream_uri;
         parts.version = Version::HTTP_11;
 
@@ -198,7 +203,8 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, req: Request) -> Respon
                 .headers
                 .get(http::header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-            if gateway.meter.taps && parts.status.is_success() {
+            let encoded = parts.headers.get(http::header::CONTENT_ENCODING).is_some_and(|v| v != "identity");
+            if gateway.meter.taps && parts.status.is_success() && !encoded {
                 log.tap = Dialect::of(endpoint).map(|dialect| {
                     if log.stream { UsageTap::sse(dialect, usage_injected) } else { UsageTap::json(dialect) }
                 });
