@@ -40,6 +40,23 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Every endpoint, in [`Self::index`] order.
+    pub const ALL: [Self; 8] = [
+        Self::ChatCompletions,
+        Self::ResponsesCreate,
+        Self::ResponsesGet,
+        Self::ResponsesDelete,
+        Self::ResponsesCancel,
+        Self::ModelsList,
+        Self::ModelsGet,
+        Self::Messages,
+    ];
+
+    /// Position in [`Self::ALL`], for tables indexed by endpoint.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Stable name for logs and metrics.
     pub fn name(self) -> &'static str {
         match self {

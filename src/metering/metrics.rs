@@ -1,9 +1,18 @@
 //! Prometheus metrics, served as OpenMetrics text on the admin listener's `/metrics`. Built on
 //! `prometheus-client`, the Prometheus project's own Rust client: typed label sets and no global registry.
+//!
+//! A metric family finds a series by hashing its labels under a lock, so the hot path does that once per
+//! request at most (the request counter, whose status label varies). Latency histograms are looked up once
+//! per project and endpoint and kept in a table; token and cost counters once per project and model, kept in
+//! a copy-on-write map that requests read without a lock.
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use arc_swap::ArcSwap;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -11,32 +20,43 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::usage::Usage;
-use crate::config::Config;
+use crate::config::{Config, ProjectIdx};
+use crate::endpoint::Endpoint;
+
+/// A shared label value: cloning it for a series costs a reference count, not an allocation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Label(Arc<str>);
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    project: String,
+    project: Label,
     route: &'static str,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LatencyLabels {
-    project: String,
+    project: Label,
     route: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
-    project: String,
-    model: String,
+    project: Label,
+    model: Label,
     kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabels {
-    project: String,
-    model: String,
+    project: Label,
+    model: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +65,25 @@ struct OutcomeLabels {
 }
 
 type HistogramFamily = Family<LatencyLabels, Histogram, fn() -> Histogram>;
+type CostCounter = Counter<f64, AtomicU64>;
+
+/// One project and endpoint's latency series.
+#[derive(Debug)]
+struct Latency {
+    duration: Histogram,
+    ttfb: Histogram,
+}
+
+/// One project and model's token and cost series.
+#[derive(Debug)]
+struct ModelSeries {
+    input: Counter,
+    output: Counter,
+    cached_input: Counter,
+    reasoning: Counter,
+    /// Cost for priced models; the unpriced-requests counter for the others.
+    cost: Result<CostCounter, Counter>,
+}
 
 /// Every metric the gateway exports.
 #[derive(Debug)]
@@ -54,10 +93,16 @@ pub struct Metrics {
     duration: HistogramFamily,
     ttfb: HistogramFamily,
     tokens: Family<TokenLabels, Counter>,
-    cost: Family<ModelLabels, Counter<f64, AtomicU64>>,
+    cost: Family<ModelLabels, CostCounter>,
     unpriced: Family<ModelLabels, Counter>,
     unattributed: Family<OutcomeLabels, Counter>,
     ledger_dropped: Counter,
+    /// Project label values by project index; the last entry (empty) is for requests with no project.
+    projects: Vec<Label>,
+    /// Latency series by project (as `projects`) and endpoint, made on first use.
+    latency: Vec<[OnceLock<Latency>; Endpoint::ALL.len()]>,
+    /// Token series by project (as `projects`) and model.
+    models: Vec<ArcSwap<HashMap<Arc<str>, Arc<ModelSeries>>>>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -68,10 +113,10 @@ fn latency_histogram() -> Histogram {
 /// A finished request, as the metrics see it.
 #[derive(Debug)]
 pub struct Observation<'a> {
-    /// Project name, or empty when none was resolved.
-    pub project: &'a str,
-    /// Endpoint name.
-    pub route: &'static str,
+    /// The resolved project, if any.
+    pub project: Option<ProjectIdx>,
+    /// The endpoint.
+    pub endpoint: Endpoint,
     /// Response status.
     pub status: u16,
     /// Whole request, in seconds.
@@ -106,7 +151,7 @@ impl Metrics {
             "Tokens by project, model and kind (input, output, cached_input, reasoning)",
             tokens.clone(),
         );
-        let cost = Family::<ModelLabels, Counter<f64, AtomicU64>>::default();
+        let cost = Family::<ModelLabels, CostCounter>::default();
         registry.register("cost_usd", "Cost in USD at configured prices", cost.clone());
         let unpriced = Family::<ModelLabels, Counter>::default();
         registry.register("unpriced_requests", "Metered requests for models with no price", unpriced.clone());
@@ -129,42 +174,93 @@ impl Metrics {
             }
             info.get_or_create(&labels).set(1);
         }
-        Self { registry, requests, duration, ttfb, tokens, cost, unpriced, unattributed, ledger_dropped }
+
+        let projects: Vec<Label> =
+            config.projects.iter().map(|p| Label(p.name.as_str().into())).chain([Label("".into())]).collect();
+        let latency = projects.iter().map(|_| std::array::from_fn(|_| OnceLock::new())).collect();
+        let models = projects.iter().map(|_| ArcSwap::from_pointee(HashMap::new())).collect();
+        Self {
+            registry,
+            requests,
+            duration,
+            ttfb,
+            tokens,
+            cost,
+            unpriced,
+            unattributed,
+            ledger_dropped,
+            projects,
+            latency,
+            models,
+        }
     }
 
     /// Records a finished request.
     pub fn observe(&self, o: &Observation<'_>) {
-        let project = o.project.to_owned();
-        self.requests
-            .get_or_create(&RequestLabels { project: project.clone(), route: o.route, status: o.status })
-            .inc();
-        let latency = LatencyLabels { project: project.clone(), route: o.route };
-        self.duration.get_or_create(&latency).observe(o.duration);
+        let p = o.project.map_or(self.projects.len() - 1, |p| p.0);
+        let project = &self.projects[p];
+        let route = o.endpoint.name();
+        self.requests.get_or_create(&RequestLabels { project: project.clone(), route, status: o.status }).inc();
+        let latency = self.latency[p][o.endpoint.index()].get_or_init(|| {
+            let labels = LatencyLabels { project: project.clone(), route };
+            Latency {
+                duration: self.duration.get_or_create(&labels).clone(),
+                ttfb: self.ttfb.get_or_create(&labels).clone(),
+            }
+        });
+        latency.duration.observe(o.duration);
         if let Some(ttfb) = o.ttfb {
-            self.ttfb.get_or_create(&latency).observe(ttfb);
+            latency.ttfb.observe(ttfb);
         }
         if let Some(usage) = o.usage {
-            let model = o.model.unwrap_or("unknown").to_owned();
-            for (kind, n) in [
-                ("input", usage.input),
-                ("output", usage.output),
-                ("cached_input", usage.cached_input),
-                ("reasoning", usage.reasoning),
-            ] {
-                self.tokens
-                    .get_or_create(&TokenLabels { project: project.clone(), model: model.clone(), kind })
-                    .inc_by(n);
-            }
-            let labels = ModelLabels { project, model };
-            match o.cost {
-                Some(cost) => {
-                    self.cost.get_or_create(&labels).inc_by(cost);
+            let series = self.model_series(p, o.model.unwrap_or("unknown"), o.cost.is_some());
+            series.input.inc_by(usage.input);
+            series.output.inc_by(usage.output);
+            series.cached_input.inc_by(usage.cached_input);
+            series.reasoning.inc_by(usage.reasoning);
+            match (&series.cost, o.cost) {
+                (Ok(counter), Some(cost)) => {
+                    counter.inc_by(cost);
                 }
-                None => {
-                    self.unpriced.get_or_create(&labels).inc();
+                (Err(unpriced), _) => {
+                    unpriced.inc();
                 }
+                (Ok(_), None) => {}
             }
         }
+    }
+
+    fn model_series(&self, p: usize, model: &str, priced: bool) -> Arc<ModelSeries> {
+        if let Some(series) = self.models[p].load().get(model) {
+            return series.clone();
+        }
+        // First request for this model in this project: make its series and publish a new map. Racing
+        // requests may both get here; the family hands both the same series, so nothing is counted twice.
+        let model: Arc<str> = model.into();
+        let project = self.projects[p].clone();
+        let token = |kind| {
+            self.tokens
+                .get_or_create(&TokenLabels { project: project.clone(), model: Label(model.clone()), kind })
+                .clone()
+        };
+        let labels = ModelLabels { project: project.clone(), model: Label(model.clone()) };
+        let series = Arc::new(ModelSeries {
+            input: token("input"),
+            output: token("output"),
+            cached_input: token("cached_input"),
+            reasoning: token("reasoning"),
+            cost: if priced {
+                Ok(self.cost.get_or_create(&labels).clone())
+            } else {
+                Err(self.unpriced.get_or_create(&labels).clone())
+            },
+        });
+        self.models[p].rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.entry(model.clone()).or_insert_with(|| series.clone());
+            map
+        });
+        series
     }
 
     /// Counts an unattributed request by outcome (`rejected` or `rerouted`).

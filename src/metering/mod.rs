@@ -48,8 +48,8 @@ pub struct Finished<'a> {
     pub key: Option<KeyIdx>,
     /// The resolved project.
     pub project: Option<ProjectIdx>,
-    /// Endpoint name.
-    pub route: &'static str,
+    /// The endpoint.
+    pub endpoint: crate::endpoint::Endpoint,
     /// Model (from the request, else the response).
     pub model: Option<&'a str>,
     /// Whether the response was a stream.
@@ -58,6 +58,8 @@ pub struct Finished<'a> {
     pub status: u16,
     /// Tokens seen.
     pub usage: Option<Usage>,
+    /// Their cost, if the model has a price ([`Meter::cost`]).
+    pub cost: Option<f64>,
     /// Whole request.
     pub duration: Duration,
     /// To first response byte.
@@ -147,11 +149,10 @@ impl Meter {
 
     /// Records a finished request in the metrics and, if it was forwarded, the ledger.
     pub fn record(&self, f: &Finished<'_>) {
-        let cost = f.usage.as_ref().and_then(|u| self.cost(f.model, u));
-        let project = f.project.map(|p| &self.projects[p.0]);
+        let cost = f.cost;
         self.metrics.observe(&Observation {
-            project: project.map_or("", |p| p.name.as_str()),
-            route: f.route,
+            project: f.project,
+            endpoint: f.endpoint,
             status: f.status,
             duration: f.duration.as_secs_f64(),
             ttfb: f.ttfb.map(|d| d.as_secs_f64()),
@@ -159,7 +160,8 @@ impl Meter {
             usage: f.usage,
             cost,
         });
-        let (Some(ledger), Some(project), true) = (&self.ledger, project, f.forwarded) else { return };
+        let (Some(ledger), Some(project), true) = (&self.ledger, f.project, f.forwarded) else { return };
+        let project = &self.projects[project.0];
         let usage = f.usage.unwrap_or_default();
         let line = LedgerLine {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -168,7 +170,7 @@ impl Meter {
             project: &project.name,
             project_id: &project.id,
             tags: &project.tags,
-            route: f.route,
+            route: f.endpoint.name(),
             model: f.model,
             stream: f.stream,
             status: f.status,

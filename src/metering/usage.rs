@@ -301,7 +301,23 @@ impl UsageTap {
         }
     }
 
+    /// Reads usage and model from a whole JSON body. Usage is the body's last `"usage"` member and model its
+    /// first `"model"` member in every dialect, so only those two values are parsed; should that ever not
+    /// hold, the whole body is parsed instead.
     fn read_json_body(&mut self, body: &[u8]) {
+        let usage = match self.dialect {
+            Dialect::Chat => member::<ChatUsage>(body, b"\"usage\"", Find::Last).map(Usage::from),
+            Dialect::Responses => member::<ResponsesUsage>(body, b"\"usage\"", Find::Last).map(Usage::from),
+            Dialect::Messages => member::<MessagesUsage>(body, b"\"usage\"", Find::Last).map(|u| {
+                self.anthropic.apply(Some(u));
+                self.anthropic.usage()
+            }),
+        };
+        if usage.is_some() {
+            self.usage = usage;
+            self.model = member::<String>(body, b"\"model\"", Find::First);
+            return;
+        }
         match self.dialect {
             Dialect::Chat => {
                 if let Ok(b) = serde_json::from_slice::<ChatBody>(body) {
@@ -326,6 +342,26 @@ impl UsageTap {
             }
         }
     }
+}
+
+#[derive(Clone, Copy)]
+enum Find {
+    First,
+    Last,
+}
+
+/// The value of the first or last `key` member of a JSON text, parsed alone. A key can only match where its
+/// quotes are real quotes: inside a string value a quote is always escaped.
+fn member<'a, T: Deserialize<'a>>(body: &'a [u8], key: &[u8], find: Find) -> Option<T> {
+    let at = match find {
+        Find::First => memchr::memmem::find(body, key),
+        Find::Last => memchr::memmem::rfind(body, key),
+    }?;
+    if at > 0 && body[at - 1] == b'\\' {
+        return None;
+    }
+    let value = body[at + key.len()..].trim_ascii_start().strip_prefix(b":")?;
+    T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -643,6 +679,14 @@ mod tests {
         }
         let mut tap = UsageTap::json(Dialect::Chat);
         run(&mut tap, b"{\"truncated", 4);
+        assert_eq!(tap.usage(), None);
+        // Member order is not fixed by JSON: usage first, model last, still read.
+        let mut tap = UsageTap::json(Dialect::Chat);
+        run(&mut tap, br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[{"message":{"content":"\"usage\": {}"}}],"model":"m"}"#, 5);
+        assert_eq!((tap.usage().map(|u| (u.input, u.output)), tap.model()), (Some((1, 2)), Some("m")));
+        // A null usage is no usage.
+        let mut tap = UsageTap::json(Dialect::Chat);
+        run(&mut tap, br#"{"model":"m","usage":null}"#, 64);
         assert_eq!(tap.usage(), None);
     }
 }

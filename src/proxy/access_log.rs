@@ -22,8 +22,8 @@ pub struct AccessLog {
     request_id: HeaderValue,
     method: Method,
     path: String,
-    /// The endpoint name, once the route is known.
-    pub endpoint: Option<&'static str>,
+    /// The endpoint, once the route is known.
+    pub endpoint: Option<crate::endpoint::Endpoint>,
     /// The caller's key.
     pub key: Option<KeyIdx>,
     /// The resolved project and how it was chosen.
@@ -105,6 +105,7 @@ impl Drop for AccessLog {
         let duration = self.started.elapsed();
         let usage = self.tap.as_ref().and_then(UsageTap::usage);
         let model = self.model.as_deref().or_else(|| self.tap.as_ref().and_then(UsageTap::model));
+        let cost = usage.and_then(|u| self.meter.cost(model, &u));
         // A stream is complete only if it reached its protocol's end, not merely the end of the connection.
         let complete = self.body_ended && self.tap.as_ref().is_none_or(UsageTap::finished);
         let incomplete_reason = match (&self.stream_error, self.body_ended, complete) {
@@ -115,16 +116,17 @@ impl Drop for AccessLog {
         };
         let status = self.status.map_or(499, |s| s.as_u16());
         let meter = &self.meter;
-        if let Some(route) = self.endpoint {
+        if let Some(endpoint) = self.endpoint {
             meter.record(&Finished {
                 request_id: self.request_id.to_str().unwrap_or("-"),
                 key: self.key,
                 project: self.project.map(|(p, _)| p),
-                route,
+                endpoint,
                 model,
                 stream: self.stream,
                 status,
                 usage,
+                cost,
                 duration,
                 ttfb: self.ttfb,
                 complete,
@@ -136,7 +138,7 @@ impl Drop for AccessLog {
             request_id = self.request_id.to_str().unwrap_or("-"),
             method = %self.method,
             path = %self.path,
-            endpoint = self.endpoint,
+            endpoint = self.endpoint.map(crate::endpoint::Endpoint::name),
             key = self.key.map(|k| meter.key_name(k)),
             project = self.project.map(|(p, _)| meter.project_name(p)),
             project_id = self.project.map(|(p, _)| meter.project_id(p)),
@@ -149,7 +151,7 @@ impl Drop for AccessLog {
             output_tokens = usage.map(|u| u.output),
             cached_input_tokens = usage.map(|u| u.cached_input),
             reasoning_tokens = usage.map(|u| u.reasoning),
-            cost_usd = usage.and_then(|u| meter.cost(model, &u)),
+            cost_usd = cost,
             duration_ms = millis(duration),
             ttfb_ms = self.ttfb.map(millis),
             complete,

@@ -57,21 +57,25 @@ pub struct Facts {
     pub include_usage: bool,
 }
 
-/// Reads a JSON request body (at most `limit` bytes) and returns it unchanged, with its [`Facts`].
-pub async fn read_json(body: Body, limit: u64) -> Result<(Bytes, Facts), GatewayError> {
+/// Reads a request body whole, refusing more than `limit` bytes.
+pub async fn read(body: Body, limit: u64) -> Result<Bytes, GatewayError> {
     let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    let bytes = match limited.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => return Err(GatewayError::RequestTooLarge(limit)),
-        Err(_) => return Err(GatewayError::InvalidRequest("the request body could not be read".into())),
-    };
-    let facts = facts_of(&bytes)?;
-    Ok((bytes, facts))
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(GatewayError::RequestTooLarge(limit)),
+        Err(_) => Err(GatewayError::InvalidRequest("the request body could not be read".into())),
+    }
+}
+
+/// Whether a JSON body can ask for a stream at all: without the bytes `"stream"` it cannot (short of
+/// escaping the key, which only costs its sender the usage chunk), and need not be parsed to find out.
+pub fn may_stream(bytes: &[u8]) -> bool {
+    memchr::memmem::find(bytes, b"\"stream\"").is_some()
 }
 
 /// The [`Facts`] of a JSON object body. Only those fields are materialised; a body that is not one JSON
 /// object, or that names a field twice (which a parser upstream might read the other way), is refused.
-fn facts_of(bytes: &[u8]) -> Result<Facts, GatewayError> {
+pub fn facts_of(bytes: &[u8]) -> Result<Facts, GatewayError> {
     #[derive(serde::Deserialize)]
     struct Raw {
         model: Option<String>,
@@ -274,9 +278,16 @@ mod tests {
     #[tokio::test]
     async fn reading_respects_the_cap() {
         let body = Body::from(r#"{"model":"m"}"#);
-        assert_eq!(read_json(body, 13).await.map(|(_, f)| f.model), Ok(Some("m".into())));
+        assert_eq!(read(body, 13).await.map(|b| b.len()), Ok(13));
         let body = Body::from(r#"{"model":"m"}"#);
-        assert_eq!(read_json(body, 12).await.map(|(_, f)| f.model), Err(GatewayError::RequestTooLarge(12)));
+        assert_eq!(read(body, 12).await, Err(GatewayError::RequestTooLarge(12)));
+    }
+
+    #[test]
+    fn stream_screen() {
+        assert!(may_stream(br#"{"model":"m","stream":true}"#));
+        assert!(may_stream(br#"{"model":"m", "stream" : false}"#));
+        assert!(!may_stream(br#"{"model":"m","messages":[{"content":"streaming"}]}"#));
     }
 
     #[test]

@@ -130,9 +130,36 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         .cloned()
         .unwrap_or_else(|| {
             let mut buf = uuid::Uuid::encode_buffer();
-            HeaderValue::from_str(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf))
+            HeaderValue::from_str(new_request_id().hyphenated().encode_lower(&mut buf))
                 .unwrap_or(HeaderValue::from_static("unknown"))
         })
+}
+
+/// A version-4-shaped UUID that costs no system call: a per-process random seed and a counter, mixed by
+/// splitmix64 (a bijection, so ids never repeat within a process). Request ids must be unique, not secret.
+fn new_request_id() -> uuid::Uuid {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let seed = *SEED.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        // Without OS randomness, the clock still separates one process's ids from another's.
+        if getrandom::fill(&mut bytes).is_err() {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            bytes = (now.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
+        }
+        u64::from_le_bytes(bytes)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let high = mix(seed ^ n);
+    let low = mix(high ^ seed.rotate_left(32));
+    uuid::Builder::from_random_bytes((u128::from(high) << 64 | u128::from(low)).to_be_bytes()).into_uuid()
 }
 
 #[cfg(test)]
@@ -240,6 +267,9 @@ mod tests {
         let made = request_id(&h);
         assert_eq!(made.len(), 36);
         assert_ne!(made, request_id(&HeaderMap::new()));
+        let ids: std::collections::HashSet<_> = (0..10_000).map(|_| new_request_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(ids.iter().all(|id| id.get_version_num() == 4));
         assert!(format!("{:?}", credential()).contains("redacted"));
     }
 }

@@ -88,7 +88,7 @@ impl Gateway {
         // Request filter: which endpoint, who is calling, which project.
         let matched = self.routes.classify(&parts.method, parts.uri.path())?;
         let endpoint = matched.endpoint;
-        log.endpoint = Some(endpoint.name());
+        log.endpoint = Some(endpoint);
         let key_idx = self.keys.authenticate(&parts.headers)?;
         log.key = key_idx;
         let key = key_idx.map(|k| &self.config.keys[k.0]);
@@ -155,7 +155,9 @@ impl Gateway {
         if !check_model && !meter_stream {
             return Ok((body::streamed(body, limit), false));
         }
-        let (bytes, facts) = body::read_json(body, limit).await?;
+        let bytes = body::read(body, limit).await?;
+        let facts =
+            if check_model || body::may_stream(&bytes) { body::facts_of(&bytes)? } else { body::Facts::default() };
         if check_model {
             let model = facts
                 .model
