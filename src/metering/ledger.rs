@@ -158,6 +158,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_ledger_from_an_earlier_day_is_rotated_before_the_first_write() {
+        let dir = std::env::temp_dir().join(format!("mantlegate-ledger-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("usage.jsonl");
+        std::fs::write(&path, "{\"old\":true}\n").expect("old ledger");
+        let yesterday = SystemTime::now() - Duration::from_secs(86_400);
+        File::options().write(true).open(&path).and_then(|f| f.set_modified(yesterday)).expect("mtime");
+
+        let (ledger, writer) = Ledger::open(&path).expect("open");
+        ledger.append("{\"new\":true}".into());
+        writer.finish(Duration::from_secs(10)).await;
+        let rotated = rotated_path(&path, &utc_day(yesterday));
+        assert_eq!(std::fs::read_to_string(&rotated).expect("rotated file"), "{\"old\":true}\n");
+        assert_eq!(std::fs::read_to_string(&path).expect("new file"), "{\"new\":true}\n");
+    }
+
+    #[tokio::test]
     async fn lines_queued_before_close_are_written() {
         let dir = std::env::temp_dir().join(format!("mantlegate-ledger-{}", std::process::id()));
         let path = dir.join("usage.jsonl");

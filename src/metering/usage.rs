@@ -7,7 +7,10 @@
 //! Anthropic Messages: `message_start` (input, cache reads) and `message_delta` (cumulative output), then
 //! `message_stop`.
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 use crate::endpoint::Endpoint;
@@ -53,6 +56,52 @@ impl Dialect {
     }
 }
 
+/// The byte strings the tap looks for, each with its searcher built once.
+struct Needles {
+    usage: Finder<'static>,
+    completed: Finder<'static>,
+    incomplete: Finder<'static>,
+    failed: Finder<'static>,
+    created: Finder<'static>,
+    message_start: Finder<'static>,
+    message_delta: Finder<'static>,
+    message_stop: Finder<'static>,
+}
+
+static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
+    usage: Finder::new(b"\"usage\""),
+    completed: Finder::new(b"response.completed"),
+    incomplete: Finder::new(b"response.incomplete"),
+    failed: Finder::new(b"response.failed"),
+    created: Finder::new(b"response.created"),
+    message_start: Finder::new(b"\"message_start\""),
+    message_delta: Finder::new(b"\"message_delta\""),
+    message_stop: Finder::new(b"\"message_stop\""),
+});
+
+/// Whether `data` has a `"usage"` member holding an object (not `null`).
+fn has_usage_object(data: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(at) = NEEDLES.usage.find(&data[from..]) {
+        from += at + 7;
+        let value = data[from..].trim_ascii_start().strip_prefix(b":").map(<[u8]>::trim_ascii_start);
+        if value.is_some_and(|v| v.starts_with(b"{")) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The lines of `data`, each with its `\n`.
+fn lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', data).map(move |nl| {
+        let line = &data[start..=nl];
+        start = nl + 1;
+        line
+    })
+}
+
 /// Largest non-streamed JSON body kept for parsing; a bigger one is forwarded but not metered.
 const MAX_JSON_BODY: usize = 8 * 1024 * 1024;
 /// Longest SSE line kept while waiting for its end (a line longer than this carries no usage we can read).
@@ -70,6 +119,8 @@ pub struct UsageTap {
     /// The gateway asked for usage on the client's behalf: hide the usage-only chunk (and the `usage: null`
     /// fields that asking adds) from the client.
     strip_usage: bool,
+    /// Whether the model still has to be read from the response (it is known when the request was read).
+    need_model: bool,
     anthropic: AnthropicCounters,
 }
 
@@ -104,8 +155,15 @@ impl UsageTap {
             model: None,
             finished: false,
             strip_usage,
+            need_model: true,
             anthropic: AnthropicCounters::default(),
         }
+    }
+
+    /// The request named the model already: do not parse a stream's first event just to learn it.
+    pub fn model_known(mut self) -> Self {
+        self.need_model = false;
+        self
     }
 
     /// Whether the tap changes what is forwarded (so the body's length is no longer upstream's).
@@ -213,10 +271,10 @@ impl UsageTap {
         while let Some(end) = event_end(&data[start..]).map(|e| start + e) {
             let event = &data[start..end];
             let mut usage_only = false;
-            for line in event.split_inclusive(|b| *b == b'\n') {
+            for line in lines(event) {
                 usage_only |= self.read_line(line);
             }
-            let null_usage = memchr::memmem::find(event, b"\"usage\"").is_some() && !usage_only;
+            let null_usage = !usage_only && NEEDLES.usage.find(event).is_some();
             if usage_only || null_usage {
                 let out = rewritten.get_or_insert_with(|| BytesMut::from(&data[..start]));
                 if null_usage {
@@ -248,7 +306,7 @@ impl UsageTap {
                     self.finished = true;
                     return false;
                 }
-                if self.model.is_none() || contains(data, b"\"usage\":{") || contains(data, b"\"usage\": {") {
+                if (self.need_model && self.model.is_none()) || has_usage_object(data) {
                     if let Ok(chunk) = serde_json::from_slice::<ChatBody>(data) {
                         self.model = self.model.take().or(chunk.model);
                         if let Some(u) = chunk.usage {
@@ -260,10 +318,8 @@ impl UsageTap {
                 false
             }
             Dialect::Responses => {
-                if [&b"response.completed"[..], b"response.incomplete", b"response.failed"]
-                    .iter()
-                    .any(|t| contains(data, t))
-                {
+                let n = &*NEEDLES;
+                if [&n.completed, &n.incomplete, &n.failed].iter().any(|f| f.find(data).is_some()) {
                     if let Ok(event) = serde_json::from_slice::<ResponsesEvent>(data) {
                         if matches!(
                             event.kind.as_str(),
@@ -276,7 +332,7 @@ impl UsageTap {
                             }
                         }
                     }
-                } else if self.model.is_none() && contains(data, b"response.created") {
+                } else if self.model.is_none() && NEEDLES.created.find(data).is_some() {
                     if let Ok(ResponsesEvent { response: Some(r), .. }) = serde_json::from_slice(data) {
                         self.model = r.model;
                     }
@@ -284,7 +340,7 @@ impl UsageTap {
                 false
             }
             Dialect::Messages => {
-                if contains(data, b"\"message_start\"") || contains(data, b"\"message_delta\"") {
+                if NEEDLES.message_start.find(data).is_some() || NEEDLES.message_delta.find(data).is_some() {
                     if let Ok(event) = serde_json::from_slice::<MessagesEvent>(data) {
                         if let Some(m) = event.message {
                             self.model = m.model.or(self.model.take());
@@ -293,7 +349,7 @@ impl UsageTap {
                         self.anthropic.apply(event.usage);
                         self.usage = Some(self.anthropic.usage());
                     }
-                } else if contains(data, b"\"message_stop\"") {
+                } else if NEEDLES.message_stop.find(data).is_some() {
                     self.finished = true;
                 }
                 false
@@ -362,10 +418,6 @@ fn member<'a, T: Deserialize<'a>>(body: &'a [u8], key: &[u8], find: Find) -> Opt
     }
     let value = body[at + key.len()..].trim_ascii_start().strip_prefix(b":")?;
     T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// Where the first SSE event in `data` ends: just after its blank line (`\n\n` or `\n\r\n`).

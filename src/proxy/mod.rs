@@ -208,7 +208,8 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, req: Request) -> Respon
             let encoded = parts.headers.get(http::header::CONTENT_ENCODING).is_some_and(|v| v != "identity");
             if gateway.meter.taps && parts.status.is_success() && !encoded {
                 log.tap = Dialect::of(endpoint).map(|dialect| {
-                    if log.stream { UsageTap::sse(dialect, usage_injected) } else { UsageTap::json(dialect) }
+                    let tap = if log.stream { UsageTap::sse(dialect, usage_injected) } else { UsageTap::json(dialect) };
+                    if log.model.is_some() { tap.model_known() } else { tap }
                 });
                 if log.tap.as_ref().is_some_and(UsageTap::rewrites) {
                     parts.headers.remove(http::header::CONTENT_LENGTH);
