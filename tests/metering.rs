@@ -380,5 +380,42 @@ async fn an_encoded_response_passes_through_unmetered() {
     let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[]}"#;
     let res = gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
     assert_eq!(res.headers()["content-encoding"], "gzip");
+    // Untapped: the length upstream declared still holds (a rewriting tap would have dropped it).
+    assert_eq!(res.headers()["content-length"], gzipped.len().to_string().as_str());
     assert_eq!(res.bytes().await.unwrap(), gzipped, "bytes the tap cannot read are not touched");
+}
+
+#[tokio::test]
+async fn a_stream_held_open_after_its_end_marker_is_ended() {
+    let dir = std::env::temp_dir().join(format!("mantlegate-metering-open-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ledger_path = dir.join("usage.jsonl");
+    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mock = Mock::start(move |_| {
+        let (script, res) = scripted_sse();
+        script_tx.send(script).unwrap();
+        async move { res }
+    })
+    .await;
+    let extra = format!("\n[metering]\nledger_path = \"{}\"\n", ledger_path.display());
+    let mut gw = Gw::start(mock, Opts { extra, ..Opts::default() }).await;
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    for event in [
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n".to_owned(),
+        format!("data: {{\"choices\":[],\"usage\":{CHAT_USAGE}}}\n\n"),
+        "data: [DONE]\n\n".to_owned(),
+    ] {
+        script.tx.send(Bytes::from(event)).await.unwrap();
+    }
+    // Upstream keeps the stream open (script.tx is still alive); the client still gets a clean end.
+    let text = tokio::time::timeout(WAIT, res.text()).await.expect("stream never ended").unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    tokio::time::timeout(WAIT, script.dropped).await.expect("upstream still attached").unwrap();
+    gw.running.take().unwrap().stop().await;
+    let line: Value =
+        serde_json::from_str(std::fs::read_to_string(&ledger_path).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!((line["complete"].as_bool(), line["output_tokens"].as_u64()), (Some(true), Some(500)));
+    drop(script.tx);
 }

@@ -119,6 +119,8 @@ pub struct UsageTap {
     /// The gateway asked for usage on the client's behalf: hide the usage-only chunk (and the `usage: null`
     /// fields that asking adds) from the client.
     strip_usage: bool,
+    /// Whether everything forwarded so far ends on an event boundary (a blank line).
+    boundary: bool,
     /// Whether the model still has to be read from the response (it is known when the request was read).
     need_model: bool,
     anthropic: AnthropicCounters,
@@ -156,6 +158,7 @@ impl UsageTap {
             finished: false,
             strip_usage,
             need_model: true,
+            boundary: true,
             anthropic: AnthropicCounters::default(),
         }
     }
@@ -179,6 +182,12 @@ impl UsageTap {
     /// The model the response names.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
+    }
+
+    /// A stream whose end marker has passed and whose last event is complete: the client is owed nothing
+    /// more, even if upstream keeps the connection open.
+    pub fn stream_over(&self) -> bool {
+        self.finished && self.boundary && matches!(&self.state, State::Sse { pending } if pending.is_empty())
     }
 
     /// Whether the protocol's own end marker was seen (always true for JSON once [`Self::finish`] ran).
@@ -239,10 +248,12 @@ impl UsageTap {
             rest = tail;
             let State::Sse { pending } = &mut self.state else { return };
             if pending.is_empty() {
+                self.boundary = matches!(head, b"\n" | b"\r\n");
                 self.read_line(head);
             } else {
                 pending.extend_from_slice(head);
                 let line = pending.split();
+                self.boundary = matches!(&line[..], b"\n" | b"\r\n");
                 self.read_line(&line);
             }
         }
@@ -286,8 +297,17 @@ impl UsageTap {
             start = end;
         }
         if let State::Sse { pending } = &mut self.state {
+            if pending.len() + data.len() - start > MAX_SSE_LINE {
+                // No event end in sight: forward what is held rather than hold the stream (unfiltered).
+                let out = rewritten.get_or_insert_with(|| BytesMut::from(&data[..start]));
+                out.extend_from_slice(&data[start..]);
+                let out = out.split().freeze();
+                self.boundary = false;
+                return out;
+            }
             pending.extend_from_slice(&data[start..]);
         }
+        self.boundary = true;
         match rewritten {
             Some(out) => out.freeze(),
             None => data.slice(..start),

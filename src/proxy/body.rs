@@ -86,6 +86,10 @@ pub fn facts_of(bytes: &[u8]) -> Result<Facts, GatewayError> {
     struct StreamOptions {
         include_usage: Option<bool>,
     }
+    // serde reads a struct from an array too (`["m",true,null]`); a request body must be an object.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(GatewayError::InvalidRequest("request body must be a JSON object".into()));
+    }
     serde_json::from_slice::<Raw>(bytes)
         .map(|r| Facts {
             model: r.model,
@@ -115,7 +119,10 @@ pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
     }
     let mut value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| GatewayError::InvalidRequest(format!("request body is not valid JSON: {e}")))?;
-    let options = &mut value["stream_options"];
+    let object = value
+        .as_object_mut()
+        .ok_or_else(|| GatewayError::InvalidRequest("request body must be a JSON object".into()))?;
+    let options = object.entry("stream_options").or_insert_with(|| serde_json::json!({}));
     if !options.is_object() {
         *options = serde_json::json!({});
     }
@@ -168,11 +175,13 @@ where
                 Poll::Ready(Some(Ok(frame))) => {
                     this.idle.as_mut().reset(Instant::now() + *this.idle_timeout);
                     // A body of known length is done after its last frame; hyper will not poll again for `None`.
-                    let ended = this.inner.is_end_stream();
+                    let mut ended = this.inner.is_end_stream();
                     let frame = match frame.into_data() {
                         Ok(mut data) => {
                             if let Some(tap) = &mut this.log.tap {
                                 data = tap.on_chunk(data);
+                                // Past the protocol's end marker, a stream upstream holds open is over.
+                                ended |= tap.stream_over();
                                 if ended {
                                     data = [data, tap.finish()].concat().into();
                                 }
@@ -243,7 +252,15 @@ mod tests {
     fn model_is_read_strictly() {
         assert_eq!(model_of(br#"{"model":"m","messages":[{"model":"x"}]}"#), Ok(Some("m".into())));
         assert_eq!(model_of(br#"{"messages":[]}"#), Ok(None));
-        for bad in [&br#"{"model":"a","model":"b"}"#[..], b"[]", b"{", b"", br#"{"model":1}"#, b"{} {}"] {
+        for bad in [
+            &br#"{"model":"a","model":"b"}"#[..],
+            b"[]",
+            br#"["openai.gpt-oss-20b",true,null]"#,
+            b"{",
+            b"",
+            br#"{"model":1}"#,
+            b"{} {}",
+        ] {
             assert!(
                 matches!(model_of(bad), Err(GatewayError::InvalidRequest(_))),
                 "{:?}",
@@ -273,6 +290,7 @@ mod tests {
         let body = br#"{"model":"m","stream_options":null}"#;
         let v: serde_json::Value = serde_json::from_slice(&with_include_usage(body).expect("rewrite")).expect("json");
         assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true}));
+        assert!(matches!(with_include_usage(br#"["stream",true,null]"#), Err(GatewayError::InvalidRequest(_))));
     }
 
     #[tokio::test]

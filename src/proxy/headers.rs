@@ -74,6 +74,7 @@ pub fn to_upstream(
     request_id: &HeaderValue,
 ) {
     strip_hop_by_hop(headers);
+    strip_underscore_spellings(headers);
     headers.remove(header::HOST);
     headers.remove(header::EXPECT);
     headers.remove(OPENAI_ORGANIZATION);
@@ -103,6 +104,22 @@ pub fn to_upstream(
 pub fn to_caller(headers: &mut HeaderMap, request_id: &HeaderValue) {
     strip_hop_by_hop(headers);
     headers.insert(REQUEST_ID, request_id.clone());
+}
+
+/// Headers that identify the caller to AWS, spelled with `_` for `-` (`openai_project`): some servers and
+/// proxies treat the two alike, so these never pass either.
+fn strip_underscore_spellings(headers: &mut HeaderMap) {
+    const GUARDED: [&str; 5] =
+        ["openai-project", "anthropic-workspace-id", "openai-organization", "authorization", "x-api-key"];
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .filter(|name| GUARDED.iter().any(|g| name.as_str().replace('_', "-") == *g))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -186,6 +203,9 @@ mod tests {
             ("openai-beta", "assistants=v2"),
             ("anthropic-version", "2023-06-01"),
             ("x-custom", "kept"),
+            ("openai_project", "proj_evil"),
+            ("x_api_key", "caller-key"),
+            ("anthropic_workspace_id", "proj_evil"),
         ] {
             h.append(k, HeaderValue::from_static(v));
         }
@@ -216,6 +236,9 @@ mod tests {
             "transfer-encoding",
             "proxy-authorization",
             "expect",
+            "openai_project",
+            "x_api_key",
+            "anthropic_workspace_id",
         ] {
             assert!(!h.contains_key(gone), "{gone} must not reach upstream");
         }

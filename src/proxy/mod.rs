@@ -167,7 +167,8 @@ impl Gateway {
                 return Err(GatewayError::ModelNotAllowed { model: model.to_owned(), project: project.name.clone() });
             }
         }
-        log.model = facts.model;
+        // The model is caller text until upstream accepts it: keep logs, ledger and metric labels bounded.
+        log.model = facts.model.filter(|m| is_model_id(m));
         if meter_stream && facts.stream && !facts.include_usage {
             headers.remove(http::header::CONTENT_LENGTH);
             return Ok((Body::from(body::with_include_usage(&bytes)?), true));
@@ -189,6 +190,14 @@ impl Gateway {
             .build()
             .map_err(|_| GatewayError::UnknownRoute)
     }
+}
+
+/// Whether `model` looks like a model id (`openai.gpt-oss-120b`, `us.anthropic.claude-...:0`), and so may be
+/// logged and used as a metric label.
+fn is_model_id(model: &str) -> bool {
+    !model.is_empty()
+        && model.len() <= 128
+        && model.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'/'))
 }
 
 /// The traffic handler: every request on the traffic listener comes here.
