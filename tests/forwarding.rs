@@ -152,13 +152,7 @@ async fn upstream_errors_pass_through_unchanged() {
 
 #[tokio::test]
 async fn sse_events_reach_the_client_while_upstream_is_still_producing() {
-    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mock = Mock::start(move |_| {
-        let (script, res) = scripted_sse();
-        script_tx.send(script).unwrap();
-        async move { res }
-    })
-    .await;
+    let (mock, mut script_rx) = Mock::scripted().await;
     let gw = Gw::start(mock, Opts::default()).await;
     let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[]}"#;
     let res = gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
@@ -185,13 +179,7 @@ async fn sse_events_reach_the_client_while_upstream_is_still_producing() {
 
 #[tokio::test]
 async fn client_going_away_mid_stream_drops_the_upstream_request() {
-    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mock = Mock::start(move |_| {
-        let (script, res) = scripted_sse();
-        script_tx.send(script).unwrap();
-        async move { res }
-    })
-    .await;
+    let (mock, mut script_rx) = Mock::scripted().await;
     let gw = Gw::start(mock, Opts::default()).await;
     let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
     let script = script_rx.recv().await.unwrap();
@@ -286,13 +274,7 @@ async fn no_response_head_in_time_is_504() {
 
 #[tokio::test]
 async fn a_silent_stream_is_ended_after_the_idle_timeout() {
-    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mock = Mock::start(move |_| {
-        let (script, res) = scripted_sse();
-        script_tx.send(script).unwrap();
-        async move { res }
-    })
-    .await;
+    let (mock, mut script_rx) = Mock::scripted().await;
     let gw = Gw::start(mock, Opts { upstream: "idle_timeout = \"300ms\"", ..Opts::default() }).await;
     let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
     let script = script_rx.recv().await.unwrap();
@@ -308,13 +290,7 @@ async fn a_silent_stream_is_ended_after_the_idle_timeout() {
 
 #[tokio::test]
 async fn health_readiness_and_graceful_drain() {
-    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mock = Mock::start(move |_| {
-        let (script, res) = scripted_sse();
-        script_tx.send(script).unwrap();
-        async move { res }
-    })
-    .await;
+    let (mock, mut script_rx) = Mock::scripted().await;
     let mut gw = Gw::start(mock, Opts::default()).await;
     let admin = |path: &str| format!("http://{}{path}", gw.admin);
     assert_eq!(gw.client.get(admin("/healthz")).send().await.unwrap().status(), 200);

@@ -264,13 +264,7 @@ async fn a_stream_the_client_cut_is_recorded_as_incomplete() {
     let dir = std::env::temp_dir().join(format!("mantlegate-metering-cut-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let ledger_path = dir.join("usage.jsonl");
-    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mock = Mock::start(move |_| {
-        let (script, res) = scripted_sse();
-        script_tx.send(script).unwrap();
-        async move { res }
-    })
-    .await;
+    let (mock, mut script_rx) = Mock::scripted().await;
     let extra = format!("\n[metering]\nledger_path = \"{}\"\n", ledger_path.display());
     let mut gw = Gw::start(mock, Opts { extra, ..Opts::default() }).await;
     let res =
@@ -390,13 +384,7 @@ async fn a_stream_held_open_after_its_end_marker_is_ended() {
     let dir = std::env::temp_dir().join(format!("mantlegate-metering-open-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let ledger_path = dir.join("usage.jsonl");
-    let (script_tx, mut script_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mock = Mock::start(move |_| {
-        let (script, res) = scripted_sse();
-        script_tx.send(script).unwrap();
-        async move { res }
-    })
-    .await;
+    let (mock, mut script_rx) = Mock::scripted().await;
     let extra = format!("\n[metering]\nledger_path = \"{}\"\n", ledger_path.display());
     let mut gw = Gw::start(mock, Opts { extra, ..Opts::default() }).await;
     let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;

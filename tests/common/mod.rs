@@ -132,6 +132,18 @@ impl Mock {
         Arc::new(Self { addr, hits, seen: Mutex::new(seen_rx), seen_tx })
     }
 
+    /// A mock that answers every request with a [`scripted_sse`] stream, handing each script to the test.
+    pub async fn scripted() -> (Arc<Self>, mpsc::UnboundedReceiver<ScriptedBody>) {
+        let (script_tx, script_rx) = mpsc::unbounded_channel();
+        let mock = Self::start(move |_| {
+            let (script, res) = scripted_sse();
+            let _ = script_tx.send(script);
+            async move { res }
+        })
+        .await;
+        (mock, script_rx)
+    }
+
     /// How many requests reached the mock.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
