@@ -2,12 +2,12 @@
 # What metering costs in throughput: two gateways on loopback in front of one fast stub upstream, identical
 # but for `[metering] enabled`, driven by wrk in interleaved rounds so that machine noise hits both alike.
 #
-#   bench/metering.sh            full run (6 rounds x 2 arms x 2 workloads x 5 s), writes bench/metering-results.md
+#   bench/metering.sh            full run (10 rounds x 2 arms x 2 workloads x 4 s), writes bench/metering-results.md
 #   bench/metering.sh --smoke    one short round, no file written (CI keeps the script from rotting)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rounds=6 duration=5s out=bench/metering-results.md
+rounds=10 duration=4s out=bench/metering-results.md
 if [ "${1:-}" = "--smoke" ]; then rounds=1 duration=1s out=""; fi
 if ! command -v wrk >/dev/null || ! command -v bc >/dev/null; then
   apt-get update -qq && apt-get install -y -qq wrk bc >/dev/null
@@ -90,7 +90,7 @@ measure() { # arm workload
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   echo "$rps $(echo "($after - $before) * 1000000 / $(getconf CLK_TCK) / $requests" | bc -l)"
 }
-declare -A sum cpu
+declare -A sum cpu per_round
 for workload in json sse; do sum[$workload.on]=0; sum[$workload.off]=0; cpu[$workload.on]=0; cpu[$workload.off]=0; done
 rows=""
 for round in $(seq 1 "$rounds"); do
@@ -99,6 +99,7 @@ for round in $(seq 1 "$rounds"); do
     if [ $((round % 2)) = 1 ]; then order="on off"; else order="off on"; fi
     for arm in $order; do
       read -r r c < <(measure "$arm" "$workload")
+      per_round[$workload.$arm.$round]=$r
       sum[$workload.$arm]=$(echo "${sum[$workload.$arm]} + $r" | bc -l)
       cpu[$workload.$arm]=$(echo "${cpu[$workload.$arm]} + $c" | bc -l)
       rows+=$(printf '| %s | %s | %s | %s | %.1f |' "$round" "$workload" "$arm" "$r" "$c")$'\n'
@@ -106,20 +107,29 @@ for round in $(seq 1 "$rounds"); do
   done
 done
 
+# The paired cost of one round (the two arms ran back to back), and the median over rounds: one noisy
+# round moves a mean, not a median.
+median_cost() { # workload
+  for round in $(seq 1 "$rounds"); do
+    echo "(1 - ${per_round[$1.on.$round]} / ${per_round[$1.off.$round]}) * 100" | bc -l
+  done | sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'
+}
+
 report=$(
   echo "| round | workload | metering | requests/s | gateway CPU µs/request |"
   echo "|---|---|---|---|---|"
   printf %s "$rows"
   echo
-  echo "| workload | req/s off | req/s on | throughput cost | CPU µs/req off | CPU µs/req on | CPU cost |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| workload | req/s off | req/s on | throughput cost (means) | median paired cost | CPU µs/req off | CPU µs/req on | CPU cost |"
+  echo "|---|---|---|---|---|---|---|---|"
   for workload in json sse; do
     off_mean=$(echo "${sum[$workload.off]} / $rounds" | bc -l)
     on_mean=$(echo "${sum[$workload.on]} / $rounds" | bc -l)
     off_cpu=$(echo "${cpu[$workload.off]} / $rounds" | bc -l)
     on_cpu=$(echo "${cpu[$workload.on]} / $rounds" | bc -l)
-    printf '| %s | %.0f | %.0f | %.1f%% | %.1f | %.1f | %.1f%% |\n' "$workload" "$off_mean" "$on_mean" \
-      "$(echo "(1 - $on_mean / $off_mean) * 100" | bc -l)" "$off_cpu" "$on_cpu" "$(echo "($on_cpu / $off_cpu - 1) * 100" | bc -l)"
+    printf '| %s | %.0f | %.0f | %.1f%% | %.1f%% | %.1f | %.1f | %.1f%% |\n' "$workload" "$off_mean" "$on_mean" \
+      "$(echo "(1 - $on_mean / $off_mean) * 100" | bc -l)" "$(median_cost "$workload")" \
+      "$off_cpu" "$on_cpu" "$(echo "($on_cpu / $off_cpu - 1) * 100" | bc -l)"
   done
 )
 echo "$report"
