@@ -67,10 +67,10 @@ pub async fn read(body: Body, limit: u64) -> Result<Bytes, GatewayError> {
     }
 }
 
-/// Whether a JSON body can ask for a stream at all: without the bytes `"stream"` it cannot (short of
-/// escaping the key, which only costs its sender the usage chunk), and need not be parsed to find out.
+/// Whether a JSON body can ask for a stream at all: without the bytes `"stream"`, and without a `\u` escape
+/// that could spell the key another way, it cannot, and need not be parsed to find out.
 pub fn may_stream(bytes: &[u8]) -> bool {
-    memchr::memmem::find(bytes, b"\"stream\"").is_some()
+    memchr::memmem::find(bytes, b"\"stream\"").is_some() || memchr::memmem::find(bytes, b"\\u").is_some()
 }
 
 /// The [`Facts`] of a JSON object body. Only those fields are materialised; a body that is not one JSON
@@ -104,7 +104,10 @@ pub fn facts_of(bytes: &[u8]) -> Result<Facts, GatewayError> {
 /// kept; otherwise the object is rewritten.
 pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
-    let mentions = body.windows(16).any(|w| w == b"\"stream_options\"");
+    // A body that may already hold the member (or spell a key with escapes) is rewritten, never spliced:
+    // a second `stream_options` could be read either way upstream.
+    let mentions =
+        memchr::memmem::find(body, b"\"stream_options\"").is_some() || memchr::memmem::find(body, b"\\u").is_some();
     let open = body.iter().position(|b| !b.is_ascii_whitespace()).filter(|i| body[*i] == b'{');
     if let (false, Some(open)) = (mentions, open) {
         let empty = body[open + 1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
@@ -291,6 +294,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&with_include_usage(body).expect("rewrite")).expect("json");
         assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true}));
         assert!(matches!(with_include_usage(br#"["stream",true,null]"#), Err(GatewayError::InvalidRequest(_))));
+        let body = br#"{"model":"m","stream":true,"\u0073tream_options":{"include_usage":false}}"#;
+        let v: serde_json::Value = serde_json::from_slice(&with_include_usage(body).expect("rewrite")).expect("json");
+        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true}));
+        assert_eq!(v.as_object().map(|o| o.len()), Some(3), "one stream_options member, not two: {v}");
     }
 
     #[tokio::test]
@@ -306,6 +313,7 @@ mod tests {
         assert!(may_stream(br#"{"model":"m","stream":true}"#));
         assert!(may_stream(br#"{"model":"m", "stream" : false}"#));
         assert!(!may_stream(br#"{"model":"m","messages":[{"content":"streaming"}]}"#));
+        assert!(may_stream(br#"{"model":"m","\u0073tream":true}"#));
     }
 
     #[test]
