@@ -104,8 +104,12 @@ fn lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Largest non-streamed JSON body kept for parsing; a bigger one is forwarded but not metered.
 const MAX_JSON_BODY: usize = 8 * 1024 * 1024;
-/// Longest SSE line kept while waiting for its end (a line longer than this carries no usage we can read).
+/// Longest SSE line kept whole while waiting for its end; longer ones keep only their start and end.
 const MAX_SSE_LINE: usize = 1024 * 1024;
+/// Of a longer line: how much of its start is kept (enough for the event type).
+const LONG_LINE_HEAD: usize = 512;
+/// Of a longer line: how much of its end is kept (enough for the usage that ends a Responses event).
+const LONG_LINE_TAIL: usize = 64 * 1024;
 
 /// Watches one response body for usage.
 #[derive(Debug)]
@@ -121,6 +125,8 @@ pub struct UsageTap {
     strip_usage: bool,
     /// Whether everything forwarded so far ends on an event boundary (a blank line).
     boundary: bool,
+    /// The start of a line too long to keep whole, while its end is still arriving.
+    long_line_head: Option<Vec<u8>>,
     /// Whether the model still has to be read from the response (it is known when the request was read).
     need_model: bool,
     anthropic: AnthropicCounters,
@@ -159,6 +165,7 @@ impl UsageTap {
             strip_usage,
             need_model: true,
             boundary: true,
+            long_line_head: None,
             anthropic: AnthropicCounters::default(),
         }
     }
@@ -247,7 +254,12 @@ impl UsageTap {
             let (head, tail) = rest.split_at(nl + 1);
             rest = tail;
             let State::Sse { pending } = &mut self.state else { return };
-            if pending.is_empty() {
+            if let Some(line_head) = self.long_line_head.take() {
+                pending.extend_from_slice(head);
+                let line_tail = pending.split();
+                self.boundary = false;
+                self.read_long_line(&line_head, &line_tail);
+            } else if pending.is_empty() {
                 self.boundary = matches!(head, b"\n" | b"\r\n");
                 self.read_line(head);
             } else {
@@ -258,10 +270,34 @@ impl UsageTap {
             }
         }
         if let State::Sse { pending } = &mut self.state {
-            if pending.len() + rest.len() <= MAX_SSE_LINE {
-                pending.extend_from_slice(rest);
-            } else {
-                pending.clear();
+            if pending.len() + rest.len() > MAX_SSE_LINE && self.long_line_head.is_none() {
+                // Too long to keep whole: keep its start (the event type) and, from here on, its end.
+                let mut line_head = pending[..pending.len().min(LONG_LINE_HEAD)].to_vec();
+                let more = LONG_LINE_HEAD.saturating_sub(line_head.len()).min(rest.len());
+                line_head.extend_from_slice(&rest[..more]);
+                self.long_line_head = Some(line_head);
+            }
+            pending.extend_from_slice(rest);
+            if self.long_line_head.is_some() && pending.len() > LONG_LINE_TAIL {
+                let excess = pending.len() - LONG_LINE_TAIL;
+                bytes::Buf::advance(pending, excess);
+            }
+        }
+    }
+
+    /// A line too long to keep whole, seen as its start and its end. A Responses terminal event repeats the
+    /// request's instructions and tools, so it can be megabytes long; its usage sits at its end.
+    fn read_long_line(&mut self, line_head: &[u8], line_tail: &[u8]) {
+        let n = &*NEEDLES;
+        if self.dialect == Dialect::Responses
+            && [&n.completed, &n.incomplete, &n.failed].iter().any(|f| f.find(line_head).is_some())
+        {
+            self.finished = true;
+            if let Some(usage) = member::<ResponsesUsage>(line_tail, b"\"usage\"", Find::Last) {
+                self.usage = Some(usage.into());
+            }
+            if self.model.is_none() {
+                self.model = member::<String>(line_head, b"\"model\"", Find::First);
             }
         }
     }
@@ -706,6 +742,22 @@ mod tests {
             assert_eq!(tap.model(), Some("openai.gpt-5.4"));
             assert!(tap.finished());
         }
+    }
+
+    #[test]
+    fn responses_usage_survives_a_huge_terminal_event() {
+        let instructions = "x".repeat(3 * 1024 * 1024);
+        let body = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"model\":\"openai.gpt-5.4\",\
+             \"instructions\":\"{instructions}\",\"usage\":{{\"input_tokens\":900000,\"output_tokens\":12}},\"metadata\":{{}}}}}}\n\n"
+        );
+        let mut tap = UsageTap::sse(Dialect::Responses, false);
+        let out = run(&mut tap, body.as_bytes(), 16 * 1024);
+        assert_eq!(out.len(), body.len(), "forwarded untouched");
+        assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((900_000, 12)));
+        assert_eq!(tap.model(), Some("openai.gpt-5.4"));
+        assert!(tap.finished() && tap.stream_over());
+        assert!(matches!(&tap.state, State::Sse { pending } if pending.capacity() < 2 * 1024 * 1024), "bounded");
     }
 
     #[test]
