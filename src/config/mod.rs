@@ -226,11 +226,6 @@ impl Config {
         validate::validate(raw)
     }
 
-    /// Looks a project up by exact name.
-    pub fn project_by_name(&self, name: &str) -> Option<ProjectIdx> {
-        self.projects.iter().position(|p| p.name == name).map(ProjectIdx)
-    }
-
     /// The project at `idx`.
     pub fn project(&self, idx: ProjectIdx) -> &Project {
         &self.projects[idx.0]
