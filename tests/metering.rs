@@ -78,6 +78,11 @@ struct Metered {
 }
 
 async fn start(name: &str, attribution: &'static str) -> Metered {
+    start_with(name, upstream().await, attribution).await
+}
+
+/// A gateway with a ledger and a price override, in front of `mock`.
+async fn start_with(name: &str, mock: std::sync::Arc<Mock>, attribution: &'static str) -> Metered {
     let dir = std::env::temp_dir().join(format!("mantlegate-metering-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let ledger = dir.join("usage.jsonl");
@@ -85,7 +90,7 @@ async fn start(name: &str, attribution: &'static str) -> Metered {
         "\n[metering]\nledger_path = \"{}\"\n\n[[prices]]\nmodel = \"openai.gpt-oss-120b\"\ninput = 0.15\noutput = 0.60\ncached_input = 0.015\n",
         ledger.display()
     );
-    let gw = Gw::start(upstream().await, Opts { extra, attribution, ..Opts::default() }).await;
+    let gw = Gw::start(mock, Opts { extra, attribution, ..Opts::default() }).await;
     Metered { gw, ledger }
 }
 
@@ -261,12 +266,9 @@ async fn incomplete_streams_are_recorded_with_what_was_seen() {
 
 #[tokio::test]
 async fn a_stream_the_client_cut_is_recorded_as_incomplete() {
-    let dir = std::env::temp_dir().join(format!("mantlegate-metering-cut-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let ledger_path = dir.join("usage.jsonl");
     let (mock, mut script_rx) = Mock::scripted().await;
-    let extra = format!("\n[metering]\nledger_path = \"{}\"\n", ledger_path.display());
-    let mut gw = Gw::start(mock, Opts { extra, ..Opts::default() }).await;
+    let m = start_with("cut", mock, "").await;
+    let gw = &m.gw;
     let res =
         gw.post("/v1/responses", CHAT_KEY).body(r#"{"model":"openai.gpt-5.4","stream":true}"#).send().await.unwrap();
     let script = script_rx.recv().await.unwrap();
@@ -275,9 +277,8 @@ async fn a_stream_the_client_cut_is_recorded_as_incomplete() {
     stream.next().await.unwrap().unwrap();
     drop(stream);
     tokio::time::timeout(WAIT, script.dropped).await.unwrap().unwrap();
-    gw.running.take().unwrap().stop().await;
-    let line: Value =
-        serde_json::from_str(std::fs::read_to_string(&ledger_path).unwrap().lines().next().unwrap()).unwrap();
+    let ledger = m.ledger().await;
+    let line = &ledger[0];
     assert_eq!((line["complete"].as_bool(), line["model"].as_str()), (Some(false), Some("openai.gpt-5.4")));
     assert_eq!(line["input_tokens"].as_u64(), Some(0));
 }
@@ -381,12 +382,9 @@ async fn an_encoded_response_passes_through_unmetered() {
 
 #[tokio::test]
 async fn a_stream_held_open_after_its_end_marker_is_ended() {
-    let dir = std::env::temp_dir().join(format!("mantlegate-metering-open-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let ledger_path = dir.join("usage.jsonl");
     let (mock, mut script_rx) = Mock::scripted().await;
-    let extra = format!("\n[metering]\nledger_path = \"{}\"\n", ledger_path.display());
-    let mut gw = Gw::start(mock, Opts { extra, ..Opts::default() }).await;
+    let m = start_with("open", mock, "").await;
+    let gw = &m.gw;
     let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
     let res = gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
     let script = script_rx.recv().await.unwrap();
@@ -401,9 +399,8 @@ async fn a_stream_held_open_after_its_end_marker_is_ended() {
     let text = tokio::time::timeout(WAIT, res.text()).await.expect("stream never ended").unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     tokio::time::timeout(WAIT, script.dropped).await.expect("upstream still attached").unwrap();
-    gw.running.take().unwrap().stop().await;
-    let line: Value =
-        serde_json::from_str(std::fs::read_to_string(&ledger_path).unwrap().lines().next().unwrap()).unwrap();
+    let ledger = m.ledger().await;
+    let line = &ledger[0];
     assert_eq!((line["complete"].as_bool(), line["output_tokens"].as_u64()), (Some(true), Some(500)));
     drop(script.tx);
 }
