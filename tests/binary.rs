@@ -104,6 +104,8 @@ async fn serve_logs_one_json_line_per_request_and_never_a_secret() {
         .collect();
     assert_eq!(access.len(), 2, "one line per request:\n{all}");
     let ok = &access[0];
+    assert_eq!((ok["level"].as_str(), ok["message"].as_str()), (Some("INFO"), Some("request")));
+    assert!(humantime::parse_rfc3339(ok["timestamp"].as_str().unwrap()).is_ok(), "{ok}");
     assert_eq!(ok["request_id"], "rid-logged");
     assert_eq!(ok["key"], "search-service");
     assert_eq!(ok["project"], "Search");
@@ -133,6 +135,28 @@ async fn serve_reads_the_upstream_key_from_the_environment() {
         reqwest::Client::new().get(format!("http://{}/v1/models", served.addr)).bearer_auth(CHAT_KEY).send().await;
     assert_eq!(res.unwrap().status(), 200);
     assert_eq!(mock.next().await.header("authorization"), Some("Bearer key-from-env"));
+}
+
+#[tokio::test]
+async fn the_access_log_can_be_turned_off_by_target() {
+    let mock = Mock::ok_json().await;
+    let dir = temp_dir("quiet");
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, config_text(mock.addr, &Opts::default())).unwrap();
+    let mut served =
+        serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY), ("MANTLEGATE_LOG", "info,mantlegate::access=off")])
+            .await;
+    let res =
+        reqwest::Client::new().get(format!("http://{}/v1/models", served.addr)).bearer_auth(CHAT_KEY).send().await;
+    assert_eq!(res.unwrap().status(), 200);
+    sigterm(&served.child).await;
+    tokio::time::timeout(WAIT, served.child.wait()).await.expect("no exit after SIGTERM").unwrap();
+    let mut output = Vec::new();
+    while let Some(line) = served.lines.next_line().await.unwrap() {
+        output.push(line);
+    }
+    assert!(output.iter().any(|l| l.contains("traffic listener drained")), "{output:?}");
+    assert!(!output.iter().any(|l| l.contains("mantlegate::access")), "{output:?}");
 }
 
 #[tokio::test]

@@ -289,6 +289,31 @@ async fn a_silent_stream_is_ended_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn a_stream_that_keeps_talking_outlives_the_idle_timeout() {
+    // The idle timer is armed once and moved only when it fires: a stream whose events come well inside
+    // the timeout, for several timeouts in all, must not be cut; the silence after its last event must be.
+    let (mock, mut script_rx) = Mock::scripted().await;
+    let gw = Gw::start(mock, Opts { upstream: "idle_timeout = \"500ms\"", ..Opts::default() }).await;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    let mut stream = res.bytes_stream();
+    let started = std::time::Instant::now();
+    for i in 0..16 {
+        let event = format!("data: {i}\n\n");
+        script.tx.send(Bytes::from(event.clone())).await.unwrap();
+        let got = tokio::time::timeout(WAIT, stream.next()).await.expect("event never arrived");
+        assert_eq!(got.unwrap().unwrap(), event.as_bytes(), "event {i}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500), "the stream outlived three idle timeouts");
+    let silent = std::time::Instant::now();
+    let end = tokio::time::timeout(WAIT, stream.next()).await.expect("silent stream was never ended");
+    assert!(matches!(end, Some(Err(_))), "{end:?}");
+    // 100 ms of the silence had passed before the wait began.
+    assert!(silent.elapsed() >= Duration::from_millis(350), "ended {:?} into the silence", silent.elapsed());
+}
+
+#[tokio::test]
 async fn health_readiness_and_graceful_drain() {
     let (mock, mut script_rx) = Mock::scripted().await;
     let mut gw = Gw::start(mock, Opts::default()).await;

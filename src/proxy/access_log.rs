@@ -2,10 +2,12 @@
 //! when the response is finished (its body ended, failed, or was dropped because the caller went away). The
 //! record names the key by its configured name; it never holds a credential, a query string or a body byte.
 
+use std::io::Write as _;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Method, StatusCode};
+use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::attribution::Source;
@@ -133,31 +135,106 @@ impl Drop for AccessLog {
                 forwarded: self.forwarded,
             });
         }
-        tracing::info!(
-            target: "mantlegate::access",
-            request_id = self.request_id.to_str().unwrap_or("-"),
-            method = %self.method,
-            path = %self.path,
-            endpoint = self.endpoint.map(crate::endpoint::Endpoint::name),
-            key = self.key.map(|k| meter.key_name(k)),
-            project = self.project.map(|(p, _)| meter.project_name(p)),
-            project_id = self.project.map(|(p, _)| meter.project_id(p)),
-            attribution = self.project.map(|(_, s)| s.name()),
+        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+            return;
+        }
+        write_line(&Line {
+            timestamp: Timestamp(SystemTime::now()),
+            level: "INFO",
+            target: ACCESS_TARGET,
+            message: "request",
+            request_id: self.request_id.to_str().unwrap_or("-"),
+            method: self.method.as_str(),
+            path: &self.path,
+            endpoint: self.endpoint.map(crate::endpoint::Endpoint::name),
+            key: self.key.map(|k| meter.key_name(k)),
+            project: self.project.map(|(p, _)| meter.project_name(p)),
+            project_id: self.project.map(|(p, _)| meter.project_id(p)),
+            attribution: self.project.map(|(_, s)| s.name()),
             model,
-            stream = self.stream,
-            status = self.status.map(|s| s.as_u16()),
-            error = self.error,
-            input_tokens = usage.map(|u| u.input),
-            output_tokens = usage.map(|u| u.output),
-            cached_input_tokens = usage.map(|u| u.cached_input),
-            reasoning_tokens = usage.map(|u| u.reasoning),
-            cost_usd = cost,
-            duration_ms = millis(duration),
-            ttfb_ms = self.ttfb.map(millis),
+            stream: self.stream,
+            status: self.status.map(|s| s.as_u16()),
+            error: self.error,
+            input_tokens: usage.map(|u| u.input),
+            output_tokens: usage.map(|u| u.output),
+            cached_input_tokens: usage.map(|u| u.cached_input),
+            reasoning_tokens: usage.map(|u| u.reasoning),
+            cost_usd: cost,
+            duration_ms: millis(duration),
+            ttfb_ms: self.ttfb.map(millis),
             complete,
             incomplete_reason,
-            "request"
-        );
+        });
+    }
+}
+
+/// The access log's target: `MANTLEGATE_LOG=info,mantlegate::access=off` turns the lines off.
+const ACCESS_TARGET: &str = "mantlegate::access";
+
+/// One access log line, in the shape of the other JSON log lines (`timestamp`, `level`, `target`, `message`,
+/// then the fields; absent fields are left out). It is written here rather than through a `tracing` event:
+/// the JSON formatter's field visitor cost more than a third of the gateway's own CPU time per request,
+/// where serializing this struct costs a few percent.
+#[derive(Serialize)]
+struct Line<'a> {
+    timestamp: Timestamp,
+    level: &'static str,
+    target: &'static str,
+    message: &'static str,
+    request_id: &'a str,
+    method: &'a str,
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoint: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    project: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    project_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attribution: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cached_input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_usd: Option<f64>,
+    duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttfb_ms: Option<f64>,
+    complete: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    incomplete_reason: Option<&'a str>,
+}
+
+/// RFC 3339 with microseconds, as the other log lines print it.
+struct Timestamp(SystemTime);
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_micros(self.0))
+    }
+}
+
+/// Writes the line to stdout with one `write`, so it never interleaves with another log line.
+fn write_line(line: &Line<'_>) {
+    let mut buf = Vec::with_capacity(512);
+    if serde_json::to_writer(&mut buf, line).is_ok() {
+        buf.push(b'\n');
+        // Nothing useful can be done if stdout is gone; the request itself is unaffected.
+        let _ = std::io::stdout().lock().write_all(&buf);
     }
 }
 

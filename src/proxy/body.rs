@@ -140,8 +140,12 @@ pin_project_lite::pin_project! {
     pub struct Observed<B> {
         #[pin]
         inner: B,
+        // The idle timer is armed only when the body first has to wait, and then moved only when it fires:
+        // resetting a tokio timer on every frame wakes the timer driver with a system call each time.
         #[pin]
         idle: Sleep,
+        armed: bool,
+        last_frame: Instant,
         idle_timeout: Duration,
         log: AccessLog,
         done: bool,
@@ -151,7 +155,16 @@ pin_project_lite::pin_project! {
 impl<B> Observed<B> {
     /// Wraps `inner`; silence longer than `idle_timeout` ends the body with an error.
     pub fn new(inner: B, idle_timeout: Duration, log: AccessLog) -> Self {
-        Self { inner, idle: tokio::time::sleep(idle_timeout), idle_timeout, log, done: false }
+        let now = Instant::now();
+        Self {
+            inner,
+            idle: tokio::time::sleep_until(now + idle_timeout),
+            armed: false,
+            last_frame: now,
+            idle_timeout,
+            log,
+            done: false,
+        }
     }
 }
 
@@ -176,7 +189,9 @@ where
         loop {
             return match this.inner.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    this.idle.as_mut().reset(Instant::now() + *this.idle_timeout);
+                    if *this.armed {
+                        *this.last_frame = Instant::now();
+                    }
                     // A body of known length is done after its last frame; hyper will not poll again for `None`.
                     let mut ended = this.inner.is_end_stream();
                     let frame = match frame.into_data() {
@@ -221,7 +236,21 @@ where
                     Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))))
                 }
                 Poll::Pending => {
-                    ready!(this.idle.as_mut().poll(cx));
+                    if !*this.armed {
+                        // Frames that arrived without a wait need no timer: the silence starts now.
+                        *this.last_frame = Instant::now();
+                        this.idle.as_mut().reset(*this.last_frame + *this.idle_timeout);
+                        *this.armed = true;
+                    }
+                    loop {
+                        ready!(this.idle.as_mut().poll(cx));
+                        let deadline = *this.last_frame + *this.idle_timeout;
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        // Frames came after the timer was set: the silence began at the last of them.
+                        this.idle.as_mut().reset(deadline);
+                    }
                     let e = IdleTimeout(*this.idle_timeout);
                     this.log.stream_error(&e);
                     *this.done = true;
