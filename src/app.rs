@@ -1,4 +1,4 @@
-//! The traffic router. There are no layers between the listener and [`proxy::handle`]: every concern a
+//! The traffic service. There are no layers between the listener and [`proxy::handle`]: every concern a
 //! middleware would own (request id, body limit, access log, timeouts) has to see the attribution result
 //! or the upstream response body, so each lives in the proxy phase where it happens:
 //!
@@ -7,13 +7,26 @@
 //! - access log: `proxy::access_log::AccessLog`, owned by the response body, written at end of stream;
 //! - timeouts: connect in the client, response head in `Gateway::forward`, idle in `body::Observed`.
 
+//!
+//! It is served with hyper's HTTP/1 connection directly (see `server`), not through a router: every path goes
+//! to the proxy, which alone decides what is an inference route, so a router would only add per-request work
+//! and a copy of its route table per connection.
+
+use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::Router;
+use axum::response::Response;
+use http::Request;
+use hyper::body::Incoming;
 
 use crate::proxy::{self, Gateway};
 
-/// The traffic router: every path goes to the proxy, which alone decides what is an inference route.
-pub fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new().fallback(proxy::handle).with_state(gateway)
+/// The traffic service: every request goes to the proxy.
+pub fn service(
+    gateway: Arc<Gateway>,
+) -> impl hyper::service::Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send> + Clone {
+    hyper::service::service_fn(move |req| {
+        let gateway = gateway.clone();
+        async move { Ok(proxy::handle(gateway, req).await) }
+    })
 }

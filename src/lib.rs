@@ -1,7 +1,7 @@
 //! mantlegate: a reverse proxy that puts every OpenAI-compatible request to Amazon Bedrock (bedrock-mantle)
 //! into the right project, with the gateway's own credential, and streams the answer back untouched.
 //!
-//! The request's path through the crate: [`server`] accepts it, [`app`] routes it to [`proxy::handle`],
+//! The request's path through the crate: [`server`] accepts it, [`app`] hands it to [`proxy::handle`],
 //! which asks [`endpoint`] what it is, [`auth`] who sent it, [`attribution`] which project it belongs to,
 //! and forwards it; [`error`] is every answer the gateway gives itself.
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -13,6 +13,9 @@ use crate::config::{Config, UpstreamAuth};
 use crate::metering::Meter;
 use crate::proxy::{Credential, Gateway};
 use crate::shutdown::Shutdown;
+
+/// The pause after a failed accept, so that a full file table does not spin the loop.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How long the usage ledger may take to write out what is queued at shutdown.
 const LEDGER_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -66,24 +69,14 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
     let (meter, ledger) = Meter::new(&config)?;
     let meter = Arc::new(meter);
     let gateway = Arc::new(Gateway::new(config, credential, meter.clone(), shutdown.clone())?);
-    let traffic = axum::serve(
-        listener.tap_io(|tcp| {
-            // Each SSE event is its own small write: send it now, not after Nagle's delay.
-            let _ = tcp.set_nodelay(true);
-        }),
-        crate::app::router(gateway),
-    )
-    .with_graceful_shutdown({
-        let shutdown = shutdown.clone();
-        async move { shutdown.wait().await }
-    });
+    let traffic = serve_traffic(listener, gateway, shutdown.clone());
     let admin = axum::serve(admin, crate::admin::router(shutdown.clone(), meter));
 
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
             let admin = tokio::spawn(admin.into_future());
-            let mut traffic = tokio::spawn(traffic.into_future());
+            let mut traffic = tokio::spawn(traffic);
             tokio::select! {
                 result = &mut traffic => log_exit(result),
                 () = shutdown.wait() => {
@@ -108,12 +101,43 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
     Ok(Running { addr, admin_addr, shutdown, task })
 }
 
-fn log_exit(result: Result<std::io::Result<()>, tokio::task::JoinError>) {
+fn log_exit(result: Result<(), tokio::task::JoinError>) {
     match result {
-        Ok(Ok(())) => tracing::info!("traffic listener drained"),
-        Ok(Err(e)) => tracing::error!(error = %e, "traffic listener failed"),
+        Ok(()) => tracing::info!("traffic listener drained"),
         Err(e) => tracing::error!(error = %e, "traffic listener task failed"),
     }
+}
+
+/// Accepts traffic connections until shutdown, then lets every open connection finish the request it is
+/// serving (hyper's graceful shutdown closes each one after its current response) and returns when all have.
+async fn serve_traffic(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutdown) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let http = hyper::server::conn::http1::Builder::new();
+    let service = crate::app::service(gateway);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, typically: the connections already open carry on.
+                    tracing::error!(error = %e, "accepting a traffic connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = shutdown.wait() => break,
+        };
+        // Each SSE event is its own small write: send it now, not after Nagle's delay.
+        let _ = tcp.set_nodelay(true);
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "traffic connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// `mantlegate serve`: starts, then stops gracefully on SIGTERM or Ctrl-C.

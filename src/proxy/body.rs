@@ -140,11 +140,10 @@ pin_project_lite::pin_project! {
     pub struct Observed<B> {
         #[pin]
         inner: B,
-        // The idle timer is armed only when the body first has to wait, and then moved only when it fires:
-        // resetting a tokio timer on every frame wakes the timer driver with a system call each time.
-        #[pin]
-        idle: Sleep,
-        armed: bool,
+        // The idle timer is made only when the body first has to wait (most JSON bodies never do), and then
+        // moved only when it fires: resetting a tokio timer on every frame wakes the timer driver with a
+        // system call each time.
+        idle: Option<Pin<Box<Sleep>>>,
         last_frame: Instant,
         idle_timeout: Duration,
         log: AccessLog,
@@ -155,16 +154,7 @@ pin_project_lite::pin_project! {
 impl<B> Observed<B> {
     /// Wraps `inner`; silence longer than `idle_timeout` ends the body with an error.
     pub fn new(inner: B, idle_timeout: Duration, log: AccessLog) -> Self {
-        let now = Instant::now();
-        Self {
-            inner,
-            idle: tokio::time::sleep_until(now + idle_timeout),
-            armed: false,
-            last_frame: now,
-            idle_timeout,
-            log,
-            done: false,
-        }
+        Self { inner, idle: None, last_frame: Instant::now(), idle_timeout, log, done: false }
     }
 }
 
@@ -189,7 +179,7 @@ where
         loop {
             return match this.inner.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    if *this.armed {
+                    if this.idle.is_some() {
                         *this.last_frame = Instant::now();
                     }
                     // A body of known length is done after its last frame; hyper will not poll again for `None`.
@@ -236,20 +226,19 @@ where
                     Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))))
                 }
                 Poll::Pending => {
-                    if !*this.armed {
+                    let idle = this.idle.get_or_insert_with(|| {
                         // Frames that arrived without a wait need no timer: the silence starts now.
                         *this.last_frame = Instant::now();
-                        this.idle.as_mut().reset(*this.last_frame + *this.idle_timeout);
-                        *this.armed = true;
-                    }
+                        Box::pin(tokio::time::sleep_until(*this.last_frame + *this.idle_timeout))
+                    });
                     loop {
-                        ready!(this.idle.as_mut().poll(cx));
+                        ready!(idle.as_mut().poll(cx));
                         let deadline = *this.last_frame + *this.idle_timeout;
                         if Instant::now() >= deadline {
                             break;
                         }
                         // Frames came after the timer was set: the silence began at the last of them.
-                        this.idle.as_mut().reset(deadline);
+                        idle.as_mut().reset(deadline);
                     }
                     let e = IdleTimeout(*this.idle_timeout);
                     this.log.stream_error(&e);

@@ -10,7 +10,7 @@ pub mod headers;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Uri, Version};
@@ -201,7 +201,8 @@ fn is_model_id(model: &str) -> bool {
 }
 
 /// The traffic handler: every request on the traffic listener comes here.
-pub async fn handle(State(gateway): State<Arc<Gateway>>, req: Request) -> Response {
+pub async fn handle(gateway: Arc<Gateway>, req: http::Request<Incoming>) -> Response {
+    let req = req.map(Body::new);
     let request_id = headers::request_id(req.headers());
     let mut log = AccessLog::start(gateway.meter.clone(), request_id.clone(), req.method(), req.uri().path());
     match gateway.forward(req, &mut log).await {
