@@ -521,8 +521,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a few seconds per phase; nothing written to bench/")
     parser.add_argument("--out", type=Path, help="where results.md, results.json and latency.png go")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, or 1 with --smoke)")
+    parser.add_argument("--idle-streams", type=int, nargs="+", help="idle stream counts (default: 1000 10000)")
     args = parser.parse_args()
     settings = SMOKE if args.smoke else FULL
+    if args.rounds:
+        settings.rounds = args.rounds
+    if args.idle_streams:
+        settings.idle_streams = args.idle_streams
     out = args.out or (Path(tempfile.mkdtemp(prefix="mantlegate-bench-out-")) if args.smoke else ROOT / "bench")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mantlegate-bench-") as work:

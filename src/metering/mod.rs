@@ -73,7 +73,7 @@ pub struct Finished<'a> {
 /// One ledger line.
 #[derive(Serialize)]
 struct LedgerLine<'a> {
-    time: String,
+    time: &'a str,
     request_id: &'a str,
     key: Option<&'a str>,
     project: &'a str,
@@ -163,8 +163,9 @@ impl Meter {
         let (Some(ledger), Some(project), true) = (&self.ledger, f.project, f.forwarded) else { return };
         let project = &self.projects[project.0];
         let usage = f.usage.unwrap_or_default();
+        let time = crate::telemetry::Stamp::new(SystemTime::now(), 3);
         let line = LedgerLine {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            time: time.as_str(),
             request_id: f.request_id,
             key: f.key.map(|k| self.key_name(k)),
             project: &project.name,

@@ -224,7 +224,7 @@ struct Timestamp(SystemTime);
 
 impl Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&humantime::format_rfc3339_micros(self.0))
+        serializer.serialize_str(crate::telemetry::Stamp::new(self.0, 6).as_str())
     }
 }
 

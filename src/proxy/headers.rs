@@ -73,24 +73,22 @@ pub fn to_upstream(
     credential: &Credential,
     request_id: &HeaderValue,
 ) {
-    strip_hop_by_hop(headers);
-    strip_underscore_spellings(headers);
-    headers.remove(header::HOST);
-    headers.remove(header::EXPECT);
-    headers.remove(OPENAI_ORGANIZATION);
-    for name in PROJECT_HEADERS {
-        headers.remove(name);
-    }
-    match credential {
-        Credential::ApiKey { bearer, raw } => {
-            headers.insert(header::AUTHORIZATION, bearer.clone());
-            if api == Api::Anthropic {
-                headers.insert(X_API_KEY, raw.clone());
-            } else {
-                headers.remove(X_API_KEY);
-            }
+    let replace_credential = matches!(credential, Credential::ApiKey { .. });
+    retain(headers, |name| {
+        !(is_hop_by_hop(name)
+            || name == header::HOST
+            || name == header::EXPECT
+            || name == OPENAI_ORGANIZATION
+            || name == REQUEST_ID
+            || PROJECT_HEADERS.contains(&name.as_str())
+            || (replace_credential && (name == header::AUTHORIZATION || name == X_API_KEY))
+            || is_underscore_spelling(name.as_str()))
+    });
+    if let Credential::ApiKey { bearer, raw } = credential {
+        headers.insert(header::AUTHORIZATION, bearer.clone());
+        if api == Api::Anthropic {
+            headers.insert(X_API_KEY, raw.clone());
         }
-        Credential::Passthrough => {}
     }
     let project_header = match api {
         Api::OpenAi => OPENAI_PROJECT,
@@ -102,28 +100,14 @@ pub fn to_upstream(
 
 /// Turns upstream's response headers, in place, into the headers sent to the caller.
 pub fn to_caller(headers: &mut HeaderMap, request_id: &HeaderValue) {
-    strip_hop_by_hop(headers);
+    retain(headers, |name| !is_hop_by_hop(name) && name != REQUEST_ID);
     headers.insert(REQUEST_ID, request_id.clone());
 }
 
-/// Headers that identify the caller to AWS, spelled with `_` for `-` (`openai_project`): some servers and
-/// proxies treat the two alike, so these never pass either.
-fn strip_underscore_spellings(headers: &mut HeaderMap) {
-    const GUARDED: [&str; 5] =
-        ["openai-project", "anthropic-workspace-id", "openai-organization", "authorization", "x-api-key"];
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().contains('_'))
-        .filter(|name| GUARDED.iter().any(|g| name.as_str().replace('_', "-") == *g))
-        .cloned()
-        .collect();
-    for name in doomed {
-        headers.remove(name);
-    }
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too; collect them before `Connection` itself goes.
+/// Keeps the headers `keep` says yes to, and drops the hop-by-hop headers that `Connection` names. One pass
+/// over the map, where removing each unwanted name would hash and probe once per name.
+fn retain(headers: &mut HeaderMap, keep: impl Fn(&HeaderName) -> bool) {
+    // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -131,12 +115,34 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in listed {
-        headers.remove(name);
+    let all = std::mem::take(headers);
+    headers.reserve(all.len() + 4);
+    let mut current: Option<(HeaderName, bool)> = None;
+    for (name, value) in all {
+        // `None` means another value of the previous name.
+        if let Some(name) = name {
+            let kept = keep(&name) && !listed.contains(&name);
+            current = Some((name, kept));
+        }
+        if let Some((name, true)) = &current {
+            headers.append(name, value);
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// A header that identifies the caller to AWS, spelled with `_` for `-` (`openai_project`): some servers and
+/// proxies treat the two alike, so these never pass either.
+fn is_underscore_spelling(name: &str) -> bool {
+    const GUARDED: [&str; 5] =
+        ["openai-project", "anthropic-workspace-id", "openai-organization", "authorization", "x-api-key"];
+    name.contains('_')
+        && GUARDED.iter().any(|g| {
+            g.len() == name.len() && g.bytes().zip(name.bytes()).all(|(g, n)| g == n || (g == b'-' && n == b'_'))
+        })
 }
 
 /// The caller's request id if it is a sane one, else a fresh UUID.
@@ -203,6 +209,8 @@ mod tests {
             ("openai-beta", "assistants=v2"),
             ("anthropic-version", "2023-06-01"),
             ("x-custom", "kept"),
+            ("x-custom", "kept-too"),
+            ("openai-organization", "org_y"),
             ("openai_project", "proj_evil"),
             ("x_api_key", "caller-key"),
             ("anthropic_workspace_id", "proj_evil"),
@@ -246,6 +254,8 @@ mod tests {
             assert!(h.contains_key(kept), "{kept} must reach upstream");
         }
         assert_eq!(h.get_all("openai-project").iter().count(), 1);
+        let custom: Vec<_> = h.get_all("x-custom").iter().collect();
+        assert_eq!(custom, ["kept", "kept-too"], "every value of a kept header, in order");
     }
 
     #[test]
