@@ -420,10 +420,12 @@ def report(results: dict, s: dict, plot_name: str) -> str:
               "|---|---|---|---|---|---|"]
     for arm in ARMS:
         t = s["throughput"][arm]
+        # The mock's memory says nothing about a proxy (and holds what the idle-stream phase left it).
+        rss = "–" if arm == "direct" else mib(t["json"]["rss_peak_kib"])
         lines.append(f"| {arm} | {t['json']['rps']:.0f} | {t['sse']['rps']:.0f} | {t['json']['cpu_per_10k']:.2f} | "
-                     f"{t['sse']['cpu_per_10k']:.2f} | {mib(t['json']['rss_peak_kib'])} |")
-    lines += ["", "CPU and memory are the arm's own processes (for `direct`, the mock upstream's; for nginx, master "
-              "and workers summed). SSE responses carry "
+                     f"{t['sse']['cpu_per_10k']:.2f} | {rss} |")
+    lines += ["", "CPU and memory are the arm's own processes (for `direct`, the mock upstream's CPU; for nginx, "
+              "master and workers summed). SSE responses carry "
               f"{st['sse_events']} events with no pause.", ""]
 
     for rate in st["rates"]:

@@ -26,7 +26,9 @@ pub fn service(
     gateway: Arc<Gateway>,
 ) -> impl hyper::service::Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send> + Clone {
     hyper::service::service_fn(move |req| {
-        let gateway = gateway.clone();
-        async move { Ok(proxy::handle(gateway, req).await) }
+        // Boxed: hyper keeps a slot the size of this future for each connection's whole life, where the
+        // box lives only while the request is being forwarded (an idle stream needs none of it).
+        let handled = Box::pin(proxy::handle(gateway.clone(), req));
+        async move { Ok(handled.await) }
     })
 }
