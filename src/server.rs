@@ -1,8 +1,10 @@
 //! Binding the listeners and running the gateway until shutdown: the traffic server, the admin server, and
 //! the drain that gives in-flight responses `shutdown_grace` to finish.
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use hyper_util::rt::TokioIo;
@@ -15,10 +17,10 @@ use crate::proxy::{Credential, Gateway};
 use crate::shutdown::Shutdown;
 
 /// The pause after a failed accept, so that a full file table does not spin the loop.
-const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How long the usage ledger may take to write out what is queued at shutdown.
-const LEDGER_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+const LEDGER_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// A running gateway.
 #[derive(Debug)]
@@ -69,7 +71,7 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
     let (meter, ledger) = Meter::new(&config)?;
     let meter = Arc::new(meter);
     let gateway = Arc::new(Gateway::new(config, credential, meter.clone(), shutdown.clone())?);
-    let traffic = serve_traffic(listener, gateway, shutdown.clone());
+    let traffic = serve_traffic(listener, gateway, shutdown.clone(), grace);
     let admin = axum::serve(admin, crate::admin::router(shutdown.clone(), meter));
 
     let task = tokio::spawn({
@@ -81,13 +83,9 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
                 result = &mut traffic => log_exit(result),
                 () = shutdown.wait() => {
                     tracing::info!(grace = ?grace, "draining: no new connections, in-flight requests may finish");
-                    match tokio::time::timeout(grace, &mut traffic).await {
-                        Ok(result) => log_exit(result),
-                        Err(_) => {
-                            tracing::warn!(grace = ?grace, "shutdown grace elapsed; closing remaining connections");
-                            traffic.abort();
-                        }
-                    }
+                    // The traffic task bounds the drain by `grace` itself, and returns once every connection
+                    // is gone, so every request's ledger line is queued before the ledger closes.
+                    log_exit(traffic.await);
                 }
             }
             admin.abort();
@@ -109,15 +107,22 @@ fn log_exit(result: Result<(), tokio::task::JoinError>) {
 }
 
 /// Accepts traffic connections until shutdown, then lets every open connection finish the request it is
-/// serving (hyper's graceful shutdown closes each one after its current response) and returns when all have.
-async fn serve_traffic(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutdown) {
+/// serving (hyper's graceful shutdown closes each one after its current response) for at most `grace`,
+/// closes whatever is left, and returns when every connection is gone.
+async fn serve_traffic(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutdown, grace: Duration) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let http = hyper::server::conn::http1::Builder::new();
     let service = crate::app::service(gateway);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => tcp,
+                // The peer gave up before we took the connection: nothing to wait for.
+                Err(e) if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionAborted | ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
+                ) => continue,
                 Err(e) => {
                     // Out of file descriptors, typically: the connections already open carry on.
                     tracing::error!(error = %e, "accepting a traffic connection failed");
@@ -125,19 +130,24 @@ async fn serve_traffic(listener: TcpListener, gateway: Arc<Gateway>, shutdown: S
                     continue;
                 }
             },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             () = shutdown.wait() => break,
         };
         // Each SSE event is its own small write: send it now, not after Nagle's delay.
         let _ = tcp.set_nodelay(true);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service.clone()));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "traffic connection ended with an error");
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace = ?grace, "shutdown grace elapsed; closing remaining connections");
+    }
+    // Aborts what is left and waits for it, so each cut request's record is written before this returns.
+    connections.shutdown().await;
 }
 
 /// `mantlegate serve`: starts, then stops gracefully on SIGTERM or Ctrl-C.

@@ -36,14 +36,18 @@ impl Stamp {
         thread_local! {
             static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
         }
+        // RFC 3339 years run from 0000 to 9999; a clock outside 1970..=9999 is clamped, never a panic.
+        const LAST_SECOND: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
         let since = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let seconds = since.as_secs().min(LAST_SECOND);
         let mut buf = [0u8; 27];
         SECOND.with_borrow_mut(|(second, text)| {
-            if *second != since.as_secs() {
+            if *second != seconds {
                 // "2026-11-26T08:20:19Z": keep all but the Z.
-                let whole = humantime::format_rfc3339_seconds(time).to_string();
+                let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+                let whole = humantime::format_rfc3339_seconds(whole).to_string();
                 text.copy_from_slice(&whole.as_bytes()[..19]);
-                *second = since.as_secs();
+                *second = seconds;
             }
             buf[..19].copy_from_slice(&text[..]);
         });
@@ -84,5 +88,9 @@ mod tests {
             assert_eq!(Stamp::new(time, 6).as_str(), humantime::format_rfc3339_micros(time).to_string());
             assert_eq!(Stamp::new(time, 3).as_str(), humantime::format_rfc3339_millis(time).to_string());
         }
+        // A clock before 1970 or past year 9999 gives the nearest representable second, not a panic.
+        assert!(Stamp::new(UNIX_EPOCH - Duration::from_secs(5), 3).as_str().starts_with("1970-01-01T00:00:00."));
+        let far = UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert!(Stamp::new(far, 6).as_str().starts_with("9999-12-31T23:59:59."));
     }
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};
@@ -83,6 +84,11 @@ async fn start(name: &str, attribution: &'static str) -> Metered {
 
 /// A gateway with a ledger and a price override, in front of `mock`.
 async fn start_with(name: &str, mock: std::sync::Arc<Mock>, attribution: &'static str) -> Metered {
+    start_opts(name, mock, Opts { attribution, ..Opts::default() }).await
+}
+
+/// [`start_with`], with more options.
+async fn start_opts(name: &str, mock: std::sync::Arc<Mock>, opts: Opts) -> Metered {
     let dir = std::env::temp_dir().join(format!("mantlegate-metering-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let ledger = dir.join("usage.jsonl");
@@ -90,7 +96,7 @@ async fn start_with(name: &str, mock: std::sync::Arc<Mock>, attribution: &'stati
         "\n[metering]\nledger_path = \"{}\"\n\n[[prices]]\nmodel = \"openai.gpt-oss-120b\"\ninput = 0.15\noutput = 0.60\ncached_input = 0.015\n",
         ledger.display()
     );
-    let gw = Gw::start(mock, Opts { extra, attribution, ..Opts::default() }).await;
+    let gw = Gw::start(mock, Opts { extra, ..opts }).await;
     Metered { gw, ledger }
 }
 
@@ -281,6 +287,26 @@ async fn a_stream_the_client_cut_is_recorded_as_incomplete() {
     let line = &ledger[0];
     assert_eq!((line["complete"].as_bool(), line["model"].as_str()), (Some(false), Some("openai.gpt-5.4")));
     assert_eq!(line["input_tokens"].as_u64(), Some(0));
+}
+
+#[tokio::test]
+async fn a_stream_cut_when_the_shutdown_grace_runs_out_is_in_the_ledger() {
+    let (mock, mut script_rx) = Mock::scripted().await;
+    let m = start_opts("grace", mock, Opts { grace: "300ms", ..Opts::default() }).await;
+    let res =
+        m.gw.post("/v1/responses", CHAT_KEY).body(r#"{"model":"openai.gpt-5.4","stream":true}"#).send().await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    script.tx.send(Bytes::from_static(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"openai.gpt-5.4\"}}\n\n")).await.unwrap();
+    let mut stream = res.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    // Upstream never ends the stream: the drain gives up after the grace, the connection is closed, and its
+    // request's line reaches the ledger before the ledger closes.
+    let stopping = std::time::Instant::now();
+    let ledger = tokio::time::timeout(WAIT, m.ledger()).await.expect("the gateway did not stop after its grace");
+    assert!(stopping.elapsed() >= Duration::from_millis(300));
+    assert_eq!(ledger.len(), 1, "{ledger:?}");
+    assert_eq!((ledger[0]["complete"].as_bool(), ledger[0]["model"].as_str()), (Some(false), Some("openai.gpt-5.4")));
+    drop(script);
 }
 
 #[tokio::test]

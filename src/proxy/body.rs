@@ -151,6 +151,11 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// `from + timeout`, or thirty years on for a timeout too large to add (a configured "never").
+fn after(from: Instant, timeout: Duration) -> Instant {
+    from.checked_add(timeout).unwrap_or_else(|| from + Duration::from_secs(30 * 365 * 86_400))
+}
+
 impl<B> Observed<B> {
     /// Wraps `inner`; silence longer than `idle_timeout` ends the body with an error.
     pub fn new(inner: B, idle_timeout: Duration, log: AccessLog) -> Self {
@@ -229,11 +234,11 @@ where
                     let idle = this.idle.get_or_insert_with(|| {
                         // Frames that arrived without a wait need no timer: the silence starts now.
                         *this.last_frame = Instant::now();
-                        Box::pin(tokio::time::sleep_until(*this.last_frame + *this.idle_timeout))
+                        Box::pin(tokio::time::sleep_until(after(*this.last_frame, *this.idle_timeout)))
                     });
                     loop {
                         ready!(idle.as_mut().poll(cx));
-                        let deadline = *this.last_frame + *this.idle_timeout;
+                        let deadline = after(*this.last_frame, *this.idle_timeout);
                         if Instant::now() >= deadline {
                             break;
                         }

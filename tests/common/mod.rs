@@ -194,6 +194,8 @@ pub fn scripted_sse() -> (ScriptedBody, Response) {
 pub struct Opts {
     /// Extra lines for `[server]`.
     pub server: &'static str,
+    /// `[server] shutdown_grace`.
+    pub grace: &'static str,
     /// Extra lines for `[upstream]`.
     pub upstream: &'static str,
     /// `[callers] auth`.
@@ -214,6 +216,7 @@ impl Default for Opts {
     fn default() -> Self {
         Self {
             server: "",
+            grace: "5s",
             upstream: "",
             callers: "keys",
             attribution: "",
@@ -237,7 +240,7 @@ pub fn config_text(upstream: SocketAddr, opts: &Opts) -> String {
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 max_body_bytes = 4096
-shutdown_grace = "5s"
+shutdown_grace = "{grace}"
 {server}
 
 [upstream]
@@ -284,6 +287,7 @@ prefix = "/search"
 project = "Search"
 "#,
         server = opts.server,
+        grace = opts.grace,
         upstream_extra = opts.upstream,
         callers = opts.callers,
         attribution = opts.attribution,
