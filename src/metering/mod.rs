@@ -24,7 +24,22 @@ use usage::Usage;
 struct ProjectMeta {
     name: String,
     id: String,
-    tags: BTreeMap<String, String>,
+    /// `"project":...,"project_id":...,"tags":{...}`, rendered once: the same for every line of the project.
+    ledger_fields: String,
+}
+
+/// The ledger line's fields that are fixed per project.
+#[derive(Serialize)]
+struct ProjectFields<'a> {
+    project: &'a str,
+    project_id: &'a str,
+    tags: &'a BTreeMap<String, String>,
+}
+
+/// `{"a":1,"b":2}` -> `"a":1,"b":2`, for splicing into a larger object.
+fn members_of(object: &impl Serialize) -> String {
+    let text = serde_json::to_string(object).unwrap_or_else(|_| "{}".into());
+    text[1..text.len() - 1].to_owned()
 }
 
 /// Prices, metrics and the ledger, shared by every request.
@@ -70,15 +85,12 @@ pub struct Finished<'a> {
     pub forwarded: bool,
 }
 
-/// One ledger line.
+/// One ledger line, less the project's fields (spliced in from [`ProjectMeta::ledger_fields`]).
 #[derive(Serialize)]
 struct LedgerLine<'a> {
     time: &'a str,
     request_id: &'a str,
     key: Option<&'a str>,
-    project: &'a str,
-    project_id: &'a str,
-    tags: &'a BTreeMap<String, String>,
     route: &'static str,
     model: Option<&'a str>,
     stream: bool,
@@ -111,10 +123,10 @@ impl Meter {
             projects: config
                 .projects
                 .iter()
-                .map(|p| ProjectMeta {
-                    name: p.name.clone(),
-                    id: p.id.clone().unwrap_or_default(),
-                    tags: p.tags.clone(),
+                .map(|p| {
+                    let id = p.id.clone().unwrap_or_default();
+                    let ledger_fields = members_of(&ProjectFields { project: &p.name, project_id: &id, tags: &p.tags });
+                    ProjectMeta { name: p.name.clone(), id, ledger_fields }
                 })
                 .collect(),
             keys: config.keys.iter().map(|k| k.name.clone()).collect(),
@@ -168,9 +180,6 @@ impl Meter {
             time: time.as_str(),
             request_id: f.request_id,
             key: f.key.map(|k| self.key_name(k)),
-            project: &project.name,
-            project_id: &project.id,
-            tags: &project.tags,
             route: f.endpoint.name(),
             model: f.model,
             stream: f.stream,
@@ -184,8 +193,16 @@ impl Meter {
             ttfb_ms: f.ttfb.map(millis),
             complete: f.complete,
         };
-        if let Ok(line) = serde_json::to_string(&line) {
-            ledger.append(line);
+        let mut text = Vec::with_capacity(512);
+        if serde_json::to_writer(&mut text, &line).is_ok() {
+            // `{...}` -> `{...,"project":...,"tags":{...}}`
+            text.pop();
+            text.push(b',');
+            text.extend_from_slice(project.ledger_fields.as_bytes());
+            text.push(b'}');
+            if let Ok(line) = String::from_utf8(text) {
+                ledger.append(line);
+            }
         }
     }
 
