@@ -10,17 +10,19 @@ Four arms, measured in the same run and interleaved round by round so that machi
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,7 +156,7 @@ class Bench:
         return Arm(name, f"http://{proc.match.group(1)}", caller, [proc])
 
     def start_gateway(self, name: str, tag: str) -> Started:
-        sha = __import__("hashlib").sha256(CALLER_KEY.encode()).hexdigest()
+        sha = hashlib.sha256(CALLER_KEY.encode()).hexdigest()
         metering = name == "metered"
         ledger = f'ledger_path = "{self.work}/usage-{tag}.jsonl"' if metering else ""
         config = self.work / f"{name}{tag}.toml"
@@ -210,14 +212,12 @@ project = "Bench"
 
 
 def free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def wait_listening(proc: Started, addr: str):
-    import socket
     host, port = addr.rsplit(":", 1)
     for _ in range(500):
         try:
@@ -236,7 +236,6 @@ def wait_listening(proc: Started, addr: str):
 
 def check(arm: Arm):
     """The arm answers both workloads correctly before anything is measured."""
-    import urllib.request
     for body, want in ((JSON_BODY, b'"chat.completion"'), (SSE_BODY, b"data: [DONE]")):
         request = urllib.request.Request(arm.url + CHAT, data=body.encode(), headers=arm.headers, method="POST")
         with urllib.request.urlopen(request, timeout=10) as response:

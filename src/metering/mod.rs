@@ -196,10 +196,12 @@ impl Meter {
         let mut text = Vec::with_capacity(512);
         if serde_json::to_writer(&mut text, &line).is_ok() {
             // `{...}` -> `{...,"project":...,"tags":{...}}`
-            text.pop();
-            text.push(b',');
-            text.extend_from_slice(project.ledger_fields.as_bytes());
-            text.push(b'}');
+            if !project.ledger_fields.is_empty() {
+                text.pop();
+                text.push(b',');
+                text.extend_from_slice(project.ledger_fields.as_bytes());
+                text.push(b'}');
+            }
             if let Ok(line) = String::from_utf8(text) {
                 ledger.append(line);
             }
