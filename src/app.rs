@@ -19,16 +19,17 @@ use axum::response::Response;
 use http::Request;
 use hyper::body::Incoming;
 
-use crate::proxy::{self, Gateway};
+use crate::proxy::{self, Gateway, UpstreamClient};
 
-/// The traffic service: every request goes to the proxy.
+/// The traffic service of one traffic thread: every request goes to the proxy, with the thread's client.
 pub fn service(
     gateway: Arc<Gateway>,
+    client: UpstreamClient,
 ) -> impl hyper::service::Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send> + Clone {
     hyper::service::service_fn(move |req| {
         // Boxed: hyper keeps a slot the size of this future for each connection's whole life, where the
         // box lives only while the request is being forwarded (an idle stream needs none of it).
-        let handled = Box::pin(proxy::handle(gateway.clone(), req));
+        let handled = Box::pin(proxy::handle(gateway.clone(), client.clone(), req));
         async move { Ok(handled.await) }
     })
 }

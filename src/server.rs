@@ -1,5 +1,11 @@
 //! Binding the listeners and running the gateway until shutdown: the traffic server, the admin server, and
 //! the drain that gives in-flight responses `shutdown_grace` to finish.
+//!
+//! Traffic is served by `server.workers` threads, each running a single-threaded tokio runtime with an
+//! upstream connection pool of its own, all accepting from the one listening socket (nginx's worker model).
+//! A request, its upstream connection and both of its bodies stay on the thread that accepted it: no
+//! hand-off between threads, no work stealing, and wake-ups that never cross a thread. The admin server,
+//! signals and the ledger's flush run on the caller's runtime.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -13,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, UpstreamAuth};
 use crate::metering::Meter;
-use crate::proxy::{Credential, Gateway};
+use crate::proxy::{Credential, Gateway, UpstreamClient};
 use crate::shutdown::Shutdown;
 
 /// The pause after a failed accept, so that a full file table does not spin the loop.
@@ -66,12 +72,13 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
     let addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
     let grace = config.server.shutdown_grace;
+    let workers = config.server.workers;
 
     let shutdown = Shutdown::default();
     let (meter, ledger) = Meter::new(&config)?;
     let meter = Arc::new(meter);
     let gateway = Arc::new(Gateway::new(config, credential, meter.clone(), shutdown.clone())?);
-    let traffic = serve_traffic(listener, gateway, shutdown.clone(), grace);
+    let traffic = start_workers(listener.into_std()?, workers, &gateway, &shutdown, grace).await?;
     let admin = axum::serve(admin, crate::admin::router(shutdown.clone(), meter));
 
     let task = tokio::spawn({
@@ -95,7 +102,7 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
             tracing::info!("stopped");
         }
     });
-    tracing::info!(%addr, %admin_addr, "mantlegate listening");
+    tracing::info!(%addr, %admin_addr, workers, "mantlegate listening");
     Ok(Running { addr, admin_addr, shutdown, task })
 }
 
@@ -106,13 +113,65 @@ fn log_exit(result: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Accepts traffic connections until shutdown, then lets every open connection finish the request it is
-/// serving (hyper's graceful shutdown closes each one after its current response) for at most `grace`,
-/// closes whatever is left, and returns when every connection is gone.
-async fn serve_traffic(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutdown, grace: Duration) {
+/// Starts the traffic threads, having made every runtime and listener first (so a failure starts none), and
+/// returns once each is running. The returned future resolves once every thread has drained and stopped.
+async fn start_workers(
+    listener: std::net::TcpListener,
+    workers: usize,
+    gateway: &Arc<Gateway>,
+    shutdown: &Shutdown,
+    grace: Duration,
+) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut prepared = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        // Registered with this thread's own event loop; every clone shares the one socket and its backlog.
+        let listener = {
+            let _entered = runtime.enter();
+            TcpListener::from_std(listener.try_clone()?)?
+        };
+        prepared.push((runtime, listener));
+    }
+    let mut stopped = Vec::with_capacity(workers);
+    let mut started = Vec::with_capacity(workers);
+    for (i, (runtime, listener)) in prepared.into_iter().enumerate() {
+        let (running, running_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let worker = serve_traffic(listener, gateway.clone(), gateway.client(), shutdown.clone(), grace);
+        std::thread::Builder::new().name(format!("traffic-{i}")).spawn(move || {
+            let _ = running.send(());
+            runtime.block_on(worker);
+            // Dropped with the sender if the thread panics: either way the thread is done.
+            let _ = done.send(());
+        })?;
+        started.push(running_rx);
+        stopped.push(done_rx);
+    }
+    for running in started {
+        running.await.context("a traffic thread ended as it started")?;
+    }
+    Ok(async move {
+        for done in stopped {
+            if done.await.is_err() {
+                tracing::error!("a traffic thread panicked");
+            }
+        }
+    })
+}
+
+/// One traffic thread: accepts connections until shutdown, then lets every open connection finish the
+/// request it is serving (hyper's graceful shutdown closes each one after its current response) for at most
+/// `grace`, closes whatever is left, and returns when every connection is gone.
+async fn serve_traffic(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    client: UpstreamClient,
+    shutdown: Shutdown,
+    grace: Duration,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let http = hyper::server::conn::http1::Builder::new();
-    let service = crate::app::service(gateway);
+    let service = crate::app::service(gateway, client);
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let tcp = tokio::select! {

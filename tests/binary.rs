@@ -23,6 +23,8 @@ struct Served {
     lines: Lines<BufReader<ChildStdout>>,
     addr: String,
     admin: String,
+    /// The traffic thread count the listening line gives.
+    workers: u64,
 }
 
 /// Starts `mantlegate serve` and waits for its "listening" log line, which names the bound addresses.
@@ -42,7 +44,8 @@ async fn serve(config: &std::path::Path, env: &[(&str, &str)]) -> Served {
         if v["message"] == "mantlegate listening" {
             let addr = v["addr"].as_str().unwrap().to_owned();
             let admin = v["admin_addr"].as_str().unwrap().to_owned();
-            return Served { child, lines, addr, admin };
+            let workers = v["workers"].as_u64().unwrap();
+            return Served { child, lines, addr, admin, workers };
         }
     }
 }
@@ -120,6 +123,48 @@ async fn serve_logs_one_json_line_per_request_and_never_a_secret() {
     assert_eq!((denied["status"].as_u64(), denied["error"].as_str()), (Some(401), Some("invalid_api_key")));
     assert!(denied.get("key").is_none());
     assert!(output.iter().any(|l| l.contains("traffic listener drained")), "{all}");
+}
+
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).unwrap().trim().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn serve_runs_the_configured_traffic_threads() {
+    let mock = Mock::ok_json().await;
+    let dir = temp_dir("workers");
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, config_text(mock.addr, &Opts { server: "workers = 3", ..Opts::default() })).unwrap();
+    let mut served = serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+    assert_eq!(served.workers, 3);
+    let mut traffic: Vec<String> =
+        thread_names(served.child.id().unwrap()).into_iter().filter(|n| n.starts_with("traffic-")).collect();
+    traffic.sort();
+    assert_eq!(traffic, ["traffic-0", "traffic-1", "traffic-2"]);
+
+    // Concurrent connections, whichever thread takes each, are all served.
+    let requests = (0..24).map(|_| {
+        // A client per request: a connection per request.
+        let client = reqwest::Client::new();
+        let url = format!("http://{}/v1/models", served.addr);
+        async move { client.get(url).bearer_auth(CHAT_KEY).send().await.unwrap().status() }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(mock.hits(), 24);
+
+    sigterm(&served.child).await;
+    let status = tokio::time::timeout(WAIT, served.child.wait()).await.expect("no exit after SIGTERM").unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut output = Vec::new();
+    while let Some(line) = served.lines.next_line().await.unwrap() {
+        output.push(line);
+    }
+    assert!(output.iter().any(|l| l.contains("traffic listener drained")), "{output:?}");
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::response::IntoResponse;
 use common::*;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use http::StatusCode;
 
 #[tokio::test]
@@ -333,6 +333,32 @@ async fn health_readiness_and_graceful_drain() {
     drop(script.tx);
     assert_eq!(res.bytes().await.unwrap(), &b"data: late\n\n"[..]);
     tokio::time::timeout(WAIT, running.stopped()).await.expect("gateway did not stop after the drain");
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "listener still accepting");
+}
+
+#[tokio::test]
+async fn the_drain_waits_for_streams_on_every_traffic_thread() {
+    let (mock, mut script_rx) = Mock::scripted().await;
+    let mut gw = Gw::start(mock, Opts { server: "workers = 4", ..Opts::default() }).await;
+    // Streams on connections of their own, spread over the threads as they accept them.
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let client = reqwest::Client::new();
+        let res =
+            client.post(gw.url("/v1/chat/completions")).bearer_auth(CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+        streams.push((res, script_rx.recv().await.unwrap()));
+    }
+    let running = gw.running.take().unwrap();
+    running.shutdown.trigger();
+    let mut stopped = Box::pin(running.stopped());
+    for (res, script) in streams {
+        // Still draining: this stream has not ended.
+        assert!(stopped.as_mut().now_or_never().is_none(), "stopped with a stream in flight");
+        script.tx.send(Bytes::from_static(b"data: late\n\n")).await.unwrap();
+        drop(script.tx);
+        assert_eq!(res.bytes().await.unwrap(), &b"data: late\n\n"[..]);
+    }
+    tokio::time::timeout(WAIT, stopped).await.expect("gateway did not stop after the drain");
     assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "listener still accepting");
 }
 

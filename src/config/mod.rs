@@ -64,6 +64,8 @@ pub struct Server {
     pub max_body_bytes: u64,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Traffic threads, each with its own event loop and upstream connections.
+    pub workers: usize,
 }
 
 /// `[upstream]`, validated.

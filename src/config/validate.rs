@@ -15,6 +15,9 @@ use super::{
 };
 use crate::metering::prices::Price;
 
+/// More traffic threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
+
 /// Path prefixes a route may not take, because the API itself lives there.
 const RESERVED_ROUTE_SEGMENTS: &[&str] = &["v1", "openai", "anthropic"];
 
@@ -51,7 +54,15 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         admin_listen: parse_addr(&mut errs, "server.admin_listen", &raw.server.admin_listen),
         max_body_bytes: raw.server.max_body_bytes,
         shutdown_grace: parse_duration(&mut errs, "server.shutdown_grace", &raw.server.shutdown_grace, true),
+        workers: match raw.server.workers {
+            // available_parallelism honours CPU affinity and a cgroup CPU quota (a pod's limit).
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        },
     };
+    if server.workers > MAX_WORKERS {
+        errs.push("server.workers", format!("{} is more than {MAX_WORKERS}", server.workers));
+    }
     if server.max_body_bytes == 0 {
         errs.push("server.max_body_bytes", "must be greater than 0");
     }
@@ -487,6 +498,16 @@ mod tests {
     fn passthrough_needs_trusted_callers() {
         let errs = errors(&format!("[upstream]\nauth = \"passthrough\"\n{BASE}"));
         assert!(errs[0].starts_with("upstream.auth:"), "{errs:?}");
+    }
+
+    #[test]
+    fn workers_default_to_the_cpus_and_are_bounded() {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(crate::Config::from_toml(BASE).expect("valid").server.workers, cpus);
+        let three = crate::Config::from_toml(&format!("[server]\nworkers = 3\n{BASE}")).expect("valid");
+        assert_eq!(three.server.workers, 3);
+        let errs = errors(&format!("[server]\nworkers = 5000\n{BASE}"));
+        assert_eq!(errs, vec!["server.workers: 5000 is more than 1024".to_string()]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The one pooled upstream client every request shares: HTTP/1.1 keep-alive over TLS (or plain TCP for a
-//! local upstream), no Nagle delay, and the configured connect timeout.
+//! The pooled upstream client: HTTP/1.1 keep-alive over TLS (or plain TCP for a local upstream), no Nagle
+//! delay, and the configured connect timeout. Each traffic thread has a pool of its own around one shared
+//! connector (and so one TLS configuration).
 
 use std::time::Duration;
 
@@ -11,12 +12,15 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::Upstream;
 
-/// The shared upstream client.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+/// How upstream connections are made.
+pub type Connector = HttpsConnector<HttpConnector>;
 
-/// Builds the client. TLS trusts the system's CA store (so a corporate CA works); a plain-HTTP upstream
+/// One traffic thread's upstream client.
+pub type UpstreamClient = Client<Connector, Body>;
+
+/// Builds the connector. TLS trusts the system's CA store (so a corporate CA works); a plain-HTTP upstream
 /// needs none.
-pub fn build(upstream: &Upstream) -> anyhow::Result<UpstreamClient> {
+pub fn connector(upstream: &Upstream) -> anyhow::Result<Connector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -34,10 +38,14 @@ pub fn build(upstream: &Upstream) -> anyhow::Result<UpstreamClient> {
                 .with_no_client_auth(),
         ),
     };
-    let connector = tls.https_or_http().enable_http1().wrap_connector(http);
+    Ok(tls.https_or_http().enable_http1().wrap_connector(http))
+}
 
-    Ok(Client::builder(TokioExecutor::new())
+/// A client with a pool of its own. Its connections' tasks run on the runtime that makes them: the calling
+/// thread's, for a traffic thread.
+pub fn pool(connector: Connector) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
-        .build(connector))
+        .build(connector)
 }

@@ -1,6 +1,9 @@
 //! The forwarding path, in pingora's phase order: request filter (route, caller, attribution, body, model
 //! allowlist) -> upstream request filter (headers, URI) -> upstream peer (the shared client, with timeouts) ->
 //! response filter (headers) -> response body filter ([`body::Observed`]) -> logging ([`access_log`]).
+//!
+//! A [`Gateway`] is shared by every traffic thread; the upstream client is not: each thread has its own
+//! (see `server`), so a request, its upstream connection and both bodies stay on one thread.
 
 pub mod access_log;
 pub mod body;
@@ -25,9 +28,11 @@ use crate::metering::Meter;
 use crate::metering::usage::{Dialect, UsageTap};
 use crate::shutdown::Shutdown;
 use access_log::AccessLog;
+pub use client::UpstreamClient;
 pub use headers::Credential;
 
-/// Everything a request needs, built once per config and shared read-only by every request.
+/// Everything a request needs but its thread's upstream client, built once per config and shared read-only
+/// by every request.
 pub struct Gateway {
     config: Config,
     keys: KeyTable,
@@ -36,7 +41,7 @@ pub struct Gateway {
     /// Each project's id as a ready header value, by project index.
     project_ids: Vec<HeaderValue>,
     credential: Credential,
-    client: client::UpstreamClient,
+    connector: client::Connector,
     meter: Arc<Meter>,
     shutdown: Shutdown,
 }
@@ -69,7 +74,7 @@ impl Gateway {
             attributor: Attributor::new(&config),
             routes: RouteTable::new(&config.routes),
             project_ids,
-            client: client::build(&config.upstream)?,
+            connector: client::connector(&config.upstream)?,
             credential,
             meter,
             shutdown,
@@ -79,7 +84,12 @@ impl Gateway {
 
     /// The request filter and upstream phases. Errors are the gateway's own answers; upstream's error
     /// responses are `Ok` and pass through unchanged.
-    async fn forward(&self, req: Request, log: &mut AccessLog) -> Result<Forwarded, GatewayError> {
+    async fn forward(
+        &self,
+        client: &UpstreamClient,
+        req: Request,
+        log: &mut AccessLog,
+    ) -> Result<Forwarded, GatewayError> {
         if self.shutdown.is_draining() {
             return Err(GatewayError::ShuttingDown);
         }
@@ -122,9 +132,7 @@ impl Gateway {
 
         // Upstream peer.
         let upstream = &self.config.upstream;
-        match tokio::time::timeout(upstream.response_timeout, self.client.request(Request::from_parts(parts, body)))
-            .await
-        {
+        match tokio::time::timeout(upstream.response_timeout, client.request(Request::from_parts(parts, body))).await {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Ok(response)) => Ok(Forwarded { response, endpoint, usage_injected }),
             Ok(Err(e)) if body::is_over_limit(&e) => {
@@ -190,6 +198,11 @@ impl Gateway {
             .build()
             .map_err(|_| GatewayError::UnknownRoute)
     }
+
+    /// A new upstream client (connection pool) for one traffic thread.
+    pub fn client(&self) -> UpstreamClient {
+        client::pool(self.connector.clone())
+    }
 }
 
 /// Whether `model` looks like a model id (`openai.gpt-oss-120b`, `us.anthropic.claude-...:0`), and so may be
@@ -200,12 +213,12 @@ fn is_model_id(model: &str) -> bool {
         && model.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'/'))
 }
 
-/// The traffic handler: every request on the traffic listener comes here.
-pub async fn handle(gateway: Arc<Gateway>, req: http::Request<Incoming>) -> Response {
+/// The traffic handler: every request on the traffic listener comes here, with its thread's upstream client.
+pub async fn handle(gateway: Arc<Gateway>, client: UpstreamClient, req: http::Request<Incoming>) -> Response {
     let req = req.map(Body::new);
     let request_id = headers::request_id(req.headers());
     let mut log = AccessLog::start(gateway.meter.clone(), request_id.clone(), req.method(), req.uri().path());
-    match gateway.forward(req, &mut log).await {
+    match gateway.forward(&client, req, &mut log).await {
         Ok(Forwarded { response, endpoint, usage_injected }) => {
             let (mut parts, incoming) = response.into_parts();
             headers::to_caller(&mut parts.headers, &request_id);
