@@ -137,7 +137,7 @@ async fn start_workers(
     for (i, (runtime, listener)) in prepared.into_iter().enumerate() {
         let (running, running_rx) = tokio::sync::oneshot::channel::<()>();
         let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let worker = serve_traffic(listener, gateway.clone(), gateway.client(), shutdown.clone(), grace);
+        let worker = serve_traffic(listener, gateway.clone(), gateway.client()?, shutdown.clone(), grace);
         std::thread::Builder::new().name(format!("traffic-{i}")).spawn(move || {
             let _ = running.send(());
             runtime.block_on(worker);

@@ -195,6 +195,98 @@ async fn client_going_away_mid_stream_drops_the_upstream_request() {
 }
 
 #[tokio::test]
+async fn upstream_connections_are_kept_alive_across_whole_responses() {
+    // Sized, chunked and error responses, one after another: each ends its exchange cleanly.
+    let mock = Mock::start(|seen| async move {
+        match seen.uri.path() {
+            "/v1/models" => json_response(StatusCode::OK, r#"{"data":[]}"#),
+            "/v1/responses" => json_response(StatusCode::BAD_REQUEST, r#"{"error":{"message":"no"}}"#),
+            _ => {
+                let events = futures_util::stream::iter(
+                    ["data: 1\n\n", "data: 2\n\n"].map(|e| Ok::<_, std::convert::Infallible>(Bytes::from(e))),
+                );
+                ([(http::header::CONTENT_TYPE, "text/event-stream")], axum::body::Body::from_stream(events))
+                    .into_response()
+            }
+        }
+    })
+    .await;
+    // One traffic thread, so one pool.
+    let gw = Gw::start(mock.clone(), Opts { server: "workers = 1", ..Opts::default() }).await;
+    for _ in 0..3 {
+        let res = gw.get("/v1/models", CHAT_KEY).send().await.unwrap();
+        assert_eq!((res.status(), res.text().await.unwrap()), (StatusCode::OK, r#"{"data":[]}"#.to_owned()));
+        let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+        assert_eq!(res.text().await.unwrap(), "data: 1\n\ndata: 2\n\n");
+        let res = gw.post("/v1/responses", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        res.bytes().await.unwrap();
+    }
+    assert_eq!(mock.hits(), 9);
+    assert_eq!(mock.connections(), 1, "every request after the first should reuse the connection");
+}
+
+#[tokio::test]
+async fn a_response_cut_short_is_not_reused() {
+    let (mock, mut script_rx) = Mock::scripted().await;
+    let gw = Gw::start(mock.clone(), Opts { server: "workers = 1", ..Opts::default() }).await;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    script.tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
+    let mut stream = res.bytes_stream();
+    tokio::time::timeout(WAIT, stream.next()).await.unwrap().unwrap().unwrap();
+    drop(stream);
+    tokio::time::timeout(WAIT, script.dropped)
+        .await
+        .expect("upstream stream still open after the client left")
+        .unwrap();
+
+    // The next request cannot go on a connection with half a response still in it.
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    script.tx.send(Bytes::from_static(b"data: 2\n\n")).await.unwrap();
+    drop(script.tx);
+    assert_eq!(res.text().await.unwrap(), "data: 2\n\n");
+    assert_eq!(mock.connections(), 2);
+}
+
+#[tokio::test]
+async fn an_idle_connection_upstream_closed_is_not_used() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that answers one request per connection, keep-alive by the protocol, then closes it.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = upstream.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "connection closed before a whole request head");
+                head.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                .await
+                .unwrap();
+            drop(conn);
+            closed_tx.send(()).unwrap();
+        }
+    });
+    let gw = Gw::start(
+        Mock::ok_json().await,
+        Opts { server: "workers = 1", upstream_addr: Some(upstream_addr), ..Opts::default() },
+    )
+    .await;
+    for _ in 0..3 {
+        let res = gw.get("/v1/models", CHAT_KEY).send().await.unwrap();
+        assert_eq!((res.status(), res.text().await.unwrap()), (StatusCode::OK, "{}".to_owned()));
+        tokio::time::timeout(WAIT, closed_rx.recv()).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
 async fn request_bodies_stream_to_upstream_when_the_model_need_not_be_read() {
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Bytes>();
     let first_tx = std::sync::Mutex::new(Some(first_tx));

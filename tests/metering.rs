@@ -407,6 +407,25 @@ async fn an_encoded_response_passes_through_unmetered() {
 }
 
 #[tokio::test]
+async fn a_stream_ended_at_its_end_marker_keeps_its_upstream_connection() {
+    // The gateway ends a metered stream at `[DONE]`, before hyper has read the end of the body that follows
+    // it; the connection must still go back to the pool.
+    let mock = Mock::start(|_| async {
+        let events = ["data: {\"choices\":[],\"usage\":null}\n\n".to_owned(), "data: [DONE]\n\n".to_owned()];
+        let stream = futures_util::stream::iter(events.map(|e| Ok::<_, std::convert::Infallible>(Bytes::from(e))));
+        ([(http::header::CONTENT_TYPE, "text/event-stream")], axum::body::Body::from_stream(stream)).into_response()
+    })
+    .await;
+    let m = start_opts("keepalive", mock.clone(), Opts { server: "workers = 1", ..Opts::default() }).await;
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[]}"#;
+    for _ in 0..3 {
+        let res = m.gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
+        assert!(res.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    }
+    assert_eq!((mock.hits(), mock.connections()), (3, 1));
+}
+
+#[tokio::test]
 async fn a_stream_held_open_after_its_end_marker_is_ended() {
     let (mock, mut script_rx) = Mock::scripted().await;
     let m = start_with("open", mock, "").await;

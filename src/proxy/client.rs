@@ -1,22 +1,52 @@
-//! The pooled upstream client: HTTP/1.1 keep-alive over TLS (or plain TCP for a local upstream), no Nagle
-//! delay, and the configured connect timeout. Each traffic thread has a pool of its own around one shared
-//! connector (and so one TLS configuration).
+//! Upstream connections: HTTP/1.1 keep-alive over TLS (or plain TCP for a local upstream), no Nagle delay,
+//! the configured connect timeout, and a pool of idle connections per traffic thread.
+//!
+//! A request owns its connection, and drives it, from the moment it is sent until its response body ends:
+//! hyper's connection future is polled by the request's own task (while waiting for the response head) and
+//! then by the response body (while the caller reads it). hyper's pooled client instead runs each
+//! connection as a task of its own, which hands every response chunk across a one-chunk channel to the
+//! caller's task, one wake-up per chunk. Driven in place, the chunks that one read from upstream
+//! brings are all decoded within one poll of the caller's connection, which then writes them together: a
+//! burst of stream events is one write to the caller, not one write per event.
+//!
+//! A connection goes back to its thread's pool only when its response has ended and hyper is ready for the
+//! next request on it; one whose response was cut short (the caller left, an idle timeout) is closed, as
+//! HTTP/1.1 allows nothing else. An idle connection is checked as it is taken: one upstream has closed is
+//! dropped, and a request that a stale connection could not even send goes once more on a new one.
 
-use std::time::Duration;
+use std::error::Error as StdError;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+use tower_service::Service as _;
 
 use crate::config::Upstream;
 
 /// How upstream connections are made.
 pub type Connector = HttpsConnector<HttpConnector>;
 
-/// One traffic thread's upstream client.
-pub type UpstreamClient = Client<Connector, Body>;
+/// An error reaching upstream or exchanging a request with it.
+pub type Error = Box<dyn StdError + Send + Sync>;
+
+/// How long an idle connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Idle connections kept per traffic thread.
+const MAX_IDLE: usize = 256;
+
+type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 
 /// Builds the connector. TLS trusts the system's CA store (so a corporate CA works); a plain-HTTP upstream
 /// needs none.
@@ -41,11 +71,232 @@ pub fn connector(upstream: &Upstream) -> anyhow::Result<Connector> {
     Ok(tls.https_or_http().enable_http1().wrap_connector(http))
 }
 
-/// A client with a pool of its own. Its connections' tasks run on the runtime that makes them: the calling
-/// thread's, for a traffic thread.
-pub fn pool(connector: Connector) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(connector)
+/// One traffic thread's way upstream: the shared connector and the thread's own idle connections.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    connector: Connector,
+    /// Where connections are made to (`scheme://authority`).
+    origin: http::Uri,
+    /// The `Host` every request carries.
+    host: HeaderValue,
+    idle: Arc<Mutex<Vec<Idle>>>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One upstream connection: hyper's handle to send on it, and the future that does its I/O.
+struct Conn {
+    sender: http1::SendRequest<Body>,
+    /// `None` once it has finished: the connection is closed.
+    driver: Option<http1::Connection<Io, Body>>,
+}
+
+impl UpstreamClient {
+    /// A client with no connections yet, to the upstream the connector was built for.
+    pub fn new(connector: Connector, upstream: &Upstream) -> anyhow::Result<Self> {
+        let origin = http::Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query("/")
+            .build()?;
+        Ok(Self { connector, origin, host: host_header(upstream)?, idle: Arc::default() })
+    }
+
+    /// Sends `req` (its URI in origin form, `/path?query`) and returns the response head, with a body that
+    /// drives the connection until it ends and then returns the connection to the pool.
+    pub async fn request(&self, mut req: Request<Body>) -> Result<Response<UpstreamBody>, Error> {
+        req.headers_mut().insert(http::header::HOST, self.host.clone());
+        let (mut conn, pooled) = match self.take_idle().await {
+            Some(conn) => (conn, true),
+            None => (self.connect().await?, false),
+        };
+        let response = match conn.send(req).await {
+            Ok(response) => response,
+            Err(mut e) => match e.take_message() {
+                // A kept-alive connection that closed before the request could go: once more, on a new one.
+                Some(req) if pooled => {
+                    conn = self.connect().await?;
+                    conn.send(req).await.map_err(|e| e.into_error())?
+                }
+                _ => return Err(e.into_error().into()),
+            },
+        };
+        let (parts, incoming) = response.into_parts();
+        Ok(Response::from_parts(
+            parts,
+            UpstreamBody { incoming: Some(incoming), conn: Some(conn), idle: self.idle.clone() },
+        ))
+    }
+
+    /// The most recently used idle connection that is still open.
+    async fn take_idle(&self) -> Option<Conn> {
+        loop {
+            let Idle { mut conn, since } = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
+            if since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            // Lets hyper see what happened while it sat idle: a close from upstream ends the driver.
+            poll_fn(|cx| {
+                conn.drive(cx);
+                Poll::Ready(())
+            })
+            .await;
+            if conn.driver.is_some() && conn.sender.is_ready() {
+                return Some(conn);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, Error> {
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx)).await?;
+        let io = connector.call(self.origin.clone()).await?;
+        let (sender, driver) = http1::handshake(io).await?;
+        Ok(Conn { sender, driver: Some(driver) })
+    }
+}
+
+/// `Host` for the upstream: its host, and its port unless that is the scheme's default.
+fn host_header(upstream: &Upstream) -> anyhow::Result<HeaderValue> {
+    let authority = &upstream.authority;
+    let default_port = if upstream.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
+    Ok(match authority.port_u16() {
+        Some(port) if port != default_port => HeaderValue::from_str(&format!("{}:{port}", authority.host()))?,
+        _ => HeaderValue::from_str(authority.host())?,
+    })
+}
+
+impl Conn {
+    /// Sends the request and drives the connection until the response head arrives.
+    async fn send(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
+        let mut response = std::pin::pin!(self.sender.try_send_request(req));
+        poll_fn(|cx| {
+            loop {
+                if let Poll::Ready(result) = response.as_mut().poll(cx) {
+                    return Poll::Ready(result);
+                }
+                // When the driver ends, the response future has its answer (an error): poll it again.
+                if !self.drive(cx) {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Polls the connection's I/O. Returns whether it just finished (the connection is closed).
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(driver) = self.driver.as_mut() else { return false };
+        match Pin::new(driver).poll(cx) {
+            Poll::Pending => false,
+            Poll::Ready(result) => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+                self.driver = None;
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_leaves_out_the_default_port() {
+        let host = |url: &str| {
+            let config = crate::Config::from_toml(&format!(
+                "[upstream]\nbase_url = \"{url}\"\n[callers]\nauth = \"none\"\n[[projects]]\nname = \"A\"\nid = \"proj_a\"\ntags = {{}}"
+            ))
+            .expect("valid");
+            host_header(&config.upstream).expect("host")
+        };
+        assert_eq!(host("https://bedrock-mantle.us-east-1.api.aws"), "bedrock-mantle.us-east-1.api.aws");
+        assert_eq!(host("https://mantle.example:443"), "mantle.example");
+        assert_eq!(host("https://mantle.example:8443"), "mantle.example:8443");
+        assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1");
+        assert_eq!(host("http://127.0.0.1:9000"), "127.0.0.1:9000");
+    }
+}
+
+/// A response body from upstream that drives its connection as it is read, and gives the connection back to
+/// its thread's pool when the response has ended.
+pub struct UpstreamBody {
+    /// `None` only while being dropped.
+    incoming: Option<Incoming>,
+    conn: Option<Conn>,
+    idle: Arc<Mutex<Vec<Idle>>>,
+}
+
+impl UpstreamBody {
+    /// Keeps the connection for the next request if hyper is ready for one on it; otherwise closes it.
+    fn release(&mut self, cx: &mut Context<'_>) {
+        let Some(mut conn) = self.conn.take() else { return };
+        // Lets hyper finish the exchange: it is then ready for the next request, or closing.
+        conn.drive(cx);
+        if conn.driver.is_some() && conn.sender.is_ready() {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < MAX_IDLE {
+                idle.push(Idle { conn, since: Instant::now() });
+            }
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let Some(incoming) = this.incoming.as_mut() else { return Poll::Ready(None) };
+        let mut frame = Pin::new(&mut *incoming).poll_frame(cx);
+        if frame.is_pending()
+            && let Some(conn) = this.conn.as_mut()
+        {
+            // Reads and decodes what upstream has sent, which wakes `incoming` with the next chunk, or with the
+            // end or an error if the connection ended: worth a second look.
+            conn.drive(cx);
+            frame = Pin::new(&mut *incoming).poll_frame(cx);
+        }
+        // The end: seen, or known from the length (hyper's server then stops polling).
+        let ended = match &frame {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => incoming.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            this.release(cx);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.as_ref().is_none_or(Incoming::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.as_ref().map(Incoming::size_hint).unwrap_or_default()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.conn.is_none() {
+            return;
+        }
+        // Dropped before its end was read: the gateway ended a stream at its end marker, or the caller left.
+        // With its reader gone, hyper reads the rest of the response if it has already arrived (an end marker
+        // is followed at once by the end of the body) and keeps the connection; otherwise it closes it.
+        drop(self.incoming.take());
+        self.release(&mut Context::from_waker(std::task::Waker::noop()));
+    }
 }

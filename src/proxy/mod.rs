@@ -48,7 +48,7 @@ pub struct Gateway {
 
 /// A request upstream answered.
 struct Forwarded {
-    response: Response<Incoming>,
+    response: Response<client::UpstreamBody>,
     endpoint: Endpoint,
     /// The gateway asked for stream usage the client did not ask for.
     usage_injected: bool,
@@ -135,11 +135,11 @@ impl Gateway {
         match tokio::time::timeout(upstream.response_timeout, client.request(Request::from_parts(parts, body))).await {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Ok(response)) => Ok(Forwarded { response, endpoint, usage_injected }),
-            Ok(Err(e)) if body::is_over_limit(&e) => {
+            Ok(Err(e)) if body::is_over_limit(&*e) => {
                 Err(GatewayError::RequestTooLarge(self.config.server.max_body_bytes))
             }
             Ok(Err(e)) => {
-                tracing::warn!(request_id = ?log.request_id(), error = %access_log::error_chain(&e), "upstream request failed");
+                tracing::warn!(request_id = ?log.request_id(), error = %access_log::error_chain(&*e), "upstream request failed");
                 Err(GatewayError::UpstreamUnreachable)
             }
         }
@@ -184,24 +184,19 @@ impl Gateway {
         Ok((Body::from(bytes), false))
     }
 
+    /// The request target upstream, in origin form (`/path?query`): the client sends `Host` itself.
     fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
         let path_and_query = match query {
             Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
             None => PathAndQuery::try_from(path),
         }
         .map_err(|_| GatewayError::UnknownRoute)?;
-        let upstream = &self.config.upstream;
-        Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| GatewayError::UnknownRoute)
+        Ok(Uri::from(path_and_query))
     }
 
     /// A new upstream client (connection pool) for one traffic thread.
-    pub fn client(&self) -> UpstreamClient {
-        client::pool(self.connector.clone())
+    pub fn client(&self) -> anyhow::Result<UpstreamClient> {
+        UpstreamClient::new(self.connector.clone(), &self.config.upstream)
     }
 }
 

@@ -56,6 +56,7 @@ type Handler = Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Response> + Se
 pub struct Mock {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
     seen: Mutex<mpsc::UnboundedReceiver<Seen>>,
     seen_tx: mpsc::UnboundedSender<Seen>,
 }
@@ -128,8 +129,16 @@ impl Mock {
             let handler = handler.clone();
             async move { handler(req).await }
         });
+        let connections = Arc::new(AtomicUsize::new(0));
+        let listener = {
+            use axum::serve::ListenerExt;
+            let connections = connections.clone();
+            listener.tap_io(move |_| {
+                connections.fetch_add(1, Ordering::SeqCst);
+            })
+        };
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Arc::new(Self { addr, hits, seen: Mutex::new(seen_rx), seen_tx })
+        Arc::new(Self { addr, hits, connections, seen: Mutex::new(seen_rx), seen_tx })
     }
 
     /// A mock that answers every request with a [`scripted_sse`] stream, handing each script to the test.
@@ -147,6 +156,11 @@ impl Mock {
     /// How many requests reached the mock.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// How many connections the mock has accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// The next request the mock recorded.
