@@ -206,27 +206,6 @@ impl Conn {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_leaves_out_the_default_port() {
-        let host = |url: &str| {
-            let config = crate::Config::from_toml(&format!(
-                "[upstream]\nbase_url = \"{url}\"\n[callers]\nauth = \"none\"\n[[projects]]\nname = \"A\"\nid = \"proj_a\"\ntags = {{}}"
-            ))
-            .expect("valid");
-            host_header(&config.upstream).expect("host")
-        };
-        assert_eq!(host("https://bedrock-mantle.us-east-1.api.aws"), "bedrock-mantle.us-east-1.api.aws");
-        assert_eq!(host("https://mantle.example:443"), "mantle.example");
-        assert_eq!(host("https://mantle.example:8443"), "mantle.example:8443");
-        assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1");
-        assert_eq!(host("http://127.0.0.1:9000"), "127.0.0.1:9000");
-    }
-}
-
 /// A response body from upstream that drives its connection as it is read, and gives the connection back to
 /// its thread's pool when the response has ended.
 pub struct UpstreamBody {
@@ -298,5 +277,26 @@ impl Drop for UpstreamBody {
         // is followed at once by the end of the body) and keeps the connection; otherwise it closes it.
         drop(self.incoming.take());
         self.release(&mut Context::from_waker(std::task::Waker::noop()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_leaves_out_the_default_port() {
+        let host = |url: &str| {
+            let config = crate::Config::from_toml(&format!(
+                "[upstream]\nbase_url = \"{url}\"\n[callers]\nauth = \"none\"\n[[projects]]\nname = \"A\"\nid = \"proj_a\"\ntags = {{}}"
+            ))
+            .expect("valid");
+            host_header(&config.upstream).expect("host")
+        };
+        assert_eq!(host("https://bedrock-mantle.us-east-1.api.aws"), "bedrock-mantle.us-east-1.api.aws");
+        assert_eq!(host("https://mantle.example:443"), "mantle.example");
+        assert_eq!(host("https://mantle.example:8443"), "mantle.example:8443");
+        assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1");
+        assert_eq!(host("http://127.0.0.1:9000"), "127.0.0.1:9000");
     }
 }
