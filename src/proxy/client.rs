@@ -90,8 +90,9 @@ struct Idle {
 /// One upstream connection: hyper's handle to send on it, and the future that does its I/O.
 struct Conn {
     sender: http1::SendRequest<Body>,
-    /// `None` once it has finished: the connection is closed.
-    driver: Option<http1::Connection<Io, Body>>,
+    /// `None` once it has finished: the connection is closed. Boxed: it holds the connection's buffers and
+    /// TLS state, and would otherwise be copied into (and enlarge) every future and body that holds it.
+    driver: Option<Box<http1::Connection<Io, Body>>>,
 }
 
 impl UpstreamClient {
@@ -155,7 +156,7 @@ impl UpstreamClient {
         poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(self.origin.clone()).await?;
         let (sender, driver) = http1::handshake(io).await?;
-        Ok(Conn { sender, driver: Some(driver) })
+        Ok(Conn { sender, driver: Some(Box::new(driver)) })
     }
 }
 
@@ -193,7 +194,7 @@ impl Conn {
     /// Polls the connection's I/O. Returns whether it just finished (the connection is closed).
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(driver) = self.driver.as_mut() else { return false };
-        match Pin::new(driver).poll(cx) {
+        match Pin::new(&mut **driver).poll(cx) {
             Poll::Pending => false,
             Poll::Ready(result) => {
                 if let Err(e) = result {
