@@ -165,6 +165,10 @@ async fn serve_runs_the_configured_traffic_threads() {
         output.push(line);
     }
     assert!(output.iter().any(|l| l.contains("traffic listener drained")), "{output:?}");
+    // Threads write their lines at once without a lock between them: each is still a whole line.
+    let lines: Vec<serde_json::Value> =
+        output.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert_eq!(lines.iter().filter(|l| l["target"] == "mantlegate::access").count(), 24);
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! record names the key by its configured name; it never holds a credential, a query string or a body byte.
 
 use std::io::Write as _;
+use std::os::fd::AsFd as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -228,13 +229,28 @@ impl Serialize for Timestamp {
     }
 }
 
+/// Lines up to this long are written without stdout's lock: one `write` of at most this many bytes is atomic
+/// on a pipe (POSIX `PIPE_BUF` on Linux), as any single `write` is on a regular file.
+const ATOMIC_WRITE: usize = 4096;
+
+thread_local! {
+    /// This thread's own handle on stdout, a duplicate of descriptor 1 (same file, same offset), so that
+    /// traffic threads writing their lines at once do not queue on the process-wide stdout lock.
+    static STDOUT: Option<std::fs::File> =
+        std::io::stdout().as_fd().try_clone_to_owned().ok().map(std::fs::File::from);
+}
+
 /// Writes the line to stdout with one `write`, so it never interleaves with another log line.
 fn write_line(line: &Line<'_>) {
     let mut buf = Vec::with_capacity(512);
     if serde_json::to_writer(&mut buf, line).is_ok() {
         buf.push(b'\n');
         // Nothing useful can be done if stdout is gone; the request itself is unaffected.
-        let _ = std::io::stdout().lock().write_all(&buf);
+        let written =
+            buf.len() <= ATOMIC_WRITE && STDOUT.with(|out| out.as_ref().map(|mut file| file.write_all(&buf)).is_some());
+        if !written {
+            let _ = std::io::stdout().lock().write_all(&buf);
+        }
     }
 }
 
