@@ -79,12 +79,42 @@ pub struct UpstreamClient {
     origin: http::Uri,
     /// The `Host` every request carries.
     host: HeaderValue,
-    idle: Arc<Mutex<Vec<Idle>>>,
+    idle: Arc<Mutex<IdlePool<Conn>>>,
 }
 
-struct Idle {
-    conn: Conn,
-    since: Instant,
+/// A thread's idle connections, oldest first: each is put back after its last use, so they are in the
+/// order they fell idle. Those idle longer than [`IDLE_TIMEOUT`] are closed whenever one is taken or put
+/// back, so a burst's extra connections do not linger once traffic falls.
+#[derive(Debug)]
+struct IdlePool<T> {
+    entries: Vec<(T, Instant)>,
+}
+
+impl<T> Default for IdlePool<T> {
+    fn default() -> Self {
+        Self { entries: Vec::new() }
+    }
+}
+
+impl<T> IdlePool<T> {
+    /// The most recently idle entry.
+    fn take(&mut self, now: Instant) -> Option<T> {
+        self.evict(now);
+        self.entries.pop().map(|(conn, _)| conn)
+    }
+
+    /// Keeps `conn`, unless the pool is full.
+    fn put(&mut self, conn: T, now: Instant) {
+        self.evict(now);
+        if self.entries.len() < MAX_IDLE {
+            self.entries.push((conn, now));
+        }
+    }
+
+    fn evict(&mut self, now: Instant) {
+        let expired = self.entries.partition_point(|(_, since)| now.saturating_duration_since(*since) >= IDLE_TIMEOUT);
+        self.entries.drain(..expired);
+    }
 }
 
 /// One upstream connection: hyper's handle to send on it, and the future that does its I/O.
@@ -135,10 +165,7 @@ impl UpstreamClient {
     /// The most recently used idle connection that is still open.
     async fn take_idle(&self) -> Option<Conn> {
         loop {
-            let Idle { mut conn, since } = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
-            if since.elapsed() > IDLE_TIMEOUT {
-                continue;
-            }
+            let mut conn = self.idle.lock().unwrap_or_else(PoisonError::into_inner).take(Instant::now())?;
             // Lets hyper see what happened while it sat idle: a close from upstream ends the driver.
             poll_fn(|cx| {
                 conn.drive(cx);
@@ -213,7 +240,7 @@ pub struct UpstreamBody {
     /// `None` only while being dropped.
     incoming: Option<Incoming>,
     conn: Option<Conn>,
-    idle: Arc<Mutex<Vec<Idle>>>,
+    idle: Arc<Mutex<IdlePool<Conn>>>,
 }
 
 impl UpstreamBody {
@@ -223,10 +250,7 @@ impl UpstreamBody {
         // Lets hyper finish the exchange: it is then ready for the next request, or closing.
         conn.drive(cx);
         if conn.driver.is_some() && conn.sender.is_ready() {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < MAX_IDLE {
-                idle.push(Idle { conn, since: Instant::now() });
-            }
+            self.idle.lock().unwrap_or_else(PoisonError::into_inner).put(conn, Instant::now());
         }
     }
 }
@@ -284,6 +308,25 @@ impl Drop for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_idle_pool_gives_the_newest_and_closes_the_expired() {
+        let start = Instant::now();
+        let mut pool = IdlePool::default();
+        pool.put(1, start);
+        pool.put(2, start + Duration::from_secs(30));
+        pool.put(3, start + Duration::from_secs(60));
+        assert_eq!(pool.take(start + Duration::from_secs(61)), Some(3));
+        // 1 has been idle for IDLE_TIMEOUT: putting 4 back closes it; 2 stays.
+        pool.put(4, start + IDLE_TIMEOUT);
+        assert_eq!(pool.entries.iter().map(|(c, _)| *c).collect::<Vec<_>>(), [2, 4]);
+        assert_eq!(pool.take(start + IDLE_TIMEOUT + Duration::from_secs(30)), Some(4));
+        assert_eq!(pool.take(start + IDLE_TIMEOUT + Duration::from_secs(30)), None, "2 expired");
+        for i in 0..MAX_IDLE + 5 {
+            pool.put(i, start);
+        }
+        assert_eq!(pool.entries.len(), MAX_IDLE);
+    }
 
     #[test]
     fn host_leaves_out_the_default_port() {
