@@ -171,6 +171,10 @@ async fn serve_traffic(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let http = hyper::server::conn::http1::Builder::new();
+    let tender = tokio::spawn({
+        let client = client.clone();
+        async move { client.tend_idle().await }
+    });
     let service = crate::app::service(gateway, client);
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -207,6 +211,7 @@ async fn serve_traffic(
     }
     // Aborts what is left and waits for it, so each cut request's record is written before this returns.
     connections.shutdown().await;
+    tender.abort();
 }
 
 /// `mantlegate serve`: starts, then stops gracefully on SIGTERM or Ctrl-C.

@@ -250,13 +250,13 @@ async fn a_response_cut_short_is_not_reused() {
     assert_eq!(mock.connections(), 2);
 }
 
-#[tokio::test]
-async fn an_idle_connection_upstream_closed_is_not_used() {
+/// An upstream that answers one request per connection, keep-alive by the protocol, then closes it, and
+/// reports each close.
+async fn one_request_per_connection() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // An upstream that answers one request per connection, keep-alive by the protocol, then closes it.
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = upstream.local_addr().unwrap();
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             let (mut conn, _) = upstream.accept().await.unwrap();
@@ -274,6 +274,12 @@ async fn an_idle_connection_upstream_closed_is_not_used() {
             closed_tx.send(()).unwrap();
         }
     });
+    (upstream_addr, closed_rx)
+}
+
+#[tokio::test]
+async fn an_idle_connection_upstream_closed_is_not_used() {
+    let (upstream_addr, mut closed_rx) = one_request_per_connection().await;
     let gw = Gw::start(
         Mock::ok_json().await,
         Opts { server: "workers = 1", upstream_addr: Some(upstream_addr), ..Opts::default() },
@@ -284,6 +290,43 @@ async fn an_idle_connection_upstream_closed_is_not_used() {
         assert_eq!((res.status(), res.text().await.unwrap()), (StatusCode::OK, "{}".to_owned()));
         tokio::time::timeout(WAIT, closed_rx.recv()).await.unwrap().unwrap();
     }
+}
+
+/// This machine's IPv4 sockets connected to `port` that the peer has closed and this end has not.
+fn half_closed_to(port: u16) -> usize {
+    let remote = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields[2].ends_with(&remote) && fields[3] == "08" // CLOSE_WAIT
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn an_idle_connection_upstream_closes_is_closed_here_at_once() {
+    let (upstream_addr, mut closed_rx) = one_request_per_connection().await;
+    let gw = Gw::start(
+        Mock::ok_json().await,
+        Opts { server: "workers = 1", upstream_addr: Some(upstream_addr), ..Opts::default() },
+    )
+    .await;
+    let res = gw.get("/v1/models", CHAT_KEY).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.bytes().await.unwrap();
+    // Upstream has closed its end (on loopback its FIN has arrived when close returns); the gateway's end,
+    // idle in the pool with nobody asking for it, must follow without waiting for the next request.
+    tokio::time::timeout(WAIT, closed_rx.recv()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, async {
+        while half_closed_to(upstream_addr.port()) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the gateway left its upstream connection half closed");
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use std::error::Error as StdError;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -84,15 +84,19 @@ pub struct UpstreamClient {
 
 /// A thread's idle connections, oldest first: each is put back after its last use, so they are in the
 /// order they fell idle. Those idle longer than [`IDLE_TIMEOUT`] are closed whenever one is taken or put
-/// back, so a burst's extra connections do not linger once traffic falls.
+/// back, and by the thread's tender ([`UpstreamClient::tend_idle`]), which also closes each one upstream
+/// closes, as it happens.
 #[derive(Debug)]
 struct IdlePool<T> {
     entries: Vec<(T, Instant)>,
+    /// Wakes the tender. An idle connection is left registered with it, so upstream closing the
+    /// connection (or sending anything at all on it) wakes the tender.
+    tender: Option<Waker>,
 }
 
 impl<T> Default for IdlePool<T> {
     fn default() -> Self {
-        Self { entries: Vec::new() }
+        Self { entries: Vec::new(), tender: None }
     }
 }
 
@@ -114,6 +118,18 @@ impl<T> IdlePool<T> {
     fn evict(&mut self, now: Instant) {
         let expired = self.entries.partition_point(|(_, since)| now.saturating_duration_since(*since) >= IDLE_TIMEOUT);
         self.entries.drain(..expired);
+    }
+}
+
+impl IdlePool<Conn> {
+    /// Drives every idle connection once, so hyper sees what upstream did while nobody was looking, and
+    /// closes those that ended or expired.
+    fn sweep(&mut self, cx: &mut Context<'_>, now: Instant) {
+        self.evict(now);
+        self.entries.retain_mut(|(conn, _)| {
+            conn.drive(cx);
+            conn.driver.is_some() && conn.sender.is_ready()
+        });
     }
 }
 
@@ -176,6 +192,25 @@ impl UpstreamClient {
                 return Some(conn);
             }
         }
+    }
+
+    /// Looks after this thread's idle connections for as long as it runs (it never ends by itself): closes
+    /// each one as upstream closes it, and each one idle past [`IDLE_TIMEOUT`]. Without it, a connection
+    /// upstream closed would wait in the pool, half closed, until a request next looked at it.
+    pub async fn tend_idle(&self) {
+        let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll_fn(|cx| {
+            // Every poll sweeps, whoever woke it: a tick, or an idle connection's socket.
+            while tick.poll_tick(cx).is_ready() {}
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if !idle.tender.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                idle.tender = Some(cx.waker().clone());
+            }
+            idle.sweep(cx, Instant::now());
+            Poll::<()>::Pending
+        })
+        .await;
     }
 
     async fn connect(&self) -> Result<Conn, Error> {
@@ -247,10 +282,15 @@ impl UpstreamBody {
     /// Keeps the connection for the next request if hyper is ready for one on it; otherwise closes it.
     fn release(&mut self, cx: &mut Context<'_>) {
         let Some(mut conn) = self.conn.take() else { return };
-        // Lets hyper finish the exchange: it is then ready for the next request, or closing.
-        conn.drive(cx);
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        // Lets hyper finish the exchange: it is then ready for the next request, or closing. Driven with the
+        // tender's waker, so that what happens to the connection while it is idle wakes the tender.
+        match idle.tender.clone() {
+            Some(tender) => conn.drive(&mut Context::from_waker(&tender)),
+            None => conn.drive(cx),
+        };
         if conn.driver.is_some() && conn.sender.is_ready() {
-            self.idle.lock().unwrap_or_else(PoisonError::into_inner).put(conn, Instant::now());
+            idle.put(conn, Instant::now());
         }
     }
 }
