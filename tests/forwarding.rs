@@ -330,6 +330,50 @@ async fn an_idle_connection_upstream_closes_is_closed_here_at_once() {
 }
 
 #[tokio::test]
+async fn an_upload_upstream_answers_early_goes_on_while_the_caller_is_still_sending() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const UPLOAD: usize = 32 * 1024 * 1024;
+    // Upstream answers at once and streams its answer until it has read the whole request body.
+    let mock = Mock::start_raw(|req| async move {
+        let consumed = Arc::new(AtomicBool::new(false));
+        tokio::spawn({
+            let consumed = consumed.clone();
+            async move {
+                let mut body = req.into_body().into_data_stream();
+                while let Some(chunk) = body.next().await {
+                    chunk.unwrap();
+                }
+                consumed.store(true, Ordering::SeqCst);
+            }
+        });
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let answer = futures_util::stream::unfold((), move |()| {
+            let (consumed, chunk) = (consumed.clone(), chunk.clone());
+            async move { (!consumed.load(Ordering::SeqCst)).then_some((Ok::<_, std::convert::Infallible>(chunk), ())) }
+        });
+        axum::body::Body::from_stream(answer).into_response()
+    })
+    .await;
+    let max_body_bytes = 2 * UPLOAD as u64;
+    let gw = Gw::start(mock, Opts { server: "workers = 1", max_body_bytes, ..Opts::default() }).await;
+    // A caller that sends its whole request before it reads a byte of the response.
+    let mut caller = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {CHAT_KEY}\r\ncontent-length: {UPLOAD}\r\n\r\n"
+    );
+    caller.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::timeout(WAIT, caller.write_all(&vec![b' '; UPLOAD]))
+        .await
+        .expect("the upload stalled behind a response nobody was reading yet")
+        .unwrap();
+    let mut start = [0u8; 12];
+    tokio::time::timeout(WAIT, caller.read_exact(&mut start)).await.unwrap().unwrap();
+    assert_eq!(&start, b"HTTP/1.1 200");
+}
+
+#[tokio::test]
 async fn request_bodies_stream_to_upstream_when_the_model_need_not_be_read() {
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Bytes>();
     let first_tx = std::sync::Mutex::new(Some(first_tx));

@@ -17,6 +17,7 @@
 use std::error::Error as StdError;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -154,8 +155,11 @@ impl UpstreamClient {
 
     /// Sends `req` (its URI in origin form, `/path?query`) and returns the response head, with a body that
     /// drives the connection until it ends and then returns the connection to the pool.
-    pub async fn request(&self, mut req: Request<Body>) -> Result<Response<UpstreamBody>, Error> {
-        req.headers_mut().insert(http::header::HOST, self.host.clone());
+    pub async fn request(&self, req: Request<Body>) -> Result<Response<UpstreamBody>, Error> {
+        let (mut parts, body) = req.into_parts();
+        parts.headers.insert(http::header::HOST, self.host.clone());
+        let uploaded = Arc::new(AtomicBool::new(body.is_end_stream()));
+        let req = Request::from_parts(parts, Body::new(Uploading { inner: body, uploaded: uploaded.clone() }));
         let (mut conn, pooled) = match self.take_idle().await {
             Some(conn) => (conn, true),
             None => (self.connect().await?, false),
@@ -172,10 +176,24 @@ impl UpstreamClient {
             },
         };
         let (parts, incoming) = response.into_parts();
-        Ok(Response::from_parts(
-            parts,
-            UpstreamBody { incoming: Some(incoming), conn: Some(conn), idle: self.idle.clone() },
-        ))
+        let conn = if uploaded.load(Ordering::Acquire) {
+            Some(conn)
+        } else {
+            // Upstream answered before it had the whole request body. The rest must not wait for the caller
+            // to read the response (a caller that sends everything before reading would wait forever): the
+            // connection gets a task of its own for the rest of this exchange, and is closed after it.
+            let Conn { sender, driver } = conn;
+            drop(sender);
+            if let Some(driver) = driver {
+                tokio::spawn(async move {
+                    if let Err(e) = driver.await {
+                        tracing::debug!(error = %e, "upstream connection ended with an error");
+                    }
+                });
+            }
+            None
+        };
+        Ok(Response::from_parts(parts, UpstreamBody { incoming: Some(incoming), conn, idle: self.idle.clone() }))
     }
 
     /// The most recently used idle connection that is still open.
@@ -266,6 +284,38 @@ impl Conn {
                 true
             }
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body on its way upstream, which records when hyper has had all of it.
+    struct Uploading {
+        #[pin]
+        inner: Body,
+        uploaded: Arc<AtomicBool>,
+    }
+}
+
+impl http_body::Body for Uploading {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let mut this = self.project();
+        let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        // The end: seen, or known from the length (hyper then stops polling).
+        if frame.is_none() || this.inner.is_end_stream() {
+            this.uploaded.store(true, Ordering::Release);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -210,6 +210,8 @@ pub struct Opts {
     pub server: &'static str,
     /// `[server] shutdown_grace`.
     pub grace: &'static str,
+    /// `[server] max_body_bytes`.
+    pub max_body_bytes: u64,
     /// Extra lines for `[upstream]`.
     pub upstream: &'static str,
     /// `[callers] auth`.
@@ -231,6 +233,7 @@ impl Default for Opts {
         Self {
             server: "",
             grace: "5s",
+            max_body_bytes: 4096,
             upstream: "",
             callers: "keys",
             attribution: "",
@@ -253,7 +256,7 @@ pub fn config_text(upstream: SocketAddr, opts: &Opts) -> String {
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
-max_body_bytes = 4096
+max_body_bytes = {max_body_bytes}
 shutdown_grace = "{grace}"
 {server}
 
@@ -302,6 +305,7 @@ project = "Search"
 "#,
         server = opts.server,
         grace = opts.grace,
+        max_body_bytes = opts.max_body_bytes,
         upstream_extra = opts.upstream,
         callers = opts.callers,
         attribution = opts.attribution,
