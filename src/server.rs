@@ -113,8 +113,9 @@ fn log_exit(result: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Starts the traffic threads, having made every runtime and listener first (so a failure starts none), and
-/// returns once each is running. The returned future resolves once every thread has drained and stopped.
+/// Starts the traffic threads, having made every runtime, listener and client first (so a failure there
+/// starts none; if a thread cannot be started, those already running are stopped), and returns once each is
+/// running. The returned future resolves once every thread has drained and stopped.
 async fn start_workers(
     listener: std::net::TcpListener,
     workers: usize,
@@ -130,20 +131,25 @@ async fn start_workers(
             let _entered = runtime.enter();
             TcpListener::from_std(listener.try_clone()?)?
         };
-        prepared.push((runtime, listener));
+        prepared.push((runtime, listener, gateway.client()?));
     }
     let mut stopped = Vec::with_capacity(workers);
     let mut started = Vec::with_capacity(workers);
-    for (i, (runtime, listener)) in prepared.into_iter().enumerate() {
+    for (i, (runtime, listener, client)) in prepared.into_iter().enumerate() {
         let (running, running_rx) = tokio::sync::oneshot::channel::<()>();
         let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let worker = serve_traffic(listener, gateway.clone(), gateway.client()?, shutdown.clone(), grace);
-        std::thread::Builder::new().name(format!("traffic-{i}")).spawn(move || {
+        let worker = serve_traffic(listener, gateway.clone(), client, shutdown.clone(), grace);
+        let spawned = std::thread::Builder::new().name(format!("traffic-{i}")).spawn(move || {
             let _ = running.send(());
             runtime.block_on(worker);
             // Dropped with the sender if the thread panics: either way the thread is done.
             let _ = done.send(());
-        })?;
+        });
+        if let Err(e) = spawned {
+            // The threads already running stop too.
+            shutdown.trigger();
+            return Err(e).context("starting a traffic thread");
+        }
         started.push(running_rx);
         stopped.push(done_rx);
     }

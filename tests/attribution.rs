@@ -241,6 +241,22 @@ async fn passthrough_forwards_the_callers_own_credential() {
 }
 
 #[tokio::test]
+async fn large_bodies_are_checked_as_small_ones_are() {
+    // Bodies over 256 KiB are parsed off the traffic thread: same answers, same bytes forwarded.
+    let gw = Gw::start(Mock::ok_json().await, Opts { max_body_bytes: 4 << 20, ..Opts::default() }).await;
+    let prompt = "x".repeat(1 << 20);
+    let body = |model: &str| format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"{prompt}"}}]}}"#);
+    let res = gw.post("/v1/chat/completions", SEARCH_KEY).body(body("openai.gpt-5.5")).send().await.unwrap();
+    assert_eq!(error_code(res).await, (403, "model_not_allowed".into()));
+    let allowed = body("openai.gpt-oss-20b");
+    let res = gw.post("/v1/chat/completions", SEARCH_KEY).body(allowed.clone()).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(gw.mock.next().await.body, allowed.as_bytes());
+    let res = gw.post("/v1/chat/completions", SEARCH_KEY).body(format!("{{{prompt}")).send().await.unwrap();
+    assert_eq!(error_code(res).await.0, 400);
+}
+
+#[tokio::test]
 async fn model_allowlist_is_enforced_on_every_model_endpoint() {
     let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
     for path in ["/v1/chat/completions", "/openai/v1/responses", "/search/v1/responses"] {

@@ -330,6 +330,69 @@ async fn an_idle_connection_upstream_closes_is_closed_here_at_once() {
 }
 
 #[tokio::test]
+async fn a_request_that_may_have_reached_upstream_is_never_sent_twice() {
+    use tokio::io::AsyncWriteExt;
+    // Upstream answers the first request on a connection; it reads the second and closes without answering.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            loop {
+                let (mut conn, _) = upstream.accept().await.unwrap();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for n in 1.. {
+                        if !read_request(&mut conn, &mut buf).await {
+                            return;
+                        }
+                        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if n == 2 {
+                            return;
+                        }
+                        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await.unwrap();
+                    }
+                });
+            }
+        }
+    });
+    let gw = Gw::start(
+        Mock::ok_json().await,
+        Opts { server: "workers = 1", upstream_addr: Some(upstream_addr), ..Opts::default() },
+    )
+    .await;
+    assert_eq!(gw.get("/v1/models", CHAT_KEY).send().await.unwrap().status(), StatusCode::OK);
+    // Sent on the kept-alive connection, which upstream then closes: a resend would get a 200 on a new one.
+    let res = gw.post("/v1/responses", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(error_code(res).await, (502, "upstream_unreachable".to_owned()));
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// Reads one request (head and a `content-length` body) from `conn`, keeping what follows it in `buf`;
+/// false once the connection has closed.
+async fn read_request(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize =
+                head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + length {
+                buf.drain(..end + 4 + length);
+                return true;
+            }
+        }
+        let mut chunk = [0u8; 8192];
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[tokio::test]
 async fn an_upload_upstream_answers_early_goes_on_while_the_caller_is_still_sending() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -530,8 +593,14 @@ async fn the_drain_waits_for_streams_on_every_traffic_thread() {
     let running = gw.running.take().unwrap();
     running.shutdown.trigger();
     let mut stopped = Box::pin(running.stopped());
-    for (res, script) in streams {
-        // Still draining: this stream has not ended.
+    let last = streams.len() - 1;
+    for (i, (res, script)) in streams.into_iter().enumerate() {
+        // Still draining: this stream has not ended. Before the last one, give a wrongly finished drain
+        // (one that stopped waiting after the first thread) time to show.
+        if i == last {
+            let early = tokio::time::timeout(Duration::from_millis(300), stopped.as_mut()).await;
+            assert!(early.is_err(), "stopped with a stream in flight");
+        }
         assert!(stopped.as_mut().now_or_never().is_none(), "stopped with a stream in flight");
         script.tx.send(Bytes::from_static(b"data: late\n\n")).await.unwrap();
         drop(script.tx);

@@ -409,7 +409,9 @@ async fn an_encoded_response_passes_through_unmetered() {
 #[tokio::test]
 async fn a_stream_ended_at_its_end_marker_keeps_its_upstream_connection() {
     // The gateway ends a metered stream at `[DONE]`, before hyper has read the end of the body that follows
-    // it; the connection must still go back to the pool.
+    // it; when that end has arrived with `[DONE]` (upstream wrote them together, as this mock does), the
+    // connection must still go back to the pool. (An end that arrives later is not waited for: the
+    // connection is closed, as hyper-util's client did.)
     let mock = Mock::start(|_| async {
         let events = ["data: {\"choices\":[],\"usage\":null}\n\n".to_owned(), "data: [DONE]\n\n".to_owned()];
         let stream = futures_util::stream::iter(events.map(|e| Ok::<_, std::convert::Infallible>(Bytes::from(e))));

@@ -164,8 +164,11 @@ impl Gateway {
             return Ok((body::streamed(body, limit), false));
         }
         let bytes = body::read(body, limit).await?;
-        let facts =
-            if check_model || body::may_stream(&bytes) { body::facts_of(&bytes)? } else { body::Facts::default() };
+        let facts = if check_model || body::may_stream(&bytes) {
+            off_thread_if_large(&bytes, body::facts_of).await?
+        } else {
+            body::Facts::default()
+        };
         if check_model {
             let model = facts
                 .model
@@ -179,7 +182,7 @@ impl Gateway {
         log.model = facts.model.filter(|m| is_model_id(m));
         if meter_stream && facts.stream && !facts.include_usage {
             headers.remove(http::header::CONTENT_LENGTH);
-            return Ok((Body::from(body::with_include_usage(&bytes)?), true));
+            return Ok((Body::from(off_thread_if_large(&bytes, body::with_include_usage).await?), true));
         }
         Ok((Body::from(bytes), false))
     }
@@ -197,6 +200,28 @@ impl Gateway {
     /// A new upstream client (connection pool) for one traffic thread.
     pub fn client(&self) -> anyhow::Result<UpstreamClient> {
         UpstreamClient::new(self.connector.clone(), &self.config.upstream)
+    }
+}
+
+/// Request bodies larger than this are parsed on tokio's blocking pool rather than on the traffic thread,
+/// whose other connections (streams among them) would wait for the parse: serde_json takes milliseconds per
+/// megabyte, and a body may be up to `server.max_body_bytes`.
+const PARSE_INLINE_MAX: usize = 256 * 1024;
+
+/// `parse(bytes)`, off the traffic thread if `bytes` is large.
+async fn off_thread_if_large<T: Send + 'static>(
+    bytes: &bytes::Bytes,
+    parse: impl FnOnce(&[u8]) -> Result<T, GatewayError> + Send + 'static,
+) -> Result<T, GatewayError> {
+    if bytes.len() <= PARSE_INLINE_MAX {
+        return parse(bytes);
+    }
+    let bytes = bytes.clone();
+    match tokio::task::spawn_blocking(move || parse(&bytes)).await {
+        Ok(parsed) => parsed,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => Err(GatewayError::ShuttingDown),
     }
 }
 
