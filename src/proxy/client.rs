@@ -10,9 +10,12 @@
 //! burst of stream events is one write to the caller, not one write per event.
 //!
 //! A connection goes back to its thread's pool only when its response has ended and hyper is ready for the
-//! next request on it; one whose response was cut short (the caller left, an idle timeout) is closed, as
-//! HTTP/1.1 allows nothing else. An idle connection is checked as it is taken: one upstream has closed is
-//! dropped, and a request that a stale connection could not even send goes once more on a new one.
+//! next request on it. One whose response was cut short (the caller left, a stream ended at its end marker)
+//! is kept only if the rest had already arrived, and closed otherwise, as HTTP/1.1 allows nothing else. Idle
+//! connections are watched by their thread's tender, which closes each one upstream closes; one is checked
+//! again as it is taken, and a request that a stale connection could not even send goes once more on a new
+//! one (never one that may have reached upstream). An exchange whose upload is still going when the answer
+//! comes gets a task of its own instead, so the upload never waits for the caller to read.
 
 use std::error::Error as StdError;
 use std::future::{Future, poll_fn};
