@@ -277,14 +277,16 @@ async fn one_request_per_connection() -> (std::net::SocketAddr, tokio::sync::mps
     (upstream_addr, closed_rx)
 }
 
+/// A gateway with one traffic thread (so one pool of upstream connections) in front of `upstream`.
+async fn one_thread_gateway(upstream: std::net::SocketAddr) -> Gw {
+    Gw::start(Mock::ok_json().await, Opts { server: "workers = 1", upstream_addr: Some(upstream), ..Opts::default() })
+        .await
+}
+
 #[tokio::test]
 async fn an_idle_connection_upstream_closed_is_not_used() {
     let (upstream_addr, mut closed_rx) = one_request_per_connection().await;
-    let gw = Gw::start(
-        Mock::ok_json().await,
-        Opts { server: "workers = 1", upstream_addr: Some(upstream_addr), ..Opts::default() },
-    )
-    .await;
+    let gw = one_thread_gateway(upstream_addr).await;
     for _ in 0..3 {
         let res = gw.get("/v1/models", CHAT_KEY).send().await.unwrap();
         assert_eq!((res.status(), res.text().await.unwrap()), (StatusCode::OK, "{}".to_owned()));
@@ -309,11 +311,7 @@ fn half_closed_to(port: u16) -> usize {
 #[tokio::test]
 async fn an_idle_connection_upstream_closes_is_closed_here_at_once() {
     let (upstream_addr, mut closed_rx) = one_request_per_connection().await;
-    let gw = Gw::start(
-        Mock::ok_json().await,
-        Opts { server: "workers = 1", upstream_addr: Some(upstream_addr), ..Opts::default() },
-    )
-    .await;
+    let gw = one_thread_gateway(upstream_addr).await;
     let res = gw.get("/v1/models", CHAT_KEY).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     res.bytes().await.unwrap();
@@ -358,11 +356,7 @@ async fn a_request_that_may_have_reached_upstream_is_never_sent_twice() {
             }
         }
     });
-    let gw = Gw::start(
-        Mock::ok_json().await,
-        Opts { server: "workers = 1", upstream_addr: Some(upstream_addr), ..Opts::default() },
-    )
-    .await;
+    let gw = one_thread_gateway(upstream_addr).await;
     assert_eq!(gw.get("/v1/models", CHAT_KEY).send().await.unwrap().status(), StatusCode::OK);
     // Sent on the kept-alive connection, which upstream then closes: a resend would get a 200 on a new one.
     let res = gw.post("/v1/responses", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
