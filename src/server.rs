@@ -210,6 +210,9 @@ async fn serve_traffic(
                 tracing::debug!(error = %e, "traffic connection ended with an error");
             }
         });
+        // Connections arriving together wake every traffic thread; taking them one at a time, with the
+        // thread's other work in between, lets the others take their share instead of this one taking all.
+        tokio::task::yield_now().await;
     }
     drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
