@@ -246,8 +246,14 @@ fn write_line(line: &Line<'_>) {
     if serde_json::to_writer(&mut buf, line).is_ok() {
         buf.push(b'\n');
         // Nothing useful can be done if stdout is gone; the request itself is unaffected.
-        let written =
-            buf.len() <= ATOMIC_WRITE && STDOUT.with(|out| out.as_ref().map(|mut file| file.write_all(&buf)).is_some());
+        let written = buf.len() <= ATOMIC_WRITE
+            && STDOUT.with(|out| match out {
+                Some(file) => {
+                    let _ = (&*file).write_all(&buf);
+                    true
+                }
+                None => false,
+            });
         if !written {
             let _ = std::io::stdout().lock().write_all(&buf);
         }

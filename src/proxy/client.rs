@@ -132,7 +132,7 @@ impl IdlePool<Conn> {
         self.evict(now);
         self.entries.retain_mut(|(conn, _)| {
             conn.drive(cx);
-            conn.driver.is_some() && conn.sender.is_ready()
+            conn.reusable()
         });
     }
 }
@@ -209,7 +209,7 @@ impl UpstreamClient {
                 Poll::Ready(())
             })
             .await;
-            if conn.driver.is_some() && conn.sender.is_ready() {
+            if conn.reusable() {
                 return Some(conn);
             }
         }
@@ -272,6 +272,11 @@ impl Conn {
             }
         })
         .await
+    }
+
+    /// Whether it is open and hyper is ready for a request on it.
+    fn reusable(&self) -> bool {
+        self.driver.is_some() && self.sender.is_ready()
     }
 
     /// Polls the connection's I/O. Returns whether it just finished (the connection is closed).
@@ -342,7 +347,7 @@ impl UpstreamBody {
             Some(tender) => conn.drive(&mut Context::from_waker(&tender)),
             None => conn.drive(cx),
         };
-        if conn.driver.is_some() && conn.sender.is_ready() {
+        if conn.reusable() {
             idle.put(conn, Instant::now());
         }
     }
