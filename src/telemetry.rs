@@ -3,6 +3,10 @@
 
 use tracing_subscriber::EnvFilter;
 
+pub mod json_line;
+
+pub use json_line::JsonLine;
+
 /// Installs the JSON subscriber; safe to call more than once (later calls do nothing).
 pub fn init() {
     let filter = std::env::var("MANTLEGATE_LOG")

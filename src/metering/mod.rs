@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::auth::KeyIdx;
 use crate::config::{Config, ProjectIdx};
+use crate::telemetry::{JsonLine, Stamp};
 use ledger::{Ledger, LedgerWriter};
 use metrics::{Metrics, Observation};
 use prices::PriceTable;
@@ -83,26 +84,6 @@ pub struct Finished<'a> {
     pub complete: bool,
     /// Whether upstream was contacted (gateway rejections write no ledger line).
     pub forwarded: bool,
-}
-
-/// One ledger line, less the project's fields (spliced in from [`ProjectMeta::ledger_fields`]).
-#[derive(Serialize)]
-struct LedgerLine<'a> {
-    time: &'a str,
-    request_id: &'a str,
-    key: Option<&'a str>,
-    route: &'static str,
-    model: Option<&'a str>,
-    stream: bool,
-    status: u16,
-    input_tokens: u64,
-    output_tokens: u64,
-    cached_input_tokens: u64,
-    reasoning_tokens: u64,
-    cost_usd: Option<f64>,
-    duration_ms: f64,
-    ttfb_ms: Option<f64>,
-    complete: bool,
 }
 
 impl Meter {
@@ -175,37 +156,24 @@ impl Meter {
         let (Some(ledger), Some(project), true) = (&self.ledger, f.project, f.forwarded) else { return };
         let project = &self.projects[project.0];
         let usage = f.usage.unwrap_or_default();
-        let time = crate::telemetry::Stamp::new(SystemTime::now(), 3);
-        let line = LedgerLine {
-            time: time.as_str(),
-            request_id: f.request_id,
-            key: f.key.map(|k| self.key_name(k)),
-            route: f.endpoint.name(),
-            model: f.model,
-            stream: f.stream,
-            status: f.status,
-            input_tokens: usage.input,
-            output_tokens: usage.output,
-            cached_input_tokens: usage.cached_input,
-            reasoning_tokens: usage.reasoning,
-            cost_usd: cost,
-            duration_ms: millis(f.duration),
-            ttfb_ms: f.ttfb.map(millis),
-            complete: f.complete,
-        };
-        let mut text = Vec::with_capacity(512);
-        if serde_json::to_writer(&mut text, &line).is_ok() {
-            // `{...}` -> `{...,"project":...,"tags":{...}}`
-            if !project.ledger_fields.is_empty() {
-                text.pop();
-                text.push(b',');
-                text.extend_from_slice(project.ledger_fields.as_bytes());
-                text.push(b'}');
-            }
-            if let Ok(line) = String::from_utf8(text) {
-                ledger.append(line);
-            }
-        }
+        let mut line = JsonLine::with_capacity(512);
+        line.str("time", Stamp::new(SystemTime::now(), 3).as_str())
+            .str("request_id", f.request_id)
+            .str_or_null("key", f.key.map(|k| self.key_name(k)))
+            .str("route", f.endpoint.name())
+            .str_or_null("model", f.model)
+            .bool("stream", f.stream)
+            .u64("status", f.status.into())
+            .u64("input_tokens", usage.input)
+            .u64("output_tokens", usage.output)
+            .u64("cached_input_tokens", usage.cached_input)
+            .u64("reasoning_tokens", usage.reasoning)
+            .f64_or_null("cost_usd", cost)
+            .f64("duration_ms", millis(f.duration))
+            .f64_or_null("ttfb_ms", f.ttfb.map(millis))
+            .bool("complete", f.complete)
+            .members(&project.ledger_fields);
+        ledger.append(line.finish());
     }
 
     /// The `/metrics` text.

@@ -10,7 +10,7 @@
 use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
-use memchr::memmem::Finder;
+use memchr::memmem::{Finder, FinderRev};
 use serde::Deserialize;
 
 use crate::endpoint::Endpoint;
@@ -59,6 +59,8 @@ impl Dialect {
 /// The byte strings the tap looks for, each with its searcher built once.
 struct Needles {
     usage: Finder<'static>,
+    last_usage: FinderRev<'static>,
+    model: Finder<'static>,
     completed: Finder<'static>,
     incomplete: Finder<'static>,
     failed: Finder<'static>,
@@ -70,6 +72,8 @@ struct Needles {
 
 static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     usage: Finder::new(b"\"usage\""),
+    last_usage: FinderRev::new(b"\"usage\""),
+    model: Finder::new(b"\"model\""),
     completed: Finder::new(b"response.completed"),
     incomplete: Finder::new(b"response.incomplete"),
     failed: Finder::new(b"response.failed"),
@@ -79,27 +83,19 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     message_stop: Finder::new(b"\"message_stop\""),
 });
 
-/// Whether `data` has a `"usage"` member holding an object (not `null`).
-fn has_usage_object(data: &[u8]) -> bool {
+/// Whether `data` mentions a `"usage"` member at all, and whether one holds an object (not `null`).
+fn usage_member(data: &[u8]) -> (bool, bool) {
     let mut from = 0;
+    let mut mentioned = false;
     while let Some(at) = NEEDLES.usage.find(&data[from..]) {
+        mentioned = true;
         from += at + 7;
         let value = data[from..].trim_ascii_start().strip_prefix(b":").map(<[u8]>::trim_ascii_start);
         if value.is_some_and(|v| v.starts_with(b"{")) {
-            return true;
+            return (true, true);
         }
     }
-    false
-}
-
-/// The lines of `data`, each with its `\n`.
-fn lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut start = 0;
-    memchr::memchr_iter(b'\n', data).map(move |nl| {
-        let line = &data[start..=nl];
-        start = nl + 1;
-        line
-    })
+    (mentioned, false)
 }
 
 /// Largest non-streamed JSON body kept for parsing; a bigger one is forwarded but not metered.
@@ -130,6 +126,15 @@ pub struct UsageTap {
     /// Whether the model still has to be read from the response (it is known when the request was read).
     need_model: bool,
     anthropic: AnthropicCounters,
+}
+
+/// What one SSE line showed about usage.
+#[derive(Debug, Default, Clone, Copy)]
+struct LineSeen {
+    /// It is the usage-only chat chunk (no choices).
+    usage_only: bool,
+    /// It names a `"usage"` member, perhaps `null`.
+    mentions_usage: bool,
 }
 
 #[derive(Debug)]
@@ -228,10 +233,12 @@ impl UsageTap {
     pub fn finish(&mut self) -> Bytes {
         match &mut self.state {
             State::Json { chunks, len } => {
-                let body = (*len <= MAX_JSON_BODY).then(|| chunks.concat());
-                chunks.clear();
-                if let Some(body) = body {
-                    self.read_json_body(&body);
+                let chunks = std::mem::take(chunks);
+                match chunks.as_slice() {
+                    _ if *len > MAX_JSON_BODY => {}
+                    // Most bodies arrive in one piece: parse it where it is.
+                    [one] => self.read_json_body(one),
+                    many => self.read_json_body(&many.concat()),
                 }
                 self.finished = true;
                 Bytes::new()
@@ -293,11 +300,11 @@ impl UsageTap {
             && [&n.completed, &n.incomplete, &n.failed].iter().any(|f| f.find(line_head).is_some())
         {
             self.finished = true;
-            if let Some(usage) = member::<ResponsesUsage>(line_tail, b"\"usage\"", Find::Last) {
+            if let Some(usage) = member::<ResponsesUsage>(line_tail, Member::LastUsage) {
                 self.usage = Some(usage.into());
             }
             if self.model.is_none() {
-                self.model = member::<String>(line_head, b"\"model\"", Find::First);
+                self.model = member::<String>(line_head, Member::FirstModel);
             }
         }
     }
@@ -314,14 +321,23 @@ impl UsageTap {
             pending.split().freeze()
         };
         let mut rewritten: Option<BytesMut> = None;
+        // One pass over the lines: an event ends with a blank line that is not its first line.
         let mut start = 0;
-        while let Some(end) = event_end(&data[start..]).map(|e| start + e) {
-            let event = &data[start..end];
-            let mut usage_only = false;
-            for line in lines(event) {
-                usage_only |= self.read_line(line);
+        let mut line_start = 0;
+        let mut usage_only = false;
+        let mut mentions_usage = false;
+        for nl in memchr::memchr_iter(b'\n', &data) {
+            let line = &data[line_start..=nl];
+            let first = line_start == start;
+            line_start = nl + 1;
+            if first || !matches!(line, b"\n" | b"\r\n") {
+                let seen = self.read_line(line);
+                usage_only |= seen.usage_only;
+                mentions_usage |= seen.mentions_usage;
+                continue;
             }
-            let null_usage = !usage_only && NEEDLES.usage.find(event).is_some();
+            let (event, end) = (&data[start..line_start], line_start);
+            let null_usage = !usage_only && mentions_usage;
             if usage_only || null_usage {
                 let out = rewritten.get_or_insert_with(|| BytesMut::from(&data[..start]));
                 if null_usage {
@@ -330,7 +346,7 @@ impl UsageTap {
             } else if let Some(out) = &mut rewritten {
                 out.extend_from_slice(event);
             }
-            start = end;
+            (start, usage_only, mentions_usage) = (end, false, false);
         }
         if let State::Sse { pending } = &mut self.state {
             if pending.len() + data.len() - start > MAX_SSE_LINE {
@@ -350,28 +366,30 @@ impl UsageTap {
         }
     }
 
-    /// Reads one SSE line; returns whether it is a usage-only chat chunk.
-    fn read_line(&mut self, line: &[u8]) -> bool {
+    /// Reads one SSE line.
+    fn read_line(&mut self, line: &[u8]) -> LineSeen {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(data) = line.strip_prefix(b"data:") else { return false };
+        let Some(data) = line.strip_prefix(b"data:") else { return LineSeen::default() };
         let data = data.strip_prefix(b" ").unwrap_or(data);
         match self.dialect {
             Dialect::Chat => {
                 if data == b"[DONE]" {
                     self.finished = true;
-                    return false;
+                    return LineSeen::default();
                 }
-                if (self.need_model && self.model.is_none()) || has_usage_object(data) {
+                let (mentions_usage, usage_object) = usage_member(data);
+                let mut seen = LineSeen { usage_only: false, mentions_usage };
+                if (self.need_model && self.model.is_none()) || usage_object {
                     if let Ok(chunk) = serde_json::from_slice::<ChatBody>(data) {
                         self.model = self.model.take().or(chunk.model);
                         if let Some(u) = chunk.usage {
                             self.usage = Some(u.into());
-                            return chunk.choices.is_some_and(|c| c.is_empty());
+                            seen.usage_only = chunk.choices.is_some_and(|c| c.is_empty());
                         }
                     }
                 }
-                false
+                seen
             }
             Dialect::Responses => {
                 let n = &*NEEDLES;
@@ -393,7 +411,7 @@ impl UsageTap {
                         self.model = r.model;
                     }
                 }
-                false
+                LineSeen::default()
             }
             Dialect::Messages => {
                 if NEEDLES.message_start.find(data).is_some() || NEEDLES.message_delta.find(data).is_some() {
@@ -408,7 +426,7 @@ impl UsageTap {
                 } else if NEEDLES.message_stop.find(data).is_some() {
                     self.finished = true;
                 }
-                false
+                LineSeen::default()
             }
         }
     }
@@ -418,16 +436,16 @@ impl UsageTap {
     /// hold, the whole body is parsed instead.
     fn read_json_body(&mut self, body: &[u8]) {
         let usage = match self.dialect {
-            Dialect::Chat => member::<ChatUsage>(body, b"\"usage\"", Find::Last).map(Usage::from),
-            Dialect::Responses => member::<ResponsesUsage>(body, b"\"usage\"", Find::Last).map(Usage::from),
-            Dialect::Messages => member::<MessagesUsage>(body, b"\"usage\"", Find::Last).map(|u| {
+            Dialect::Chat => member::<ChatUsage>(body, Member::LastUsage).map(Usage::from),
+            Dialect::Responses => member::<ResponsesUsage>(body, Member::LastUsage).map(Usage::from),
+            Dialect::Messages => member::<MessagesUsage>(body, Member::LastUsage).map(|u| {
                 self.anthropic.apply(Some(u));
                 self.anthropic.usage()
             }),
         };
         if usage.is_some() {
             self.usage = usage;
-            self.model = member::<String>(body, b"\"model\"", Find::First);
+            self.model = member::<String>(body, Member::FirstModel);
             return;
         }
         match self.dialect {
@@ -456,19 +474,23 @@ impl UsageTap {
     }
 }
 
+/// The members read from a JSON text without parsing all of it.
 #[derive(Clone, Copy)]
-enum Find {
-    First,
-    Last,
+enum Member {
+    /// The last `"usage"` member.
+    LastUsage,
+    /// The first `"model"` member.
+    FirstModel,
 }
 
-/// The value of the first or last `key` member of a JSON text, parsed alone. A key can only match where its
-/// quotes are real quotes: inside a string value a quote is always escaped.
-fn member<'a, T: Deserialize<'a>>(body: &'a [u8], key: &[u8], find: Find) -> Option<T> {
-    let at = match find {
-        Find::First => memchr::memmem::find(body, key),
-        Find::Last => memchr::memmem::rfind(body, key),
-    }?;
+/// The value of a member of a JSON text, parsed alone. A key can only match where its quotes are real quotes:
+/// inside a string value a quote is always escaped.
+fn member<'a, T: Deserialize<'a>>(body: &'a [u8], which: Member) -> Option<T> {
+    let n = &*NEEDLES;
+    let (at, key) = match which {
+        Member::LastUsage => (n.last_usage.rfind(body)?, n.last_usage.needle()),
+        Member::FirstModel => (n.model.find(body)?, n.model.needle()),
+    };
     if at > 0 && body[at - 1] == b'\\' {
         return None;
     }
@@ -476,25 +498,12 @@ fn member<'a, T: Deserialize<'a>>(body: &'a [u8], key: &[u8], find: Find) -> Opt
     T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
 }
 
-/// Where the first SSE event in `data` ends: just after its blank line (`\n\n` or `\n\r\n`).
-fn event_end(data: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(nl) = memchr::memchr(b'\n', &data[from..]).map(|i| from + i) {
-        match data.get(nl + 1..) {
-            Some([b'\n', ..]) => return Some(nl + 2),
-            Some([b'\r', b'\n', ..]) => return Some(nl + 3),
-            _ => from = nl + 1,
-        }
-    }
-    None
-}
-
 /// Removes the `"usage":null` members that `include_usage` adds to every chunk.
 fn strip_null_usage(event: &[u8]) -> Vec<u8> {
     const PATTERNS: [&[u8]; 4] = [b",\"usage\":null", b", \"usage\": null", b"\"usage\":null,", b"\"usage\": null, "];
     let mut out = Vec::with_capacity(event.len());
     let mut rest = event;
-    while let Some(at) = memchr::memmem::find(rest, b"\"usage\"") {
+    while let Some(at) = NEEDLES.usage.find(rest) {
         let found = PATTERNS.iter().find_map(|p| {
             // The comma may sit before the member (`,"usage":null`) or after it (`"usage":null,`).
             let begin = at.checked_sub(p.iter().take_while(|b| **b != b'"').count())?;
@@ -705,6 +714,31 @@ mod tests {
     }
 
     #[test]
+    fn events_of_any_shape_pass_byte_for_byte_in_chunks_of_any_size() {
+        // Leading and doubled blank lines, comments, event names, multi-line data, CRLF and LF mixed, and a
+        // last event that never ends: only the usage-only chunk and `"usage":null` members are taken out.
+        let body = concat!(
+            "\n: keep-alive\n\n",
+            "event: message\ndata: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\": {}\"}}]}\n\n\n",
+            "data: first\r\ndata: second\r\n\r\n",
+            "data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\n\n",
+            "data: [DONE]\n\n",
+            "data: unfinished",
+        );
+        let expected = body
+            .replace(",\"usage\":null", "")
+            .replace("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\n\n", "");
+        for size in 1..=body.len() {
+            let mut tap = UsageTap::sse(Dialect::Chat, true);
+            let out = run(&mut tap, body.as_bytes(), size);
+            assert_eq!(String::from_utf8_lossy(&out), expected, "in chunks of {size}");
+            assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((2, 3)), "in chunks of {size}");
+            assert!(tap.finished());
+        }
+    }
+
+    #[test]
     fn crlf_events_are_filtered_too() {
         let body = "data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\r\n\r\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\r\n\r\ndata: [DONE]\r\n\r\n";
         let mut tap = UsageTap::sse(Dialect::Chat, true);
@@ -796,10 +830,12 @@ mod tests {
                 Usage { input: 13, output: 4, cached_input: 10, reasoning: 0 },
             ),
         ];
-        for (dialect, body, usage) in cases {
+        // In pieces, and in one piece (read where it lies).
+        for ((dialect, body, usage), size) in cases.into_iter().flat_map(|case| [(case, 7), (case, case.1.len())]) {
             let mut tap = UsageTap::json(dialect);
-            assert_eq!(run(&mut tap, body.as_bytes(), 7), body.as_bytes());
-            assert_eq!(tap.usage(), Some(usage), "{dialect:?}");
+            assert_eq!(run(&mut tap, body.as_bytes(), size), body.as_bytes());
+            assert_eq!(tap.usage(), Some(usage), "{dialect:?} in pieces of {size}");
+            assert!(tap.model().is_some_and(|m| body.contains(&format!("\"model\":\"{m}\""))), "{dialect:?}");
         }
         let mut tap = UsageTap::json(Dialect::Chat);
         run(&mut tap, b"{\"truncated", 4);

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Method, StatusCode};
-use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::attribution::Source;
@@ -16,6 +15,7 @@ use crate::auth::KeyIdx;
 use crate::config::ProjectIdx;
 use crate::metering::usage::UsageTap;
 use crate::metering::{Finished, Meter, millis};
+use crate::telemetry::{JsonLine, Stamp};
 
 /// The request's record, filled in phase by phase.
 #[derive(Debug)]
@@ -139,95 +139,63 @@ impl Drop for AccessLog {
         if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
             return;
         }
-        write_line(&Line {
-            timestamp: Timestamp(SystemTime::now()),
-            level: "INFO",
-            target: ACCESS_TARGET,
-            message: "request",
-            request_id: self.request_id.to_str().unwrap_or("-"),
-            method: self.method.as_str(),
-            path: &self.path,
-            endpoint: self.endpoint.map(crate::endpoint::Endpoint::name),
-            key: self.key.map(|k| meter.key_name(k)),
-            project: self.project.map(|(p, _)| meter.project_name(p)),
-            project_id: self.project.map(|(p, _)| meter.project_id(p)),
-            attribution: self.project.map(|(_, s)| s.name()),
-            model,
-            stream: self.stream,
-            status: self.status.map(|s| s.as_u16()),
-            error: self.error,
-            input_tokens: usage.map(|u| u.input),
-            output_tokens: usage.map(|u| u.output),
-            cached_input_tokens: usage.map(|u| u.cached_input),
-            reasoning_tokens: usage.map(|u| u.reasoning),
-            cost_usd: cost,
-            duration_ms: millis(duration),
-            ttfb_ms: self.ttfb.map(millis),
-            complete,
-            incomplete_reason,
-        });
+        let mut line = JsonLine::with_capacity(512);
+        line.str("timestamp", Stamp::new(SystemTime::now(), 6).as_str())
+            .str("level", "INFO")
+            .str("target", ACCESS_TARGET)
+            .str("message", "request")
+            .str("request_id", self.request_id.to_str().unwrap_or("-"))
+            .str("method", self.method.as_str())
+            .str("path", &self.path);
+        if let Some(endpoint) = self.endpoint {
+            line.str("endpoint", endpoint.name());
+        }
+        if let Some(key) = self.key {
+            line.str("key", meter.key_name(key));
+        }
+        if let Some((project, source)) = self.project {
+            line.str("project", meter.project_name(project))
+                .str("project_id", meter.project_id(project))
+                .str("attribution", source.name());
+        }
+        if let Some(model) = model {
+            line.str("model", model);
+        }
+        line.bool("stream", self.stream);
+        if let Some(status) = self.status {
+            line.u64("status", status.as_u16().into());
+        }
+        if let Some(error) = self.error {
+            line.str("error", error);
+        }
+        if let Some(usage) = usage {
+            line.u64("input_tokens", usage.input)
+                .u64("output_tokens", usage.output)
+                .u64("cached_input_tokens", usage.cached_input)
+                .u64("reasoning_tokens", usage.reasoning);
+        }
+        if let Some(cost) = cost {
+            line.f64("cost_usd", cost);
+        }
+        line.f64("duration_ms", millis(duration));
+        if let Some(ttfb) = self.ttfb {
+            line.f64("ttfb_ms", millis(ttfb));
+        }
+        line.bool("complete", complete);
+        if let Some(reason) = incomplete_reason {
+            line.str("incomplete_reason", reason);
+        }
+        write_line(line.finish());
     }
 }
 
 /// The access log's target: `MANTLEGATE_LOG=info,mantlegate::access=off` turns the lines off.
 const ACCESS_TARGET: &str = "mantlegate::access";
 
-/// One access log line, in the shape of the other JSON log lines (`timestamp`, `level`, `target`, `message`,
-/// then the fields; absent fields are left out). It is written here rather than through a `tracing` event:
-/// the JSON formatter's field visitor cost more than a third of the gateway's own CPU time per request,
-/// where serializing this struct costs a few percent.
-#[derive(Serialize)]
-struct Line<'a> {
-    timestamp: Timestamp,
-    level: &'static str,
-    target: &'static str,
-    message: &'static str,
-    request_id: &'a str,
-    method: &'a str,
-    path: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    endpoint: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    project: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    project_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    attribution: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<&'a str>,
-    stream: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    input_tokens: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output_tokens: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cached_input_tokens: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reasoning_tokens: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cost_usd: Option<f64>,
-    duration_ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ttfb_ms: Option<f64>,
-    complete: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    incomplete_reason: Option<&'a str>,
-}
-
-/// RFC 3339 with microseconds, as the other log lines print it.
-struct Timestamp(SystemTime);
-
-impl Serialize for Timestamp {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(crate::telemetry::Stamp::new(self.0, 6).as_str())
-    }
-}
+// One access log line is in the shape of the other JSON log lines (`timestamp`, `level`, `target`,
+// `message`, then the fields; absent fields are left out). It is written here rather than through a
+// `tracing` event: the JSON formatter's field visitor cost more than a third of the gateway's own CPU time
+// per request.
 
 /// Lines up to this long are written without stdout's lock: one `write` of at most this many bytes is atomic
 /// on a pipe (POSIX `PIPE_BUF` on Linux), as any single `write` is on a regular file.
@@ -241,22 +209,19 @@ thread_local! {
 }
 
 /// Writes the line to stdout with one `write`, so it never interleaves with another log line.
-fn write_line(line: &Line<'_>) {
-    let mut buf = Vec::with_capacity(512);
-    if serde_json::to_writer(&mut buf, line).is_ok() {
-        buf.push(b'\n');
-        // Nothing useful can be done if stdout is gone; the request itself is unaffected.
-        let written = buf.len() <= ATOMIC_WRITE
-            && STDOUT.with(|out| match out {
-                Some(file) => {
-                    let _ = (&*file).write_all(&buf);
-                    true
-                }
-                None => false,
-            });
-        if !written {
-            let _ = std::io::stdout().lock().write_all(&buf);
-        }
+fn write_line(mut line: String) {
+    line.push('\n');
+    // Nothing useful can be done if stdout is gone; the request itself is unaffected.
+    let written = line.len() <= ATOMIC_WRITE
+        && STDOUT.with(|out| match out {
+            Some(file) => {
+                let _ = (&*file).write_all(line.as_bytes());
+                true
+            }
+            None => false,
+        });
+    if !written {
+        let _ = std::io::stdout().lock().write_all(line.as_bytes());
     }
 }
 

@@ -4,6 +4,7 @@
 //! that falls silent for longer than `idle_timeout`, and records first byte and completion for the access log.
 
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use memchr::memmem::Finder;
 use tokio::time::{Instant, Sleep};
 
 use super::access_log::AccessLog;
@@ -70,8 +72,23 @@ pub async fn read(body: Body, limit: u64) -> Result<Bytes, GatewayError> {
 /// Whether a JSON body can ask for a stream at all: without the bytes `"stream"`, and without a `\u` escape
 /// that could spell the key another way, it cannot, and need not be parsed to find out.
 pub fn may_stream(bytes: &[u8]) -> bool {
-    memchr::memmem::find(bytes, b"\"stream\"").is_some() || memchr::memmem::find(bytes, b"\\u").is_some()
+    let n = &*NEEDLES;
+    n.stream.find(bytes).is_some() || n.escape.find(bytes).is_some()
 }
+
+/// The byte strings looked for in request bodies, each with its searcher built once (building one costs more
+/// than searching a small body).
+struct Needles {
+    stream: Finder<'static>,
+    stream_options: Finder<'static>,
+    escape: Finder<'static>,
+}
+
+static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
+    stream: Finder::new(b"\"stream\""),
+    stream_options: Finder::new(b"\"stream_options\""),
+    escape: Finder::new(b"\\u"),
+});
 
 /// The [`Facts`] of a JSON object body. Only those fields are materialised; a body that is not one JSON
 /// object, or that names a field twice (which a parser upstream might read the other way), is refused.
@@ -106,8 +123,7 @@ pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
     // A body that may already hold the member (or spell a key with escapes) is rewritten, never spliced:
     // a second `stream_options` could be read either way upstream.
-    let mentions =
-        memchr::memmem::find(body, b"\"stream_options\"").is_some() || memchr::memmem::find(body, b"\\u").is_some();
+    let mentions = NEEDLES.stream_options.find(body).is_some() || NEEDLES.escape.find(body).is_some();
     let open = body.iter().position(|b| !b.is_ascii_whitespace()).filter(|i| body[*i] == b'{');
     if let (false, Some(open)) = (mentions, open) {
         let empty = body[open + 1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
@@ -196,7 +212,10 @@ where
                                 // Past the protocol's end marker, a stream upstream holds open is over.
                                 ended |= tap.stream_over();
                                 if ended {
-                                    data = [data, tap.finish()].concat().into();
+                                    let rest = tap.finish();
+                                    if !rest.is_empty() {
+                                        data = [data, rest].concat().into();
+                                    }
                                 }
                             }
                             if data.is_empty() {
