@@ -9,7 +9,8 @@ use crate::attribution::PROJECT_HEADERS;
 use crate::endpoint::Api;
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1), plus `proxy-*` relatives and `expect`, which this hop answers.
-const HOP_BY_HOP: [HeaderName; 9] = [
+// A `static`, not a `const`: a const array of names is built and dropped again at every use.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
