@@ -1,37 +1,53 @@
 //! The usage ledger: one JSON line per forwarded request, appended by a writer thread so that a slow disk
-//! never slows a response. Requests hand their line over a bounded queue and never wait: if the writer
-//! falls that far behind, the line is dropped and counted (`mantlegate_ledger_dropped_total`), and the
-//! metrics still have it. The file is rotated at UTC midnight: `usage.jsonl` becomes `usage.YYYY-MM-DD.jsonl`.
+//! never slows a response. Requests never wait: each thread appends its lines to a buffer of its own, and the
+//! writer takes every thread's buffer whole, so a line costs no allocation, channel message or cache line
+//! shared with another thread. If the writer falls far behind, lines are dropped and counted
+//! (`mantlegate_ledger_dropped_total`), and the metrics still have them. The file is rotated at UTC midnight:
+//! `usage.jsonl` becomes `usage.YYYY-MM-DD.jsonl`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-/// Lines that may wait for the writer.
-const QUEUE: usize = 65_536;
+use thread_local::ThreadLocal;
 
-/// How long the writer lets lines gather after the first one wakes it. Under load the queue is never empty
-/// when the writer comes back for more, so requests never have to wake it (a futex call and a context switch
-/// each), and a batch costs one `write`.
+/// How much one thread may hold for the writer before its lines are dropped (some 40,000 lines).
+const MAX_PENDING: usize = 16 << 20;
+
+/// How long the writer lets lines gather after the first one wakes it. Under load a thread's buffer is never
+/// empty when the writer comes back for more, so requests rarely have to wake it (a futex call and a context
+/// switch each), and a batch costs one `write`.
 const GATHER: Duration = Duration::from_millis(20);
 
 /// What the writer thread is sent.
 #[derive(Debug)]
 enum Msg {
-    Line(String),
-    /// Write out everything before this, then stop.
+    /// A thread's buffer went from empty to holding a line.
+    Wake,
+    /// Write out everything appended before this, then stop.
     Close,
+}
+
+/// What requests and the writer share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Each thread's lines, newline-terminated, not yet taken by the writer. Only the owning thread and the
+    /// writer ever lock one, and the writer only to swap the buffer out.
+    pending: ThreadLocal<Mutex<Vec<u8>>>,
+    /// Set by the writer's last pass: lines appended after it are dropped (and counted), not left unwritten.
+    closed: AtomicBool,
+    dropped: AtomicU64,
 }
 
 /// The request side of the ledger.
 #[derive(Debug, Clone)]
 pub struct Ledger {
-    tx: SyncSender<Msg>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+    wake: SyncSender<Msg>,
 }
 
 /// The writer thread.
@@ -42,7 +58,7 @@ pub struct LedgerWriter {
 }
 
 impl LedgerWriter {
-    /// Writes out every line queued so far and stops the writer, waiting at most `limit`.
+    /// Writes out every line appended so far and stops the writer, waiting at most `limit`.
     pub async fn finish(self, limit: Duration) {
         let Self { tx, thread } = self;
         let join = tokio::task::spawn_blocking(move || {
@@ -63,28 +79,41 @@ impl Ledger {
                 .map_err(|e| anyhow::anyhow!("metering.ledger_path: cannot create {}: {e}", dir.display()))?;
         }
         let file = open_append(path)?;
-        let (tx, rx) = sync_channel(QUEUE);
+        // Wake-ups only: one per thread per batch at most, so a few slots are plenty (a full queue already
+        // has a wake-up on its way).
+        let (tx, rx) = sync_channel(64);
+        let shared = Arc::new(Shared::default());
         let path = path.to_owned();
         let thread = std::thread::Builder::new()
             .name("usage-ledger".into())
-            .spawn(move || write_loop(&path, file, &rx))
+            .spawn({
+                let shared = shared.clone();
+                move || write_loop(&path, file, &rx, &shared)
+            })
             .map_err(|e| anyhow::anyhow!("starting the ledger writer: {e}"))?;
-        Ok((Self { tx: tx.clone(), dropped: Arc::new(AtomicU64::new(0)) }, LedgerWriter { tx, thread }))
+        Ok((Self { shared, wake: tx.clone() }, LedgerWriter { tx, thread }))
     }
 
-    /// Queues a line without waiting.
-    pub fn append(&self, line: String) {
-        match self.tx.try_send(Msg::Line(line)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    /// Appends a line (without its newline) without waiting.
+    pub fn append(&self, line: &str) {
+        let mut pending = self.shared.pending.get_or_default().lock().unwrap_or_else(PoisonError::into_inner);
+        if self.shared.closed.load(Ordering::Acquire) || pending.len() + line.len() >= MAX_PENDING {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let first = pending.is_empty();
+        pending.extend_from_slice(line.as_bytes());
+        pending.push(b'\n');
+        drop(pending);
+        if first {
+            // Full means a wake-up is already queued; gone means the writer stopped, and `closed` says so.
+            let _ = self.wake.try_send(Msg::Wake);
         }
     }
 
-    /// Lines dropped because the writer was behind.
+    /// Lines dropped because the writer was behind or had stopped.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -111,15 +140,21 @@ pub fn utc_day(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()[..10].to_owned()
 }
 
-fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>) {
+fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
     let mut day =
         file.metadata().and_then(|m| m.modified()).map(utc_day).unwrap_or_else(|_| utc_day(SystemTime::now()));
     let mut out = BufWriter::new(file);
+    let mut taken = Vec::new();
     let mut closing = false;
     while !closing {
         let Ok(first) = rx.recv() else { break };
         if !matches!(first, Msg::Close) {
             std::thread::sleep(GATHER);
+        }
+        closing = matches!(first, Msg::Close) || rx.try_iter().any(|msg| matches!(msg, Msg::Close));
+        if closing {
+            // Before the last pass: whatever a thread appends from here on is counted, not lost unseen.
+            shared.closed.store(true, Ordering::Release);
         }
         let today = utc_day(SystemTime::now());
         if today != day {
@@ -130,18 +165,13 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>) {
             }
             day = today;
         }
-        // Write everything already queued, then flush once: a burst costs one write system call.
-        for msg in std::iter::once(first).chain(rx.try_iter()) {
-            let line = match msg {
-                Msg::Line(line) => line,
-                Msg::Close => {
-                    closing = true;
-                    continue;
-                }
-            };
-            if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.write_all(b"\n")) {
+        // Every thread's lines so far, each buffer swapped for an empty one: a burst costs one write.
+        for pending in shared.pending.iter() {
+            std::mem::swap(&mut *pending.lock().unwrap_or_else(PoisonError::into_inner), &mut taken);
+            if let Err(e) = out.write_all(&taken) {
                 tracing::error!(error = %e, "usage ledger write failed");
             }
+            taken.clear();
         }
         if let Err(e) = out.flush() {
             tracing::error!(error = %e, "usage ledger flush failed");
@@ -176,7 +206,7 @@ mod tests {
         File::options().write(true).open(&path).and_then(|f| f.set_modified(yesterday)).expect("mtime");
 
         let (ledger, writer) = Ledger::open(&path).expect("open");
-        ledger.append("{\"new\":true}".into());
+        ledger.append("{\"new\":true}");
         writer.finish(Duration::from_secs(10)).await;
         let rotated = rotated_path(&path, &utc_day(yesterday));
         assert_eq!(std::fs::read_to_string(&rotated).expect("rotated file"), "{\"old\":true}\n");
@@ -190,7 +220,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let (ledger, writer) = Ledger::open(&path).expect("open");
         for i in 0..1000 {
-            ledger.append(format!("{{\"n\":{i}}}"));
+            ledger.append(&format!("{{\"n\":{i}}}"));
         }
         // The ledger handle is still alive (as it is in a running gateway): finish must not wait for it.
         writer.finish(Duration::from_secs(10)).await;
@@ -198,5 +228,65 @@ mod tests {
         assert_eq!(text.lines().count(), 1000);
         assert_eq!(text.lines().last(), Some("{\"n\":999}"));
         drop(ledger);
+    }
+
+    #[tokio::test]
+    async fn lines_from_many_threads_are_written_whole_and_once_and_late_ones_are_counted() {
+        let dir = std::env::temp_dir().join(format!("mantlegate-ledger-threads-{}", std::process::id()));
+        let path = dir.join("usage.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let (ledger, writer) = Ledger::open(&path).expect("open");
+        let (threads, per_thread) = (4, 5_000);
+        // A barrier between batches so the writer takes buffers while threads are still appending to them.
+        let barrier = Arc::new(std::sync::Barrier::new(threads));
+        let appenders: Vec<_> = (0..threads)
+            .map(|t| {
+                let (ledger, barrier) = (ledger.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    for i in 0..per_thread {
+                        ledger.append(&format!("{{\"thread\":{t},\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 300)));
+                        if i % 1000 == 999 {
+                            barrier.wait();
+                            std::thread::sleep(GATHER);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for appender in appenders {
+            appender.join().expect("appender");
+        }
+        writer.finish(Duration::from_secs(10)).await;
+        ledger.append("{\"late\":true}");
+        assert_eq!(ledger.dropped(), 1, "a line appended after the writer stopped is counted");
+
+        let text = std::fs::read_to_string(&path).expect("ledger");
+        let mut next = vec![0u64; threads];
+        for line in text.lines() {
+            let value: serde_json::Value = serde_json::from_str(line).expect("each line whole");
+            let t = usize::try_from(value["thread"].as_u64().expect("thread")).expect("index");
+            // One thread's lines stay in its order.
+            assert_eq!(value["n"].as_u64(), Some(next[t]), "{line}");
+            next[t] += 1;
+        }
+        assert_eq!(next, vec![per_thread as u64; threads]);
+    }
+
+    #[test]
+    fn a_line_reaches_the_file_while_the_gateway_runs() {
+        let dir = std::env::temp_dir().join(format!("mantlegate-ledger-live-{}", std::process::id()));
+        let path = dir.join("usage.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let (ledger, _writer) = Ledger::open(&path).expect("open");
+        for round in 0..3 {
+            let line = format!("{{\"round\":{round}}}");
+            ledger.append(&line);
+            // Written within a gather interval or so of the first line into an empty buffer; no close needed.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !std::fs::read_to_string(&path).expect("ledger").contains(&line) {
+                assert!(std::time::Instant::now() < deadline, "{line} never reached the file");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 }

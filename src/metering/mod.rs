@@ -173,7 +173,7 @@ impl Meter {
             .f64_or_null("ttfb_ms", f.ttfb.map(millis))
             .bool("complete", f.complete)
             .members(&project.ledger_fields);
-        ledger.append(line.finish());
+        ledger.append(&line.finish());
     }
 
     /// The `/metrics` text.
