@@ -128,6 +128,37 @@ async fn headers_and_bodies_pass_through_transparently() {
 }
 
 #[tokio::test]
+async fn large_responses_pass_whole_and_request_heads_are_bounded() {
+    // Many times the connection buffer, so it crosses both sides' buffers in many pieces.
+    const SIZE: usize = 3 * 1024 * 1024;
+    let pattern = |len: usize| (0..len).map(|i| u8::try_from(i % 251).unwrap()).collect::<Vec<u8>>();
+    let mock = Mock::start(move |_| async move { (StatusCode::OK, pattern(SIZE)).into_response() }).await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    // Twice: the second response on the same caller connection, through the buffer the first one left.
+    for _ in 0..2 {
+        let res = gw.post("/v1/responses", CHAT_KEY).header("content-type", "application/octet-stream").body("x");
+        let res = res.send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(res.bytes().await.unwrap() == pattern(SIZE), "response body is byte-identical");
+    }
+    assert_eq!(gw.mock.connections(), 1);
+
+    // A head well within the bound goes through; one past it is refused before anything reaches upstream.
+    // (hyper checks the bound before each read, so a head may pass it by up to one read: hence twice.)
+    let hits = gw.mock.hits();
+    let with_header = |len: usize| {
+        gw.post("/v1/responses", CHAT_KEY)
+            .header("x-big", "a".repeat(len))
+            .header("content-type", "text/plain")
+            .body("x")
+    };
+    assert_eq!(with_header(40 * 1024).send().await.unwrap().status(), 200);
+    assert_eq!(gw.mock.hits(), hits + 1);
+    assert_eq!(with_header(2 * mantlegate::proxy::CONNECTION_BUFFER).send().await.unwrap().status(), 431);
+    assert_eq!(gw.mock.hits(), hits + 1);
+}
+
+#[tokio::test]
 async fn upstream_errors_pass_through_unchanged() {
     let body = r#"{"error":{"message":"Rate limit reached","type":"rate_limit_error","param":null,"code":"rate_limit_exceeded"}}"#;
     let mock = Mock::start(move |_| async move {

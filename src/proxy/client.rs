@@ -50,6 +50,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per traffic thread.
 const MAX_IDLE: usize = 256;
 
+/// hyper's bound on a connection's buffers (its default is ~400 KiB), for both sides of the gateway. A caller
+/// connection copies response chunks into its write buffer (see `server`), and that buffer keeps its size
+/// for the connection's life; chunks are cut from this side's read buffer, which this also bounds. So a
+/// keep-alive caller that once received a large response holds at most about twice this, not 800 KiB. It
+/// also caps a request's head (hyper answers 431 beyond it): nginx's default is 32 KiB.
+pub const CONNECTION_BUFFER: usize = 64 * 1024;
+
 type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 
 /// Builds the connector. TLS trusts the system's CA store (so a corporate CA works); a plain-HTTP upstream
@@ -238,7 +245,7 @@ impl UpstreamClient {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(self.origin.clone()).await?;
-        let (sender, driver) = http1::handshake(io).await?;
+        let (sender, driver) = http1::Builder::new().max_buf_size(CONNECTION_BUFFER).handshake(io).await?;
         Ok(Conn { sender, driver: Some(Box::new(driver)) })
     }
 }

@@ -28,7 +28,7 @@ use crate::metering::Meter;
 use crate::metering::usage::{Dialect, UsageTap};
 use crate::shutdown::Shutdown;
 use access_log::AccessLog;
-pub use client::UpstreamClient;
+pub use client::{CONNECTION_BUFFER, UpstreamClient};
 pub use headers::Credential;
 
 /// Everything a request needs but its thread's upstream client, built once per config and shared read-only
