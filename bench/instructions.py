@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Instructions per request under callgrind, for nginx, mantlegate and mantlegate with metering.
+
+    bench/instructions.py            # needs valgrind, nginx and the release build bench/run makes
+
+Instruction counts do not depend on what else the machine is doing, so they compare arms repeatably where
+wall-clock throughput on a shared 2-core machine does not. Each arm runs alone under
+`valgrind --tool=callgrind` with instrumentation switched on only after a warm-up: nginx with one worker
+and no master process, mantlegate with one traffic thread. One keep-alive connection sends the requests one
+after another, against the same mock upstream `bench/run` uses. The table in bench/README.md ("Third
+round") was made with this script.
+"""
+
+import http.client
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare as c  # noqa: E402
+
+WARMUP = 50
+REQUESTS = {"json": 2000, "sse": 1000}
+
+
+def gateway_config(bench: "c.Bench", metered: bool) -> str:
+    import hashlib
+
+    sha = hashlib.sha256(c.CALLER_KEY.encode()).hexdigest()
+    ledger = f'ledger_path = "{bench.work}/usage.jsonl"' if metered else ""
+    return f"""
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+workers = 1
+[upstream]
+base_url = "http://{bench.upstream_addr}"
+api_key_env = "BENCH_UPSTREAM_KEY"
+[metering]
+enabled = {"true" if metered else "false"}
+{ledger}
+[[projects]]
+name = "Bench"
+id = "{c.PROJECT}"
+[[keys]]
+name = "bench"
+sha256 = "{sha}"
+project = "Bench"
+"""
+
+
+def start(bench: "c.Bench", arm: str, out: Path):
+    """Starts the arm under callgrind, instrumentation off; returns (process, address)."""
+    callgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    if arm == "nginx":
+        conf = (c.ROOT / "bench" / "nginx.conf").read_text()
+        conf = conf.replace("worker_processes 2;", "worker_processes 1;\nmaster_process off;")
+        port = c.free_port()
+        work = bench.work / "nginx-cg"
+        work.mkdir(exist_ok=True)
+        for name, value in {"WORK": work, "NOFILE": 1024, "CONNECTIONS": 900, "CALLER_KEY": c.CALLER_KEY,
+                            "PROJECT": c.PROJECT, "UPSTREAM": bench.upstream_addr, "UPSTREAM_KEY": c.UPSTREAM_KEY,
+                            "LISTEN": f"127.0.0.1:{port}"}.items():
+            conf = conf.replace(f"@{name}@", str(value))
+        (work / "nginx.conf").write_text(conf)
+        proc = c.Started(bench.work, f"cg-{arm}", callgrind + ["nginx", "-p", str(work), "-e", str(work / "e.log"),
+                                                              "-c", str(work / "nginx.conf")], r"")
+        addr = f"127.0.0.1:{port}"
+        c.wait_listening(proc, addr)
+        return proc, addr
+    config = bench.work / f"cg-{arm}.toml"
+    config.write_text(gateway_config(bench, arm == "metered"))
+    proc = c.Started(bench.work, f"cg-{arm}", callgrind + [str(c.RELEASE / "mantlegate"), "serve", "--config",
+                                                          str(config)],
+                     r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": c.UPSTREAM_KEY})
+    return proc, proc.match.group(1)
+
+
+def send(addr: str, body: bytes, count: int):
+    conn = http.client.HTTPConnection(addr, timeout=60)
+    for _ in range(count):
+        conn.request("POST", c.CHAT, body, {"Authorization": f"Bearer {c.CALLER_KEY}",
+                                             "Content-Type": "application/json"})
+        res = conn.getresponse()
+        res.read()
+        if res.status != 200:
+            sys.exit(f"{addr}: status {res.status}")
+    conn.close()
+
+
+def measure(bench: "c.Bench", arm: str, workload: str) -> float:
+    out = bench.work / f"callgrind-{arm}-{workload}.out"
+    proc, addr = start(bench, arm, out)
+    body = (c.JSON_BODY if workload == "json" else c.SSE_BODY).encode()
+    count = REQUESTS[workload]
+    send(addr, body, WARMUP)
+    subprocess.run(["callgrind_control", "-i", "on", str(proc.proc.pid)], check=True, capture_output=True)
+    send(addr, body, count)
+    subprocess.run(["callgrind_control", "-i", "off", str(proc.proc.pid)], check=True, capture_output=True)
+    # The profile is written as the process exits, which under valgrind can take a while.
+    proc.proc.terminate()
+    proc.proc.wait(timeout=300)
+    total = int(re.search(r"^totals:\s+(\d+)", out.read_text(), re.M).group(1))
+    return total / count
+
+
+def main():
+    for tool in ("valgrind", "callgrind_control", "nginx"):
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
+            sys.exit(f"{tool} is needed (apt-get install valgrind nginx-light)")
+    work = Path(tempfile.mkdtemp(prefix="mantlegate-cg-"))
+    bench = c.Bench(work, c.FULL)
+    try:
+        print("| instructions per request (callgrind) | JSON | SSE, 20 events |")
+        print("|---|---|---|")
+        for arm in ("nginx", "mantlegate", "metered"):
+            counts = [measure(bench, arm, workload) for workload in ("json", "sse")]
+            print(f"| {arm} | {counts[0]:,.0f} | {counts[1]:,.0f} |", flush=True)
+    finally:
+        bench.close()
+
+
+if __name__ == "__main__":
+    main()
