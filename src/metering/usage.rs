@@ -125,6 +125,8 @@ pub struct UsageTap {
     long_line_head: Option<Vec<u8>>,
     /// Whether the model still has to be read from the response (it is known when the request was read).
     need_model: bool,
+    /// Where the lines of the event being filtered end (kept to reuse its allocation).
+    line_ends: Vec<usize>,
     anthropic: AnthropicCounters,
 }
 
@@ -171,6 +173,7 @@ impl UsageTap {
             need_model: true,
             boundary: true,
             long_line_head: None,
+            line_ends: Vec::new(),
             anthropic: AnthropicCounters::default(),
         }
     }
@@ -321,22 +324,27 @@ impl UsageTap {
             pending.split().freeze()
         };
         let mut rewritten: Option<BytesMut> = None;
-        // One pass over the lines: an event ends with a blank line that is not its first line.
+        // One pass over the lines: an event ends with a blank line that is not its first line. Its lines are
+        // read once it is whole; those of an unfinished event wait in `pending` for the next chunk.
+        let mut line_ends = std::mem::take(&mut self.line_ends);
+        line_ends.clear();
         let mut start = 0;
-        let mut line_start = 0;
-        let mut usage_only = false;
-        let mut mentions_usage = false;
         for nl in memchr::memchr_iter(b'\n', &data) {
-            let line = &data[line_start..=nl];
-            let first = line_start == start;
-            line_start = nl + 1;
-            if first || !matches!(line, b"\n" | b"\r\n") {
-                let seen = self.read_line(line);
-                usage_only |= seen.usage_only;
-                mentions_usage |= seen.mentions_usage;
+            let line_start = line_ends.last().copied().unwrap_or(start);
+            line_ends.push(nl + 1);
+            if line_start == start || !matches!(&data[line_start..=nl], b"\n" | b"\r\n") {
                 continue;
             }
-            let (event, end) = (&data[start..line_start], line_start);
+            let end = nl + 1;
+            let (mut usage_only, mut mentions_usage) = (false, false);
+            let mut from = start;
+            for &to in &line_ends {
+                let seen = self.read_line(&data[from..to]);
+                (usage_only, mentions_usage) = (usage_only | seen.usage_only, mentions_usage | seen.mentions_usage);
+                from = to;
+            }
+            line_ends.clear();
+            let event = &data[start..end];
             let null_usage = !usage_only && mentions_usage;
             if usage_only || null_usage {
                 let out = rewritten.get_or_insert_with(|| BytesMut::from(&data[..start]));
@@ -346,8 +354,9 @@ impl UsageTap {
             } else if let Some(out) = &mut rewritten {
                 out.extend_from_slice(event);
             }
-            (start, usage_only, mentions_usage) = (end, false, false);
+            start = end;
         }
+        self.line_ends = line_ends;
         if let State::Sse { pending } = &mut self.state {
             if pending.len() + data.len() - start > MAX_SSE_LINE {
                 // No event end in sight: forward what is held rather than hold the stream (unfiltered).
@@ -736,6 +745,17 @@ mod tests {
             assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((2, 3)), "in chunks of {size}");
             assert!(tap.finished());
         }
+    }
+
+    #[test]
+    fn an_event_is_read_only_once_it_is_whole() {
+        let mut tap = UsageTap::sse(Dialect::Chat, true);
+        let body: &[u8] = b"data: {\"choices\":[]}\n\ndata: [DONE]\n";
+        let out: Vec<u8> = body.chunks(7).flat_map(|c| tap.on_chunk(Bytes::copy_from_slice(c))).collect();
+        assert_eq!(out, b"data: {\"choices\":[]}\n\n");
+        assert!(!tap.finished(), "[DONE] without its blank line does not end the stream yet");
+        assert_eq!(&tap.on_chunk(Bytes::from_static(b"\n"))[..], b"data: [DONE]\n\n");
+        assert!(tap.finished());
     }
 
     #[test]
