@@ -1,22 +1,27 @@
 //! The usage ledger: one JSON line per forwarded request, appended by a writer thread so that a slow disk
 //! never slows a response. Requests never wait: each thread appends its lines to a buffer of its own, and the
 //! writer takes every thread's buffer whole, so a line costs no allocation, channel message or cache line
-//! shared with another thread. If the writer falls far behind, lines are dropped and counted
+//! shared with another thread. Lines are in order per thread; within one 20 ms batch, one thread's lines come
+//! before the next thread's. If the writer falls far behind, lines are dropped and counted
 //! (`mantlegate_ledger_dropped_total`), and the metrics still have them. The file is rotated at UTC midnight:
 //! `usage.jsonl` becomes `usage.YYYY-MM-DD.jsonl`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use thread_local::ThreadLocal;
 
-/// How much one thread may hold for the writer before its lines are dropped (some 40,000 lines).
-const MAX_PENDING: usize = 16 << 20;
+/// How much one thread may hold for the writer before its lines are dropped (some 20,000 lines, a second or
+/// more of a busy thread's traffic).
+const MAX_PENDING: usize = 8 << 20;
+
+/// What a buffer may keep of its capacity once written out, so that a stall's backlog is not held for good.
+const KEPT_CAPACITY: usize = 1 << 20;
 
 /// How long the writer lets lines gather after the first one wakes it. Under load a thread's buffer is never
 /// empty when the writer comes back for more, so requests rarely have to wake it (a futex call and a context
@@ -96,7 +101,17 @@ impl Ledger {
 
     /// Appends a line (without its newline) without waiting.
     pub fn append(&self, line: &str) {
-        let mut pending = self.shared.pending.get_or_default().lock().unwrap_or_else(PoisonError::into_inner);
+        let slot = match self.shared.pending.get() {
+            Some(slot) => slot,
+            None => {
+                let slot = self.shared.pending.get_or_default();
+                // Pairs with the writer's fence: either its last pass sees this new buffer, or this thread sees
+                // `closed` (without both fences each side could miss the other's write).
+                fence(Ordering::SeqCst);
+                slot
+            }
+        };
+        let mut pending = slot.lock().unwrap_or_else(PoisonError::into_inner);
         if self.shared.closed.load(Ordering::Acquire) || pending.len() + line.len() >= MAX_PENDING {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -155,6 +170,7 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
         if closing {
             // Before the last pass: whatever a thread appends from here on is counted, not lost unseen.
             shared.closed.store(true, Ordering::Release);
+            fence(Ordering::SeqCst);
         }
         let today = utc_day(SystemTime::now());
         if today != day {
@@ -172,6 +188,7 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
                 tracing::error!(error = %e, "usage ledger write failed");
             }
             taken.clear();
+            taken.shrink_to(KEPT_CAPACITY);
         }
         if let Err(e) = out.flush() {
             tracing::error!(error = %e, "usage ledger flush failed");
@@ -255,6 +272,13 @@ mod tests {
             .collect();
         for appender in appenders {
             appender.join().expect("appender");
+        }
+        // Every thread's lines reach the file while the writer runs (each thread's wake-ups work), not only at
+        // the close.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&path).map_or(0, |t| t.lines().count()) < threads * per_thread {
+            assert!(std::time::Instant::now() < deadline, "lines still unwritten before the close");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         writer.finish(Duration::from_secs(10)).await;
         ledger.append("{\"late\":true}");
