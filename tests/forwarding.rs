@@ -159,6 +159,22 @@ async fn large_responses_pass_whole_and_request_heads_are_bounded() {
 }
 
 #[tokio::test]
+async fn an_upstream_response_head_past_the_bound_is_a_502() {
+    let mock = Mock::start(|seen| async move {
+        let len: usize = seen.header("x-head-size").unwrap().parse().unwrap();
+        let mut res = (StatusCode::OK, "{}").into_response();
+        res.headers_mut().insert("x-big", "a".repeat(len).parse().unwrap());
+        res
+    })
+    .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let with_head = |len: usize| gw.get("/v1/models", CHAT_KEY).header("x-head-size", len.to_string()).send();
+    assert_eq!(with_head(40 * 1024).await.unwrap().status(), 200);
+    let res = with_head(2 * mantlegate::proxy::CONNECTION_BUFFER).await.unwrap();
+    assert_eq!(error_code(res).await.0, 502);
+}
+
+#[tokio::test]
 async fn upstream_errors_pass_through_unchanged() {
     let body = r#"{"error":{"message":"Rate limit reached","type":"rate_limit_error","param":null,"code":"rate_limit_exceeded"}}"#;
     let mock = Mock::start(move |_| async move {

@@ -52,9 +52,10 @@ const MAX_IDLE: usize = 256;
 
 /// hyper's bound on a connection's buffers (its default is ~400 KiB), for both sides of the gateway. A caller
 /// connection copies response chunks into its write buffer (see `server`), and that buffer keeps its size
-/// for the connection's life; chunks are cut from this side's read buffer, which this also bounds. So a
-/// keep-alive caller that once received a large response holds at most about twice this, not 800 KiB. It
-/// also caps a request's head (hyper answers 431 beyond it): nginx's default is 32 KiB.
+/// for the connection's life; chunks are cut from this side's read buffer, which this also bounds (only an
+/// SSE event the usage filter held whole can be larger, up to `MAX_SSE_LINE`). It also caps a request's head
+/// (hyper answers 431 beyond it; nginx's default is 32 KiB) and upstream's response head (502 beyond it;
+/// nginx's default is 4-8 KiB). hyper checks the bound before each read, so a head can pass it by one read.
 pub const CONNECTION_BUFFER: usize = 64 * 1024;
 
 type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
