@@ -155,21 +155,22 @@ class Bench:
         proc = self.start_gateway(name, tag)
         return Arm(name, f"http://{proc.match.group(1)}", caller, [proc])
 
-    def start_gateway(self, name: str, tag: str) -> Started:
+    def gateway_config(self, metered: bool, ledger: str, server: str = "") -> str:
+        """The gateway's config for the bench: the caller key mapped to the bench project, upstream the mock;
+        `ledger` is the ledger file's name in the work directory (used when metered); `server` adds lines."""
         sha = hashlib.sha256(CALLER_KEY.encode()).hexdigest()
-        metering = name == "metered"
-        ledger = f'ledger_path = "{self.work}/usage-{tag}.jsonl"' if metering else ""
-        config = self.work / f"{name}{tag}.toml"
-        config.write_text(f"""
+        ledger_path = f'ledger_path = "{self.work}/{ledger}"' if metered else ""
+        return f"""
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+{server}
 [upstream]
 base_url = "http://{self.upstream_addr}"
 api_key_env = "BENCH_UPSTREAM_KEY"
 [metering]
-enabled = {"true" if metering else "false"}
-{ledger}
+enabled = {"true" if metered else "false"}
+{ledger_path}
 [[projects]]
 name = "Bench"
 id = "{PROJECT}"
@@ -177,7 +178,20 @@ id = "{PROJECT}"
 name = "bench"
 sha256 = "{sha}"
 project = "Bench"
-""")
+"""
+
+    def nginx_config(self, work: Path, listen: str, nofile: int) -> str:
+        """bench/nginx.conf with its @...@ names filled in."""
+        conf = (ROOT / "bench" / "nginx.conf").read_text()
+        for name, value in {"WORK": work, "NOFILE": nofile, "CONNECTIONS": nofile - 100, "CALLER_KEY": CALLER_KEY,
+                            "PROJECT": PROJECT, "UPSTREAM": self.upstream_addr, "UPSTREAM_KEY": UPSTREAM_KEY,
+                            "LISTEN": listen}.items():
+            conf = conf.replace(f"@{name}@", str(value))
+        return conf
+
+    def start_gateway(self, name: str, tag: str) -> Started:
+        config = self.work / f"{name}{tag}.toml"
+        config.write_text(self.gateway_config(name == "metered", f"usage-{tag}.jsonl"))
         proc = Started(self.work, f"{name}{tag}", [str(RELEASE / "mantlegate"), "serve", "--config", str(config)],
                        r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
         self.started.append(proc)
@@ -185,14 +199,10 @@ project = "Bench"
 
     def start_nginx(self, tag: str) -> Started:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        conf = (ROOT / "bench" / "nginx.conf").read_text()
         work = self.work / f"nginx{tag}"
         work.mkdir()
         port = free_port()
-        for name, value in {"WORK": work, "NOFILE": nofile, "CONNECTIONS": nofile - 100, "CALLER_KEY": CALLER_KEY,
-                            "PROJECT": PROJECT, "UPSTREAM": self.upstream_addr, "UPSTREAM_KEY": UPSTREAM_KEY,
-                            "LISTEN": f"127.0.0.1:{port}"}.items():
-            conf = conf.replace(f"@{name}@", str(value))
+        conf = self.nginx_config(work, f"127.0.0.1:{port}", nofile)
         (work / "nginx.conf").write_text(conf)
         proc = Started(self.work, f"nginx{tag}", ["nginx", "-p", str(work), "-e", str(work / "startup-error.log"),
                                                   "-c", str(work / "nginx.conf")], r"")

@@ -25,45 +25,15 @@ WARMUP = 50
 REQUESTS = {"json": 2000, "sse": 1000}
 
 
-def gateway_config(bench: "c.Bench", metered: bool) -> str:
-    import hashlib
-
-    sha = hashlib.sha256(c.CALLER_KEY.encode()).hexdigest()
-    ledger = f'ledger_path = "{bench.work}/usage.jsonl"' if metered else ""
-    return f"""
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-workers = 1
-[upstream]
-base_url = "http://{bench.upstream_addr}"
-api_key_env = "BENCH_UPSTREAM_KEY"
-[metering]
-enabled = {"true" if metered else "false"}
-{ledger}
-[[projects]]
-name = "Bench"
-id = "{c.PROJECT}"
-[[keys]]
-name = "bench"
-sha256 = "{sha}"
-project = "Bench"
-"""
-
-
 def start(bench: "c.Bench", arm: str, out: Path):
     """Starts the arm under callgrind, instrumentation off; returns (process, address)."""
     callgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     if arm == "nginx":
-        conf = (c.ROOT / "bench" / "nginx.conf").read_text()
-        conf = conf.replace("worker_processes 2;", "worker_processes 1;\nmaster_process off;")
         port = c.free_port()
         work = bench.work / "nginx-cg"
         work.mkdir(exist_ok=True)
-        for name, value in {"WORK": work, "NOFILE": 1024, "CONNECTIONS": 900, "CALLER_KEY": c.CALLER_KEY,
-                            "PROJECT": c.PROJECT, "UPSTREAM": bench.upstream_addr, "UPSTREAM_KEY": c.UPSTREAM_KEY,
-                            "LISTEN": f"127.0.0.1:{port}"}.items():
-            conf = conf.replace(f"@{name}@", str(value))
+        conf = bench.nginx_config(work, f"127.0.0.1:{port}", 1024)
+        conf = conf.replace("worker_processes 2;", "worker_processes 1;\nmaster_process off;")
         (work / "nginx.conf").write_text(conf)
         proc = c.Started(bench.work, f"cg-{arm}", callgrind + ["nginx", "-p", str(work), "-e", str(work / "e.log"),
                                                               "-c", str(work / "nginx.conf")], r"")
@@ -71,7 +41,7 @@ def start(bench: "c.Bench", arm: str, out: Path):
         c.wait_listening(proc, addr)
         return proc, addr
     config = bench.work / f"cg-{arm}.toml"
-    config.write_text(gateway_config(bench, arm == "metered"))
+    config.write_text(bench.gateway_config(arm == "metered", "usage-cg.jsonl", server="workers = 1"))
     proc = c.Started(bench.work, f"cg-{arm}", callgrind + [str(c.RELEASE / "mantlegate"), "serve", "--config",
                                                           str(config)],
                      r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": c.UPSTREAM_KEY})

@@ -205,6 +205,14 @@ fn rotate(path: &Path, day: &str) -> anyhow::Result<File> {
 mod tests {
     use super::*;
 
+    /// `usage.jsonl` in an emptied directory of its own for the test `name`.
+    fn fresh_ledger_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mantlegate-ledger-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir.join("usage.jsonl")
+    }
+
     #[test]
     fn rotated_names() {
         assert_eq!(rotated_path(Path::new("/v/usage.jsonl"), "2026-11-25"), Path::new("/v/usage.2026-11-25.jsonl"));
@@ -214,10 +222,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_ledger_from_an_earlier_day_is_rotated_before_the_first_write() {
-        let dir = std::env::temp_dir().join(format!("mantlegate-ledger-rotate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("usage.jsonl");
+        let path = fresh_ledger_path("rotate");
         std::fs::write(&path, "{\"old\":true}\n").expect("old ledger");
         let yesterday = SystemTime::now() - Duration::from_secs(86_400);
         File::options().write(true).open(&path).and_then(|f| f.set_modified(yesterday)).expect("mtime");
@@ -232,9 +237,7 @@ mod tests {
 
     #[tokio::test]
     async fn lines_queued_before_close_are_written() {
-        let dir = std::env::temp_dir().join(format!("mantlegate-ledger-{}", std::process::id()));
-        let path = dir.join("usage.jsonl");
-        let _ = std::fs::remove_file(&path);
+        let path = fresh_ledger_path("close");
         let (ledger, writer) = Ledger::open(&path).expect("open");
         for i in 0..1000 {
             ledger.append(&format!("{{\"n\":{i}}}"));
@@ -249,9 +252,7 @@ mod tests {
 
     #[tokio::test]
     async fn lines_from_many_threads_are_written_whole_and_once_and_late_ones_are_counted() {
-        let dir = std::env::temp_dir().join(format!("mantlegate-ledger-threads-{}", std::process::id()));
-        let path = dir.join("usage.jsonl");
-        let _ = std::fs::remove_file(&path);
+        let path = fresh_ledger_path("threads");
         let (ledger, writer) = Ledger::open(&path).expect("open");
         let (threads, per_thread) = (4, 5_000);
         // A barrier between batches so the writer takes buffers while threads are still appending to them.
@@ -298,9 +299,7 @@ mod tests {
 
     #[test]
     fn a_line_reaches_the_file_while_the_gateway_runs() {
-        let dir = std::env::temp_dir().join(format!("mantlegate-ledger-live-{}", std::process::id()));
-        let path = dir.join("usage.jsonl");
-        let _ = std::fs::remove_file(&path);
+        let path = fresh_ledger_path("live");
         let (ledger, _writer) = Ledger::open(&path).expect("open");
         for round in 0..3 {
             let line = format!("{{\"round\":{round}}}");
