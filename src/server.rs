@@ -17,9 +17,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, UpstreamAuth};
+use crate::config::{Config, KeySource, UpstreamAuth};
 use crate::metering::Meter;
-use crate::proxy::{Credential, Gateway, UpstreamClient};
+use crate::proxy::{Credential, Gateway, KeyFileWatch, UpstreamClient};
 use crate::shutdown::Shutdown;
 
 /// The pause after a failed accept, so that a full file table does not spin the loop.
@@ -77,6 +77,7 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
     let shutdown = Shutdown::default();
     let (meter, ledger) = Meter::new(&config)?;
     let meter = Arc::new(meter);
+    let key_watch = watch_key_file(&config, &credential, &meter);
     let gateway = Arc::new(Gateway::new(config, credential, meter.clone(), shutdown.clone())?);
     let traffic = start_workers(listener.into_std()?, workers, &gateway, &shutdown, grace).await?;
     let admin = axum::serve(admin, crate::admin::router(shutdown.clone(), meter));
@@ -84,6 +85,8 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
+            // Kept until the gateway stops.
+            let _key_watch = key_watch;
             let admin = tokio::spawn(admin.into_future());
             let mut traffic = tokio::spawn(traffic);
             tokio::select! {
@@ -104,6 +107,23 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
     });
     tracing::info!(%addr, %admin_addr, workers, "mantlegate listening");
     Ok(Running { addr, admin_addr, shutdown, task })
+}
+
+/// Starts re-reading `upstream.api_key_file` on change, when the key comes from a file. A watch that cannot be
+/// set up (no inotify instances left, say) is logged and the gateway runs on with the key it read.
+fn watch_key_file(config: &Config, credential: &Credential, meter: &Arc<Meter>) -> Option<KeyFileWatch> {
+    let (UpstreamAuth::ApiKey(source @ KeySource::File(_)), Credential::ApiKey(key)) =
+        (&config.upstream.auth, credential)
+    else {
+        return None;
+    };
+    match KeyFileWatch::start(source.clone(), key.clone(), meter.clone()) {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream.api_key_file will not be re-read when it changes");
+            None
+        }
+    }
 }
 
 fn log_exit(result: Result<(), tokio::task::JoinError>) {

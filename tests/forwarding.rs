@@ -686,3 +686,69 @@ async fn client_going_away_before_the_response_head_drops_the_upstream_request()
     drop(client);
     tokio::time::timeout(WAIT, closed_rx).await.expect("upstream connection still open after the client left").unwrap();
 }
+
+/// A fresh, empty directory for one test.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mantlegate-forwarding-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The `Authorization` upstream receives for one chat request.
+async fn upstream_authorization(gw: &Gw) -> String {
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    gw.mock.next().await.header("authorization").unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_key_file_rotated_as_kubernetes_does_it_is_used_without_a_restart() {
+    // A mounted Secret: `key -> ..data/key`, `..data -> ..<timestamp>`; an update writes a new timestamped
+    // directory and renames a new `..data` symlink over the old one.
+    let dir = fresh_dir("k8s-key");
+    let version = |name: &str, key: &str| {
+        std::fs::create_dir(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("key"), key).unwrap();
+        std::os::unix::fs::symlink(name, dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    };
+    version("..2026_11_26_01", "key-one\n");
+    std::os::unix::fs::symlink("..data/key", dir.join("key")).unwrap();
+    let upstream = format!("api_key_file = \"{}\"", dir.join("key").display());
+    let gw = Gw::start(Mock::ok_json().await, Opts { upstream: upstream.leak(), ..Opts::default() }).await;
+    assert_eq!(upstream_authorization(&gw).await, "Bearer key-one");
+
+    version("..2026_11_26_02", "key-two\n");
+    std::fs::remove_dir_all(dir.join("..2026_11_26_01")).unwrap();
+    let metrics = gw.metric_line("mantlegate_upstream_key_reloads_total{result=\"changed\"} 1").await;
+    assert_eq!(upstream_authorization(&gw).await, "Bearer key-two");
+    assert!(!metrics.contains("key-one") && !metrics.contains("key-two"));
+
+    // A key that cannot be used (here: empty) leaves the last good one in use. (Each event in the directory
+    // leads to a read, so the failures are counted more than once.)
+    version("..2026_11_26_03", "");
+    gw.metric_prefix("mantlegate_upstream_key_reloads_total{result=\"failed\"}").await;
+    assert_eq!(upstream_authorization(&gw).await, "Bearer key-two");
+    version("..2026_11_26_04", "key-three");
+    gw.metric_line("mantlegate_upstream_key_reloads_total{result=\"changed\"} 2").await;
+    assert_eq!(upstream_authorization(&gw).await, "Bearer key-three");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_key_file_edited_in_place_is_used_once_written() {
+    let dir = fresh_dir("edited-key");
+    let path = dir.join("api-key");
+    std::fs::write(&path, "key-one").unwrap();
+    let upstream = format!("api_key_file = \"{}\"", path.display());
+    let gw = Gw::start(Mock::ok_json().await, Opts { upstream: upstream.leak(), ..Opts::default() }).await;
+    assert_eq!(upstream_authorization(&gw).await, "Bearer key-one");
+    // Truncated, then written: the read waits for the writer to close the file, so no half-written key is
+    // ever tried.
+    std::fs::write(&path, "key-two\n").unwrap();
+    gw.metric_line("mantlegate_upstream_key_reloads_total{result=\"changed\"} 1").await;
+    assert_eq!(upstream_authorization(&gw).await, "Bearer key-two");
+    assert!(!gw.metrics().await.contains("result=\"failed\""));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -101,7 +101,7 @@ pub enum UpstreamAuth {
 pub enum KeySource {
     /// An environment variable, read at start-up.
     Env(String),
-    /// A file (a mounted Kubernetes secret), read at start-up.
+    /// A file (a mounted Kubernetes secret), read at start-up and again whenever its directory changes.
     File(PathBuf),
 }
 

@@ -64,6 +64,11 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 type HistogramFamily = Family<LatencyLabels, Histogram, fn() -> Histogram>;
 type CostCounter = Counter<f64, AtomicU64>;
 
@@ -97,6 +102,7 @@ pub struct Metrics {
     unpriced: Family<ModelLabels, Counter>,
     unattributed: Family<OutcomeLabels, Counter>,
     ledger_dropped: Counter,
+    key_reloads: Family<ResultLabels, Counter>,
     /// Project label values by project index; the last entry (empty) is for requests with no project.
     projects: Vec<Label>,
     /// Latency series by project (as `projects`) and endpoint, made on first use.
@@ -163,6 +169,12 @@ impl Metrics {
             "Ledger lines dropped because the writer fell behind",
             ledger_dropped.clone(),
         );
+        let key_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "upstream_key_reloads",
+            "Re-reads of upstream.api_key_file that changed the key or failed (the old key stays)",
+            key_reloads.clone(),
+        );
 
         let info = Family::<Vec<(String, String)>, Gauge>::default();
         registry.register("project_info", "Configured projects and their cost allocation tags", info.clone());
@@ -189,6 +201,7 @@ impl Metrics {
             unpriced,
             unattributed,
             ledger_dropped,
+            key_reloads,
             projects,
             latency,
             models,
@@ -266,6 +279,11 @@ impl Metrics {
     /// Counts an unattributed request by outcome (`rejected` or `rerouted`).
     pub fn unattributed(&self, outcome: &'static str) {
         self.unattributed.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Counts a re-read of the upstream key file by result (`changed` or `failed`).
+    pub fn upstream_key_reload(&self, result: &'static str) {
+        self.key_reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Brings the dropped-ledger-lines counter up to `total`.

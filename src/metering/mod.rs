@@ -140,6 +140,12 @@ impl Meter {
         self.metrics.unattributed(outcome);
     }
 
+    /// Counts a re-read of the upstream key file that changed the key (`changed`) or could not be used
+    /// (`failed`).
+    pub fn upstream_key_reload(&self, result: &'static str) {
+        self.metrics.upstream_key_reload(result);
+    }
+
     /// Records a finished request in the metrics and, if it was forwarded, the ledger.
     pub fn record(&self, f: &Finished<'_>) {
         let cost = f.cost;

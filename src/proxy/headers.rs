@@ -7,6 +7,7 @@ use http::{HeaderMap, HeaderValue};
 
 use crate::attribution::PROJECT_HEADERS;
 use crate::endpoint::Api;
+use crate::proxy::credential::Credential;
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1), plus `proxy-*` relatives and `expect`, which this hop answers.
 // A `static`, not a `const`: a const array of names is built and dropped again at every use.
@@ -30,42 +31,6 @@ const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organiza
 const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
 const ANTHROPIC_WORKSPACE: HeaderName = HeaderName::from_static("anthropic-workspace-id");
 
-/// The credential the gateway presents upstream.
-#[derive(Clone)]
-pub enum Credential {
-    /// `Authorization: Bearer <key>` (and `x-api-key: <key>` on the Anthropic route, as Anthropic clients send).
-    ApiKey {
-        /// `Bearer <key>`, marked sensitive.
-        bearer: HeaderValue,
-        /// `<key>`, marked sensitive.
-        raw: HeaderValue,
-    },
-    /// The caller's own `Authorization` / `x-api-key` go through untouched.
-    Passthrough,
-}
-
-impl std::fmt::Debug for Credential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::ApiKey { .. } => "ApiKey([redacted])",
-            Self::Passthrough => "Passthrough",
-        })
-    }
-}
-
-impl Credential {
-    /// A Bedrock API key credential.
-    pub fn api_key(key: &crate::config::Secret) -> anyhow::Result<Self> {
-        let mut bearer = HeaderValue::try_from(format!("Bearer {}", key.expose()))
-            .map_err(|_| anyhow::anyhow!("upstream API key is not a valid header value"))?;
-        let mut raw = HeaderValue::try_from(key.expose())
-            .map_err(|_| anyhow::anyhow!("upstream API key is not a valid header value"))?;
-        bearer.set_sensitive(true);
-        raw.set_sensitive(true);
-        Ok(Self::ApiKey { bearer, raw })
-    }
-}
-
 /// Turns the caller's request headers, in place, into the headers sent upstream.
 pub fn to_upstream(
     headers: &mut HeaderMap,
@@ -74,7 +39,7 @@ pub fn to_upstream(
     credential: &Credential,
     request_id: &HeaderValue,
 ) {
-    let replace_credential = matches!(credential, Credential::ApiKey { .. });
+    let replace_credential = matches!(credential, Credential::ApiKey(_));
     retain(headers, |name| {
         !(is_hop_by_hop(name)
             || name == header::HOST
@@ -85,10 +50,11 @@ pub fn to_upstream(
             || (replace_credential && (name == header::AUTHORIZATION || name == X_API_KEY))
             || is_underscore_spelling(name.as_str()))
     });
-    if let Credential::ApiKey { bearer, raw } = credential {
-        headers.insert(header::AUTHORIZATION, bearer.clone());
+    if let Credential::ApiKey(key) = credential {
+        let key = key.headers();
+        headers.insert(header::AUTHORIZATION, key.bearer.clone());
         if api == Api::Anthropic {
-            headers.insert(X_API_KEY, raw.clone());
+            headers.insert(X_API_KEY, key.raw.clone());
         }
     }
     let project_header = match api {

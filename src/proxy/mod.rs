@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod body;
 pub mod client;
+pub mod credential;
 pub mod headers;
 
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use crate::metering::usage::{Dialect, UsageTap};
 use crate::shutdown::Shutdown;
 use access_log::AccessLog;
 pub use client::{CONNECTION_BUFFER, UpstreamClient};
-pub use headers::Credential;
+pub use credential::{Credential, KeyFileWatch};
 
 /// Everything a request needs but its thread's upstream client, built once per config and shared read-only
 /// by every request.

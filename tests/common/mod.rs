@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 use mantlegate::Config;
-use mantlegate::config::Secret;
+use mantlegate::config::{KeySource, Secret, UpstreamAuth};
 use mantlegate::proxy::Credential;
 use mantlegate::server::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -350,8 +350,13 @@ impl Gw {
     pub async fn start(mock: Arc<Mock>, opts: Opts) -> Self {
         let upstream = opts.upstream_addr.unwrap_or(mock.addr);
         let config = Config::from_toml(&config_text(upstream, &opts)).unwrap();
-        let credential =
-            opts.credential.clone().unwrap_or_else(|| Credential::api_key(&Secret::new(UPSTREAM_KEY.into())).unwrap());
+        let credential = match &opts.credential {
+            Some(credential) => credential.clone(),
+            None if matches!(config.upstream.auth, UpstreamAuth::ApiKey(KeySource::File(_))) => {
+                mantlegate::server::credential(&config).unwrap()
+            }
+            None => Credential::api_key(&Secret::new(UPSTREAM_KEY.into())).unwrap(),
+        };
         let running = mantlegate::server::start(config, credential).await.unwrap();
         Self {
             mock,
@@ -382,13 +387,22 @@ impl Gw {
     /// Polls `/metrics` until `line` appears (metrics are recorded as a response body ends, just after the
     /// client has read it), failing after [`WAIT`].
     pub async fn metric_line(&self, line: &str) -> String {
+        self.metrics_until(line, |l| l == line).await
+    }
+
+    /// Polls `/metrics` until a line starts with `prefix`, failing after [`WAIT`].
+    pub async fn metric_prefix(&self, prefix: &str) -> String {
+        self.metrics_until(prefix, |l| l.starts_with(prefix)).await
+    }
+
+    async fn metrics_until(&self, what: &str, found: impl Fn(&str) -> bool) -> String {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let text = self.metrics().await;
-            if text.lines().any(|l| l == line) {
+            if text.lines().any(&found) {
                 return text;
             }
-            assert!(tokio::time::Instant::now() < deadline, "metric line {line:?} never appeared in:\n{text}");
+            assert!(tokio::time::Instant::now() < deadline, "metric line {what:?} never appeared in:\n{text}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
