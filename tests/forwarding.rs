@@ -752,3 +752,47 @@ async fn a_key_file_edited_in_place_is_used_once_written() {
     assert!(!gw.metrics().await.contains("result=\"failed\""));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_caller_that_trickles_its_request_head_or_sends_nothing_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let opts = Opts { server: "header_read_timeout = \"300ms\"", ..Opts::default() };
+    let gw = Gw::start(Mock::ok_json().await, opts).await;
+    // Connected and silent, half a head, and a whole request followed by silence on the kept-alive connection.
+    let whole = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CHAT_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{CHAT_BODY}",
+        CHAT_BODY.len()
+    );
+    for sent in [String::new(), "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n".to_owned(), whole.clone()] {
+        let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        tcp.write_all(sent.as_bytes()).await.unwrap();
+        let mut received = Vec::new();
+        // The gateway closes the connection; without the timeout this read would wait for ever.
+        tokio::time::timeout(WAIT, tcp.read_to_end(&mut received)).await.expect("connection closed").unwrap_or(0);
+        let received = String::from_utf8_lossy(&received);
+        if sent == whole {
+            assert!(received.starts_with("HTTP/1.1 200"), "{received}");
+        } else {
+            assert!(!received.contains(" 200 "), "{received}");
+        }
+    }
+    assert_eq!(gw.mock.hits(), 1, "only the whole request went upstream");
+}
+
+#[tokio::test]
+async fn a_stream_may_outlast_the_header_read_timeout() {
+    let (mock, mut script_rx) = Mock::scripted().await;
+    let gw = Gw::start(mock, Opts { server: "header_read_timeout = \"200ms\"", ..Opts::default() }).await;
+    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    let mut stream = res.bytes_stream();
+    script.tx.send(Bytes::from_static(b"data: {\"n\":0}\n\n")).await.unwrap();
+    tokio::time::timeout(WAIT, stream.next()).await.unwrap().unwrap().unwrap();
+    // Upstream is quiet for longer than the timeout; the timeout is for request heads only.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    script.tx.send(Bytes::from_static(b"data: {\"n\":1}\n\n")).await.unwrap();
+    drop(script.tx);
+    let rest: Vec<Bytes> = stream.map(|c| c.unwrap()).collect().await;
+    assert_eq!(rest.concat(), b"data: {\"n\":1}\n\n");
+}

@@ -64,6 +64,9 @@ pub struct Server {
     pub max_body_bytes: u64,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How long a caller may take to send a request head, counted from when its connection is ready for one
+    /// (so also the longest a keep-alive connection stays idle between requests).
+    pub header_read_timeout: Duration,
     /// Traffic threads, each with its own event loop and upstream connections.
     pub workers: usize,
 }

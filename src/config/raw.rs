@@ -74,6 +74,8 @@ pub struct RawServer {
     pub max_body_bytes: u64,
     /// On SIGTERM, how long in-flight requests may take to finish.
     pub shutdown_grace: String,
+    /// How long a caller may take to send a request head, or leave a connection idle between requests.
+    pub header_read_timeout: String,
     /// Traffic threads; 0 means one per CPU the process may use.
     pub workers: usize,
 }
@@ -85,6 +87,7 @@ impl Default for RawServer {
             admin_listen: "127.0.0.1:9091".into(),
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_grace: "30s".into(),
+            header_read_timeout: "30s".into(),
             workers: 0,
         }
     }

@@ -54,6 +54,12 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         admin_listen: parse_addr(&mut errs, "server.admin_listen", &raw.server.admin_listen),
         max_body_bytes: raw.server.max_body_bytes,
         shutdown_grace: parse_duration(&mut errs, "server.shutdown_grace", &raw.server.shutdown_grace, true),
+        header_read_timeout: parse_duration(
+            &mut errs,
+            "server.header_read_timeout",
+            &raw.server.header_read_timeout,
+            false,
+        ),
         workers: match raw.server.workers {
             // available_parallelism honours CPU affinity and a cgroup CPU quota (a pod's limit).
             0 => std::thread::available_parallelism().map_or(1, usize::from),
@@ -552,6 +558,8 @@ mod tests {
 
     #[test]
     fn durations_parse() {
+        let errs = errors(&format!("[server]\nheader_read_timeout = \"0s\"\n{BASE}"));
+        assert_eq!(errs, vec!["server.header_read_timeout: must be greater than 0".to_string()]);
         let errs = errors(&format!("[upstream]\nidle_timeout = \"soon\"\n{BASE}"));
         assert!(errs[0].starts_with("upstream.idle_timeout:"), "{errs:?}");
     }
