@@ -10,7 +10,7 @@
 use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
-use memchr::memmem::{Finder, FinderRev};
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 use crate::endpoint::Endpoint;
@@ -59,7 +59,6 @@ impl Dialect {
 /// The byte strings the tap looks for, each with its searcher built once.
 struct Needles {
     usage: Finder<'static>,
-    last_usage: FinderRev<'static>,
     model: Finder<'static>,
     completed: Finder<'static>,
     incomplete: Finder<'static>,
@@ -72,7 +71,6 @@ struct Needles {
 
 static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     usage: Finder::new(b"\"usage\""),
-    last_usage: FinderRev::new(b"\"usage\""),
     model: Finder::new(b"\"model\""),
     completed: Finder::new(b"response.completed"),
     incomplete: Finder::new(b"response.incomplete"),
@@ -492,12 +490,21 @@ enum Member {
     FirstModel,
 }
 
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// Where the last `"usage"` in `body` starts. memmem's reverse searcher has no vector prefilter and costs
+/// ~10 instructions a byte; usage sits near the end of a body and `u` is rare there, so stepping back from
+/// one `u` to the next with `memrchr` reaches it in a few steps.
+fn last_usage_key(body: &[u8]) -> Option<usize> {
+    memchr::memrchr_iter(b'u', body).filter_map(|u| u.checked_sub(1)).find(|&at| body[at..].starts_with(USAGE_KEY))
+}
+
 /// The value of a member of a JSON text, parsed alone. A key can only match where its quotes are real quotes:
 /// inside a string value a quote is always escaped.
 fn member<'a, T: Deserialize<'a>>(body: &'a [u8], which: Member) -> Option<T> {
     let n = &*NEEDLES;
     let (at, key) = match which {
-        Member::LastUsage => (n.last_usage.rfind(body)?, n.last_usage.needle()),
+        Member::LastUsage => (last_usage_key(body)?, USAGE_KEY),
         Member::FirstModel => (n.model.find(body)?, n.model.needle()),
     };
     if at > 0 && body[at - 1] == b'\\' {
@@ -829,6 +836,29 @@ mod tests {
         assert_eq!(tap.usage(), Some(Usage { input: 55, output: 15, cached_input: 30, reasoning: 0 }));
         assert_eq!(tap.model(), Some("anthropic.claude-sonnet-4-5"));
         assert!(tap.finished());
+    }
+
+    #[test]
+    fn the_last_usage_key_is_found_wherever_it_is() {
+        let bodies: [&[u8]; 9] = [
+            b"",
+            b"\"usage\"",
+            b"usage\"usage",
+            b"{\"usage\":1,\"x\":{\"usage\":2},\"u\":\"uuu\"}",
+            b"\"uusage\"\"usage\"u",
+            b"{\"content\":\"busy queue\",\"usage\":{\"prompt_tokens\":1}}",
+            b"{\"u\":\"usage\"}",
+            b"\"usag\"",
+            b"uuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuu\"usage\"uuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuu",
+        ];
+        for body in bodies {
+            assert_eq!(
+                last_usage_key(body),
+                memchr::memmem::rfind(body, USAGE_KEY),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]
