@@ -203,8 +203,8 @@ async fn serve_traffic(
     // three) and hyper keeps no buffer list, ~5% fewer instructions per SSE response. The copy is bounded
     // by `CONNECTION_BUFFER`.
     http.writev(false).max_buf_size(crate::proxy::CONNECTION_BUFFER);
-    // A client that trickles a request head, or opens connections and sends nothing, cannot hold them open
-    // for ever. (hyper makes a timer per request for this: ~0.9k instructions, ~1.5% of a small request.)
+    // A client that sends half a request head, or opens connections and sends nothing, cannot hold them
+    // open for ever. (hyper makes a timer per request for this: ~0.9k instructions, ~1.5% of a small request.)
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
     let tender = tokio::spawn({
         let client = client.clone();

@@ -754,7 +754,7 @@ async fn a_key_file_edited_in_place_is_used_once_written() {
 }
 
 #[tokio::test]
-async fn a_caller_that_trickles_its_request_head_or_sends_nothing_is_cut_off() {
+async fn a_caller_that_sends_half_a_request_head_or_nothing_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let opts = Opts { server: "header_read_timeout = \"300ms\"", ..Opts::default() };
     let gw = Gw::start(Mock::ok_json().await, opts).await;
@@ -795,4 +795,24 @@ async fn a_stream_may_outlast_the_header_read_timeout() {
     drop(script.tx);
     let rest: Vec<Bytes> = stream.map(|c| c.unwrap()).collect().await;
     assert_eq!(rest.concat(), b"data: {\"n\":1}\n\n");
+}
+
+#[tokio::test]
+async fn a_caller_that_never_finishes_a_body_read_whole_gets_a_504() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The Search project has a model allowlist, so its request bodies are read whole before going upstream.
+    let opts = Opts { upstream: "response_timeout = \"300ms\"", ..Opts::default() };
+    let gw = Gw::start(Mock::ok_json().await, opts).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SEARCH_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\":"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut received = vec![0; 4096];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut received)).await.expect("an answer, not a wait").unwrap();
+    let received = String::from_utf8_lossy(&received[..n]);
+    assert!(received.starts_with("HTTP/1.1 504"), "{received}");
+    assert!(received.contains("upstream_timeout"), "{received}");
+    assert_eq!(gw.mock.hits(), 0);
 }

@@ -87,7 +87,7 @@ impl Default for RawServer {
             admin_listen: "127.0.0.1:9091".into(),
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_grace: "30s".into(),
-            header_read_timeout: "30s".into(),
+            header_read_timeout: "75s".into(),
             workers: 0,
         }
     }

@@ -2,10 +2,12 @@
 //! changes, so that a rotated key (a Kubernetes Secret update, an edited file) takes effect without a restart.
 //!
 //! The file's directory is watched, not the file: Kubernetes updates a mounted Secret by swapping the
-//! directory's `..data` symlink, which a watch on the old file would never see. Any file created, renamed or
-//! closed after writing in that directory leads to a re-read; a key that reads back the same changes nothing,
-//! and one that cannot be read (missing, empty, not a header value) leaves the previous key in use.
+//! directory's `..data` symlink, which a watch on the old file would never see. A rename, a file closed after
+//! writing or a symlink made in that directory leads to a re-read ([`reaction`]); a key that reads back the
+//! same changes nothing, and one that cannot be used (missing, empty, not a header value) leaves the previous
+//! key in use.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
@@ -103,10 +105,15 @@ impl KeyFileWatch {
             _ => std::path::PathBuf::from("."),
         };
         let handler = {
-            let source = source.clone();
-            move |event: notify::Result<notify::Event>| match event {
-                Ok(event) if may_change_content(event.kind) => key.reload(&source, &meter),
-                Ok(_) => {}
+            let (source, dir, key) = (source.clone(), dir.clone(), key.clone());
+            let meter = meter.clone();
+            move |event: notify::Result<notify::Event>| match event.map(|e| reaction(&e, &dir)) {
+                Ok(Reaction::Read) => key.reload(&source, &meter),
+                Ok(Reaction::Ignore) => {}
+                Ok(Reaction::WatchEnded) => tracing::warn!(
+                    source = %source,
+                    "the upstream API key file's directory was removed; the key in use stays, but is no longer re-read"
+                ),
                 Err(e) => tracing::warn!(error = %e, source = %source, "watching the upstream API key file failed"),
             }
         };
@@ -114,38 +121,78 @@ impl KeyFileWatch {
         watcher
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(|e| anyhow::anyhow!("cannot watch {} for upstream.api_key_file changes: {e}", dir.display()))?;
+        // A change between the first read at start-up and the watch would otherwise wait for the next one.
+        key.reload(&source, &meter);
         Ok(Self { _watcher: watcher })
     }
 }
 
-/// Whether an event in the key's directory can mean new content: a file made, renamed (the Kubernetes symlink
-/// swap, an editor's save) or closed after writing. Writes still in progress, attribute changes and the
-/// watcher's own reads (opens and closes without writing) do not.
-fn may_change_content(kind: EventKind) -> bool {
-    matches!(
-        kind,
-        EventKind::Create(_)
-            | EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Any)
-            | EventKind::Access(AccessKind::Close(AccessMode::Write))
-    )
+/// What an event in the key's directory calls for.
+#[derive(Debug, PartialEq, Eq)]
+enum Reaction {
+    Read,
+    Ignore,
+    WatchEnded,
+}
+
+/// Reads follow what can bring a whole new key: a rename (the Kubernetes `..data` swap, an editor's save), a
+/// file closed after writing, a symlink made (`ln -sf`), and anything the watcher cannot describe (after its
+/// queue overflowed, say). A regular file just created is read once it is closed, not while it is still
+/// empty or half-written; writes in progress, attribute changes and the gateway's own reads (opens, closes
+/// without writing) are ignored.
+fn reaction(event: &notify::Event, dir: &Path) -> Reaction {
+    match event.kind {
+        EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Any)
+        | EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Any
+        | EventKind::Other => Reaction::Read,
+        EventKind::Create(_) if event.paths.iter().any(|p| p.symlink_metadata().is_ok_and(|m| m.is_symlink())) => {
+            Reaction::Read
+        }
+        EventKind::Remove(_) if event.paths.iter().any(|p| p == dir) => Reaction::WatchEnded,
+        _ => Reaction::Ignore,
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use notify::event::{CreateKind, DataChange, MetadataKind, RenameMode};
+    use notify::event::{CreateKind, DataChange, MetadataKind, RemoveKind, RenameMode};
 
     use super::*;
 
     #[test]
-    fn only_events_that_can_bring_new_content_lead_to_a_read() {
-        assert!(may_change_content(EventKind::Create(CreateKind::File)));
-        assert!(may_change_content(EventKind::Modify(ModifyKind::Name(RenameMode::To))));
-        assert!(may_change_content(EventKind::Access(AccessKind::Close(AccessMode::Write))));
-        // Its own read of the file must not set off another read.
-        assert!(!may_change_content(EventKind::Access(AccessKind::Open(AccessMode::Any))));
-        assert!(!may_change_content(EventKind::Access(AccessKind::Close(AccessMode::Read))));
-        assert!(!may_change_content(EventKind::Modify(ModifyKind::Data(DataChange::Any))));
-        assert!(!may_change_content(EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any))));
+    fn only_events_that_can_bring_a_whole_new_key_lead_to_a_read() {
+        let dir = std::env::temp_dir().join(format!("mantlegate-credential-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("file"), "").expect("file");
+        std::os::unix::fs::symlink("file", dir.join("link")).expect("symlink");
+        let event = |kind: EventKind, path: &str| notify::Event::new(kind).add_path(dir.join(path));
+        let read = [
+            event(EventKind::Modify(ModifyKind::Name(RenameMode::To)), "..data"),
+            event(EventKind::Access(AccessKind::Close(AccessMode::Write)), "key"),
+            event(EventKind::Create(CreateKind::File), "link"),
+            event(EventKind::Other, ""),
+        ];
+        for e in &read {
+            assert_eq!(reaction(e, &dir), Reaction::Read, "{e:?}");
+        }
+        let ignored = [
+            // Just created, still empty or half-written: read when it is closed.
+            event(EventKind::Create(CreateKind::File), "file"),
+            // The gateway's own read must not set off another read.
+            event(EventKind::Access(AccessKind::Open(AccessMode::Any)), "key"),
+            event(EventKind::Access(AccessKind::Close(AccessMode::Read)), "key"),
+            event(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "key"),
+            event(EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)), "key"),
+            event(EventKind::Remove(RemoveKind::File), "key"),
+        ];
+        for e in &ignored {
+            assert_eq!(reaction(e, &dir), Reaction::Ignore, "{e:?}");
+        }
+        let gone = notify::Event::new(EventKind::Remove(RemoveKind::Folder)).add_path(dir.clone());
+        assert_eq!(reaction(&gone, &dir), Reaction::WatchEnded);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -113,33 +113,39 @@ impl Gateway {
         }
 
         let upstream_uri = self.upstream_uri(matched.upstream_path, parts.uri.query())?;
-        let (body, usage_injected) = self.request_body(&mut parts.headers, body, endpoint, project, log).await?;
+        // Reading the caller's body (when it is read whole) and waiting for upstream's response head share one
+        // deadline, so a caller that trickles its body cannot hold a request open longer than upstream may.
+        let exchange = async {
+            let (body, usage_injected) =
+                self.request_body(&mut parts.headers, body, endpoint, project, &mut *log).await?;
 
-        // Upstream request filter.
-        headers::to_upstream(
-            &mut parts.headers,
-            matched.api,
-            &self.project_ids[attribution.project.0],
-            &self.credential,
-            log.request_id(),
-        );
-        if self.meter.taps && Dialect::of(endpoint).is_some() {
-            // Usage is read from the bytes as they pass, so they must arrive as they are. Accept-Encoding is a
-            // preference, and the caller still gets a valid (uncompressed) response.
-            parts.headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-        }
-        parts.uri = upstream_uri;
-        parts.version = Version::HTTP_11;
+            // Upstream request filter.
+            headers::to_upstream(
+                &mut parts.headers,
+                matched.api,
+                &self.project_ids[attribution.project.0],
+                &self.credential,
+                log.request_id(),
+            );
+            if self.meter.taps && Dialect::of(endpoint).is_some() {
+                // Usage is read from the bytes as they pass, so they must arrive as they are. Accept-Encoding is
+                // a preference, and the caller still gets a valid (uncompressed) response.
+                parts.headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+            }
+            parts.uri = upstream_uri;
+            parts.version = Version::HTTP_11;
 
-        // Upstream peer.
-        let upstream = &self.config.upstream;
-        match tokio::time::timeout(upstream.response_timeout, client.request(Request::from_parts(parts, body))).await {
+            // Upstream peer.
+            Ok::<_, GatewayError>((client.request(Request::from_parts(parts, body)).await, usage_injected))
+        };
+        match tokio::time::timeout(self.config.upstream.response_timeout, exchange).await {
             Err(_) => Err(GatewayError::UpstreamTimeout),
-            Ok(Ok(response)) => Ok(Forwarded { response, endpoint, usage_injected }),
-            Ok(Err(e)) if body::is_over_limit(&*e) => {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok((Ok(response), usage_injected))) => Ok(Forwarded { response, endpoint, usage_injected }),
+            Ok(Ok((Err(e), _))) if body::is_over_limit(&*e) => {
                 Err(GatewayError::RequestTooLarge(self.config.server.max_body_bytes))
             }
-            Ok(Err(e)) => {
+            Ok(Ok((Err(e), _))) => {
                 tracing::warn!(request_id = ?log.request_id(), error = %access_log::error_chain(&*e), "upstream request failed");
                 Err(GatewayError::UpstreamUnreachable)
             }
