@@ -1,5 +1,5 @@
-//! The real binary, as an operator runs it: `serve` with a config file, its JSON request log, SIGTERM,
-//! `check`, `keys new`, and `demo`.
+//! The real binary, as an operator runs it: `serve` with a config file (and an https upstream), its JSON
+//! request log, SIGTERM, `check`, `keys new`, and `demo`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -352,4 +352,91 @@ async fn demo_runs_with_no_aws_account() {
     sigterm(&child).await;
     let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
     assert!(status.success());
+}
+
+/// A certificate authority and a `localhost` certificate it signed, for an upstream over TLS.
+struct TestPki {
+    ca_pem: String,
+    server: tokio_rustls::TlsAcceptor,
+}
+
+fn test_pki() -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![cert.der().clone()], key);
+    TestPki { ca_pem: ca.pem(), server: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config.unwrap())) }
+}
+
+/// Terminates TLS on a port of its own and relays each connection to `backend` in plain HTTP.
+async fn tls_front(acceptor: tokio_rustls::TlsAcceptor, backend: std::net::SocketAddr) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let (Ok(mut tls), Ok(mut plain)) =
+                    (acceptor.accept(tcp).await, tokio::net::TcpStream::connect(backend).await)
+                else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn serve_reaches_an_https_upstream_it_trusts_and_refuses_one_it_does_not() {
+    let mock = Mock::ok_json().await;
+    let pki = test_pki();
+    let port = tls_front(pki.server.clone(), mock.addr).await;
+    let dir = temp_dir("tls");
+    let config = config_text(mock.addr, &Opts::default())
+        .replace(&format!("http://{}", mock.addr), &format!("https://localhost:{port}"));
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let trusted = dir.join("trusted-ca.pem");
+    std::fs::write(&trusted, &pki.ca_pem).unwrap();
+    let other = dir.join("other-ca.pem");
+    std::fs::write(&other, test_pki().ca_pem).unwrap();
+
+    // The CA store is the system's, which SSL_CERT_FILE stands in for here.
+    let served =
+        serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY), ("SSL_CERT_FILE", trusted.to_str().unwrap())]).await;
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", served.addr))
+        .bearer_auth(CHAT_KEY)
+        .header("content-type", "application/json")
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), r#"{"ok":true}"#);
+    let seen = mock.next().await;
+    assert_eq!(seen.header("authorization"), Some(format!("Bearer {UPSTREAM_KEY}").as_str()));
+    assert_eq!(seen.header("openai-project"), Some("proj_chat"));
+    assert_eq!(seen.header("host"), Some(format!("localhost:{port}").as_str()));
+
+    // Signed by a CA the gateway does not trust: nothing reaches upstream.
+    let served =
+        serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY), ("SSL_CERT_FILE", other.to_str().unwrap())]).await;
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", served.addr))
+        .bearer_auth(CHAT_KEY)
+        .header("content-type", "application/json")
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(res).await, (502, "upstream_unreachable".to_owned()));
+    assert_eq!(mock.hits(), 1);
 }
