@@ -354,23 +354,32 @@ async fn demo_runs_with_no_aws_account() {
     assert!(status.success());
 }
 
-/// A certificate authority and a `localhost` certificate it signed, for an upstream over TLS.
-struct TestPki {
-    ca_pem: String,
-    server: tokio_rustls::TlsAcceptor,
+/// A certificate authority, and servers with certificates it signed.
+struct TestCa {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
 }
 
-fn test_pki() -> TestPki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![cert.der().clone()], key);
-    TestPki { ca_pem: ca.pem(), server: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config.unwrap())) }
+impl TestCa {
+    fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Self { key, cert }
+    }
+
+    /// TLS with a certificate for `name`.
+    fn server(&self, name: &str) -> tokio_rustls::TlsAcceptor {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let config =
+            rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![cert.der().clone()], key);
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config.unwrap()))
+    }
 }
 
 /// Terminates TLS on a port of its own and relays each connection to `backend` in plain HTTP.
@@ -396,47 +405,48 @@ async fn tls_front(acceptor: tokio_rustls::TlsAcceptor, backend: std::net::Socke
 #[tokio::test]
 async fn serve_reaches_an_https_upstream_it_trusts_and_refuses_one_it_does_not() {
     let mock = Mock::ok_json().await;
-    let pki = test_pki();
-    let port = tls_front(pki.server.clone(), mock.addr).await;
+    let (ca, other_ca) = (TestCa::new(), TestCa::new());
     let dir = temp_dir("tls");
-    let config = config_text(mock.addr, &Opts::default())
-        .replace(&format!("http://{}", mock.addr), &format!("https://localhost:{port}"));
-    let config_path = dir.join("gateway.toml");
-    std::fs::write(&config_path, config).unwrap();
     let trusted = dir.join("trusted-ca.pem");
-    std::fs::write(&trusted, &pki.ca_pem).unwrap();
-    let other = dir.join("other-ca.pem");
-    std::fs::write(&other, test_pki().ca_pem).unwrap();
+    std::fs::write(&trusted, ca.cert.pem()).unwrap();
+    // The CA store is the system's, which SSL_CERT_FILE and an empty SSL_CERT_DIR stand in for here.
+    let no_dir = dir.join("no-certs");
+    std::fs::create_dir_all(&no_dir).unwrap();
+    let env = [
+        ("MANTLE_API_KEY", UPSTREAM_KEY),
+        ("SSL_CERT_FILE", trusted.to_str().unwrap()),
+        ("SSL_CERT_DIR", no_dir.to_str().unwrap()),
+    ];
+    // One gateway per upstream certificate; the answer is its status and error code, if any.
+    let answer = async |server: tokio_rustls::TlsAcceptor| {
+        let port = tls_front(server, mock.addr).await;
+        let config = config_text(mock.addr, &Opts::default())
+            .replace(&format!("http://{}", mock.addr), &format!("https://localhost:{port}"));
+        let config_path = dir.join(format!("gateway-{port}.toml"));
+        std::fs::write(&config_path, config).unwrap();
+        let served = serve(&config_path, &env).await;
+        let res = reqwest::Client::new()
+            .post(format!("http://{}/v1/chat/completions", served.addr))
+            .bearer_auth(CHAT_KEY)
+            .header("content-type", "application/json")
+            .body(CHAT_BODY)
+            .send()
+            .await
+            .unwrap();
+        (port, error_code(res).await)
+    };
 
-    // The CA store is the system's, which SSL_CERT_FILE stands in for here.
-    let served =
-        serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY), ("SSL_CERT_FILE", trusted.to_str().unwrap())]).await;
-    let res = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", served.addr))
-        .bearer_auth(CHAT_KEY)
-        .header("content-type", "application/json")
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    assert_eq!(res.text().await.unwrap(), r#"{"ok":true}"#);
+    let (port, (status, _)) = answer(ca.server("localhost")).await;
+    assert_eq!(status, 200);
     let seen = mock.next().await;
     assert_eq!(seen.header("authorization"), Some(format!("Bearer {UPSTREAM_KEY}").as_str()));
     assert_eq!(seen.header("openai-project"), Some("proj_chat"));
     assert_eq!(seen.header("host"), Some(format!("localhost:{port}").as_str()));
 
-    // Signed by a CA the gateway does not trust: nothing reaches upstream.
-    let served =
-        serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY), ("SSL_CERT_FILE", other.to_str().unwrap())]).await;
-    let res = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", served.addr))
-        .bearer_auth(CHAT_KEY)
-        .header("content-type", "application/json")
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(error_code(res).await, (502, "upstream_unreachable".to_owned()));
+    // Signed by a CA the gateway does not trust, or for another name: nothing reaches upstream.
+    for server in [other_ca.server("localhost"), ca.server("example.invalid")] {
+        let (_, answer) = answer(server).await;
+        assert_eq!(answer, (502, "upstream_unreachable".to_owned()));
+    }
     assert_eq!(mock.hits(), 1);
 }

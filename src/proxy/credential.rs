@@ -7,8 +7,9 @@
 //! same changes nothing, and one that cannot be used (missing, empty, not a header value) leaves the previous
 //! key in use.
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
 use http::HeaderValue;
@@ -39,13 +40,20 @@ impl std::fmt::Debug for Credential {
 impl Credential {
     /// A Bedrock API key credential.
     pub fn api_key(key: &Secret) -> anyhow::Result<Self> {
-        Ok(Self::ApiKey(ApiKey(Arc::new(ArcSwap::from_pointee(KeyHeaders::new(key)?)))))
+        let current = ArcSwap::from_pointee(KeyHeaders::new(key)?);
+        Ok(Self::ApiKey(ApiKey(Arc::new(KeyState { current, reloading: Mutex::new(()) }))))
     }
 }
 
 /// A Bedrock API key, replaceable while requests use it.
 #[derive(Clone)]
-pub struct ApiKey(Arc<ArcSwap<KeyHeaders>>);
+pub struct ApiKey(Arc<KeyState>);
+
+struct KeyState {
+    current: ArcSwap<KeyHeaders>,
+    /// Held through each re-read, so that a slower read of an older key cannot replace a newer one.
+    reloading: Mutex<()>,
+}
 
 /// The key as ready header values, both marked sensitive.
 pub struct KeyHeaders {
@@ -69,15 +77,16 @@ impl KeyHeaders {
 impl ApiKey {
     /// The key in use now.
     pub fn headers(&self) -> Guard<Arc<KeyHeaders>> {
-        self.0.load()
+        self.0.current.load()
     }
 
     /// Reads `source` and, if it holds a different key, puts it in use.
     fn reload(&self, source: &KeySource, meter: &Meter) {
+        let _one_at_a_time = self.0.reloading.lock().unwrap_or_else(PoisonError::into_inner);
         match source.read().and_then(|key| KeyHeaders::new(&key)) {
-            Ok(new) if new.raw == self.0.load().raw => {}
+            Ok(new) if new.raw == self.0.current.load().raw => {}
             Ok(new) => {
-                self.0.store(Arc::new(new));
+                self.0.current.store(Arc::new(new));
                 meter.upstream_key_reload("changed");
                 tracing::info!(source = %source, "upstream API key re-read; new requests use it");
             }
@@ -101,9 +110,11 @@ impl KeyFileWatch {
             anyhow::bail!("only a key file can be watched");
         };
         let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
         };
+        // Absolute, as notify reports the paths of its events.
+        let dir = std::path::absolute(dir)?;
         let handler = {
             let (source, dir, key) = (source.clone(), dir.clone(), key.clone());
             let meter = meter.clone();
@@ -136,22 +147,27 @@ enum Reaction {
 }
 
 /// Reads follow what can bring a whole new key: a rename (the Kubernetes `..data` swap, an editor's save), a
-/// file closed after writing, a symlink made (`ln -sf`), and anything the watcher cannot describe (after its
-/// queue overflowed, say). A regular file just created is read once it is closed, not while it is still
-/// empty or half-written; writes in progress, attribute changes and the gateway's own reads (opens, closes
-/// without writing) are ignored.
+/// file closed after writing, a link made to a file that already exists (`ln -sf`, `ln`), and anything the
+/// watcher cannot describe (after its queue overflowed, say). A regular file just created is read once it is
+/// closed, not while it is still empty or half-written; writes in progress, attribute changes and the
+/// gateway's own reads (opens, closes without writing) are ignored.
 fn reaction(event: &notify::Event, dir: &Path) -> Reaction {
     match event.kind {
         EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Any)
         | EventKind::Access(AccessKind::Close(AccessMode::Write))
         | EventKind::Any
         | EventKind::Other => Reaction::Read,
-        EventKind::Create(_) if event.paths.iter().any(|p| p.symlink_metadata().is_ok_and(|m| m.is_symlink())) => {
+        EventKind::Create(_) if event.paths.iter().any(|p| p.symlink_metadata().is_ok_and(|m| is_link(&m))) => {
             Reaction::Read
         }
         EventKind::Remove(_) if event.paths.iter().any(|p| p == dir) => Reaction::WatchEnded,
         _ => Reaction::Ignore,
     }
+}
+
+/// A symlink, or a second name for a file (a hard link): either way its content was written before.
+fn is_link(metadata: &std::fs::Metadata) -> bool {
+    metadata.is_symlink() || (metadata.is_file() && metadata.nlink() > 1)
 }
 
 #[cfg(test)]
@@ -167,11 +183,14 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("file"), "").expect("file");
         std::os::unix::fs::symlink("file", dir.join("link")).expect("symlink");
+        std::fs::hard_link(dir.join("file"), dir.join("hard")).expect("hard link");
+        std::fs::write(dir.join("fresh"), "").expect("file");
         let event = |kind: EventKind, path: &str| notify::Event::new(kind).add_path(dir.join(path));
         let read = [
             event(EventKind::Modify(ModifyKind::Name(RenameMode::To)), "..data"),
             event(EventKind::Access(AccessKind::Close(AccessMode::Write)), "key"),
             event(EventKind::Create(CreateKind::File), "link"),
+            event(EventKind::Create(CreateKind::File), "hard"),
             event(EventKind::Other, ""),
         ];
         for e in &read {
@@ -179,7 +198,7 @@ mod tests {
         }
         let ignored = [
             // Just created, still empty or half-written: read when it is closed.
-            event(EventKind::Create(CreateKind::File), "file"),
+            event(EventKind::Create(CreateKind::File), "fresh"),
             // The gateway's own read must not set off another read.
             event(EventKind::Access(AccessKind::Open(AccessMode::Any)), "key"),
             event(EventKind::Access(AccessKind::Close(AccessMode::Read)), "key"),
