@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, KeySource, UpstreamAuth};
@@ -142,7 +143,12 @@ async fn start_workers(
     gateway: &Arc<Gateway>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    let (workers, grace, header_read_timeout) = (server.workers, server.shutdown_grace, server.header_read_timeout);
+    let workers = server.workers;
+    let limits = Limits {
+        grace: server.shutdown_grace,
+        header_read_timeout: server.header_read_timeout,
+        connections: server.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+    };
     let mut prepared = Vec::with_capacity(workers);
     for _ in 0..workers {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -158,7 +164,7 @@ async fn start_workers(
     for (i, (runtime, listener, client)) in prepared.into_iter().enumerate() {
         let (running, running_rx) = tokio::sync::oneshot::channel::<()>();
         let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let worker = serve_traffic(listener, gateway.clone(), client, shutdown.clone(), grace, header_read_timeout);
+        let worker = serve_traffic(listener, gateway.clone(), client, shutdown.clone(), limits.clone());
         let spawned = std::thread::Builder::new().name(format!("traffic-{i}")).spawn(move || {
             let _ = running.send(());
             runtime.block_on(worker);
@@ -185,6 +191,17 @@ async fn start_workers(
     })
 }
 
+/// What bounds the traffic threads' connections.
+#[derive(Clone)]
+struct Limits {
+    /// How long open connections may finish their requests after shutdown begins.
+    grace: Duration,
+    /// How long a caller may take over a request head, or idle between requests.
+    header_read_timeout: Duration,
+    /// One permit per caller connection, shared by every thread; none means no cap.
+    connections: Option<Arc<Semaphore>>,
+}
+
 /// One traffic thread: accepts connections until shutdown, then lets every open connection finish the
 /// request it is serving (hyper's graceful shutdown closes each one after its current response) for at most
 /// `grace`, closes whatever is left, and returns when every connection is gone.
@@ -193,9 +210,9 @@ async fn serve_traffic(
     gateway: Arc<Gateway>,
     client: UpstreamClient,
     shutdown: Shutdown,
-    grace: Duration,
-    header_read_timeout: Duration,
+    limits: Limits,
 ) {
+    let Limits { grace, header_read_timeout, connections: cap } = limits;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // Responses are copied into one write buffer rather than written as a list of buffers: the events of a
@@ -213,6 +230,15 @@ async fn serve_traffic(
     let service = crate::app::service(gateway, client);
     let mut connections = tokio::task::JoinSet::new();
     loop {
+        // At the cap, connections wait in the listen backlog until one closes (and past the backlog, the
+        // kernel stops answering new ones) rather than being taken and then starved of file descriptors.
+        let permit = match &cap {
+            None => None,
+            Some(cap) => tokio::select! {
+                permit = cap.clone().acquire_owned() => permit.ok(),
+                () = shutdown.wait() => break,
+            },
+        };
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => tcp,
@@ -235,6 +261,7 @@ async fn serve_traffic(
         let _ = tcp.set_nodelay(true);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service.clone()));
         connections.spawn(async move {
+            let _permit = permit;
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "traffic connection ended with an error");
             }

@@ -816,3 +816,34 @@ async fn a_caller_that_never_finishes_a_body_read_whole_gets_a_504() {
     assert!(received.contains("upstream_timeout"), "{received}");
     assert_eq!(gw.mock.hits(), 0);
 }
+
+#[tokio::test]
+async fn past_max_connections_a_caller_waits_until_a_connection_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gw::start(Mock::ok_json().await, Opts { server: "max_connections = 1", ..Opts::default() }).await;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CHAT_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{CHAT_BODY}",
+        CHAT_BODY.len()
+    );
+    let exchange = async |tcp: &mut tokio::net::TcpStream| {
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0; 4096];
+        let n = tcp.read(&mut head).await.unwrap();
+        String::from_utf8_lossy(&head[..n]).into_owned()
+    };
+    // The first connection is kept alive after its answer, so it holds the only place.
+    let mut first = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    assert!(tokio::time::timeout(WAIT, exchange(&mut first)).await.unwrap().starts_with("HTTP/1.1 200"));
+    let mut second = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let answer = exchange(&mut second);
+    tokio::pin!(answer);
+    // (A bounded wait for something that must not happen: it can only pass wrongly, never fail wrongly.)
+    assert!(tokio::time::timeout(Duration::from_millis(300), &mut answer).await.is_err(), "served past the cap");
+    assert_eq!(gw.mock.hits(), 1);
+    drop(first);
+    assert!(
+        tokio::time::timeout(WAIT, answer).await.expect("served once a place was free").starts_with("HTTP/1.1 200")
+    );
+    assert_eq!(gw.mock.hits(), 2);
+}

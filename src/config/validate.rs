@@ -60,6 +60,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             &raw.server.header_read_timeout,
             false,
         ),
+        max_connections: (raw.server.max_connections > 0).then_some(raw.server.max_connections),
         workers: match raw.server.workers {
             // available_parallelism honours CPU affinity and a cgroup CPU quota (a pod's limit).
             0 => std::thread::available_parallelism().map_or(1, usize::from),
