@@ -17,6 +17,8 @@ use crate::metering::prices::Price;
 
 /// More traffic threads than this is a typo, not a machine.
 const MAX_WORKERS: usize = 1024;
+/// More connections than any one process could hold file descriptors for.
+const MAX_CONNECTIONS: usize = 1 << 24;
 
 /// Path prefixes a route may not take, because the API itself lives there.
 const RESERVED_ROUTE_SEGMENTS: &[&str] = &["v1", "openai", "anthropic"];
@@ -69,6 +71,9 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     };
     if server.workers > MAX_WORKERS {
         errs.push("server.workers", format!("{} is more than {MAX_WORKERS}", server.workers));
+    }
+    if raw.server.max_connections > MAX_CONNECTIONS {
+        errs.push("server.max_connections", format!("{} is more than {MAX_CONNECTIONS}", raw.server.max_connections));
     }
     if server.max_body_bytes == 0 {
         errs.push("server.max_body_bytes", "must be greater than 0");
@@ -508,11 +513,15 @@ mod tests {
     }
 
     #[test]
-    fn workers_default_to_the_cpus_and_are_bounded() {
+    fn workers_default_to_the_cpus_and_workers_and_connections_are_bounded() {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         assert_eq!(crate::Config::from_toml(BASE).expect("valid").server.workers, cpus);
         let three = crate::Config::from_toml(&format!("[server]\nworkers = 3\n{BASE}")).expect("valid");
         assert_eq!(three.server.workers, 3);
+        let errs = errors(&format!("[server]\nmax_connections = 100000000\n{BASE}"));
+        assert_eq!(errs, vec!["server.max_connections: 100000000 is more than 16777216".to_string()]);
+        let capped = crate::Config::from_toml(&format!("[server]\nmax_connections = 5\n{BASE}")).expect("valid");
+        assert_eq!((capped.server.max_connections, three.server.max_connections), (Some(5), None));
         let errs = errors(&format!("[server]\nworkers = 5000\n{BASE}"));
         assert_eq!(errs, vec!["server.workers: 5000 is more than 1024".to_string()]);
     }
