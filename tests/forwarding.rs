@@ -759,11 +759,7 @@ async fn a_caller_that_sends_half_a_request_head_or_nothing_is_cut_off() {
     let opts = Opts { server: "header_read_timeout = \"300ms\"", ..Opts::default() };
     let gw = Gw::start(Mock::ok_json().await, opts).await;
     // Connected and silent, half a head, and a whole request followed by silence on the kept-alive connection.
-    let whole = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CHAT_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{CHAT_BODY}",
-        CHAT_BODY.len()
-    );
+    let whole = raw_chat_request(CHAT_KEY);
     for sent in [String::new(), "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n".to_owned(), whole.clone()] {
         let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
         tcp.write_all(sent.as_bytes()).await.unwrap();
@@ -821,11 +817,7 @@ async fn a_caller_that_never_finishes_a_body_read_whole_gets_a_504() {
 async fn past_max_connections_a_caller_waits_until_a_connection_closes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = Gw::start(Mock::ok_json().await, Opts { server: "max_connections = 1", ..Opts::default() }).await;
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CHAT_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{CHAT_BODY}",
-        CHAT_BODY.len()
-    );
+    let request = raw_chat_request(CHAT_KEY);
     let exchange = async |tcp: &mut tokio::net::TcpStream| {
         tcp.write_all(request.as_bytes()).await.unwrap();
         let mut head = vec![0; 4096];

@@ -56,6 +56,9 @@ impl Dialect {
     }
 }
 
+/// The key of a usage member.
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
 /// The byte strings the tap looks for, each with its searcher built once.
 struct Needles {
     usage: Finder<'static>,
@@ -70,7 +73,7 @@ struct Needles {
 }
 
 static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
-    usage: Finder::new(b"\"usage\""),
+    usage: Finder::new(USAGE_KEY),
     model: Finder::new(b"\"model\""),
     completed: Finder::new(b"response.completed"),
     incomplete: Finder::new(b"response.incomplete"),
@@ -87,7 +90,7 @@ fn usage_member(data: &[u8]) -> (bool, bool) {
     let mut mentioned = false;
     while let Some(at) = NEEDLES.usage.find(&data[from..]) {
         mentioned = true;
-        from += at + 7;
+        from += at + USAGE_KEY.len();
         let value = data[from..].trim_ascii_start().strip_prefix(b":").map(<[u8]>::trim_ascii_start);
         if value.is_some_and(|v| v.starts_with(b"{")) {
             return (true, true);
@@ -490,8 +493,6 @@ enum Member {
     FirstModel,
 }
 
-const USAGE_KEY: &[u8] = b"\"usage\"";
-
 /// Where the last `"usage"` in `body` starts. memmem's reverse searcher has no vector prefilter and costs
 /// ~10 instructions a byte; usage sits near the end of a body and `u` is rare there, so stepping back from
 /// one `u` to the next with `memrchr` reaches it in a few steps.
@@ -531,8 +532,8 @@ fn strip_null_usage(event: &[u8]) -> Vec<u8> {
                 rest = &rest[end..];
             }
             None => {
-                out.extend_from_slice(&rest[..at + 7]);
-                rest = &rest[at + 7..];
+                out.extend_from_slice(&rest[..at + USAGE_KEY.len()]);
+                rest = &rest[at + USAGE_KEY.len()..];
             }
         }
     }

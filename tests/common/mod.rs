@@ -431,3 +431,12 @@ pub async fn error_code(res: reqwest::Response) -> (u16, String) {
 }
 
 pub const CHAT_BODY: &str = r#"{"model":"openai.gpt-oss-120b","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// A whole HTTP/1.1 chat completions request carrying [`CHAT_BODY`], as raw text for a socket.
+pub fn raw_chat_request(key: &str) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{CHAT_BODY}",
+        CHAT_BODY.len()
+    )
+}
