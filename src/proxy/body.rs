@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -59,14 +59,31 @@ pub struct Facts {
     pub include_usage: bool,
 }
 
-/// Reads a request body whole, refusing more than `limit` bytes.
+/// Reads a request body whole, refusing more than `limit` bytes. A body that arrives as one frame (nearly every
+/// small one) is returned as it is, without a copy.
 pub async fn read(body: Body, limit: u64) -> Result<Bytes, GatewayError> {
-    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(GatewayError::RequestTooLarge(limit)),
-        Err(_) => Err(GatewayError::InvalidRequest("the request body could not be read".into())),
+    let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| match e.is::<LengthLimitError>() {
+            true => GatewayError::RequestTooLarge(limit),
+            false => GatewayError::InvalidRequest("the request body could not be read".into()),
+        })?;
+        // Trailers carry nothing the gateway reads.
+        let Ok(data) = frame.into_data() else { continue };
+        match &mut joined {
+            Some(buf) => buf.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut buf = BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
+        }
     }
+    Ok(joined.map_or(first, BytesMut::freeze))
 }
 
 /// Whether a JSON body can ask for a stream at all: without the bytes `"stream"`, and without a `\u` escape
@@ -348,6 +365,32 @@ mod tests {
         assert_eq!(read(body, 13).await.map(|b| b.len()), Ok(13));
         let body = Body::from(r#"{"model":"m"}"#);
         assert_eq!(read(body, 12).await, Err(GatewayError::RequestTooLarge(12)));
+    }
+
+    /// A body sent as these frames.
+    fn framed(frames: Vec<Frame<Bytes>>) -> Body {
+        let frames = futures_util::stream::iter(frames.into_iter().map(Ok::<_, std::convert::Infallible>));
+        Body::new(http_body_util::StreamBody::new(frames))
+    }
+
+    #[tokio::test]
+    async fn a_body_in_many_frames_is_read_whole_and_in_order() {
+        let data = |s: &'static str| Frame::data(Bytes::from_static(s.as_bytes()));
+        let frames = || {
+            vec![
+                data(""),
+                data(r#"{"model""#),
+                data(""),
+                data(r#":"m","#),
+                data(r#""n":1}"#),
+                Frame::trailers(HeaderMap::new()),
+            ]
+        };
+        assert_eq!(read(framed(frames()), 1024).await, Ok(Bytes::from_static(br#"{"model":"m","n":1}"#)));
+        // The cap counts every frame, not only the first.
+        assert_eq!(read(framed(frames()), 18).await, Err(GatewayError::RequestTooLarge(18)));
+        assert_eq!(read(framed(vec![data("{}")]), 2).await, Ok(Bytes::from_static(b"{}")));
+        assert_eq!(read(framed(vec![]), 2).await, Ok(Bytes::new()));
     }
 
     #[test]
