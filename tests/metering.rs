@@ -173,6 +173,20 @@ async fn chat_json_usage_and_cost() {
 }
 
 #[tokio::test]
+async fn a_trusted_callers_ledger_line_names_no_key() {
+    let opts = Opts { callers: "none", keys: false, attribution: "default_project = \"Chat-Prod\"", ..Opts::default() };
+    let m = start_opts("trusted", upstream().await, opts).await;
+    let res = m.gw.post("/v1/chat/completions", "not-a-gateway-key").body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.bytes().await.unwrap();
+    let ledger = m.ledger().await;
+    let l = &ledger[0];
+    assert_eq!(l.get("key"), Some(&Value::Null), "{l}");
+    assert_eq!((l["project"].as_str(), l["route"].as_str()), (Some("Chat-Prod"), Some("chat.completions")));
+    assert_eq!(l["input_tokens"].as_u64(), Some(1000));
+}
+
+#[tokio::test]
 async fn chat_stream_is_metered_even_when_the_client_did_not_ask_for_usage() {
     let m = start("chat-inject", "").await;
     let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;

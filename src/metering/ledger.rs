@@ -42,7 +42,7 @@ enum Msg {
 struct Shared {
     /// Each thread's lines, newline-terminated, not yet taken by the writer. Only the owning thread and the
     /// writer ever lock one, and the writer only to swap the buffer out.
-    pending: ThreadLocal<Mutex<Vec<u8>>>,
+    pending: ThreadLocal<Mutex<String>>,
     /// Set by the writer's last pass: lines appended after it are dropped (and counted), not left unwritten.
     closed: AtomicBool,
     dropped: AtomicU64,
@@ -99,8 +99,9 @@ impl Ledger {
         Ok((Self { shared, wake: tx.clone() }, LedgerWriter { tx, thread }))
     }
 
-    /// Appends a line (without its newline) without waiting.
-    pub fn append(&self, line: &str) {
+    /// Appends the line `write` puts at the end of the buffer it is given (without a newline), without
+    /// waiting. The line is written straight into this thread's pending buffer: no allocation, no copy.
+    pub fn append_with(&self, write: impl FnOnce(&mut String)) {
         let slot = match self.shared.pending.get() {
             Some(slot) => slot,
             None => {
@@ -112,15 +113,20 @@ impl Ledger {
             }
         };
         let mut pending = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.shared.closed.load(Ordering::Acquire) || pending.len() + line.len() >= MAX_PENDING {
+        if self.shared.closed.load(Ordering::Acquire) {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let first = pending.is_empty();
-        pending.extend_from_slice(line.as_bytes());
-        pending.push(b'\n');
+        let start = pending.len();
+        write(&mut pending);
+        if pending.len() >= MAX_PENDING {
+            pending.truncate(start);
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        pending.push('\n');
         drop(pending);
-        if first {
+        if start == 0 {
             // Full means a wake-up is already queued; gone means the writer stopped, and `closed` says so.
             let _ = self.wake.try_send(Msg::Wake);
         }
@@ -159,7 +165,7 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
     let mut day =
         file.metadata().and_then(|m| m.modified()).map(utc_day).unwrap_or_else(|_| utc_day(SystemTime::now()));
     let mut out = BufWriter::new(file);
-    let mut taken = Vec::new();
+    let mut taken = String::new();
     let mut closing = false;
     while !closing {
         let Ok(first) = rx.recv() else { break };
@@ -184,7 +190,7 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
         // Every thread's lines so far, each buffer swapped for an empty one: a burst costs one write.
         for pending in shared.pending.iter() {
             std::mem::swap(&mut *pending.lock().unwrap_or_else(PoisonError::into_inner), &mut taken);
-            if let Err(e) = out.write_all(&taken) {
+            if let Err(e) = out.write_all(taken.as_bytes()) {
                 tracing::error!(error = %e, "usage ledger write failed");
             }
             taken.clear();
@@ -204,6 +210,10 @@ fn rotate(path: &Path, day: &str) -> anyhow::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn append(ledger: &Ledger, line: &str) {
+        ledger.append_with(|text| text.push_str(line));
+    }
 
     /// `usage.jsonl` in an emptied directory of its own for the test `name`.
     fn fresh_ledger_path(name: &str) -> PathBuf {
@@ -228,7 +238,7 @@ mod tests {
         File::options().write(true).open(&path).and_then(|f| f.set_modified(yesterday)).expect("mtime");
 
         let (ledger, writer) = Ledger::open(&path).expect("open");
-        ledger.append("{\"new\":true}");
+        append(&ledger, "{\"new\":true}");
         writer.finish(Duration::from_secs(10)).await;
         let rotated = rotated_path(&path, &utc_day(yesterday));
         assert_eq!(std::fs::read_to_string(&rotated).expect("rotated file"), "{\"old\":true}\n");
@@ -240,7 +250,7 @@ mod tests {
         let path = fresh_ledger_path("close");
         let (ledger, writer) = Ledger::open(&path).expect("open");
         for i in 0..1000 {
-            ledger.append(&format!("{{\"n\":{i}}}"));
+            append(&ledger, &format!("{{\"n\":{i}}}"));
         }
         // The ledger handle is still alive (as it is in a running gateway): finish must not wait for it.
         writer.finish(Duration::from_secs(10)).await;
@@ -262,7 +272,7 @@ mod tests {
                 let (ledger, barrier) = (ledger.clone(), barrier.clone());
                 std::thread::spawn(move || {
                     for i in 0..per_thread {
-                        ledger.append(&format!("{{\"thread\":{t},\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 300)));
+                        append(&ledger, &format!("{{\"thread\":{t},\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 300)));
                         if i % 1000 == 999 {
                             barrier.wait();
                             std::thread::sleep(GATHER);
@@ -282,7 +292,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         writer.finish(Duration::from_secs(10)).await;
-        ledger.append("{\"late\":true}");
+        append(&ledger, "{\"late\":true}");
         assert_eq!(ledger.dropped(), 1, "a line appended after the writer stopped is counted");
 
         let text = std::fs::read_to_string(&path).expect("ledger");
@@ -297,13 +307,25 @@ mod tests {
         assert_eq!(next, vec![per_thread as u64; threads]);
     }
 
+    #[tokio::test]
+    async fn a_line_past_the_pending_limit_is_dropped_whole_and_counted() {
+        let path = fresh_ledger_path("limit");
+        let (ledger, writer) = Ledger::open(&path).expect("open");
+        append(&ledger, "{\"n\":1}");
+        append(&ledger, &format!("{{\"pad\":\"{}\"}}", "x".repeat(MAX_PENDING)));
+        append(&ledger, "{\"n\":2}");
+        writer.finish(Duration::from_secs(10)).await;
+        assert_eq!(ledger.dropped(), 1);
+        assert_eq!(std::fs::read_to_string(&path).expect("ledger"), "{\"n\":1}\n{\"n\":2}\n");
+    }
+
     #[test]
     fn a_line_reaches_the_file_while_the_gateway_runs() {
         let path = fresh_ledger_path("live");
         let (ledger, _writer) = Ledger::open(&path).expect("open");
         for round in 0..3 {
             let line = format!("{{\"round\":{round}}}");
-            ledger.append(&line);
+            append(&ledger, &line);
             // Written within a gather interval or so of the first line into an empty buffer; no close needed.
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while !std::fs::read_to_string(&path).expect("ledger").contains(&line) {

@@ -20,13 +20,26 @@ use metrics::{Metrics, Observation};
 use prices::PriceTable;
 use usage::Usage;
 
-/// A project as the meter reports it.
+/// A project as the meter reports it. Its JSON members are rendered once: they are the same in every line.
 #[derive(Debug)]
 struct ProjectMeta {
-    name: String,
-    id: String,
-    /// `"project":...,"project_id":...,"tags":{...}`, rendered once: the same for every line of the project.
+    /// `"project":...,"project_id":...`, for the access line.
+    members: String,
+    /// `"project":...,"project_id":...,"tags":{...}`, for the ledger line.
     ledger_fields: String,
+}
+
+/// The access line's project members.
+#[derive(Serialize)]
+struct ProjectNames<'a> {
+    project: &'a str,
+    project_id: &'a str,
+}
+
+/// A key's member in the access and ledger lines.
+#[derive(Serialize)]
+struct KeyName<'a> {
+    key: &'a str,
 }
 
 /// The ledger line's fields that are fixed per project.
@@ -52,6 +65,7 @@ pub struct Meter {
     metrics: Metrics,
     ledger: Option<Ledger>,
     projects: Vec<ProjectMeta>,
+    /// `"key":...` by key index.
     keys: Vec<String>,
 }
 
@@ -105,28 +119,25 @@ impl Meter {
                 .projects
                 .iter()
                 .map(|p| {
-                    let id = p.id.clone().unwrap_or_default();
-                    let ledger_fields = members_of(&ProjectFields { project: &p.name, project_id: &id, tags: &p.tags });
-                    ProjectMeta { name: p.name.clone(), id, ledger_fields }
+                    let id = p.id.as_deref().unwrap_or_default();
+                    ProjectMeta {
+                        members: members_of(&ProjectNames { project: &p.name, project_id: id }),
+                        ledger_fields: members_of(&ProjectFields { project: &p.name, project_id: id, tags: &p.tags }),
+                    }
                 })
                 .collect(),
-            keys: config.keys.iter().map(|k| k.name.clone()).collect(),
+            keys: config.keys.iter().map(|k| members_of(&KeyName { key: &k.name })).collect(),
         };
         Ok((meter, writer))
     }
 
-    /// A project's name.
-    pub fn project_name(&self, idx: ProjectIdx) -> &str {
-        &self.projects[idx.0].name
+    /// A project's name and id as JSON members: `"project":...,"project_id":...`.
+    pub fn project_members(&self, idx: ProjectIdx) -> &str {
+        &self.projects[idx.0].members
     }
 
-    /// A project's id.
-    pub fn project_id(&self, idx: ProjectIdx) -> &str {
-        &self.projects[idx.0].id
-    }
-
-    /// A key's name.
-    pub fn key_name(&self, idx: KeyIdx) -> &str {
+    /// A key's name as a JSON member: `"key":...`.
+    pub fn key_member(&self, idx: KeyIdx) -> &str {
         &self.keys[idx.0]
     }
 
@@ -162,24 +173,29 @@ impl Meter {
         let (Some(ledger), Some(project), true) = (&self.ledger, f.project, f.forwarded) else { return };
         let project = &self.projects[project.0];
         let usage = f.usage.unwrap_or_default();
-        let mut line = JsonLine::with_capacity(512);
-        line.str("time", Stamp::new(SystemTime::now(), 3).as_str())
-            .str("request_id", f.request_id)
-            .str_or_null("key", f.key.map(|k| self.key_name(k)))
-            .str("route", f.endpoint.name())
-            .str_or_null("model", f.model)
-            .bool("stream", f.stream)
-            .u64("status", f.status.into())
-            .u64("input_tokens", usage.input)
-            .u64("output_tokens", usage.output)
-            .u64("cached_input_tokens", usage.cached_input)
-            .u64("reasoning_tokens", usage.reasoning)
-            .f64_or_null("cost_usd", cost)
-            .f64("duration_ms", millis(f.duration))
-            .f64_or_null("ttfb_ms", f.ttfb.map(millis))
-            .bool("complete", f.complete)
-            .members(&project.ledger_fields);
-        ledger.append(&line.finish());
+        let time = Stamp::new(SystemTime::now(), 3);
+        ledger.append_with(|text| {
+            let mut line = JsonLine::open(text);
+            line.str("time", time.as_str()).str("request_id", f.request_id);
+            match f.key {
+                Some(key) => line.members(self.key_member(key)),
+                None => line.null("key"),
+            };
+            line.str("route", f.endpoint.name())
+                .str_or_null("model", f.model)
+                .bool("stream", f.stream)
+                .u64("status", f.status.into())
+                .u64("input_tokens", usage.input)
+                .u64("output_tokens", usage.output)
+                .u64("cached_input_tokens", usage.cached_input)
+                .u64("reasoning_tokens", usage.reasoning)
+                .f64_or_null("cost_usd", cost)
+                .f64("duration_ms", millis(f.duration))
+                .f64_or_null("ttfb_ms", f.ttfb.map(millis))
+                .bool("complete", f.complete)
+                .members(&project.ledger_fields);
+            line.close();
+        });
     }
 
     /// The `/metrics` text.

@@ -142,58 +142,65 @@ impl Drop for AccessLog {
         // In the shape of the other JSON log lines (`timestamp`, `level`, `target`, `message`, then the fields;
         // absent fields are left out), but written here rather than through a `tracing` event: the JSON
         // formatter's field visitor cost more than a third of the gateway's own CPU time per request.
-        let mut line = JsonLine::with_capacity(512);
-        line.str("timestamp", Stamp::new(SystemTime::now(), 6).as_str())
-            .str("level", "INFO")
-            .str("target", ACCESS_TARGET)
-            .str("message", "request")
-            .str("request_id", self.request_id.to_str().unwrap_or("-"))
-            .str("method", self.method.as_str())
-            .str("path", &self.path);
-        if let Some(endpoint) = self.endpoint {
-            line.str("endpoint", endpoint.name());
-        }
-        if let Some(key) = self.key {
-            line.str("key", meter.key_name(key));
-        }
-        if let Some((project, source)) = self.project {
-            line.str("project", meter.project_name(project))
-                .str("project_id", meter.project_id(project))
-                .str("attribution", source.name());
-        }
-        if let Some(model) = model {
-            line.str("model", model);
-        }
-        line.bool("stream", self.stream);
-        if let Some(status) = self.status {
-            line.u64("status", status.as_u16().into());
-        }
-        if let Some(error) = self.error {
-            line.str("error", error);
-        }
-        if let Some(usage) = usage {
-            line.u64("input_tokens", usage.input)
-                .u64("output_tokens", usage.output)
-                .u64("cached_input_tokens", usage.cached_input)
-                .u64("reasoning_tokens", usage.reasoning);
-        }
-        if let Some(cost) = cost {
-            line.f64("cost_usd", cost);
-        }
-        line.f64("duration_ms", millis(duration));
-        if let Some(ttfb) = self.ttfb {
-            line.f64("ttfb_ms", millis(ttfb));
-        }
-        line.bool("complete", complete);
-        if let Some(reason) = incomplete_reason {
-            line.str("incomplete_reason", reason);
-        }
-        write_line(line.finish());
+        write_line(|text| {
+            let mut line = JsonLine::open(text);
+            line.str("timestamp", Stamp::new(SystemTime::now(), 6).as_str())
+                .members(ACCESS_FIXED_MEMBERS)
+                .str("request_id", self.request_id.to_str().unwrap_or("-"))
+                .str("method", self.method.as_str())
+                .str("path", &self.path);
+            if let Some(endpoint) = self.endpoint {
+                line.str("endpoint", endpoint.name());
+            }
+            if let Some(key) = self.key {
+                line.members(meter.key_member(key));
+            }
+            if let Some((project, source)) = self.project {
+                line.members(meter.project_members(project)).str("attribution", source.name());
+            }
+            if let Some(model) = model {
+                line.str("model", model);
+            }
+            line.bool("stream", self.stream);
+            if let Some(status) = self.status {
+                line.u64("status", status.as_u16().into());
+            }
+            if let Some(error) = self.error {
+                line.str("error", error);
+            }
+            if let Some(usage) = usage {
+                line.u64("input_tokens", usage.input)
+                    .u64("output_tokens", usage.output)
+                    .u64("cached_input_tokens", usage.cached_input)
+                    .u64("reasoning_tokens", usage.reasoning);
+            }
+            if let Some(cost) = cost {
+                line.f64("cost_usd", cost);
+            }
+            line.f64("duration_ms", millis(duration));
+            if let Some(ttfb) = self.ttfb {
+                line.f64("ttfb_ms", millis(ttfb));
+            }
+            line.bool("complete", complete);
+            if let Some(reason) = incomplete_reason {
+                line.str("incomplete_reason", reason);
+            }
+            line.close();
+        });
     }
 }
 
 /// The access log's target: `MANTLEGATE_LOG=info,mantlegate::access=off` turns the lines off.
-const ACCESS_TARGET: &str = "mantlegate::access";
+macro_rules! access_target {
+    () => {
+        "mantlegate::access"
+    };
+}
+const ACCESS_TARGET: &str = access_target!();
+
+/// The members every access line has after its timestamp, written as one.
+const ACCESS_FIXED_MEMBERS: &str =
+    concat!(r#""level":"INFO","target":""#, access_target!(), r#"","message":"request""#);
 
 /// Lines up to this long are written without stdout's lock: one `write` of at most this many bytes is atomic
 /// on a pipe (POSIX `PIPE_BUF` on Linux), as any single `write` is on a regular file.
@@ -206,8 +213,21 @@ thread_local! {
         std::io::stdout().as_fd().try_clone_to_owned().ok().map(std::fs::File::from);
 }
 
-/// Writes the line to stdout with one `write`, so it never interleaves with another log line.
-fn write_line(mut line: String) {
+/// What a line buffer may keep of its capacity between lines (a line is a few hundred bytes; an error chain
+/// can make one longer).
+const KEPT_LINE_CAPACITY: usize = 16 * 1024;
+
+thread_local! {
+    /// This thread's buffer for its lines, reused so that a line costs no allocation.
+    static LINE: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+}
+
+/// Writes the line `fill` puts in the buffer to stdout with one `write`, so it never interleaves with
+/// another log line.
+fn write_line(fill: impl FnOnce(&mut String)) {
+    let mut line = LINE.take();
+    line.clear();
+    fill(&mut line);
     line.push('\n');
     // Nothing useful can be done if stdout is gone; the request itself is unaffected.
     let written = line.len() <= ATOMIC_WRITE
@@ -220,6 +240,9 @@ fn write_line(mut line: String) {
         });
     if !written {
         let _ = std::io::stdout().lock().write_all(line.as_bytes());
+    }
+    if line.capacity() <= KEPT_LINE_CAPACITY {
+        LINE.set(line);
     }
 }
 

@@ -6,16 +6,16 @@
 
 use std::fmt::Write as _;
 
-/// A JSON object being written. Keys are the caller's constants and are written as they are.
-pub struct JsonLine {
-    text: String,
+/// A JSON object being written at the end of a caller's buffer, so that a line per request can reuse one
+/// buffer rather than allocate its own. Keys are the caller's constants and are written as they are.
+pub struct JsonLine<'a> {
+    text: &'a mut String,
     empty: bool,
 }
 
-impl JsonLine {
-    /// `{`, with room for `capacity` bytes.
-    pub fn with_capacity(capacity: usize) -> Self {
-        let mut text = String::with_capacity(capacity);
+impl<'a> JsonLine<'a> {
+    /// Starts an object (`{`) at the end of `text`.
+    pub fn open(text: &'a mut String) -> Self {
         text.push('{');
         Self { text, empty: true }
     }
@@ -33,7 +33,7 @@ impl JsonLine {
     /// A string member.
     pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
         self.key(key);
-        push_string(&mut self.text, value);
+        push_string(self.text, value);
         self
     }
 
@@ -78,7 +78,8 @@ impl JsonLine {
         }
     }
 
-    fn null(&mut self, key: &str) -> &mut Self {
+    /// A `null` member.
+    pub fn null(&mut self, key: &str) -> &mut Self {
         self.key(key);
         self.text.push_str("null");
         self
@@ -95,10 +96,9 @@ impl JsonLine {
         self
     }
 
-    /// The object, closed.
-    pub fn finish(mut self) -> String {
+    /// Closes the object.
+    pub fn close(self) {
         self.text.push('}');
-        self.text
     }
 }
 
@@ -137,29 +137,51 @@ mod tests {
             }
         }
         for s in &tricky {
-            let mut line = JsonLine::with_capacity(16);
-            line.str("k", s);
             let expected = serde_json::json!({ "k": s }).to_string();
-            assert_eq!(line.finish(), expected, "{s:?}");
+            assert_eq!(
+                written(|line| {
+                    line.str("k", s);
+                }),
+                expected,
+                "{s:?}"
+            );
         }
+    }
+
+    /// The object `fill` writes.
+    fn written(fill: impl FnOnce(&mut JsonLine<'_>)) -> String {
+        let mut text = String::new();
+        let mut line = JsonLine::open(&mut text);
+        fill(&mut line);
+        line.close();
+        text
+    }
+
+    #[test]
+    fn an_object_is_written_after_what_the_buffer_holds() {
+        let mut text = String::from("{\"a\":1}\n");
+        let mut line = JsonLine::open(&mut text);
+        line.u64("b", 2);
+        line.close();
+        assert_eq!(text, "{\"a\":1}\n{\"b\":2}");
     }
 
     #[test]
     fn members_are_written_in_order_and_numbers_as_serde_json_writes_them() {
-        let mut line = JsonLine::with_capacity(16);
-        line.str("a", "x")
-            .u64("n", u64::MAX)
-            .f64("f", 0.000_123_4)
-            .f64("big", 1.5e300)
-            .f64("whole", 2.0)
-            .f64("nan", f64::NAN)
-            .f64_or_null("none", None)
-            .str_or_null("s", None)
-            .bool("t", true)
-            .bool("u", false)
-            .members("")
-            .members("\"p\":\"q\",\"tags\":{}");
-        let text = line.finish();
+        let text = written(|line| {
+            line.str("a", "x")
+                .u64("n", u64::MAX)
+                .f64("f", 0.000_123_4)
+                .f64("big", 1.5e300)
+                .f64("whole", 2.0)
+                .f64("nan", f64::NAN)
+                .f64_or_null("none", None)
+                .str_or_null("s", None)
+                .bool("t", true)
+                .bool("u", false)
+                .members("")
+                .members("\"p\":\"q\",\"tags\":{}");
+        });
         let value: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
         let expected = serde_json::json!({
             "a": "x", "n": u64::MAX, "f": 0.000_123_4, "big": 1.5e300, "whole": 2.0, "nan": null, "none": null,
@@ -172,13 +194,20 @@ mod tests {
             r#"{"a":"x","n":18446744073709551615,"f":0.0001234,"big":1.5e+300,"whole":2.0,"nan":null,"none":null,"s":null,"t":true,"u":false,"p":"q","tags":{}}"#
         );
         for n in [0.0, -0.0, 1e-7, 0.1 + 0.2, 123_456.789, 1e21, f64::MAX, f64::MIN_POSITIVE, f64::INFINITY] {
-            let mut line = JsonLine::with_capacity(0);
-            line.f64("n", n);
-            assert_eq!(line.finish(), format!("{{\"n\":{}}}", serde_json::to_string(&n).expect("number")));
+            let expected = format!("{{\"n\":{}}}", serde_json::to_string(&n).expect("number"));
+            assert_eq!(
+                written(|line| {
+                    line.f64("n", n);
+                }),
+                expected
+            );
         }
-        assert_eq!(JsonLine::with_capacity(0).finish(), "{}");
-        let mut only = JsonLine::with_capacity(0);
-        only.members("\"p\":1");
-        assert_eq!(only.finish(), "{\"p\":1}");
+        assert_eq!(written(|_| ()), "{}");
+        assert_eq!(
+            written(|line| {
+                line.members("\"p\":1");
+            }),
+            "{\"p\":1}"
+        );
     }
 }
