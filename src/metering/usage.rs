@@ -455,7 +455,9 @@ impl UsageTap {
         };
         if usage.is_some() {
             self.usage = usage;
-            self.model = member::<String>(body, Member::FirstModel);
+            if self.need_model {
+                self.model = member::<String>(body, Member::FirstModel);
+            }
             return;
         }
         match self.dialect {
