@@ -17,11 +17,15 @@ pub struct Price {
 }
 
 impl Price {
-    /// The cost of `usage`, in USD.
+    /// The cost of `usage`, in USD, to the nearest millionth of a cent: finer than any price, and coarse
+    /// enough that binary floating point's residue (`0.000013199999999999999` for 12 input and 19 output
+    /// tokens at 0.15 and 0.60) does not reach the ledger and the logs.
     pub fn cost(&self, usage: &Usage) -> f64 {
         let cached = usage.cached_input.min(usage.input);
         let uncached = usage.input - cached;
-        (uncached as f64 * self.input + cached as f64 * self.cached_input + usage.output as f64 * self.output) / 1e6
+        let per_million =
+            uncached as f64 * self.input + cached as f64 * self.cached_input + usage.output as f64 * self.output;
+        (per_million * 1e6).round() / 1e12
     }
 }
 
@@ -66,6 +70,16 @@ mod tests {
         let p = Price { input: 2.0, output: 10.0, cached_input: 0.5 };
         let u = Usage { input: 1_000_000, output: 200_000, cached_input: 400_000, reasoning: 50_000 };
         assert!((p.cost(&u) - (0.6 * 2.0 + 0.4 * 0.5 + 0.2 * 10.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn costs_are_written_without_floating_point_residue() {
+        let p = Price { input: 0.15, output: 0.60, cached_input: 0.15 };
+        let cost = |input, output| p.cost(&Usage { input, output, cached_input: 0, reasoning: 0 });
+        assert_eq!(serde_json::to_string(&cost(12, 19)).expect("number"), "0.0000132");
+        assert_eq!(cost(12, 16), 0.0000114);
+        assert_eq!(cost(1, 0), 0.00000015);
+        assert_eq!(cost(3_000_000_000, 1_000_000_000), 1050.0);
     }
 
     #[test]
