@@ -225,24 +225,27 @@ thread_local! {
 /// Writes the line `fill` puts in the buffer to stdout with one `write`, so it never interleaves with
 /// another log line.
 fn write_line(fill: impl FnOnce(&mut String)) {
-    let mut line = LINE.take();
+    // `try_with`: a request record dropped while its thread is being torn down still gets its line.
+    let mut line = LINE.try_with(std::cell::Cell::take).unwrap_or_default();
     line.clear();
     fill(&mut line);
     line.push('\n');
     // Nothing useful can be done if stdout is gone; the request itself is unaffected.
     let written = line.len() <= ATOMIC_WRITE
-        && STDOUT.with(|out| match out {
-            Some(file) => {
-                let _ = (&*file).write_all(line.as_bytes());
-                true
-            }
-            None => false,
-        });
+        && STDOUT
+            .try_with(|out| match out {
+                Some(file) => {
+                    let _ = (&*file).write_all(line.as_bytes());
+                    true
+                }
+                None => false,
+            })
+            .unwrap_or(false);
     if !written {
         let _ = std::io::stdout().lock().write_all(line.as_bytes());
     }
     if line.capacity() <= KEPT_LINE_CAPACITY {
-        LINE.set(line);
+        let _ = LINE.try_with(|kept| kept.set(line));
     }
 }
 
