@@ -72,11 +72,13 @@ struct ResultLabels {
 type HistogramFamily = Family<LatencyLabels, Histogram, fn() -> Histogram>;
 type CostCounter = Counter<f64, AtomicU64>;
 
-/// One project and endpoint's latency series.
+/// One project and endpoint's latency series, and its request counter for status 200 (most requests), so
+/// that counting one takes neither the family's lock nor a reference count on the shared label.
 #[derive(Debug)]
 struct Latency {
     duration: Histogram,
     ttfb: Histogram,
+    ok: OnceLock<Counter>,
 }
 
 /// One project and model's token and cost series.
@@ -88,6 +90,24 @@ struct ModelSeries {
     reasoning: Counter,
     /// Cost for priced models; the unpriced-requests counter for the others.
     cost: Result<CostCounter, Counter>,
+}
+
+impl ModelSeries {
+    fn add(&self, usage: Usage, cost: Option<f64>) {
+        self.input.inc_by(usage.input);
+        self.output.inc_by(usage.output);
+        self.cached_input.inc_by(usage.cached_input);
+        self.reasoning.inc_by(usage.reasoning);
+        match (&self.cost, cost) {
+            (Ok(counter), Some(cost)) => {
+                counter.inc_by(cost);
+            }
+            (Err(unpriced), _) => {
+                unpriced.inc();
+            }
+            (Ok(_), None) => {}
+        }
+    }
 }
 
 /// Every metric the gateway exports.
@@ -213,42 +233,37 @@ impl Metrics {
         let p = o.project.map_or(self.projects.len() - 1, |p| p.0);
         let project = &self.projects[p];
         let route = o.endpoint.name();
-        self.requests.get_or_create(&RequestLabels { project: project.clone(), route, status: o.status }).inc();
         let latency = self.latency[p][o.endpoint.index()].get_or_init(|| {
             let labels = LatencyLabels { project: project.clone(), route };
             Latency {
                 duration: self.duration.get_or_create(&labels).clone(),
                 ttfb: self.ttfb.get_or_create(&labels).clone(),
+                ok: OnceLock::new(),
             }
         });
+        let requests = |status| self.requests.get_or_create(&RequestLabels { project: project.clone(), route, status });
+        match o.status {
+            200 => latency.ok.get_or_init(|| requests(200).clone()).inc(),
+            status => requests(status).inc(),
+        };
         latency.duration.observe(o.duration);
         if let Some(ttfb) = o.ttfb {
             latency.ttfb.observe(ttfb);
         }
         if let Some(usage) = o.usage {
-            let series = self.model_series(p, o.model.unwrap_or("unknown"), o.cost.is_some());
-            series.input.inc_by(usage.input);
-            series.output.inc_by(usage.output);
-            series.cached_input.inc_by(usage.cached_input);
-            series.reasoning.inc_by(usage.reasoning);
-            match (&series.cost, o.cost) {
-                (Ok(counter), Some(cost)) => {
-                    counter.inc_by(cost);
-                }
-                (Err(unpriced), _) => {
-                    unpriced.inc();
-                }
-                (Ok(_), None) => {}
+            let model = o.model.unwrap_or("unknown");
+            // Read through the map's guard: cloning the series' Arc would write its shared count.
+            match self.models[p].load().get(model) {
+                Some(series) => series.add(usage, o.cost),
+                None => self.new_model_series(p, model, o.cost.is_some()).add(usage, o.cost),
             }
         }
     }
 
-    fn model_series(&self, p: usize, model: &str, priced: bool) -> Arc<ModelSeries> {
-        if let Some(series) = self.models[p].load().get(model) {
-            return series.clone();
-        }
-        // First request for this model in this project: make its series and publish a new map. Racing
-        // requests may both get here; the family hands both the same series, so nothing is counted twice.
+    /// The series of a model this project has not reported before.
+    fn new_model_series(&self, p: usize, model: &str, priced: bool) -> Arc<ModelSeries> {
+        // Racing requests may both get here; the family hands both the same series, so nothing is counted
+        // twice.
         let model: Arc<str> = model.into();
         let project = self.projects[p].clone();
         let token = |kind| {
@@ -316,6 +331,42 @@ fn tag_label(tag: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_requests_count_on_the_same_series_whichever_path_counts_them() {
+        let config = Config::from_toml(
+            "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nauth = \"passthrough\"\n[callers]\nauth = \"none\"\n\
+             [[projects]]\nname = \"P\"\nid = \"proj_p\"\n",
+        )
+        .expect("config");
+        let metrics = Metrics::new(&config);
+        let usage = Usage { input: 10, output: 3, cached_input: 0, reasoning: 0 };
+        for (status, model, cost) in [(200, "m", Some(0.5)), (502, "m", None), (200, "m", Some(0.25)), (200, "n", None)]
+        {
+            metrics.observe(&Observation {
+                project: Some(ProjectIdx(0)),
+                endpoint: Endpoint::ChatCompletions,
+                status,
+                duration: 0.01,
+                ttfb: Some(0.005),
+                model: Some(model),
+                usage: (status == 200).then_some(usage),
+                cost,
+            });
+        }
+        let text = metrics.encode();
+        for line in [
+            r#"mantlegate_requests_total{project="P",route="chat.completions",status="200"} 3"#,
+            r#"mantlegate_requests_total{project="P",route="chat.completions",status="502"} 1"#,
+            r#"mantlegate_request_duration_seconds_count{project="P",route="chat.completions"} 4"#,
+            r#"mantlegate_tokens_total{project="P",model="m",kind="input"} 20"#,
+            r#"mantlegate_tokens_total{project="P",model="n",kind="output"} 3"#,
+            r#"mantlegate_cost_usd_total{project="P",model="m"} 0.75"#,
+            r#"mantlegate_unpriced_requests_total{project="P",model="n"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+    }
 
     #[test]
     fn tag_labels_are_valid_label_names() {
