@@ -794,6 +794,23 @@ async fn a_stream_may_outlast_the_header_read_timeout() {
 }
 
 #[tokio::test]
+async fn a_request_in_absolute_form_goes_upstream_in_origin_form() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let target = "http://gateway.example:8080/v1/chat/completions?trace=1 ";
+    let request = raw_chat_request(CHAT_KEY).replacen("/v1/chat/completions ", target, 1);
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut received = vec![0; 4096];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut received)).await.expect("an answer").unwrap();
+    let received = String::from_utf8_lossy(&received[..n]);
+    assert!(received.starts_with("HTTP/1.1 200"), "{received}");
+    let seen = gw.mock.next().await;
+    assert_eq!((seen.uri.scheme(), seen.uri.authority()), (None, None));
+    assert_eq!(seen.uri.path_and_query().unwrap().as_str(), "/v1/chat/completions?trace=1");
+}
+
+#[tokio::test]
 async fn a_caller_that_never_finishes_a_body_read_whole_gets_a_504() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // The Search project has a model allowlist, so its request bodies are read whole before going upstream.

@@ -112,7 +112,10 @@ impl Gateway {
             tracing::warn!(request_id = ?log.request_id(), project = %project.name, "unattributed request rerouted");
         }
 
-        let upstream_uri = self.upstream_uri(matched.upstream_path, parts.uri.query())?;
+        // Most requests go upstream with the path they came with: then their parsed target is reused as it is.
+        let as_received = parts.uri.scheme().is_none() && matched.upstream_path.len() == parts.uri.path().len();
+        let upstream_uri =
+            if as_received { None } else { Some(self.upstream_uri(matched.upstream_path, parts.uri.query())?) };
         // Reading the caller's body (when it is read whole) and waiting for upstream's response head share one
         // deadline, so a caller that trickles its body cannot hold a request open longer than upstream may.
         let exchange = async {
@@ -132,7 +135,9 @@ impl Gateway {
                 // a preference, and the caller still gets a valid (uncompressed) response.
                 parts.headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
             }
-            parts.uri = upstream_uri;
+            if let Some(uri) = upstream_uri {
+                parts.uri = uri;
+            }
             parts.version = Version::HTTP_11;
 
             // Upstream peer.
