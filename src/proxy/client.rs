@@ -128,7 +128,9 @@ impl<T> IdlePool<T> {
     }
 
     fn evict(&mut self, now: Instant) {
-        let expired = self.entries.partition_point(|(_, since)| now.saturating_duration_since(*since) >= IDLE_TIMEOUT);
+        // One subtraction, then plain comparisons (the entries are in the order they went idle).
+        let Some(cutoff) = now.checked_sub(IDLE_TIMEOUT) else { return };
+        let expired = self.entries.partition_point(|(_, since)| *since <= cutoff);
         self.entries.drain(..expired);
     }
 }
