@@ -118,7 +118,8 @@ impl Gateway {
             if as_received { None } else { Some(self.upstream_uri(matched.upstream_path, parts.uri.query())?) };
         // Reading the caller's body (when it is read whole) and waiting for upstream's response head share one
         // deadline, so a caller that trickles its body cannot hold a request open longer than upstream may.
-        let exchange = async {
+        // Awaited where it is built: bound to a local first, the exchange was stored twice in this future.
+        let exchanged = tokio::time::timeout(self.config.upstream.response_timeout, async {
             let (body, usage_injected) =
                 self.request_body(&mut parts.headers, body, endpoint, project, &mut *log).await?;
 
@@ -142,8 +143,9 @@ impl Gateway {
 
             // Upstream peer.
             Ok::<_, GatewayError>((client.request(Request::from_parts(parts, body)).await, usage_injected))
-        };
-        match tokio::time::timeout(self.config.upstream.response_timeout, exchange).await {
+        })
+        .await;
+        match exchanged {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => Err(e),
             Ok(Ok((Ok(response), usage_injected))) => Ok(Forwarded { response, endpoint, usage_injected }),
