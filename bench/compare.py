@@ -407,7 +407,8 @@ def summarise(results: dict) -> dict:
     s["metered_vs_nginx"] = {w: paired("metered", "nginx", w, "rps") for w in workloads}
     s["metering_cost"] = {w: 1 - paired("metered", "mantlegate", w, "rps") for w in workloads}
     s["metering_cost_rounds"] = {w: span([1 - x for x in ratios("metered", "mantlegate", w, "rps")]) for w in workloads}
-    # The same cost as CPU per request: steadier than throughput when the load generator shares the cores.
+    # The same cost as CPU per request, which the load generator sharing the cores does not enter (it still
+    # scatters between rounds: bench/README.md, fifth round).
     s["metering_cpu"] = {w: paired("metered", "mantlegate", w, "cpu_per_10k") - 1 for w in workloads}
     s["memory"] = results["memory"]
     return s

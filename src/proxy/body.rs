@@ -70,8 +70,8 @@ pub async fn read(body: Body, limit: u64) -> Result<Bytes, GatewayError> {
             true => GatewayError::RequestTooLarge(limit),
             false => GatewayError::InvalidRequest("the request body could not be read".into()),
         })?;
-        // Trailers carry nothing the gateway reads.
-        let Ok(data) = frame.into_data() else { continue };
+        // Trailers carry nothing the gateway reads, nor does an empty frame.
+        let Some(data) = frame.into_data().ok().filter(|d| !d.is_empty()) else { continue };
         match &mut joined {
             Some(buf) => buf.extend_from_slice(&data),
             None if first.is_empty() => first = data,
@@ -383,6 +383,7 @@ mod tests {
                 data(""),
                 data(r#":"m","#),
                 data(r#""n":1}"#),
+                data(""),
                 Frame::trailers(HeaderMap::new()),
             ]
         };

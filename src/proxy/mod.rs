@@ -112,8 +112,9 @@ impl Gateway {
             tracing::warn!(request_id = ?log.request_id(), project = %project.name, "unattributed request rerouted");
         }
 
-        // Most requests go upstream with the path they came with: then their parsed target is reused as it is.
-        let as_received = parts.uri.scheme().is_none() && matched.upstream_path.len() == parts.uri.path().len();
+        // Most requests go upstream with the path they came with: then their parsed target (origin form, no
+        // authority) is reused as it is.
+        let as_received = parts.uri.authority().is_none() && matched.upstream_path.len() == parts.uri.path().len();
         let upstream_uri =
             if as_received { None } else { Some(self.upstream_uri(matched.upstream_path, parts.uri.query())?) };
         // Reading the caller's body (when it is read whole) and waiting for upstream's response head share one
