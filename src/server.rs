@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, KeySource, UpstreamAuth};
 use crate::metering::Meter;
-use crate::proxy::{Credential, Gateway, KeyFileWatch, UpstreamClient};
+use crate::proxy::{Credential, Gateway, KeyFileWatch, UpstreamClient, access_log};
 use crate::shutdown::Shutdown;
 
 /// The pause after a failed accept, so that a full file table does not spin the loop.
@@ -151,7 +151,11 @@ async fn start_workers(
     };
     let mut prepared = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            // A traffic thread's access lines wait for it to go idle (or for a batch to fill).
+            .on_thread_park(access_log::flush)
+            .build()?;
         // Registered with this thread's own event loop; every clone shares the one socket and its backlog.
         let listener = {
             let _entered = runtime.enter();
@@ -167,7 +171,9 @@ async fn start_workers(
         let worker = serve_traffic(listener, gateway.clone(), client, shutdown.clone(), limits.clone());
         let spawned = std::thread::Builder::new().name(format!("traffic-{i}")).spawn(move || {
             let _ = running.send(());
+            access_log::batch_lines();
             runtime.block_on(worker);
+            access_log::flush();
             // Dropped with the sender if the thread panics: either way the thread is done.
             let _ = done.send(());
         });

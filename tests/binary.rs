@@ -125,6 +125,40 @@ async fn serve_logs_one_json_line_per_request_and_never_a_secret() {
     assert!(output.iter().any(|l| l.contains("traffic listener drained")), "{all}");
 }
 
+#[tokio::test]
+async fn an_access_line_is_written_as_soon_as_its_thread_is_idle() {
+    // Traffic threads batch their access lines; a quiet gateway must not sit on them until the batch fills.
+    let mock = Mock::ok_json().await;
+    let dir = temp_dir("idle-flush");
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, config_text(mock.addr, &Opts { server: "workers = 1", ..Opts::default() })).unwrap();
+    let mut served = serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+    let client = reqwest::Client::new();
+    for request_id in ["rid-first", "rid-second"] {
+        let response = client
+            .get(format!("http://{}/v1/models", served.addr))
+            .bearer_auth(CHAT_KEY)
+            .header("x-request-id", request_id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        let line = loop {
+            let line = tokio::time::timeout(WAIT, served.lines.next_line())
+                .await
+                .expect("no access line while the gateway runs")
+                .unwrap()
+                .expect("exited");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v["target"] == "mantlegate::access" {
+                break v;
+            }
+        };
+        assert_eq!(line["request_id"], request_id);
+    }
+}
+
 /// The names of a process's threads.
 fn thread_names(pid: u32) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
