@@ -7,6 +7,9 @@ Four arms, measured in the same run and interleaved round by round so that machi
   nginx      nginx maps the caller's key to the project header and swaps in the upstream key;
   mantlegate the gateway, metering off;
   metered    the gateway, metering on (Prometheus series and the usage ledger).
+and, at saturation only, a reference:
+  floor      examples/bench_floor.rs, the least a hyper proxy on mantlegate's threading does for nginx's job:
+             how much of the distance to nginx belongs to the HTTP stack rather than to the gateway.
 """
 
 import argparse
@@ -38,6 +41,8 @@ JSON_BODY = '{"model":"openai.gpt-oss-120b","messages":[{"role":"user","content"
 SSE_BODY = '{"model":"openai.gpt-oss-120b","stream":true,"messages":[{"role":"user","content":"Hello there"}]}'
 ARMS = ["direct", "nginx", "mantlegate", "metered"]
 GATEWAYS = ARMS[1:]
+FLOOR = "floor"
+SATURATED = ARMS + [FLOOR]
 
 
 @dataclass
@@ -152,6 +157,9 @@ class Bench:
         if name == "nginx":
             proc = self.start_nginx(tag)
             return Arm(name, f"http://{proc.addr}", caller, [proc])
+        if name == "floor":
+            proc = self.start_floor(tag)
+            return Arm(name, f"http://{proc.match.group(1)}", caller, [proc])
         proc = self.start_gateway(name, tag)
         return Arm(name, f"http://{proc.match.group(1)}", caller, [proc])
 
@@ -194,6 +202,12 @@ project = "Bench"
         config.write_text(self.gateway_config(name == "metered", f"usage-{tag}.jsonl"))
         proc = Started(self.work, f"{name}{tag}", [str(RELEASE / "mantlegate"), "serve", "--config", str(config)],
                        r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
+        self.started.append(proc)
+        return proc
+
+    def start_floor(self, tag: str, threads: str = "") -> Started:
+        cmd = [str(RELEASE / "examples/bench_floor"), self.upstream_addr, CALLER_KEY, UPSTREAM_KEY, PROJECT]
+        proc = Started(self.work, f"floor{tag}", cmd + ([threads] if threads else []), r"listening on (\S+)")
         self.started.append(proc)
         return proc
 
@@ -349,13 +363,15 @@ def run(settings: Settings, work: Path) -> dict:
                 print(f"memory {name} {count} streams: {entry['streams'][-1]}", flush=True)
 
         arms = [bench.start_arm(name) for name in ARMS]
-        for arm in arms:
+        floor = bench.start_arm(FLOOR)
+        for arm in arms + [floor]:
             check(arm)
+        rotate = lambda arms, n: arms[n % len(arms):] + arms[:n % len(arms)]  # noqa: E731
         for round_ in range(settings.rounds):
             # Rotate which arm goes first, so that none always runs on a warmer (or busier) machine.
-            order = arms[round_ % len(arms):] + arms[:round_ % len(arms)]
+            order = rotate(arms, round_)
             cells = {}
-            for arm in order:
+            for arm in rotate(arms + [floor], round_):
                 cells[arm.name] = {"json": saturate(bench, arm, "json"), "sse": saturate(bench, arm, "sse")}
             for arm in order:
                 for rate in settings.rates:
@@ -389,9 +405,10 @@ def summarise(results: dict) -> dict:
     rounds = results["rounds"]
     get = lambda arm, *path: [reduce_path(r[arm], path) for r in rounds]  # noqa: E731
     s = {"throughput": {}, "rate": {}, "stream": {}, "memory": {}}
-    for arm in ARMS:
+    for arm in SATURATED:
         s["throughput"][arm] = {w: {"rps": med(get(arm, w, "rps")), "cpu_per_10k": med(get(arm, w, "cpu_per_10k")),
                                     "rss_peak_kib": max(get(arm, w, "rss_peak_kib"))} for w in ("json", "sse")}
+    for arm in ARMS:
         s["rate"][arm] = {rate: {q: med(get(arm, f"rate{rate}", q)) for q in ("p50", "p99", "p99_9")}
                           for rate in results["settings"]["rates"]}
         s["stream"][arm] = {k: {q: med(get(arm, "stream", k, q)) for q in ("p50", "p99", "p99_9")}
@@ -405,6 +422,10 @@ def summarise(results: dict) -> dict:
     s["vs_nginx"] = {w: paired("mantlegate", "nginx", w, "rps") for w in workloads}
     s["vs_nginx_rounds"] = {w: span(ratios("mantlegate", "nginx", w, "rps")) for w in workloads}
     s["metered_vs_nginx"] = {w: paired("metered", "nginx", w, "rps") for w in workloads}
+    s["floor_vs_nginx"] = {w: [paired(FLOOR, "nginx", w, "rps"), *span(ratios(FLOOR, "nginx", w, "rps"))]
+                           for w in workloads}
+    s["vs_floor"] = {w: [paired("mantlegate", FLOOR, w, "rps"), *span(ratios("mantlegate", FLOOR, w, "rps"))]
+                     for w in workloads}
     s["metering_cost"] = {w: 1 - paired("metered", "mantlegate", w, "rps") for w in workloads}
     s["metering_cost_rounds"] = {w: span([1 - x for x in ratios("metered", "mantlegate", w, "rps")]) for w in workloads}
     # The same cost as CPU per request, which the load generator sharing the cores does not enter (it still
@@ -432,18 +453,24 @@ def report(results: dict, s: dict, plot_name: str) -> str:
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for target, measured, met in targets(results, s):
         lines.append(f"| {target} | {measured} | {'yes' if met else '**no**'} |")
+    ratio = lambda r: f"{r[0]:.2f}x (rounds {r[1]:.2f}x to {r[2]:.2f}x)"  # noqa: E731
+    lines += ["", "For reference, not a target: `floor` (`examples/bench_floor.rs`, a hyper proxy on mantlegate's "
+              "threading with none of the gateway's own work) runs at " + ratio(s["floor_vs_nginx"]["json"]) +
+              " nginx's throughput on JSON and " + ratio(s["floor_vs_nginx"]["sse"]) + " on SSE; mantlegate runs "
+              "at " + ratio(s["vs_floor"]["json"]) + " the floor's on JSON and " + ratio(s["vs_floor"]["sse"]) +
+              " on SSE."]
 
     lines += ["", f"## Throughput at saturation (wrk -t2 -c{st['connections']}, {st['saturation_seconds']} s per cell)",
               "", "| arm | JSON req/s | SSE req/s | CPU s per 10k JSON | CPU s per 10k SSE | peak RSS under load |",
               "|---|---|---|---|---|---|"]
-    for arm in ARMS:
+    for arm in SATURATED:
         t = s["throughput"][arm]
         # The mock's memory says nothing about a proxy (and holds what the idle-stream phase left it).
         rss = "–" if arm == "direct" else mib(t["json"]["rss_peak_kib"])
         lines.append(f"| {arm} | {t['json']['rps']:.0f} | {t['sse']['rps']:.0f} | {t['json']['cpu_per_10k']:.2f} | "
                      f"{t['sse']['cpu_per_10k']:.2f} | {rss} |")
     lines += ["", "CPU and memory are the arm's own processes (for `direct`, the mock upstream's CPU; for nginx, "
-              "master and workers summed). SSE responses carry "
+              "master and workers summed). `floor` is measured at saturation only. SSE responses carry "
               f"{st['sse_events']} events with no pause.", ""]
 
     for rate in st["rates"]:

@@ -40,6 +40,11 @@ def start(bench: "c.Bench", arm: str, out: Path):
         addr = f"127.0.0.1:{port}"
         c.wait_listening(proc, addr)
         return proc, addr
+    if arm == "floor":
+        proc = bench.start_floor("-cg", threads="1")
+        proc.stop()
+        proc = c.Started(bench.work, f"cg-{arm}", callgrind + proc.proc.args, r"listening on (\S+)")
+        return proc, proc.match.group(1)
     config = bench.work / f"cg-{arm}.toml"
     config.write_text(bench.gateway_config(arm == "metered", "usage-cg.jsonl", server="workers = 1"))
     proc = c.Started(bench.work, f"cg-{arm}", callgrind + [str(c.RELEASE / "mantlegate"), "serve", "--config",
@@ -85,7 +90,7 @@ def main():
     try:
         print("| instructions per request (callgrind) | JSON | SSE, 20 events |")
         print("|---|---|---|")
-        for arm in ("nginx", "mantlegate", "metered"):
+        for arm in ("nginx", "floor", "mantlegate", "metered"):
             counts = [measure(bench, arm, workload) for workload in ("json", "sse")]
             print(f"| {arm} | {counts[0]:,.0f} | {counts[1]:,.0f} |", flush=True)
     finally:
