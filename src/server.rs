@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, KeySource, UpstreamAuth};
 use crate::metering::Meter;
 use crate::proxy::{Credential, Gateway, KeyFileWatch, UpstreamClient, access_log};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{ConnectionDrain, Graceful, Shutdown};
 
 /// The pause after a failed accept, so that a full file table does not spin the loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -219,7 +219,7 @@ async fn serve_traffic(
     limits: Limits,
 ) {
     let Limits { grace, header_read_timeout, connections: cap } = limits;
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let drain = Arc::new(ConnectionDrain::default());
     let mut http = hyper::server::conn::http1::Builder::new();
     // Responses are copied into one write buffer rather than written as a list of buffers: the events of a
     // stream that arrived together leave in one `write` (two system calls per 20-event response instead of
@@ -265,7 +265,7 @@ async fn serve_traffic(
         };
         // Each SSE event is its own small write: send it now, not after Nagle's delay.
         let _ = tcp.set_nodelay(true);
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service.clone()));
+        let connection = drain.watch(http.serve_connection(TokioIo::new(tcp), service.clone()));
         connections.spawn(async move {
             let _permit = permit;
             if let Err(e) = connection.await {
@@ -277,12 +277,27 @@ async fn serve_traffic(
         tokio::task::yield_now().await;
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    drain.start();
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(grace = ?grace, "shutdown grace elapsed; closing remaining connections");
     }
     // Aborts what is left and waits for it, so each cut request's record is written before this returns.
     connections.shutdown().await;
     tender.abort();
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn close_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
 }
 
 /// `mantlegate serve`: starts, then stops gracefully on SIGTERM or Ctrl-C.

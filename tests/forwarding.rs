@@ -620,6 +620,26 @@ async fn health_readiness_and_graceful_drain() {
 }
 
 #[tokio::test]
+async fn idle_connections_are_closed_as_soon_as_the_drain_starts() {
+    // A grace far longer than the test may take: only closing idle keep-alive connections at once lets the
+    // gateway stop in time.
+    let mut gw =
+        Gw::start(Mock::ok_json().await, Opts { grace: "60s", server: "workers = 2", ..Opts::default() }).await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        // A client per connection, each left open and idle after its response.
+        let client = reqwest::Client::new();
+        let res = client.get(gw.url("/v1/models")).bearer_auth(CHAT_KEY).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        res.bytes().await.unwrap();
+        idle.push(client);
+    }
+    let running = gw.running.take().unwrap();
+    running.shutdown.trigger();
+    tokio::time::timeout(WAIT, running.stopped()).await.expect("idle connections held the drain open");
+}
+
+#[tokio::test]
 async fn the_drain_waits_for_streams_on_every_traffic_thread() {
     let (mock, mut script_rx) = Mock::scripted().await;
     let mut gw = Gw::start(mock, Opts { server: "workers = 4", ..Opts::default() }).await;
