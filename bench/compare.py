@@ -205,9 +205,13 @@ project = "Bench"
         self.started.append(proc)
         return proc
 
-    def start_floor(self, tag: str, threads: str = "") -> Started:
+    def floor_cmd(self, threads: str = "") -> list:
+        """The floor's command line; `threads` defaults to one per CPU."""
         cmd = [str(RELEASE / "examples/bench_floor"), self.upstream_addr, CALLER_KEY, UPSTREAM_KEY, PROJECT]
-        proc = Started(self.work, f"floor{tag}", cmd + ([threads] if threads else []), r"listening on (\S+)")
+        return cmd + ([threads] if threads else [])
+
+    def start_floor(self, tag: str) -> Started:
+        proc = Started(self.work, f"floor{tag}", self.floor_cmd(), r"listening on (\S+)")
         self.started.append(proc)
         return proc
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""Instructions per request under callgrind, for nginx, mantlegate and mantlegate with metering.
+"""Instructions per request under callgrind, for nginx, the floor, mantlegate and mantlegate with metering.
 
     bench/instructions.py            # needs valgrind, nginx and the release build bench/run makes
 
 Instruction counts do not depend on what else the machine is doing, so they compare arms repeatably where
 wall-clock throughput on a shared 2-core machine does not. Each arm runs alone under
 `valgrind --tool=callgrind` with instrumentation switched on only after a warm-up: nginx with one worker
-and no master process, mantlegate with one traffic thread. One keep-alive connection sends the requests one
-after another, against the same mock upstream `bench/run` uses. The table in bench/README.md ("Third
-round") was made with this script.
+and no master process, mantlegate and the floor with one traffic thread. One keep-alive connection sends
+the requests one after another, against the same mock upstream `bench/run` uses. The tables in
+bench/README.md (from the third round on) were made with this script.
 """
 
 import http.client
@@ -41,9 +41,7 @@ def start(bench: "c.Bench", arm: str, out: Path):
         c.wait_listening(proc, addr)
         return proc, addr
     if arm == "floor":
-        proc = bench.start_floor("-cg", threads="1")
-        proc.stop()
-        proc = c.Started(bench.work, f"cg-{arm}", callgrind + proc.proc.args, r"listening on (\S+)")
+        proc = c.Started(bench.work, f"cg-{arm}", callgrind + bench.floor_cmd(threads="1"), r"listening on (\S+)")
         return proc, proc.match.group(1)
     config = bench.work / f"cg-{arm}.toml"
     config.write_text(bench.gateway_config(arm == "metered", "usage-cg.jsonl", server="workers = 1"))

@@ -77,7 +77,7 @@ fn serve(listener: std::net::TcpListener, floor: Arc<Floor>) -> anyhow::Result<(
                     continue;
                 }
             };
-            tcp.set_nodelay(true)?;
+            let _ = tcp.set_nodelay(true);
             tokio::task::spawn_local(connection(tcp, floor.clone()));
             // As mantlegate does: let the other threads take their share of connections arriving together.
             tokio::task::yield_now().await;

@@ -173,6 +173,8 @@ async fn start_workers(
             let _ = running.send(());
             access_log::batch_lines();
             runtime.block_on(worker);
+            // Whatever the runtime still held is dropped with it (and writes its lines) before they go out.
+            drop(runtime);
             access_log::flush();
             // Dropped with the sender if the thread panics: either way the thread is done.
             let _ = done.send(());
