@@ -61,7 +61,7 @@ impl Gateway {
         let missing: Vec<&str> = config.projects.iter().filter(|p| p.id.is_none()).map(|p| p.name.as_str()).collect();
         if !missing.is_empty() {
             anyhow::bail!(
-                "projects without an id cannot receive traffic: {} (set `id`, or run `mantlegate projects sync`)",
+                "projects without an id cannot receive traffic: {} (set each one's `id`, the proj_... id the Projects API gave it)",
                 missing.join(", ")
             );
         }
