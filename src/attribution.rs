@@ -10,14 +10,15 @@
 
 use std::collections::HashMap;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use crate::config::{AttributionPolicy, Config, Key, ProjectIdx, Unattributed};
 use crate::error::GatewayError;
 
 /// Request headers that name a project. Both are read (and both stripped) on every route, so a caller cannot
 /// slip one past the gateway by using the other API family's spelling.
-pub const PROJECT_HEADERS: [&str; 2] = ["openai-project", "anthropic-workspace-id"];
+pub static PROJECT_HEADERS: [HeaderName; 2] =
+    [HeaderName::from_static("openai-project"), HeaderName::from_static("anthropic-workspace-id")];
 
 /// How a request's project was decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +73,7 @@ impl<'a> Requested<'a> {
     /// as a request for an unknown project (and refused) rather than dropped.
     pub fn from_headers(headers: &'a HeaderMap) -> Self {
         let mut found = Self::Nothing;
-        for value in PROJECT_HEADERS.iter().flat_map(|name| headers.get_all(*name)) {
+        for value in PROJECT_HEADERS.iter().flat_map(|name| headers.get_all(name)) {
             let asked = std::str::from_utf8(value.as_bytes()).map_or("\u{fffd}", str::trim);
             if asked.is_empty() || asked.eq_ignore_ascii_case("default") {
                 continue;

@@ -3,11 +3,14 @@
 
 use std::collections::HashMap;
 
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderName, header};
 use sha2::{Digest, Sha256};
 
 use crate::config::{CallerAuth, Key};
 use crate::error::GatewayError;
+
+/// The header an Anthropic client sends its key in.
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Index of a key in [`crate::config::Config::keys`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,11 +50,12 @@ pub fn hash_key(key: &[u8]) -> [u8; 32] {
 /// The one key the request presents. Two different keys, or the same header twice, is no key at all:
 /// which one "wins" must never depend on a proxy's or a library's header order.
 fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    let bearer = match single(headers, header::AUTHORIZATION.as_str())? {
+    // By `HeaderName`, not `&str`: a name given as text is parsed again at every lookup.
+    let bearer = match single(headers, &header::AUTHORIZATION)? {
         Some(v) => Some(v.get(..7).filter(|s| s.eq_ignore_ascii_case(b"bearer ")).map(|_| &v[7..])?),
         None => None,
     };
-    let api_key = single(headers, "x-api-key")?;
+    let api_key = single(headers, &X_API_KEY)?;
     let key = match (bearer, api_key) {
         (Some(a), Some(b)) if a.trim_ascii() != b.trim_ascii() => return None,
         (Some(k), _) | (None, Some(k)) => k.trim_ascii(),
@@ -61,7 +65,7 @@ fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 /// `Some(None)` when the header is absent, `Some(Some(value))` when it is there once, `None` when repeated.
-fn single<'h>(headers: &'h HeaderMap, name: &str) -> Option<Option<&'h [u8]>> {
+fn single<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<Option<&'h [u8]>> {
     let mut values = headers.get_all(name).iter();
     match (values.next(), values.next()) {
         (None, _) => Some(None),

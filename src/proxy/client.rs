@@ -166,10 +166,11 @@ impl UpstreamClient {
         Ok(Self { connector, origin, host: host_header(upstream)?, idle: Arc::default() })
     }
 
-    /// Sends `req` (its URI in origin form, `/path?query`) and returns the response head, with a body that
+    /// Sends `req` (its URI in origin form, `/path?query`) with upstream's `Host`, and returns the response head, with a body that
     /// drives the connection until it ends and then returns the connection to the pool.
     pub async fn request(&self, req: Request<Body>) -> Result<Response<UpstreamBody>, Error> {
         let (mut parts, body) = req.into_parts();
+        // Replaces the caller's, which named the gateway.
         parts.headers.insert(http::header::HOST, self.host.clone());
         let uploaded = Arc::new(AtomicBool::new(body.is_end_stream()));
         let req = Request::from_parts(parts, Body::new(Uploading { inner: body, uploaded: uploaded.clone() }));

@@ -6,6 +6,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 
 use crate::attribution::PROJECT_HEADERS;
+use crate::auth::X_API_KEY;
 use crate::endpoint::Api;
 use crate::proxy::credential::Credential;
 
@@ -26,12 +27,12 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// The request id header, taken from the caller or made here, sent upstream and returned to the caller.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
 const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
 const ANTHROPIC_WORKSPACE: HeaderName = HeaderName::from_static("anthropic-workspace-id");
 
-/// Turns the caller's request headers, in place, into the headers sent upstream.
+/// Turns the caller's request headers, in place, into the headers sent upstream. `Host` is left to the
+/// upstream client, which sets upstream's own on every request.
 pub fn to_upstream(
     headers: &mut HeaderMap,
     api: Api,
@@ -39,41 +40,49 @@ pub fn to_upstream(
     credential: &Credential,
     request_id: &HeaderValue,
 ) {
-    let replace_credential = matches!(credential, Credential::ApiKey(_));
+    let key = match credential {
+        Credential::ApiKey(key) => Some(key.headers()),
+        Credential::Passthrough => None,
+    };
+    let project_header = match api {
+        Api::OpenAi => &OPENAI_PROJECT,
+        Api::Anthropic => &ANTHROPIC_WORKSPACE,
+    };
+    let sends_x_api_key = key.is_some() && api == Api::Anthropic;
     retain(headers, |name| {
-        !(is_hop_by_hop(name)
-            || name == header::HOST
-            || name == header::EXPECT
-            || name == OPENAI_ORGANIZATION
+        // Set below: `insert` replaces whatever the caller sent, so these need not be removed first.
+        let replaced = name == project_header
             || name == REQUEST_ID
-            || PROJECT_HEADERS.contains(&name.as_str())
-            || (replace_credential && (name == header::AUTHORIZATION || name == X_API_KEY))
-            || is_underscore_spelling(name.as_str()))
+            || (key.is_some() && name == header::AUTHORIZATION)
+            || (sends_x_api_key && name == X_API_KEY);
+        replaced
+            || !(is_hop_by_hop(name)
+                || name == header::EXPECT
+                || name == OPENAI_ORGANIZATION
+                || PROJECT_HEADERS.contains(name)
+                || (key.is_some() && name == X_API_KEY)
+                || is_underscore_spelling(name.as_str()))
     });
-    if let Credential::ApiKey(key) = credential {
-        let key = key.headers();
+    if let Some(key) = key {
         headers.insert(header::AUTHORIZATION, key.bearer.clone());
-        if api == Api::Anthropic {
+        if sends_x_api_key {
             headers.insert(X_API_KEY, key.raw.clone());
         }
     }
-    let project_header = match api {
-        Api::OpenAi => OPENAI_PROJECT,
-        Api::Anthropic => ANTHROPIC_WORKSPACE,
-    };
     headers.insert(project_header, project_id.clone());
     headers.insert(REQUEST_ID, request_id.clone());
 }
 
 /// Turns upstream's response headers, in place, into the headers sent to the caller.
 pub fn to_caller(headers: &mut HeaderMap, request_id: &HeaderValue) {
-    retain(headers, |name| !is_hop_by_hop(name) && name != REQUEST_ID);
+    // upstream's own request id, if it sent one, is replaced by the insert.
+    retain(headers, |name| !is_hop_by_hop(name));
     headers.insert(REQUEST_ID, request_id.clone());
 }
 
 /// Keeps the headers `keep` says yes to, and drops the hop-by-hop headers that `Connection` names. The map is
-/// changed in place: most requests lose only a name or two, and rebuilding it cost a hash and a copy for every
-/// header kept.
+/// changed in place: most requests lose no name at all (those about to be replaced are kept for the
+/// replacing `insert`), and then nothing is allocated or removed.
 fn retain(headers: &mut HeaderMap, keep: impl Fn(&HeaderName) -> bool) {
     // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
     let listed: Vec<HeaderName> = headers
@@ -192,8 +201,8 @@ mod tests {
         assert_eq!(h["authorization"], "Bearer upstream-key");
         assert_eq!(h["openai-project"], "proj_ok");
         assert_eq!(h["x-request-id"], "rid-1");
+        assert_eq!(h["host"], "gateway:8080", "left for the upstream client to replace");
         for gone in [
-            "host",
             "x-api-key",
             "anthropic-workspace-id",
             "openai-organization",
