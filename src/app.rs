@@ -19,17 +19,16 @@ use axum::response::Response;
 use http::Request;
 use hyper::body::Incoming;
 
-use crate::proxy::{self, Gateway, UpstreamClient};
+use crate::proxy::{self, Worker};
 
-/// The traffic service of one traffic thread: every request goes to the proxy, with the thread's client.
+/// The traffic service of one traffic thread: every request goes to the proxy, with the thread's worker.
 pub fn service(
-    gateway: Arc<Gateway>,
-    client: UpstreamClient,
+    worker: Arc<Worker>,
 ) -> impl hyper::service::Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send> + Clone {
     hyper::service::service_fn(move |req| {
         // Boxed: hyper keeps a slot the size of this future for each connection's whole life, where the
         // box lives only while the request is being forwarded (an idle stream needs none of it).
-        let handled = Box::pin(proxy::handle(gateway.clone(), client.clone(), req));
+        let handled = Box::pin(proxy::handle(worker.clone(), req));
         async move { Ok(handled.await) }
     })
 }

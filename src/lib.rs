@@ -11,6 +11,7 @@ pub mod attribution;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod endpoint;
 pub mod error;

@@ -19,8 +19,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, KeySource, UpstreamAuth};
+use crate::deadline::{Deadlines, HyperTimer};
 use crate::metering::Meter;
-use crate::proxy::{Credential, Gateway, KeyFileWatch, UpstreamClient, access_log};
+use crate::proxy::{Credential, Gateway, KeyFileWatch, UpstreamClient, Worker, access_log};
 use crate::shutdown::{ConnectionDrain, Graceful, Shutdown};
 
 /// The pause after a failed accept, so that a full file table does not spin the loop.
@@ -229,13 +230,19 @@ async fn serve_traffic(
     // by `CONNECTION_BUFFER`.
     http.writev(false).max_buf_size(crate::proxy::CONNECTION_BUFFER);
     // A client that sends half a request head, or opens connections and sends nothing, cannot hold them
-    // open for ever. (hyper makes a timer per request for this: ~0.9k instructions, ~1.5% of a small request.)
-    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
+    // open for ever.
+    // (hyper makes a timer per request head for this, on the thread's deadlines: see `deadline`.)
+    let deadlines = Deadlines::new(header_read_timeout.min(gateway.response_timeout()));
+    http.timer(HyperTimer(deadlines.clone())).header_read_timeout(header_read_timeout);
+    let ticker = tokio::spawn({
+        let deadlines = deadlines.clone();
+        async move { deadlines.run().await }
+    });
     let tender = tokio::spawn({
         let client = client.clone();
         async move { client.tend_idle().await }
     });
-    let service = crate::app::service(gateway, client);
+    let service = crate::app::service(Arc::new(Worker { gateway, client, deadlines }));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         // At the cap, connections wait in the listen backlog until one closes (and past the backlog, the
@@ -287,6 +294,7 @@ async fn serve_traffic(
     // Aborts what is left and waits for it, so each cut request's record is written before this returns.
     connections.shutdown().await;
     tender.abort();
+    ticker.abort();
 }
 
 impl<I, S, B> Graceful for hyper::server::conn::http1::Connection<I, S>

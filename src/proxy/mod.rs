@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use crate::attribution::{Attributor, Requested, Source};
 use crate::auth::KeyTable;
 use crate::config::{Config, Project};
+use crate::deadline::Deadlines;
 use crate::endpoint::{Endpoint, RouteTable};
 use crate::error::GatewayError;
 use crate::metering::Meter;
@@ -45,6 +46,17 @@ pub struct Gateway {
     connector: client::Connector,
     meter: Arc<Meter>,
     shutdown: Shutdown,
+}
+
+/// What one traffic thread serves requests with: the gateway every thread shares, and the thread's own
+/// upstream connections and deadlines.
+pub struct Worker {
+    /// Shared by every traffic thread.
+    pub gateway: Arc<Gateway>,
+    /// This thread's upstream connections.
+    pub client: UpstreamClient,
+    /// This thread's deadlines (its ticker runs beside it).
+    pub deadlines: Deadlines,
 }
 
 /// A request upstream answered.
@@ -88,6 +100,7 @@ impl Gateway {
     async fn forward(
         &self,
         client: &UpstreamClient,
+        deadlines: &Deadlines,
         req: Request,
         log: &mut AccessLog,
     ) -> Result<Forwarded, GatewayError> {
@@ -119,33 +132,36 @@ impl Gateway {
             if as_received { None } else { Some(self.upstream_uri(matched.upstream_path, parts.uri.query())?) };
         // Reading the caller's body (when it is read whole) and waiting for upstream's response head share one
         // deadline, so a caller that trickles its body cannot hold a request open longer than upstream may.
-        // Awaited where it is built: bound to a local first, the exchange was stored twice in this future.
-        let exchanged = tokio::time::timeout(self.config.upstream.response_timeout, async {
-            let (body, usage_injected) =
-                self.request_body(&mut parts.headers, body, endpoint, project, &mut *log).await?;
+        // Pinned where it is built: the exchange is large, and moved into the timeout it was copied twice per
+        // request (or, bound to a local first, stored twice in this future).
+        let exchanged = {
+            let exchange = std::pin::pin!(async {
+                let (body, usage_injected) =
+                    self.request_body(&mut parts.headers, body, endpoint, project, &mut *log).await?;
 
-            // Upstream request filter.
-            headers::to_upstream(
-                &mut parts.headers,
-                matched.api,
-                &self.project_ids[attribution.project.0],
-                &self.credential,
-                log.request_id(),
-            );
-            if self.meter.taps && Dialect::of(endpoint).is_some() {
-                // Usage is read from the bytes as they pass, so they must arrive as they are. Accept-Encoding is
-                // a preference, and the caller still gets a valid (uncompressed) response.
-                parts.headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-            }
-            if let Some(uri) = upstream_uri {
-                parts.uri = uri;
-            }
-            parts.version = Version::HTTP_11;
+                // Upstream request filter.
+                headers::to_upstream(
+                    &mut parts.headers,
+                    matched.api,
+                    &self.project_ids[attribution.project.0],
+                    &self.credential,
+                    log.request_id(),
+                );
+                if self.meter.taps && Dialect::of(endpoint).is_some() {
+                    // Usage is read from the bytes as they pass, so they must arrive as they are. Accept-Encoding is
+                    // a preference, and the caller still gets a valid (uncompressed) response.
+                    parts.headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+                }
+                if let Some(uri) = upstream_uri {
+                    parts.uri = uri;
+                }
+                parts.version = Version::HTTP_11;
 
-            // Upstream peer.
-            Ok::<_, GatewayError>((client.request(Request::from_parts(parts, body)).await, usage_injected))
-        })
-        .await;
+                // Upstream peer.
+                Ok::<_, GatewayError>((client.request(Request::from_parts(parts, body)).await, usage_injected))
+            });
+            deadlines.timeout(self.config.upstream.response_timeout, exchange).await
+        };
         match exchanged {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => Err(e),
@@ -212,6 +228,11 @@ impl Gateway {
         Ok(Uri::from(path_and_query))
     }
 
+    /// How long upstream may take to answer with a response head.
+    pub fn response_timeout(&self) -> std::time::Duration {
+        self.config.upstream.response_timeout
+    }
+
     /// A new upstream client (connection pool) for one traffic thread.
     pub fn client(&self) -> anyhow::Result<UpstreamClient> {
         UpstreamClient::new(self.connector.clone(), &self.config.upstream)
@@ -248,12 +269,13 @@ fn is_model_id(model: &str) -> bool {
         && model.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'/'))
 }
 
-/// The traffic handler: every request on the traffic listener comes here, with its thread's upstream client.
-pub async fn handle(gateway: Arc<Gateway>, client: UpstreamClient, req: http::Request<Incoming>) -> Response {
+/// The traffic handler: every request on the traffic listener comes here, with its thread's worker.
+pub async fn handle(worker: Arc<Worker>, req: http::Request<Incoming>) -> Response {
+    let Worker { gateway, client, deadlines } = &*worker;
     let req = req.map(Body::new);
     let request_id = headers::request_id(req.headers());
     let mut log = AccessLog::start(gateway.meter.clone(), request_id.clone(), req.method(), req.uri().path());
-    match gateway.forward(&client, req, &mut log).await {
+    match gateway.forward(client, deadlines, req, &mut log).await {
         Ok(Forwarded { response, endpoint, usage_injected }) => {
             let (mut parts, incoming) = response.into_parts();
             headers::to_caller(&mut parts.headers, &request_id);
