@@ -126,13 +126,21 @@ impl RouteTable {
 fn classify_api_path(method: &Method, path: &str) -> Option<(Endpoint, Api)> {
     let rest = path.strip_prefix('/')?;
     let mut segments = rest.split('/');
-    let (api, tail): (Api, Vec<&str>) = match segments.next()? {
-        "v1" => (Api::OpenAi, segments.collect()),
-        "openai" if segments.next()? == "v1" => (Api::OpenAi, segments.collect()),
-        "anthropic" if segments.next()? == "v1" => (Api::Anthropic, segments.collect()),
+    let api = match segments.next()? {
+        "v1" => Api::OpenAi,
+        "openai" if segments.next()? == "v1" => Api::OpenAi,
+        "anthropic" if segments.next()? == "v1" => Api::Anthropic,
         _ => return None,
     };
-    let endpoint = match (api, method, tail.as_slice()) {
+    // No endpoint has more than three segments after the version: they are gathered in an array, not a `Vec`
+    // allocated per request.
+    let mut tail = [""; 3];
+    let mut len = 0;
+    for segment in segments {
+        *tail.get_mut(len)? = segment;
+        len += 1;
+    }
+    let endpoint = match (api, method, &tail[..len]) {
         (Api::OpenAi, &Method::POST, ["chat", "completions"]) => Endpoint::ChatCompletions,
         (Api::OpenAi, &Method::POST, ["responses"]) => Endpoint::ResponsesCreate,
         (Api::OpenAi, &Method::GET, ["responses", id]) if is_id(id) => Endpoint::ResponsesGet,
