@@ -15,16 +15,16 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::response::Response;
-use http::Request;
+use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::proxy::{self, Worker};
+use crate::proxy::{self, ResponseBody, Worker};
 
 /// The traffic service of one traffic thread: every request goes to the proxy, with the thread's worker.
 pub fn service(
     worker: Arc<Worker>,
-) -> impl hyper::service::Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send> + Clone {
+) -> impl hyper::service::Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible, Future: Send>
++ Clone {
     hyper::service::service_fn(move |req| {
         // Boxed: hyper keeps a slot the size of this future for each connection's whole life, where the
         // box lives only while the request is being forwarded (an idle stream needs none of it).

@@ -8,11 +8,11 @@ use std::sync::LazyLock;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
 use memchr::memmem::Finder;
 use tokio::time::{Instant, Sleep};
 
@@ -30,10 +30,20 @@ pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), Gate
     }
 }
 
+/// A request body on its way upstream: the caller's, streamed, or one the gateway read whole (and may have
+/// rewritten). Concrete types rather than a boxed `Body`: a box per layer per request, and a virtual call per
+/// layer per poll, cost more than the types save in writing.
+pub type Outgoing = Either<Limited<Incoming>, Full<Bytes>>;
+
 /// A request body forwarded as it arrives; going over `limit` fails the upstream request, which
 /// [`is_over_limit`] recognises.
-pub fn streamed(body: Body, limit: u64) -> Body {
-    Body::new(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)))
+pub fn streamed(body: Incoming, limit: u64) -> Outgoing {
+    Either::Left(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)))
+}
+
+/// A request body the gateway read whole.
+pub fn whole(bytes: Bytes) -> Outgoing {
+    Either::Right(Full::new(bytes))
 }
 
 /// Whether an upstream client error was caused by the request body going over its cap.
@@ -61,7 +71,11 @@ pub struct Facts {
 
 /// Reads a request body whole, refusing more than `limit` bytes. A body that arrives as one frame (nearly every
 /// small one) is returned as it is, without a copy.
-pub async fn read(body: Body, limit: u64) -> Result<Bytes, GatewayError> {
+pub async fn read<B>(body: B, limit: u64) -> Result<Bytes, GatewayError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
     let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     let mut first = Bytes::new();
     let mut joined: Option<BytesMut> = None;
@@ -304,6 +318,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use axum::body::Body;
+
     use super::*;
 
     fn model_of(bytes: &[u8]) -> Result<Option<String>, GatewayError> {

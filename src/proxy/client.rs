@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as _, Frame, SizeHint};
@@ -37,6 +36,7 @@ use hyper_util::rt::TokioIo;
 use tower_service::Service as _;
 
 use crate::config::Upstream;
+use crate::proxy::body::Outgoing;
 
 /// How upstream connections are made.
 pub type Connector = HttpsConnector<HttpConnector>;
@@ -149,10 +149,10 @@ impl IdlePool<Conn> {
 
 /// One upstream connection: hyper's handle to send on it, and the future that does its I/O.
 struct Conn {
-    sender: http1::SendRequest<Body>,
+    sender: http1::SendRequest<Uploading>,
     /// `None` once it has finished: the connection is closed. Boxed: it holds the connection's buffers and
     /// TLS state, and would otherwise be copied into (and enlarge) every future and body that holds it.
-    driver: Option<Box<http1::Connection<Io, Body>>>,
+    driver: Option<Box<http1::Connection<Io, Uploading>>>,
 }
 
 impl UpstreamClient {
@@ -168,12 +168,12 @@ impl UpstreamClient {
 
     /// Sends `req` (its URI in origin form, `/path?query`) with upstream's `Host`, and returns the response head, with a body that
     /// drives the connection until it ends and then returns the connection to the pool.
-    pub async fn request(&self, req: Request<Body>) -> Result<Response<UpstreamBody>, Error> {
+    pub async fn request(&self, req: Request<Outgoing>) -> Result<Response<UpstreamBody>, Error> {
         let (mut parts, body) = req.into_parts();
         // Replaces the caller's, which named the gateway.
         parts.headers.insert(http::header::HOST, self.host.clone());
         let uploaded = Arc::new(AtomicBool::new(body.is_end_stream()));
-        let req = Request::from_parts(parts, Body::new(Uploading { inner: body, uploaded: uploaded.clone() }));
+        let req = Request::from_parts(parts, Uploading { inner: body, uploaded: uploaded.clone() });
         // Connecting is boxed: it is rare on a pooled client, and its future (TCP and TLS handshake) held inline
         // would add ~1 KiB to every request's future.
         let (mut conn, pooled) = match self.take_idle().await {
@@ -270,8 +270,8 @@ impl Conn {
     /// Sends the request and drives the connection until the response head arrives.
     async fn send(
         &mut self,
-        req: Request<Body>,
-    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
+        req: Request<Uploading>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Uploading>>> {
         let mut response = std::pin::pin!(self.sender.try_send_request(req));
         poll_fn(|cx| {
             loop {
@@ -310,18 +310,18 @@ impl Conn {
 
 pin_project_lite::pin_project! {
     /// A request body on its way upstream, which records when hyper has had all of it.
-    struct Uploading {
+    pub struct Uploading {
         #[pin]
-        inner: Body,
+        inner: Outgoing,
         uploaded: Arc<AtomicBool>,
     }
 }
 
 impl http_body::Body for Uploading {
     type Data = Bytes;
-    type Error = axum::Error;
+    type Error = Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let mut this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         // The end: seen, or known from the length (hyper then stops polling).

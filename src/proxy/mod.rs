@@ -11,13 +11,14 @@ pub mod client;
 pub mod credential;
 pub mod headers;
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::Request;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Uri, Version};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
 use crate::attribution::{Attributor, Requested, Source};
@@ -58,6 +59,10 @@ pub struct Worker {
     /// This thread's deadlines (its ticker runs beside it).
     pub deadlines: Deadlines,
 }
+
+/// A response body: upstream's, observed on its way through, or the gateway's own answer. Upstream's is boxed
+/// all the same: hyper moves the response several times on its way out, and the observed body is large.
+pub type ResponseBody = Either<Pin<Box<body::Observed<client::UpstreamBody>>>, Body>;
 
 /// A request upstream answered.
 struct Forwarded {
@@ -101,7 +106,7 @@ impl Gateway {
         &self,
         client: &UpstreamClient,
         deadlines: &Deadlines,
-        req: Request,
+        req: Request<Incoming>,
         log: &mut AccessLog,
     ) -> Result<Forwarded, GatewayError> {
         if self.shutdown.is_draining() {
@@ -182,11 +187,11 @@ impl Gateway {
     async fn request_body(
         &self,
         headers: &mut http::HeaderMap,
-        body: Body,
+        body: Incoming,
         endpoint: Endpoint,
         project: &Project,
         log: &mut AccessLog,
-    ) -> Result<(Body, bool), GatewayError> {
+    ) -> Result<(body::Outgoing, bool), GatewayError> {
         let limit = self.config.server.max_body_bytes;
         body::check_declared_length(headers, limit)?;
         let check_model = endpoint.has_model() && !project.models.is_empty();
@@ -213,9 +218,9 @@ impl Gateway {
         log.model = facts.model.filter(|m| is_model_id(m));
         if meter_stream && facts.stream && !facts.include_usage {
             headers.remove(http::header::CONTENT_LENGTH);
-            return Ok((Body::from(off_thread_if_large(&bytes, body::with_include_usage).await?), true));
+            return Ok((body::whole(off_thread_if_large(&bytes, body::with_include_usage).await?), true));
         }
-        Ok((Body::from(bytes), false))
+        Ok((body::whole(bytes), false))
     }
 
     /// The request target upstream, in origin form (`/path?query`): the client sends `Host` itself.
@@ -270,9 +275,8 @@ fn is_model_id(model: &str) -> bool {
 }
 
 /// The traffic handler: every request on the traffic listener comes here, with its thread's worker.
-pub async fn handle(worker: Arc<Worker>, req: http::Request<Incoming>) -> Response {
+pub async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<ResponseBody> {
     let Worker { gateway, client, deadlines } = &*worker;
-    let req = req.map(Body::new);
     let request_id = headers::request_id(req.headers());
     let mut log = AccessLog::start(gateway.meter.clone(), request_id.clone(), req.method(), req.uri().path());
     match gateway.forward(client, deadlines, req, &mut log).await {
@@ -296,7 +300,7 @@ pub async fn handle(worker: Arc<Worker>, req: http::Request<Incoming>) -> Respon
                 }
             }
             let body = body::Observed::new(incoming, gateway.config.upstream.idle_timeout, log);
-            Response::from_parts(parts, Body::new(body))
+            Response::from_parts(parts, Either::Left(Box::pin(body)))
         }
         Err(e) => {
             if e == GatewayError::ProjectRequired {
@@ -305,7 +309,7 @@ pub async fn handle(worker: Arc<Worker>, req: http::Request<Incoming>) -> Respon
             log.status = Some(e.status());
             log.error = Some(e.code());
             log.body_ended();
-            let mut res = e.into_response();
+            let mut res = e.into_response().map(Either::Right);
             res.headers_mut().insert(headers::REQUEST_ID, request_id);
             res
         }
