@@ -274,15 +274,13 @@ impl Conn {
     ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Uploading>>> {
         let mut response = std::pin::pin!(self.sender.try_send_request(req));
         poll_fn(|cx| {
-            loop {
-                if let Poll::Ready(result) = response.as_mut().poll(cx) {
-                    return Poll::Ready(result);
-                }
-                // When the driver ends, the response future has its answer (an error): poll it again.
-                if !self.drive(cx) {
-                    return Poll::Pending;
-                }
+            if let Poll::Ready(result) = response.as_mut().poll(cx) {
+                return Poll::Ready(result);
             }
+            // Driving reads what upstream sent, which may complete the response head (or, if the connection
+            // ended, answer it with an error): looked at again at once, not on the wake-up that follows.
+            self.drive(cx);
+            response.as_mut().poll(cx)
         })
         .await
     }
