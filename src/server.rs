@@ -313,10 +313,11 @@ where
 /// `mantlegate serve`: starts, then stops gracefully on SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let credential = credential(&config)?;
+    let signal = crate::shutdown::signal();
     let running = start(config, credential).await?;
     let shutdown = running.shutdown.clone();
     tokio::select! {
-        () = crate::shutdown::signal() => {
+        () = signal => {
             tracing::info!("shutdown signal received");
             running.stop().await;
         }

@@ -143,33 +143,49 @@ impl<C: Graceful> Future for Watched<C> {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn signal() {
-    let ctrl_c = async {
+/// Listens for SIGTERM and Ctrl-C (SIGINT) from the moment it is called, and resolves on the first. The
+/// handlers are installed here, not when the future is first polled: a signal that arrives in between (a
+/// supervisor stopping the gateway just after it started listening) is not lost to the default action, which
+/// would end the process without its drain.
+pub fn signal() -> impl Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{Signal, SignalKind, signal};
+        async fn first(signal: Option<Signal>) {
+            match signal {
+                Some(mut signal) => drop(signal.recv().await),
+                None => std::future::pending().await,
+            }
+        }
+        let (term, int) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok());
+        async move {
+            tokio::select! {
+                () = first(term) => {},
+                () = first(int) => {},
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without the handler installed when `signal()` is called, the SIGTERM below would end this test process.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_signal_before_the_first_poll_is_not_lost() {
+        let signal = signal();
+        let sent = std::process::Command::new("kill").args(["-TERM", &std::process::id().to_string()]).status();
+        assert!(sent.is_ok_and(|s| s.success()));
+        tokio::time::timeout(std::time::Duration::from_secs(30), signal).await.expect("the SIGTERM was seen");
+    }
 
     #[tokio::test]
     async fn waiters_see_a_trigger_before_or_after_they_wait() {

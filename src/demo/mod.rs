@@ -88,6 +88,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result
     let stub_task = tokio::spawn(axum::serve(stub_listener, stub).into_future());
 
     let credential = Credential::api_key(&Secret::new(UPSTREAM_KEY.into()))?;
+    let signal = crate::shutdown::signal();
     let running = crate::server::start(config, credential)
         .await
         .context("starting the gateway (is something else on that port? try --listen 127.0.0.1:0)")?;
@@ -95,7 +96,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result
 
     let shutdown = running.shutdown.clone();
     tokio::select! {
-        () = crate::shutdown::signal() => running.stop().await,
+        () = signal => running.stop().await,
         () = shutdown.wait() => running.stopped().await,
     }
     stub_task.abort();
