@@ -124,31 +124,32 @@ impl RouteTable {
 }
 
 fn classify_api_path(method: &Method, path: &str) -> Option<(Endpoint, Api)> {
-    let rest = path.strip_prefix('/')?;
-    let mut segments = rest.split('/');
+    // Split on bytes (a `char` pattern searches through a general-purpose searcher); every literal below is
+    // ASCII, and `is_id` checks the rest byte by byte.
+    let mut segments = path.as_bytes().strip_prefix(b"/")?.split(|b| *b == b'/');
     let api = match segments.next()? {
-        "v1" => Api::OpenAi,
-        "openai" if segments.next()? == "v1" => Api::OpenAi,
-        "anthropic" if segments.next()? == "v1" => Api::Anthropic,
+        b"v1" => Api::OpenAi,
+        b"openai" if segments.next()? == b"v1" => Api::OpenAi,
+        b"anthropic" if segments.next()? == b"v1" => Api::Anthropic,
         _ => return None,
     };
     // No endpoint has more than three segments after the version: they are gathered in an array, not a `Vec`
     // allocated per request.
-    let mut tail = [""; 3];
+    let mut tail: [&[u8]; 3] = [b""; 3];
     let mut len = 0;
     for segment in segments {
         *tail.get_mut(len)? = segment;
         len += 1;
     }
     let endpoint = match (api, method, &tail[..len]) {
-        (Api::OpenAi, &Method::POST, ["chat", "completions"]) => Endpoint::ChatCompletions,
-        (Api::OpenAi, &Method::POST, ["responses"]) => Endpoint::ResponsesCreate,
-        (Api::OpenAi, &Method::GET, ["responses", id]) if is_id(id) => Endpoint::ResponsesGet,
-        (Api::OpenAi, &Method::DELETE, ["responses", id]) if is_id(id) => Endpoint::ResponsesDelete,
-        (Api::OpenAi, &Method::POST, ["responses", id, "cancel"]) if is_id(id) => Endpoint::ResponsesCancel,
-        (Api::OpenAi, &Method::GET, ["models"]) => Endpoint::ModelsList,
-        (Api::OpenAi, &Method::GET, ["models", id]) if is_id(id) => Endpoint::ModelsGet,
-        (Api::Anthropic, &Method::POST, ["messages"]) => Endpoint::Messages,
+        (Api::OpenAi, &Method::POST, [b"chat", b"completions"]) => Endpoint::ChatCompletions,
+        (Api::OpenAi, &Method::POST, [b"responses"]) => Endpoint::ResponsesCreate,
+        (Api::OpenAi, &Method::GET, [b"responses", id]) if is_id(id) => Endpoint::ResponsesGet,
+        (Api::OpenAi, &Method::DELETE, [b"responses", id]) if is_id(id) => Endpoint::ResponsesDelete,
+        (Api::OpenAi, &Method::POST, [b"responses", id, b"cancel"]) if is_id(id) => Endpoint::ResponsesCancel,
+        (Api::OpenAi, &Method::GET, [b"models"]) => Endpoint::ModelsList,
+        (Api::OpenAi, &Method::GET, [b"models", id]) if is_id(id) => Endpoint::ModelsGet,
+        (Api::Anthropic, &Method::POST, [b"messages"]) => Endpoint::Messages,
         _ => return None,
     };
     Some((endpoint, api))
@@ -156,11 +157,11 @@ fn classify_api_path(method: &Method, path: &str) -> Option<(Endpoint, Api)> {
 
 /// An id segment (`resp_...`, `openai.gpt-oss-120b`): a strict alphabet with no `%`, so nothing decodes into
 /// a slash or a dot segment, and no segment made only of dots.
-fn is_id(segment: &str) -> bool {
+fn is_id(segment: &[u8]) -> bool {
     !segment.is_empty()
         && segment.len() <= 256
-        && segment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
-        && !segment.bytes().all(|b| b == b'.')
+        && segment.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+        && !segment.iter().all(|b| *b == b'.')
 }
 
 #[cfg(test)]
