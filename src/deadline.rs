@@ -63,9 +63,10 @@ impl Deadlines {
         Self { table: Arc::default(), tick: (shortest / 64).clamp(MIN_TICK, MAX_TICK) }
     }
 
-    /// A deadline `after` from now.
+    /// A deadline `after` from now; thirty years on for a duration too large to add (a configured "never").
     pub fn after(&self, after: Duration) -> Deadline {
-        self.at(Instant::now() + after)
+        let now = Instant::now();
+        self.at(now.checked_add(after).unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400)))
     }
 
     /// A deadline at `at`.
@@ -270,6 +271,14 @@ mod tests {
         assert!(waited >= Duration::from_millis(30), "fired after {waited:?}");
         assert!(waited < Duration::from_secs(5), "fired after {waited:?}");
         assert_eq!(deadlines.lock().live, 0, "its slot is given back");
+        ticker.abort();
+    }
+
+    #[tokio::test]
+    async fn a_duration_too_large_to_add_is_never() {
+        let (deadlines, ticker) = running();
+        let mut never = deadlines.after(Duration::MAX);
+        assert!(Pin::new(&mut never).poll(&mut Context::from_waker(Waker::noop())).is_pending());
         ticker.abort();
     }
 
