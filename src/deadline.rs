@@ -4,15 +4,18 @@
 //! wheel under the driver's lock, then removed again, for a timer that fires for almost no request).
 //!
 //! Here a deadline is a slot in its traffic thread's table, taken on its first poll and given back when it is
-//! dropped, and the thread's ticker ([`Deadlines::run`]) looks the table over once per tick and wakes each
-//! deadline that has passed. A deadline so fires up to one tick late. The tick is a 64th of the shortest
+//! dropped, and the thread's ticker (a task [`Deadlines::start`] spawns) looks the table over once per tick and
+//! wakes each deadline that has passed. A deadline so fires up to one tick late. The tick is a 64th of the shortest
 //! timeout the table serves (between 1 ms and 1 s: 1 s for the default timeouts of 75 s and 300 s), so the
 //! lateness is a small share of any timeout; the ticker sleeps while the table is empty.
+//!
+//! Deadlines are in real time (`std::time::Instant`): a tokio runtime with paused time (`start_paused` tests)
+//! does not move them.
 
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -20,8 +23,7 @@ use std::time::{Duration, Instant};
 const MIN_TICK: Duration = Duration::from_millis(1);
 const MAX_TICK: Duration = Duration::from_secs(1);
 
-/// One traffic thread's deadlines; clones share the table. Its ticker must run ([`Deadlines::run`]) for
-/// deadlines to fire.
+/// One traffic thread's deadlines; clones share the table, and the ticker [`Deadlines::start`] spawned.
 #[derive(Clone)]
 pub struct Deadlines {
     table: Arc<Mutex<Table>>,
@@ -45,6 +47,15 @@ struct Table {
     ticker: Option<Waker>,
 }
 
+impl Drop for Table {
+    fn drop(&mut self) {
+        // A ticker waiting for a first deadline looks again, finds the table gone, and ends.
+        if let Some(ticker) = self.ticker.take() {
+            ticker.wake();
+        }
+    }
+}
+
 struct Slot {
     at: Instant,
     state: State,
@@ -58,8 +69,16 @@ enum State {
 }
 
 impl Deadlines {
-    /// A table whose tick suits timeouts of `shortest` and longer.
-    pub fn new(shortest: Duration) -> Self {
+    /// A table whose tick suits timeouts of `shortest` and longer, with its ticker running on the current tokio
+    /// runtime (outside one this panics, as `tokio::spawn` does). The ticker ends once the table's last handle
+    /// and last deadline are gone.
+    pub fn start(shortest: Duration) -> Self {
+        let deadlines = Self::with_tick_for(shortest);
+        tokio::spawn(tick(Arc::downgrade(&deadlines.table), deadlines.tick));
+        deadlines
+    }
+
+    fn with_tick_for(shortest: Duration) -> Self {
         Self { table: Arc::default(), tick: (shortest / 64).clamp(MIN_TICK, MAX_TICK) }
     }
 
@@ -80,38 +99,44 @@ impl Deadlines {
         Timeout { future, deadline: self.after(after) }
     }
 
-    /// Wakes each deadline as it passes, for as long as it runs (it never ends by itself). One per table.
-    pub async fn run(&self) {
-        let mut passed = Vec::new();
-        loop {
-            // Nothing to watch: wait for a first deadline.
-            poll_fn(|cx| {
-                let mut table = self.lock();
-                if table.live > 0 {
-                    return Poll::Ready(());
-                }
-                table.ticker = Some(cx.waker().clone());
-                Poll::Pending
-            })
-            .await;
-            tokio::time::sleep(self.tick).await;
-            let now = Instant::now();
-            let mut table = self.lock();
-            for slot in table.slots.iter_mut().filter(|slot| slot.at <= now) {
-                if let State::Waiting(_) = slot.state
-                    && let State::Waiting(waker) = std::mem::replace(&mut slot.state, State::Passed)
-                {
-                    passed.push(waker);
-                }
-            }
-            drop(table);
-            // Woken outside the lock: a waker may poll its deadline at once.
-            passed.drain(..).for_each(Waker::wake);
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, Table> {
         lock(&self.table)
+    }
+}
+
+/// The ticker: wakes each deadline of `table` as it passes, until the table is gone.
+async fn tick(table: Weak<Mutex<Table>>, tick: Duration) {
+    let mut passed = Vec::new();
+    loop {
+        // Nothing to watch: wait for a first deadline (or for the table to go).
+        let watching = poll_fn(|cx| {
+            let Some(table) = table.upgrade() else { return Poll::Ready(false) };
+            let mut table = lock(&table);
+            if table.live > 0 {
+                return Poll::Ready(true);
+            }
+            table.ticker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        if !watching {
+            return;
+        }
+        tokio::time::sleep(tick).await;
+        let Some(table) = table.upgrade() else { return };
+        let now = Instant::now();
+        let mut slots = lock(&table);
+        for slot in slots.slots.iter_mut().filter(|slot| slot.at <= now) {
+            if let State::Waiting(_) = slot.state
+                && let State::Waiting(waker) = std::mem::replace(&mut slot.state, State::Passed)
+            {
+                passed.push(waker);
+            }
+        }
+        drop(slots);
+        drop(table);
+        // Woken outside the lock: a waker may poll its deadline at once.
+        passed.drain(..).for_each(Waker::wake);
     }
 }
 
@@ -245,57 +270,72 @@ mod tests {
     use super::*;
 
     /// A table with a 1 ms tick and its ticker running on the test's runtime.
-    fn running() -> (Deadlines, tokio::task::JoinHandle<()>) {
-        let deadlines = Deadlines::new(Duration::from_millis(64));
+    fn running() -> Deadlines {
+        let deadlines = Deadlines::start(Duration::from_millis(64));
         assert_eq!(deadlines.tick, MIN_TICK);
-        let ticker = tokio::spawn({
-            let deadlines = deadlines.clone();
-            async move { deadlines.run().await }
-        });
-        (deadlines, ticker)
+        deadlines
     }
 
     #[test]
     fn the_tick_is_a_64th_of_the_shortest_timeout_within_bounds() {
-        assert_eq!(Deadlines::new(Duration::from_secs(75)).tick, MAX_TICK);
-        assert_eq!(Deadlines::new(Duration::from_millis(640)).tick, Duration::from_millis(10));
-        assert_eq!(Deadlines::new(Duration::ZERO).tick, MIN_TICK);
+        assert_eq!(Deadlines::with_tick_for(Duration::from_secs(75)).tick, MAX_TICK);
+        assert_eq!(Deadlines::with_tick_for(Duration::from_millis(640)).tick, Duration::from_millis(10));
+        assert_eq!(Deadlines::with_tick_for(Duration::ZERO).tick, MIN_TICK);
     }
 
     #[tokio::test]
     async fn a_deadline_fires_once_it_has_passed_and_not_before() {
-        let (deadlines, ticker) = running();
+        let deadlines = running();
         let start = Instant::now();
         deadlines.after(Duration::from_millis(30)).await;
         let waited = start.elapsed();
         assert!(waited >= Duration::from_millis(30), "fired after {waited:?}");
         assert!(waited < Duration::from_secs(5), "fired after {waited:?}");
         assert_eq!(deadlines.lock().live, 0, "its slot is given back");
-        ticker.abort();
+    }
+
+    #[tokio::test]
+    async fn the_ticker_ends_with_its_table() {
+        let tasks = tokio::runtime::Handle::current().metrics();
+        let deadlines = running();
+        deadlines.after(Duration::from_millis(5)).await;
+        assert_eq!(tasks.num_alive_tasks(), 1, "the ticker");
+        // Once it has seen the table empty, it waits for a first deadline.
+        let parked = async {
+            while deadlines.lock().ticker.is_none() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), parked).await.expect("the ticker waits");
+        drop(deadlines);
+        let ended = async {
+            while tasks.num_alive_tasks() > 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), ended).await.expect("the ticker ended");
     }
 
     #[tokio::test]
     async fn a_duration_too_large_to_add_is_never() {
-        let (deadlines, ticker) = running();
+        let deadlines = running();
         let mut never = deadlines.after(Duration::MAX);
         assert!(Pin::new(&mut never).poll(&mut Context::from_waker(Waker::noop())).is_pending());
-        ticker.abort();
     }
 
     #[tokio::test]
     async fn a_timeout_gives_the_output_or_elapsed() {
-        let (deadlines, ticker) = running();
+        let deadlines = running();
         assert_eq!(deadlines.timeout(Duration::from_secs(60), async { 7 }).await, Ok(7));
         let never = std::future::pending::<()>();
         assert_eq!(deadlines.timeout(Duration::from_millis(10), never).await, Err(Elapsed));
         // The same after the ticker slept on an empty table: a new deadline wakes it.
         assert_eq!(deadlines.timeout(Duration::from_millis(10), std::future::pending::<()>()).await, Err(Elapsed));
-        ticker.abort();
     }
 
     #[tokio::test]
     async fn dropped_deadlines_give_their_slots_back_and_never_fire() {
-        let (deadlines, ticker) = running();
+        let deadlines = running();
         let waker = Waker::noop();
         let mut held: Vec<Deadline> = (0..3).map(|_| deadlines.after(Duration::from_millis(5))).collect();
         for deadline in &mut held {
@@ -311,12 +351,11 @@ mod tests {
         drop(held);
         drop(next);
         assert_eq!(deadlines.lock().live, 0);
-        ticker.abort();
     }
 
     #[tokio::test]
     async fn a_reset_deadline_fires_at_its_new_time() {
-        let (deadlines, ticker) = running();
+        let deadlines = running();
         let mut deadline = deadlines.after(Duration::from_secs(3600));
         assert!(Pin::new(&mut deadline).poll(&mut Context::from_waker(Waker::noop())).is_pending());
         let start = Instant::now();
@@ -326,6 +365,5 @@ mod tests {
         // Passed, then moved on: it waits again.
         deadline.reset(Instant::now() + Duration::from_secs(3600));
         assert!(Pin::new(&mut deadline).poll(&mut Context::from_waker(Waker::noop())).is_pending());
-        ticker.abort();
     }
 }

@@ -232,12 +232,8 @@ async fn serve_traffic(
     // A client that sends half a request head, or opens connections and sends nothing, cannot hold them
     // open for ever.
     // (hyper makes a timer per request head for this, on the thread's deadlines: see `deadline`.)
-    let deadlines = Deadlines::new(header_read_timeout.min(gateway.response_timeout()));
+    let deadlines = Deadlines::start(header_read_timeout.min(gateway.response_timeout()));
     http.timer(HyperTimer(deadlines.clone())).header_read_timeout(header_read_timeout);
-    let ticker = tokio::spawn({
-        let deadlines = deadlines.clone();
-        async move { deadlines.run().await }
-    });
     let tender = tokio::spawn({
         let client = client.clone();
         async move { client.tend_idle().await }
@@ -294,7 +290,6 @@ async fn serve_traffic(
     // Aborts what is left and waits for it, so each cut request's record is written before this returns.
     connections.shutdown().await;
     tender.abort();
-    ticker.abort();
 }
 
 impl<I, S, B> Graceful for hyper::server::conn::http1::Connection<I, S>
