@@ -143,10 +143,10 @@ impl<C: Graceful> Future for Watched<C> {
     }
 }
 
-/// Listens for SIGTERM and Ctrl-C (SIGINT) from the moment it is called, and resolves on the first. The
+/// Listens for SIGTERM and Ctrl-C (SIGINT) from the moment it is called, and resolves on the first. On Unix the
 /// handlers are installed here, not when the future is first polled: a signal that arrives in between (a
 /// supervisor stopping the gateway just after it started listening) is not lost to the default action, which
-/// would end the process without its drain.
+/// would end the process without its drain. (Elsewhere only Ctrl-C is listened for, from the first poll.)
 pub fn signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {

@@ -438,6 +438,11 @@ fn parse_duration(errs: &mut Errors, key: &str, value: &str, zero_ok: bool) -> D
             errs.push(key, "must be greater than 0");
             d
         }
+        // hyper adds `header_read_timeout` to the clock itself, which panics past what an `Instant` can hold.
+        Ok(d) if std::time::Instant::now().checked_add(d).is_none() => {
+            errs.push(key, format!("{value:?} is too long"));
+            Duration::from_secs(1)
+        }
         Ok(d) => d,
         Err(e) => {
             errs.push(key, format!("{value:?} is not a duration like \"30s\" or \"5m\": {e}"));
@@ -572,5 +577,9 @@ mod tests {
         assert_eq!(errs, vec!["server.header_read_timeout: must be greater than 0".to_string()]);
         let errs = errors(&format!("[upstream]\nidle_timeout = \"soon\"\n{BASE}"));
         assert!(errs[0].starts_with("upstream.idle_timeout:"), "{errs:?}");
+        // Past what the clock can hold (2^63 seconds): refused here, not a panic per connection.
+        let errs = errors(&format!("[server]\nheader_read_timeout = \"292271023046y\"\n{BASE}"));
+        assert_eq!(errs, vec!["server.header_read_timeout: \"292271023046y\" is too long".to_string()]);
+        assert_eq!(errors(&format!("[upstream]\nresponse_timeout = \"100y\"\n{BASE}")), Vec::<String>::new());
     }
 }
