@@ -166,8 +166,8 @@ impl UpstreamClient {
         Ok(Self { connector, origin, host: host_header(upstream)?, idle: Arc::default() })
     }
 
-    /// Sends `req` (its URI in origin form, `/path?query`) with upstream's `Host`, and returns the response head, with a body that
-    /// drives the connection until it ends and then returns the connection to the pool.
+    /// Sends `req` (its URI in origin form, `/path?query`) with upstream's `Host`, and returns the response head,
+    /// with a body that drives the connection until it ends and then returns the connection to the pool.
     pub async fn request(&self, req: Request<Outgoing>) -> Result<Response<UpstreamBody>, Error> {
         let (mut parts, body) = req.into_parts();
         // Replaces the caller's, which named the gateway.

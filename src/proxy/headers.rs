@@ -75,7 +75,7 @@ pub fn to_upstream(
 
 /// Turns upstream's response headers, in place, into the headers sent to the caller.
 pub fn to_caller(headers: &mut HeaderMap, request_id: &HeaderValue) {
-    // upstream's own request id, if it sent one, is replaced by the insert.
+    // Upstream's own request id, if it sent one, is replaced by the insert.
     retain(headers, |name| !is_hop_by_hop(name));
     headers.insert(REQUEST_ID, request_id.clone());
 }
