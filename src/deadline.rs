@@ -287,7 +287,7 @@ mod tests {
     async fn a_deadline_fires_once_it_has_passed_and_not_before() {
         let deadlines = running();
         let start = Instant::now();
-        deadlines.after(Duration::from_millis(30)).await;
+        tokio::time::timeout(Duration::from_secs(10), deadlines.after(Duration::from_millis(30))).await.expect("fired");
         let waited = start.elapsed();
         assert!(waited >= Duration::from_millis(30), "fired after {waited:?}");
         assert!(waited < Duration::from_secs(5), "fired after {waited:?}");
@@ -327,10 +327,14 @@ mod tests {
     async fn a_timeout_gives_the_output_or_elapsed() {
         let deadlines = running();
         assert_eq!(deadlines.timeout(Duration::from_secs(60), async { 7 }).await, Ok(7));
-        let never = std::future::pending::<()>();
-        assert_eq!(deadlines.timeout(Duration::from_millis(10), never).await, Err(Elapsed));
+        // Bounded by tokio's own timer, so that a deadline that never fires fails the test rather than hangs it.
+        let elapsed = || async {
+            let never = std::future::pending::<()>();
+            tokio::time::timeout(Duration::from_secs(10), deadlines.timeout(Duration::from_millis(10), never)).await
+        };
+        assert_eq!(elapsed().await, Ok(Err(Elapsed)));
         // The same after the ticker slept on an empty table: a new deadline wakes it.
-        assert_eq!(deadlines.timeout(Duration::from_millis(10), std::future::pending::<()>()).await, Err(Elapsed));
+        assert_eq!(elapsed().await, Ok(Err(Elapsed)));
     }
 
     #[tokio::test]
@@ -360,7 +364,7 @@ mod tests {
         assert!(Pin::new(&mut deadline).poll(&mut Context::from_waker(Waker::noop())).is_pending());
         let start = Instant::now();
         deadline.reset(start + Duration::from_millis(20));
-        (&mut deadline).await;
+        tokio::time::timeout(Duration::from_secs(10), &mut deadline).await.expect("fired at its new time");
         assert!(start.elapsed() >= Duration::from_millis(20));
         // Passed, then moved on: it waits again.
         deadline.reset(Instant::now() + Duration::from_secs(3600));

@@ -290,18 +290,14 @@ impl Conn {
         self.driver.is_some() && self.sender.is_ready()
     }
 
-    /// Polls the connection's I/O. Returns whether it just finished (the connection is closed).
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(driver) = self.driver.as_mut() else { return false };
-        match Pin::new(&mut **driver).poll(cx) {
-            Poll::Pending => false,
-            Poll::Ready(result) => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-                self.driver = None;
-                true
+    /// Polls the connection's I/O; once it has finished, the connection is closed and `driver` is `None`.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        let Some(driver) = self.driver.as_mut() else { return };
+        if let Poll::Ready(result) = Pin::new(&mut **driver).poll(cx) {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
             }
+            self.driver = None;
         }
     }
 }
@@ -354,10 +350,10 @@ impl UpstreamBody {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         // Lets hyper finish the exchange: it is then ready for the next request, or closing. Driven with the
         // tender's waker, so that what happens to the connection while it is idle wakes the tender.
-        match idle.tender.clone() {
-            Some(tender) => conn.drive(&mut Context::from_waker(&tender)),
+        match &idle.tender {
+            Some(tender) => conn.drive(&mut Context::from_waker(tender)),
             None => conn.drive(cx),
-        };
+        }
         if conn.reusable() {
             idle.put(conn, Instant::now());
         }
