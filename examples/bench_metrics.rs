@@ -53,7 +53,6 @@ fn main() -> anyhow::Result<()> {
                                 ttfb: Some(0.0004),
                                 model: metered.then_some("openai.gpt-oss-120b"),
                                 usage: metered.then_some(usage),
-                                cost: metered.then_some(0.0000114),
                             });
                         }
                     });

@@ -19,6 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::prices::{Price, PriceTable};
 use super::usage::Usage;
 use crate::config::{Config, ProjectIdx};
 use crate::endpoint::Endpoint;
@@ -81,31 +82,34 @@ struct Latency {
     ok: OnceLock<Counter>,
 }
 
-/// One project and model's token and cost series.
+/// One project and model's token and cost series, with the model's price.
 #[derive(Debug)]
 struct ModelSeries {
     input: Counter,
     output: Counter,
     cached_input: Counter,
     reasoning: Counter,
-    /// Cost for priced models; the unpriced-requests counter for the others.
-    cost: Result<CostCounter, Counter>,
+    /// The price and cost counter of a priced model; the unpriced-requests counter for the others.
+    cost: Result<(Price, CostCounter), Counter>,
 }
 
 impl ModelSeries {
-    fn add(&self, usage: Usage, cost: Option<f64>) {
+    /// Counts `usage` and returns its cost, if the model has a price.
+    fn add(&self, usage: Usage) -> Option<f64> {
         self.input.inc_by(usage.input);
         self.output.inc_by(usage.output);
         self.cached_input.inc_by(usage.cached_input);
         self.reasoning.inc_by(usage.reasoning);
-        match (&self.cost, cost) {
-            (Ok(counter), Some(cost)) => {
+        match &self.cost {
+            Ok((price, counter)) => {
+                let cost = price.cost(&usage);
                 counter.inc_by(cost);
+                Some(cost)
             }
-            (Err(unpriced), _) => {
+            Err(unpriced) => {
                 unpriced.inc();
+                None
             }
-            (Ok(_), None) => {}
         }
     }
 }
@@ -129,6 +133,7 @@ pub struct Metrics {
     latency: Vec<[OnceLock<Latency>; Endpoint::ALL.len()]>,
     /// Token series by project (as `projects`) and model.
     models: Vec<ArcSwap<HashMap<Arc<str>, Arc<ModelSeries>>>>,
+    prices: PriceTable,
 }
 
 fn latency_histogram() -> Histogram {
@@ -153,8 +158,6 @@ pub struct Observation<'a> {
     pub model: Option<&'a str>,
     /// Tokens, where seen.
     pub usage: Option<Usage>,
-    /// Cost in USD, when the model has a price.
-    pub cost: Option<f64>,
 }
 
 impl Metrics {
@@ -225,11 +228,13 @@ impl Metrics {
             projects,
             latency,
             models,
+            prices: PriceTable::new(&config.metering.prices),
         }
     }
 
-    /// Records a finished request.
-    pub fn observe(&self, o: &Observation<'_>) {
+    /// Records a finished request, and returns the cost of its usage if its model has a price. The price is
+    /// kept with the model's series, so a request looks its model up once.
+    pub fn observe(&self, o: &Observation<'_>) -> Option<f64> {
         let p = o.project.map_or(self.projects.len() - 1, |p| p.0);
         let project = &self.projects[p];
         let route = o.endpoint.name();
@@ -250,18 +255,21 @@ impl Metrics {
         if let Some(ttfb) = o.ttfb {
             latency.ttfb.observe(ttfb);
         }
-        if let Some(usage) = o.usage {
-            let model = o.model.unwrap_or("unknown");
-            // Read through the map's guard: cloning the series' Arc would write its shared count.
-            match self.models[p].load().get(model) {
-                Some(series) => series.add(usage, o.cost),
-                None => self.new_model_series(p, model, o.cost.is_some()).add(usage, o.cost),
+        let usage = o.usage?;
+        // A response that names no model is counted under `unknown`, which has no price.
+        let model = o.model.unwrap_or("unknown");
+        // Read through the map's guard: cloning the series' Arc would write its shared count.
+        match self.models[p].load().get(model) {
+            Some(series) => series.add(usage),
+            None => {
+                let price = o.model.and_then(|m| self.prices.get(m)).copied();
+                self.new_model_series(p, model, price).add(usage)
             }
         }
     }
 
     /// The series of a model this project has not reported before.
-    fn new_model_series(&self, p: usize, model: &str, priced: bool) -> Arc<ModelSeries> {
+    fn new_model_series(&self, p: usize, model: &str, price: Option<Price>) -> Arc<ModelSeries> {
         // Racing requests may both get here; the family hands both the same series, so nothing is counted
         // twice.
         let model: Arc<str> = model.into();
@@ -277,10 +285,9 @@ impl Metrics {
             output: token("output"),
             cached_input: token("cached_input"),
             reasoning: token("reasoning"),
-            cost: if priced {
-                Ok(self.cost.get_or_create(&labels).clone())
-            } else {
-                Err(self.unpriced.get_or_create(&labels).clone())
+            cost: match price {
+                Some(price) => Ok((price, self.cost.get_or_create(&labels).clone())),
+                None => Err(self.unpriced.get_or_create(&labels).clone()),
             },
         });
         self.models[p].rcu(|map| {
@@ -336,33 +343,39 @@ mod tests {
     fn repeated_requests_count_on_the_same_series_whichever_path_counts_them() {
         let config = Config::from_toml(
             "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nauth = \"passthrough\"\n[callers]\nauth = \"none\"\n\
-             [[projects]]\nname = \"P\"\nid = \"proj_p\"\n",
+             [[projects]]\nname = \"P\"\nid = \"proj_p\"\n\
+             [[prices]]\nmodel = \"m\"\ninput = 25000\noutput = 0\n",
         )
         .expect("config");
         let metrics = Metrics::new(&config);
         let usage = Usage { input: 10, output: 3, cached_input: 0, reasoning: 0 };
-        for (status, model, cost) in [(200, "m", Some(0.5)), (502, "m", None), (200, "m", Some(0.25)), (200, "n", None)]
+        // 10 input tokens at 25,000 USD per 1M: 0.25 USD a request, for the priced model only.
+        for (status, model, cost) in
+            [(200, Some("m"), Some(0.25)), (502, Some("m"), None), (200, Some("m"), Some(0.25)), (200, Some("n"), None)]
+                .into_iter()
+                .chain([(200, None, None)])
         {
-            metrics.observe(&Observation {
+            let observed = metrics.observe(&Observation {
                 project: Some(ProjectIdx(0)),
                 endpoint: Endpoint::ChatCompletions,
                 status,
                 duration: 0.01,
                 ttfb: Some(0.005),
-                model: Some(model),
+                model,
                 usage: (status == 200).then_some(usage),
-                cost,
             });
+            assert_eq!(observed, cost, "{status} {model:?}");
         }
         let text = metrics.encode();
         for line in [
-            r#"mantlegate_requests_total{project="P",route="chat.completions",status="200"} 3"#,
+            r#"mantlegate_requests_total{project="P",route="chat.completions",status="200"} 4"#,
             r#"mantlegate_requests_total{project="P",route="chat.completions",status="502"} 1"#,
-            r#"mantlegate_request_duration_seconds_count{project="P",route="chat.completions"} 4"#,
+            r#"mantlegate_request_duration_seconds_count{project="P",route="chat.completions"} 5"#,
             r#"mantlegate_tokens_total{project="P",model="m",kind="input"} 20"#,
             r#"mantlegate_tokens_total{project="P",model="n",kind="output"} 3"#,
-            r#"mantlegate_cost_usd_total{project="P",model="m"} 0.75"#,
+            r#"mantlegate_cost_usd_total{project="P",model="m"} 0.5"#,
             r#"mantlegate_unpriced_requests_total{project="P",model="n"} 1"#,
+            r#"mantlegate_unpriced_requests_total{project="P",model="unknown"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
         }

@@ -17,7 +17,6 @@ use crate::config::{Config, ProjectIdx};
 use crate::telemetry::{JsonLine, Stamp};
 use ledger::{Ledger, LedgerWriter};
 use metrics::{Metrics, Observation};
-use prices::PriceTable;
 use usage::Usage;
 
 /// A project as the meter reports it. Its JSON members are rendered once: they are the same in every line.
@@ -61,7 +60,6 @@ fn members_of(object: &impl Serialize) -> String {
 pub struct Meter {
     /// Whether responses are tapped for usage (and chat streams asked for it).
     pub taps: bool,
-    prices: PriceTable,
     metrics: Metrics,
     ledger: Option<Ledger>,
     projects: Vec<ProjectMeta>,
@@ -88,8 +86,6 @@ pub struct Finished<'a> {
     pub status: u16,
     /// Tokens seen.
     pub usage: Option<Usage>,
-    /// Their cost, if the model has a price ([`Meter::cost`]).
-    pub cost: Option<f64>,
     /// Whole request.
     pub duration: Duration,
     /// To first response byte.
@@ -112,7 +108,6 @@ impl Meter {
         };
         let meter = Self {
             taps: config.metering.enabled,
-            prices: PriceTable::new(&config.metering.prices),
             metrics: Metrics::new(config),
             ledger,
             projects: config
@@ -141,11 +136,6 @@ impl Meter {
         &self.keys[idx.0]
     }
 
-    /// Cost of `usage` for `model`, if the model has a price.
-    pub fn cost(&self, model: Option<&str>, usage: &Usage) -> Option<f64> {
-        model.and_then(|m| self.prices.get(m)).map(|p| p.cost(usage))
-    }
-
     /// Counts an unattributed request (`rejected` or `rerouted`).
     pub fn unattributed(&self, outcome: &'static str) {
         self.metrics.unattributed(outcome);
@@ -157,10 +147,10 @@ impl Meter {
         self.metrics.upstream_key_reload(result);
     }
 
-    /// Records a finished request in the metrics and, if it was forwarded, the ledger.
-    pub fn record(&self, f: &Finished<'_>) {
-        let cost = f.cost;
-        self.metrics.observe(&Observation {
+    /// Records a finished request in the metrics and, if it was forwarded, the ledger. Returns the cost of its
+    /// usage, if the model has a price.
+    pub fn record(&self, f: &Finished<'_>) -> Option<f64> {
+        let cost = self.metrics.observe(&Observation {
             project: f.project,
             endpoint: f.endpoint,
             status: f.status,
@@ -168,9 +158,8 @@ impl Meter {
             ttfb: f.ttfb.map(|d| d.as_secs_f64()),
             model: f.model,
             usage: f.usage,
-            cost,
         });
-        let (Some(ledger), Some(project), true) = (&self.ledger, f.project, f.forwarded) else { return };
+        let (Some(ledger), Some(project), true) = (&self.ledger, f.project, f.forwarded) else { return cost };
         let project = &self.projects[project.0];
         let usage = f.usage.unwrap_or_default();
         let time = Stamp::new(SystemTime::now(), 3);
@@ -190,12 +179,13 @@ impl Meter {
                 .u64("cached_input_tokens", usage.cached_input)
                 .u64("reasoning_tokens", usage.reasoning)
                 .f64_or_null("cost_usd", cost)
-                .f64("duration_ms", millis(f.duration))
-                .f64_or_null("ttfb_ms", f.ttfb.map(millis))
+                .millis("duration_ms", f.duration)
+                .millis_or_null("ttfb_ms", f.ttfb)
                 .bool("complete", f.complete)
                 .members(&project.ledger_fields);
             line.close();
         });
+        cost
     }
 
     /// The `/metrics` text.
@@ -205,9 +195,4 @@ impl Meter {
         }
         self.metrics.encode()
     }
-}
-
-/// Milliseconds with microsecond resolution.
-pub fn millis(d: Duration) -> f64 {
-    d.as_micros() as f64 / 1000.0
 }

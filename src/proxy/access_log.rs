@@ -14,7 +14,7 @@ use crate::attribution::Source;
 use crate::auth::KeyIdx;
 use crate::config::ProjectIdx;
 use crate::metering::usage::UsageTap;
-use crate::metering::{Finished, Meter, millis};
+use crate::metering::{Finished, Meter};
 use crate::telemetry::{JsonLine, Stamp};
 
 /// The request's record, filled in phase by phase.
@@ -108,7 +108,6 @@ impl Drop for AccessLog {
         let duration = self.started.elapsed();
         let usage = self.tap.as_ref().and_then(UsageTap::usage);
         let model = self.model.as_deref().or_else(|| self.tap.as_ref().and_then(UsageTap::model));
-        let cost = usage.and_then(|u| self.meter.cost(model, &u));
         // A stream is complete only if it reached its protocol's end, not merely the end of the connection.
         let complete = self.body_ended && self.tap.as_ref().is_none_or(UsageTap::finished);
         let incomplete_reason = match (&self.stream_error, self.body_ended, complete) {
@@ -119,7 +118,7 @@ impl Drop for AccessLog {
         };
         let status = self.status.map_or(499, |s| s.as_u16());
         let meter = &self.meter;
-        if let Some(endpoint) = self.endpoint {
+        let cost = self.endpoint.and_then(|endpoint| {
             meter.record(&Finished {
                 request_id: self.request_id.to_str().unwrap_or("-"),
                 key: self.key,
@@ -129,13 +128,12 @@ impl Drop for AccessLog {
                 stream: self.stream,
                 status,
                 usage,
-                cost,
                 duration,
                 ttfb: self.ttfb,
                 complete,
                 forwarded: self.forwarded,
-            });
-        }
+            })
+        });
         if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
             return;
         }
@@ -177,9 +175,9 @@ impl Drop for AccessLog {
             if let Some(cost) = cost {
                 line.f64("cost_usd", cost);
             }
-            line.f64("duration_ms", millis(duration));
+            line.millis("duration_ms", duration);
             if let Some(ttfb) = self.ttfb {
-                line.f64("ttfb_ms", millis(ttfb));
+                line.millis("ttfb_ms", ttfb);
             }
             line.bool("complete", complete);
             if let Some(reason) = incomplete_reason {

@@ -55,6 +55,45 @@ impl<'a> JsonLine<'a> {
         self
     }
 
+    /// A duration in milliseconds with microsecond resolution, as `f64` [`Self::f64`] writes
+    /// `d.as_micros() as f64 / 1000.0`, but from integer digits: a float's shortest form costs more than the
+    /// rest of the member. Below 10^12 ms (some 31 years) the three-decimal value has at most 15 significant
+    /// digits, so it survives the trip through the float, and the float's spacing is under 0.001, so no shorter
+    /// decimal does: the float's shortest form is those decimals without trailing zeros.
+    pub fn millis(&mut self, key: &str, d: std::time::Duration) -> &mut Self {
+        const EXACT: u128 = 1_000_000_000_000_000;
+        let micros = d.as_micros();
+        if micros >= EXACT {
+            return self.f64(key, micros as f64 / 1000.0);
+        }
+        self.key(key);
+        let micros = micros as u64;
+        self.text.push_str(itoa::Buffer::new().format(micros / 1000));
+        let fraction = micros % 1000;
+        if fraction == 0 {
+            self.text.push_str(".0");
+        } else {
+            // `.5`, `.25`, `.125`: the digits down to the last that is not zero.
+            self.text.push('.');
+            let mut scale = 100;
+            let mut rest = fraction;
+            while rest != 0 {
+                self.text.push(char::from(b'0' + (rest / scale) as u8));
+                rest %= scale;
+                scale /= 10;
+            }
+        }
+        self
+    }
+
+    /// [`Self::millis`], or `null`.
+    pub fn millis_or_null(&mut self, key: &str, d: Option<std::time::Duration>) -> &mut Self {
+        match d {
+            Some(d) => self.millis(key, d),
+            None => self.null(key),
+        }
+    }
+
     /// A boolean member.
     pub fn bool(&mut self, key: &str, value: bool) -> &mut Self {
         self.key(key);
@@ -155,6 +194,42 @@ mod tests {
         fill(&mut line);
         line.close();
         text
+    }
+
+    #[test]
+    fn milliseconds_are_written_as_the_float_would_be() {
+        use std::time::Duration;
+        let float = |micros: u64| {
+            written(|line| {
+                line.f64("ms", micros as f64 / 1000.0);
+            })
+        };
+        let exact = |micros: u64| {
+            written(|line| {
+                line.millis("ms", Duration::from_micros(micros));
+            })
+        };
+        // Every fraction, over whole values with one to many digits, and the edge of exactness.
+        let wholes = [0, 1, 9, 10, 999, 1_000, 123_456, 86_400_000, 99_999_999_999, 999_999_999_999, 1 << 43];
+        for whole in wholes {
+            for fraction in 0..1000 {
+                let micros = whole * 1000 + fraction;
+                assert_eq!(exact(micros), float(micros), "{micros} us");
+            }
+        }
+        // From 10^12 ms on, the float itself is written.
+        for micros in [1_000_000_000_000_000, (1 << 53) + 1, u64::MAX] {
+            assert_eq!(exact(micros), float(micros), "{micros} us");
+        }
+        assert_eq!(exact(1_500), r#"{"ms":1.5}"#);
+        assert_eq!(exact(2_000), r#"{"ms":2.0}"#);
+        assert_eq!(exact(7), r#"{"ms":0.007}"#);
+        assert_eq!(
+            written(|line| {
+                line.millis_or_null("ms", None);
+            }),
+            r#"{"ms":null}"#
+        );
     }
 
     #[test]
