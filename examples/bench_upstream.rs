@@ -11,7 +11,8 @@
 //!
 //! Every event carries `"t":` the wall-clock time it was written, in nanoseconds since the Unix epoch, so a
 //! client on the same machine can tell how long each event spent in transit. A body containing
-//! `"include_usage":true` also gets the usage chunk at the end, as the real API sends it.
+//! `"include_usage":true` also gets the usage chunk at the end, and `"usage":null` in every other chunk, as
+//! the real API sends them.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -118,10 +119,12 @@ impl Plan {
             }
             let (delta, finish) =
                 if i + 1 == self.events { (r#"{}"#, r#""stop""#) } else { (r#"{"content":"word "}"#, "null") };
+            // Under include_usage every other chunk carries `"usage":null`, as OpenAI's do.
+            let usage = if self.usage { r#""usage":null,"# } else { "" };
             let event = format!(
                 "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1764115200,\
                  \"model\":\"{MODEL}\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}],\
-                 \"t\":{}}}\n\n",
+                 {usage}\"t\":{}}}\n\n",
                 now_ns()
             );
             if send(event).await.is_err() {
