@@ -84,19 +84,19 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     message_stop: Finder::new(b"\"message_stop\""),
 });
 
-/// Whether `data` mentions a `"usage"` member at all, and whether one holds an object (not `null`).
-fn usage_member(data: &[u8]) -> (bool, bool) {
-    let mut from = 0;
-    let mut mentioned = false;
-    while let Some(at) = NEEDLES.usage.find(&data[from..]) {
-        mentioned = true;
-        from += at + USAGE_KEY.len();
+/// Where `data` first mentions a `"usage"` member, if it does, and whether one holds an object (not `null`).
+fn usage_member(data: &[u8]) -> (Option<usize>, bool) {
+    let first = NEEDLES.usage.find(data);
+    let mut next = first;
+    while let Some(at) = next {
+        let from = at + USAGE_KEY.len();
         let value = data[from..].trim_ascii_start().strip_prefix(b":").map(<[u8]>::trim_ascii_start);
         if value.is_some_and(|v| v.starts_with(b"{")) {
-            return (true, true);
+            return (first, true);
         }
+        next = NEEDLES.usage.find(&data[from..]).map(|n| from + n);
     }
-    (mentioned, false)
+    (first, false)
 }
 
 /// Largest non-streamed JSON body kept for parsing; a bigger one is forwarded but not metered.
@@ -105,6 +105,8 @@ const MAX_JSON_BODY: usize = 8 * 1024 * 1024;
 const MAX_SSE_LINE: usize = 1024 * 1024;
 /// Of a longer line: how much of its start is kept (enough for the event type).
 const LONG_LINE_HEAD: usize = 512;
+/// Largest buffer for rewritten frames kept between chunks.
+const MAX_KEPT_OUT: usize = 64 * 1024;
 /// Of a longer line: how much of its end is kept (enough for the usage that ends a Responses event).
 const LONG_LINE_TAIL: usize = 64 * 1024;
 
@@ -128,6 +130,8 @@ pub struct UsageTap {
     need_model: bool,
     /// Where the lines of the event being filtered end (kept to reuse its allocation).
     line_ends: Vec<usize>,
+    /// What rewritten frames are cut from (kept to reuse its allocation).
+    out: BytesMut,
     anthropic: AnthropicCounters,
 }
 
@@ -136,8 +140,8 @@ pub struct UsageTap {
 struct LineSeen {
     /// It is the usage-only chat chunk (no choices).
     usage_only: bool,
-    /// It names a `"usage"` member, perhaps `null`.
-    mentions_usage: bool,
+    /// Where in the line it first names a `"usage"` member, perhaps `null`.
+    usage_at: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -175,6 +179,7 @@ impl UsageTap {
             boundary: true,
             long_line_head: None,
             line_ends: Vec::new(),
+            out: BytesMut::new(),
             anthropic: AnthropicCounters::default(),
         }
     }
@@ -324,7 +329,10 @@ impl UsageTap {
             pending.extend_from_slice(&chunk);
             pending.split().freeze()
         };
-        let mut rewritten: Option<BytesMut> = None;
+        // Rewritten events go into `out`, from which each frame is split off: its allocation serves the next
+        // chunks too, once the frames cut from it have been written and dropped.
+        let mut out = std::mem::take(&mut self.out);
+        let mut rewriting = false;
         // One pass over the lines: an event ends with a blank line that is not its first line. Its lines are
         // read once it is whole; those of an unfinished event wait in `pending` for the next chunk.
         let mut line_ends = std::mem::take(&mut self.line_ends);
@@ -337,43 +345,52 @@ impl UsageTap {
                 continue;
             }
             let end = nl + 1;
-            let (mut usage_only, mut mentions_usage) = (false, false);
+            // Whether this is the usage-only chunk, and where (from the event's start) usage is first named.
+            let (mut usage_only, mut usage_at) = (false, None);
             let mut from = start;
             for &to in &line_ends {
                 let seen = self.read_line(&data[from..to]);
-                (usage_only, mentions_usage) = (usage_only | seen.usage_only, mentions_usage | seen.mentions_usage);
+                usage_only |= seen.usage_only;
+                usage_at = usage_at.or(seen.usage_at.map(|at| from - start + at));
                 from = to;
             }
             line_ends.clear();
             let event = &data[start..end];
-            let null_usage = !usage_only && mentions_usage;
-            if usage_only || null_usage {
-                let out = rewritten.get_or_insert_with(|| BytesMut::from(&data[..start]));
-                if null_usage {
-                    out.extend_from_slice(&strip_null_usage(event));
+            if usage_only || usage_at.is_some() {
+                if !rewriting {
+                    rewriting = true;
+                    // Room for the whole chunk at once: the events after this one are appended too.
+                    out.reserve(data.len());
+                    out.extend_from_slice(&data[..start]);
                 }
-            } else if let Some(out) = &mut rewritten {
+                if let (false, Some(at)) = (usage_only, usage_at) {
+                    strip_null_usage(&mut out, event, at);
+                }
+            } else if rewriting {
                 out.extend_from_slice(event);
             }
             start = end;
         }
         self.line_ends = line_ends;
+        self.boundary = true;
         if let State::Sse { pending } = &mut self.state {
             if pending.len() + data.len() - start > MAX_SSE_LINE {
                 // No event end in sight: forward what is held rather than hold the stream (unfiltered).
-                let out = rewritten.get_or_insert_with(|| BytesMut::from(&data[..start]));
-                out.extend_from_slice(&data[start..]);
-                let out = out.split().freeze();
+                if rewriting {
+                    out.extend_from_slice(&data[start..]);
+                }
+                start = data.len();
                 self.boundary = false;
-                return out;
+            } else {
+                pending.extend_from_slice(&data[start..]);
             }
-            pending.extend_from_slice(&data[start..]);
         }
-        self.boundary = true;
-        match rewritten {
-            Some(out) => out.freeze(),
-            None => data.slice(..start),
+        let frame = if rewriting { out.split().freeze() } else { data.slice(..start) };
+        // A buffer grown for an unusually large chunk is not kept for the rest of the stream.
+        if out.capacity() <= MAX_KEPT_OUT {
+            self.out = out;
         }
+        frame
     }
 
     /// Reads one SSE line.
@@ -388,8 +405,10 @@ impl UsageTap {
                     self.finished = true;
                     return LineSeen::default();
                 }
-                let (mentions_usage, usage_object) = usage_member(data);
-                let mut seen = LineSeen { usage_only: false, mentions_usage };
+                let (usage_at, usage_object) = usage_member(data);
+                // `data` is a part of `line`: where it starts in it, to say where usage is named.
+                let data_start = data.as_ptr() as usize - line.as_ptr() as usize;
+                let mut seen = LineSeen { usage_only: false, usage_at: usage_at.map(|at| data_start + at) };
                 if (self.need_model && self.model.is_none()) || usage_object {
                     if let Ok(chunk) = serde_json::from_slice::<ChatBody>(data) {
                         self.model = self.model.take().or(chunk.model);
@@ -517,30 +536,30 @@ fn member<'a, T: Deserialize<'a>>(body: &'a [u8], which: Member) -> Option<T> {
     T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
 }
 
-/// Removes the `"usage":null` members that `include_usage` adds to every chunk.
-fn strip_null_usage(event: &[u8]) -> Vec<u8> {
+/// Appends `event` to `out` without the `"usage":null` members that `include_usage` adds to every chunk; `first`
+/// is where the event first names `"usage"` (found while reading it, so not searched for again).
+fn strip_null_usage(out: &mut BytesMut, event: &[u8], first: usize) {
     const PATTERNS: [&[u8]; 4] = [b",\"usage\":null", b", \"usage\": null", b"\"usage\":null,", b"\"usage\": null, "];
-    let mut out = Vec::with_capacity(event.len());
-    let mut rest = event;
-    while let Some(at) = NEEDLES.usage.find(rest) {
+    // `kept` is where the part of the event still to be copied starts; `seen` is where the last mention ended
+    // (a member cannot begin before it).
+    let (mut kept, mut seen, mut next) = (0, 0, Some(first));
+    while let Some(at) = next {
         let found = PATTERNS.iter().find_map(|p| {
             // The comma may sit before the member (`,"usage":null`) or after it (`"usage":null,`).
-            let begin = at.checked_sub(p.iter().take_while(|b| **b != b'"').count())?;
-            rest[begin..].starts_with(p).then_some((begin, begin + p.len()))
+            let begin = at.checked_sub(p.iter().take_while(|b| **b != b'"').count()).filter(|&b| b >= seen)?;
+            event[begin..].starts_with(p).then_some((begin, begin + p.len()))
         });
-        match found {
+        seen = match found {
             Some((begin, end)) => {
-                out.extend_from_slice(&rest[..begin]);
-                rest = &rest[end..];
+                out.extend_from_slice(&event[kept..begin]);
+                kept = end;
+                end
             }
-            None => {
-                out.extend_from_slice(&rest[..at + USAGE_KEY.len()]);
-                rest = &rest[at + USAGE_KEY.len()..];
-            }
-        }
+            None => at + USAGE_KEY.len(),
+        };
+        next = event.get(seen..).and_then(|rest| NEEDLES.usage.find(rest)).map(|n| seen + n);
     }
-    out.extend_from_slice(rest);
-    out
+    out.extend_from_slice(&event[kept..]);
 }
 
 #[derive(Deserialize)]
@@ -717,6 +736,79 @@ mod tests {
         }
     }
 
+    /// The removal as first written (each mention searched for from scratch), to check the one that starts
+    /// from the mention the reader found.
+    fn strip_null_usage_reference(event: &[u8]) -> Vec<u8> {
+        const PATTERNS: [&[u8]; 4] =
+            [b",\"usage\":null", b", \"usage\": null", b"\"usage\":null,", b"\"usage\": null, "];
+        let mut out = Vec::new();
+        let mut rest = event;
+        while let Some(at) = NEEDLES.usage.find(rest) {
+            let found = PATTERNS.iter().find_map(|p| {
+                let begin = at.checked_sub(p.iter().take_while(|b| **b != b'"').count())?;
+                rest[begin..].starts_with(p).then_some((begin, begin + p.len()))
+            });
+            match found {
+                Some((begin, end)) => {
+                    out.extend_from_slice(&rest[..begin]);
+                    rest = &rest[end..];
+                }
+                None => {
+                    out.extend_from_slice(&rest[..at + USAGE_KEY.len()]);
+                    rest = &rest[at + USAGE_KEY.len()..];
+                }
+            }
+        }
+        out.extend_from_slice(rest);
+        out
+    }
+
+    #[test]
+    fn null_usage_removal_matches_a_search_from_scratch() {
+        const PIECES: [&str; 9] = [
+            ",\"usage\":null",
+            "\"usage\":null,",
+            ", \"usage\": null",
+            "\"usage\": null, ",
+            "\"usage\"",
+            "{",
+            "}",
+            ",",
+            "\"a\":1",
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..20_000 {
+            let mut event = String::new();
+            for _ in 0..1 + (state % 7) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                event.push_str(PIECES[(state % PIECES.len() as u64) as usize]);
+            }
+            let Some(first) = NEEDLES.usage.find(event.as_bytes()) else { continue };
+            let mut out = BytesMut::new();
+            strip_null_usage(&mut out, event.as_bytes(), first);
+            assert_eq!(&out[..], strip_null_usage_reference(event.as_bytes()), "{event}");
+        }
+    }
+
+    #[test]
+    fn an_event_too_long_to_hold_passes_unfiltered_and_the_next_ones_are_filtered_again() {
+        let huge = format!("data: {{\"content\":\"{}\",\"usage\":null}}\n\n", "x".repeat(3 * 1024 * 1024));
+        let stream =
+            [r#"data: {"a":1,"usage":null}"#, "\n\n", &huge, r#"data: {"b":2,"usage":null}"#, "\n\ndata: [DONE]\n\n"]
+                .concat();
+        // The second size puts the first event and more than a held line's worth of the next in one chunk.
+        for size in [64 * 1024, 1024 * 1024 + 100] {
+            let mut tap = UsageTap::sse(Dialect::Chat, true);
+            let out = run(&mut tap, stream.as_bytes(), size);
+            let expected = [r#"data: {"a":1}"#, "\n\n", &huge, r#"data: {"b":2}"#, "\n\ndata: [DONE]\n\n"].concat();
+            assert!(out == expected.as_bytes(), "{size}: {} bytes out, {} expected", out.len(), expected.len());
+            assert!(tap.finished());
+            assert!(tap.out.capacity() <= MAX_KEPT_OUT, "the grown buffer is not kept");
+        }
+    }
+
     #[test]
     fn null_usage_members_are_removed_wherever_they_sit() {
         let cases: [(&[u8], &[u8]); 5] = [
@@ -728,7 +820,11 @@ mod tests {
             (br#"{"a":"usage"}"#, br#"{"a":"usage"}"#),
         ];
         for (input, expected) in cases {
-            assert_eq!(String::from_utf8_lossy(&strip_null_usage(input)), String::from_utf8_lossy(expected));
+            let mut out = BytesMut::from(&b"before;"[..]);
+            let first = NEEDLES.usage.find(input).unwrap_or(input.len());
+            strip_null_usage(&mut out, input, first);
+            let expected = [&b"before;"[..], expected].concat();
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&expected));
         }
     }
 
