@@ -24,9 +24,10 @@ pub fn init() {
         .try_init();
 }
 
-/// A UTC timestamp in RFC 3339 with 3 or 6 fractional digits (`2026-11-26T08:20:19.114342Z`), as the log and
-/// ledger lines print it. The date and time of day are formatted once per second per thread; the rest is
-/// digits. (Per request, formatting the whole date each time cost more than the rest of the line.)
+/// A UTC timestamp in RFC 3339 with 6 fractional digits (`2026-11-26T08:20:19.114342Z`), as the log lines print
+/// it, or 3 ([`Stamp::millis`]) as the ledger does. The date and time of day are formatted once per second per
+/// thread; the rest is digits. (Per request, formatting the whole date each time cost more than the rest of the
+/// line.)
 #[derive(Clone, Copy)]
 pub struct Stamp {
     buf: [u8; 27],
@@ -34,8 +35,8 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    /// `time` with `digits` (3 or 6) fractional digits.
-    pub fn new(time: std::time::SystemTime, digits: u32) -> Self {
+    /// `time`, to the microsecond.
+    pub fn new(time: std::time::SystemTime) -> Self {
         use std::cell::RefCell;
         thread_local! {
             static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
@@ -55,20 +56,32 @@ impl Stamp {
             }
             buf[..19].copy_from_slice(&text[..]);
         });
-        let digits = digits.clamp(1, 6) as usize;
         buf[19] = b'.';
-        let mut fraction = since.subsec_micros() / 10u32.pow(6 - digits as u32);
-        for at in (20..20 + digits).rev() {
+        let mut fraction = since.subsec_micros();
+        for at in (20..26).rev() {
             buf[at] = b'0' + (fraction % 10) as u8;
             fraction /= 10;
         }
-        buf[20 + digits] = b'Z';
-        Self { buf, len: 21 + digits }
+        buf[26] = b'Z';
+        Self { buf, len: 27 }
+    }
+
+    /// The same time to the millisecond (truncated, as humantime's millisecond format does).
+    pub fn millis(mut self) -> Self {
+        self.buf[23] = b'Z';
+        self.len = 24;
+        self
     }
 
     /// The timestamp's text.
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or("1970-01-01T00:00:00Z")
+    }
+}
+
+impl std::fmt::Debug for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -83,12 +96,12 @@ mod tests {
         // Across a second boundary and on the same second twice, so the per-second cache is exercised.
         for nanos in [1_764_145_219_114_342_999u64, 1_764_145_219_999_999_000, 1_764_145_220_000_001_000, 0] {
             let time = UNIX_EPOCH + Duration::from_nanos(nanos);
-            assert_eq!(Stamp::new(time, 6).as_str(), humantime::format_rfc3339_micros(time).to_string());
-            assert_eq!(Stamp::new(time, 3).as_str(), humantime::format_rfc3339_millis(time).to_string());
+            assert_eq!(Stamp::new(time).as_str(), humantime::format_rfc3339_micros(time).to_string());
+            assert_eq!(Stamp::new(time).millis().as_str(), humantime::format_rfc3339_millis(time).to_string());
         }
         // A clock before 1970 or past year 9999 gives the nearest representable second, not a panic.
-        assert!(Stamp::new(UNIX_EPOCH - Duration::from_secs(5), 3).as_str().starts_with("1970-01-01T00:00:00."));
+        assert!(Stamp::new(UNIX_EPOCH - Duration::from_secs(5)).millis().as_str().starts_with("1970-01-01T00:00:00."));
         let far = UNIX_EPOCH + Duration::from_secs(400_000_000_000);
-        assert!(Stamp::new(far, 6).as_str().starts_with("9999-12-31T23:59:59."));
+        assert!(Stamp::new(far).as_str().starts_with("9999-12-31T23:59:59."));
     }
 }

@@ -8,7 +8,7 @@ pub mod prices;
 pub mod usage;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -94,6 +94,8 @@ pub struct Finished<'a> {
     pub complete: bool,
     /// Whether upstream was contacted (gateway rejections write no ledger line).
     pub forwarded: bool,
+    /// When it finished (the access line's timestamp too).
+    pub time: Stamp,
 }
 
 impl Meter {
@@ -162,10 +164,9 @@ impl Meter {
         let (Some(ledger), Some(project), true) = (&self.ledger, f.project, f.forwarded) else { return cost };
         let project = &self.projects[project.0];
         let usage = f.usage.unwrap_or_default();
-        let time = Stamp::new(SystemTime::now(), 3);
         ledger.append_with(|text| {
             let mut line = JsonLine::open(text);
-            line.str("time", time.as_str()).str("request_id", f.request_id);
+            line.str("time", f.time.millis().as_str()).str("request_id", f.request_id);
             match f.key {
                 Some(key) => line.members(self.key_member(key)),
                 None => line.null("key"),

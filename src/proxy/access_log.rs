@@ -106,6 +106,7 @@ impl AccessLog {
 impl Drop for AccessLog {
     fn drop(&mut self) {
         let duration = self.started.elapsed();
+        let time = Stamp::new(SystemTime::now());
         let usage = self.tap.as_ref().and_then(UsageTap::usage);
         let model = self.model.as_deref().or_else(|| self.tap.as_ref().and_then(UsageTap::model));
         // A stream is complete only if it reached its protocol's end, not merely the end of the connection.
@@ -132,6 +133,7 @@ impl Drop for AccessLog {
                 ttfb: self.ttfb,
                 complete,
                 forwarded: self.forwarded,
+                time,
             })
         });
         if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
@@ -142,7 +144,7 @@ impl Drop for AccessLog {
         // formatter's field visitor cost more than a third of the gateway's own CPU time per request.
         write_line(|text| {
             let mut line = JsonLine::open(text);
-            line.str("timestamp", Stamp::new(SystemTime::now(), 6).as_str())
+            line.str("timestamp", time.as_str())
                 .members(ACCESS_FIXED_MEMBERS)
                 .str("request_id", self.request_id.to_str().unwrap_or("-"))
                 .str("method", self.method.as_str())
