@@ -63,6 +63,7 @@ const USAGE_KEY: &[u8] = b"\"usage\"";
 struct Needles {
     usage: Finder<'static>,
     model: Finder<'static>,
+    choices: Finder<'static>,
     completed: Finder<'static>,
     incomplete: Finder<'static>,
     failed: Finder<'static>,
@@ -75,6 +76,7 @@ struct Needles {
 static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     usage: Finder::new(USAGE_KEY),
     model: Finder::new(b"\"model\""),
+    choices: Finder::new(b"\"choices\""),
     completed: Finder::new(b"response.completed"),
     incomplete: Finder::new(b"response.incomplete"),
     failed: Finder::new(b"response.failed"),
@@ -84,19 +86,32 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     message_stop: Finder::new(b"\"message_stop\""),
 });
 
-/// Where `data` first mentions a `"usage"` member, if it does, and whether one holds an object (not `null`).
-fn usage_member(data: &[u8]) -> (Option<usize>, bool) {
+/// How `data` mentions `"usage"` members.
+#[derive(Debug, Default, Clone, Copy)]
+struct UsageMentions {
+    /// Where the first is.
+    first: Option<usize>,
+    /// How many there are, counted up to 2.
+    count: u8,
+    /// Whether one holds an object (not `null`).
+    object: bool,
+}
+
+fn usage_mentions(data: &[u8]) -> UsageMentions {
     let first = NEEDLES.usage.find(data);
+    let mut seen = UsageMentions { first, count: 0, object: false };
     let mut next = first;
     while let Some(at) = next {
+        seen.count = (seen.count + 1).min(2);
         let from = at + USAGE_KEY.len();
         let value = data[from..].trim_ascii_start().strip_prefix(b":").map(<[u8]>::trim_ascii_start);
-        if value.is_some_and(|v| v.starts_with(b"{")) {
-            return (first, true);
+        seen.object |= value.is_some_and(|v| v.starts_with(b"{"));
+        if seen.object && seen.count == 2 {
+            break;
         }
         next = NEEDLES.usage.find(&data[from..]).map(|n| from + n);
     }
-    (first, false)
+    seen
 }
 
 /// Largest non-streamed JSON body kept for parsing; a bigger one is forwarded but not metered.
@@ -142,6 +157,8 @@ struct LineSeen {
     usage_only: bool,
     /// Where in the line it first names a `"usage"` member, perhaps `null`.
     usage_at: Option<usize>,
+    /// How many times it names one, counted up to 2.
+    usage_count: u8,
 }
 
 #[derive(Debug)]
@@ -345,13 +362,15 @@ impl UsageTap {
                 continue;
             }
             let end = nl + 1;
-            // Whether this is the usage-only chunk, and where (from the event's start) usage is first named.
-            let (mut usage_only, mut usage_at) = (false, None);
+            // Whether this is the usage-only chunk, where (from the event's start) usage is first named, and
+            // whether it is named more than once.
+            let (mut usage_only, mut usage_at, mut usage_count) = (false, None, 0);
             let mut from = start;
             for &to in &line_ends {
                 let seen = self.read_line(&data[from..to]);
                 usage_only |= seen.usage_only;
                 usage_at = usage_at.or(seen.usage_at.map(|at| from - start + at));
+                usage_count += seen.usage_count;
                 from = to;
             }
             line_ends.clear();
@@ -364,7 +383,7 @@ impl UsageTap {
                     out.extend_from_slice(&data[..start]);
                 }
                 if let (false, Some(at)) = (usage_only, usage_at) {
-                    strip_null_usage(&mut out, event, at);
+                    strip_null_usage(&mut out, event, at, usage_count > 1);
                 }
             } else if rewriting {
                 out.extend_from_slice(event);
@@ -405,18 +424,25 @@ impl UsageTap {
                     self.finished = true;
                     return LineSeen::default();
                 }
-                let (usage_at, usage_object) = usage_member(data);
+                let usage = usage_mentions(data);
                 // `data` is a part of `line`: where it starts in it, to say where usage is named.
                 let data_start = data.as_ptr() as usize - line.as_ptr() as usize;
-                let mut seen = LineSeen { usage_only: false, usage_at: usage_at.map(|at| data_start + at) };
-                if (self.need_model && self.model.is_none()) || usage_object {
-                    if let Ok(chunk) = serde_json::from_slice::<ChatBody>(data) {
-                        self.model = self.model.take().or(chunk.model);
-                        if let Some(u) = chunk.usage {
-                            self.usage = Some(u.into());
-                            seen.usage_only = chunk.choices.is_some_and(|c| c.is_empty());
-                        }
-                    }
+                let mut seen = LineSeen {
+                    usage_only: false,
+                    usage_at: usage.first.map(|at| data_start + at),
+                    usage_count: usage.count,
+                };
+                if self.model.is_none() && (self.need_model || usage.object) {
+                    self.model = member::<String>(data, Member::FirstModel);
+                }
+                // The usage chunk: its usage, and whether it is the usage-only one (`choices: []`), each member
+                // parsed alone as in a JSON body.
+                if usage.object
+                    && let Some(u) = member::<ChatUsage>(data, Member::LastUsage)
+                {
+                    self.usage = Some(u.into());
+                    seen.usage_only = member::<Vec<serde::de::IgnoredAny>>(data, Member::FirstChoices)
+                        .is_some_and(|choices| choices.is_empty());
                 }
                 seen
             }
@@ -512,6 +538,8 @@ enum Member {
     LastUsage,
     /// The first `"model"` member.
     FirstModel,
+    /// The first `"choices"` member.
+    FirstChoices,
 }
 
 /// Where the last `"usage"` in `body` starts. memmem's reverse searcher has no vector prefilter and costs
@@ -528,6 +556,7 @@ fn member<'a, T: Deserialize<'a>>(body: &'a [u8], which: Member) -> Option<T> {
     let (at, key) = match which {
         Member::LastUsage => (last_usage_key(body)?, USAGE_KEY),
         Member::FirstModel => (n.model.find(body)?, n.model.needle()),
+        Member::FirstChoices => (n.choices.find(body)?, n.choices.needle()),
     };
     if at > 0 && body[at - 1] == b'\\' {
         return None;
@@ -537,8 +566,9 @@ fn member<'a, T: Deserialize<'a>>(body: &'a [u8], which: Member) -> Option<T> {
 }
 
 /// Appends `event` to `out` without the `"usage":null` members that `include_usage` adds to every chunk; `first`
-/// is where the event first names `"usage"` (found while reading it, so not searched for again).
-fn strip_null_usage(out: &mut BytesMut, event: &[u8], first: usize) {
+/// is where the event first names `"usage"` and `more` whether it does again (both found while reading it, so
+/// not searched for again).
+fn strip_null_usage(out: &mut BytesMut, event: &[u8], first: usize, more: bool) {
     const PATTERNS: [&[u8]; 4] = [b",\"usage\":null", b", \"usage\": null", b"\"usage\":null,", b"\"usage\": null, "];
     // `kept` is where the part of the event still to be copied starts; `seen` is where the last mention ended
     // (a member cannot begin before it).
@@ -557,7 +587,10 @@ fn strip_null_usage(out: &mut BytesMut, event: &[u8], first: usize) {
             }
             None => at + USAGE_KEY.len(),
         };
-        next = event.get(seen..).and_then(|rest| NEEDLES.usage.find(rest)).map(|n| seen + n);
+        next = match more {
+            true => event.get(seen..).and_then(|rest| NEEDLES.usage.find(rest)).map(|n| seen + n),
+            false => None,
+        };
     }
     out.extend_from_slice(&event[kept..]);
 }
@@ -787,8 +820,29 @@ mod tests {
             }
             let Some(first) = NEEDLES.usage.find(event.as_bytes()) else { continue };
             let mut out = BytesMut::new();
-            strip_null_usage(&mut out, event.as_bytes(), first);
+            strip_null_usage(&mut out, event.as_bytes(), first, usage_mentions(event.as_bytes()).count > 1);
             assert_eq!(&out[..], strip_null_usage_reference(event.as_bytes()), "{event}");
+        }
+    }
+
+    #[test]
+    fn every_null_usage_of_an_event_is_removed_and_a_usage_chunk_with_choices_is_kept() {
+        let stream = concat!(
+            "data: {\"a\":1,\"usage\":null}\ndata: {\"b\":2,\"usage\":null,\"c\":{\"usage\":null,\"d\":3}}\n\n",
+            "data: {\"model\":\"m\",\"choices\":[{\"index\":0}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":6}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let expected = concat!(
+            "data: {\"a\":1}\ndata: {\"b\":2,\"c\":{\"d\":3}}\n\n",
+            "data: {\"model\":\"m\",\"choices\":[{\"index\":0}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":6}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        for size in [1, 9, 64, 10_000] {
+            let mut tap = UsageTap::sse(Dialect::Chat, true);
+            let out = run(&mut tap, stream.as_bytes(), size);
+            assert_eq!(String::from_utf8_lossy(&out), expected, "{size}");
+            assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((5, 6)));
+            assert_eq!(tap.model(), Some("m"));
         }
     }
 
@@ -822,7 +876,7 @@ mod tests {
         for (input, expected) in cases {
             let mut out = BytesMut::from(&b"before;"[..]);
             let first = NEEDLES.usage.find(input).unwrap_or(input.len());
-            strip_null_usage(&mut out, input, first);
+            strip_null_usage(&mut out, input, first, usage_mentions(input).count > 1);
             let expected = [&b"before;"[..], expected].concat();
             assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&expected));
         }
