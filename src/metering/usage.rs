@@ -598,7 +598,6 @@ fn strip_null_usage(out: &mut BytesMut, event: &[u8], first: usize, more: bool) 
 #[derive(Deserialize)]
 struct ChatBody {
     model: Option<String>,
-    choices: Option<Vec<serde::de::IgnoredAny>>,
     usage: Option<ChatUsage>,
 }
 
