@@ -163,20 +163,17 @@ struct LineSeen {
 
 #[derive(Debug)]
 enum State {
-    Json {
-        chunks: Vec<Bytes>,
-        len: usize,
-    },
+    /// A JSON body's chunks (reference-counted handles, not copies): the first apart, since most bodies
+    /// arrive in one piece and then need no list.
+    Json { first: Bytes, more: Vec<Bytes>, len: usize },
     /// `pending` holds what has arrived of the current line (or, when stripping, of the current event).
-    Sse {
-        pending: BytesMut,
-    },
+    Sse { pending: BytesMut },
 }
 
 impl UsageTap {
     /// A tap for a JSON body.
     pub fn json(dialect: Dialect) -> Self {
-        Self::new(dialect, State::Json { chunks: Vec::new(), len: 0 }, false)
+        Self::new(dialect, State::Json { first: Bytes::new(), more: Vec::new(), len: 0 }, false)
     }
 
     /// A tap for an SSE body; `strip_usage` when the gateway added `include_usage` itself.
@@ -237,12 +234,14 @@ impl UsageTap {
     /// in which case whole events are forwarded as they complete.
     pub fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
         match &mut self.state {
-            State::Json { chunks, len } => {
+            State::Json { first, more, len } => {
                 *len += chunk.len();
-                if *len <= MAX_JSON_BODY {
-                    chunks.push(chunk.clone());
-                } else {
-                    chunks.clear();
+                if *len > MAX_JSON_BODY {
+                    (*first, *more) = (Bytes::new(), Vec::new());
+                } else if first.is_empty() {
+                    *first = chunk.clone();
+                } else if !chunk.is_empty() {
+                    more.push(chunk.clone());
                 }
                 chunk
             }
@@ -258,13 +257,18 @@ impl UsageTap {
     /// when stripping).
     pub fn finish(&mut self) -> Bytes {
         match &mut self.state {
-            State::Json { chunks, len } => {
-                let chunks = std::mem::take(chunks);
-                match chunks.as_slice() {
-                    _ if *len > MAX_JSON_BODY => {}
-                    // Most bodies arrive in one piece: parse it where it is.
-                    [one] => self.read_json_body(one),
-                    many => self.read_json_body(&many.concat()),
+            State::Json { first, more, len } => {
+                let (first, more) = (std::mem::take(first), std::mem::take(more));
+                if *len <= MAX_JSON_BODY {
+                    if more.is_empty() {
+                        // Most bodies arrive in one piece: parse it where it is.
+                        self.read_json_body(&first);
+                    } else {
+                        let mut whole = Vec::with_capacity(*len);
+                        whole.extend_from_slice(&first);
+                        more.iter().for_each(|chunk| whole.extend_from_slice(chunk));
+                        self.read_json_body(&whole);
+                    }
                 }
                 self.finished = true;
                 Bytes::new()
