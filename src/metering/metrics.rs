@@ -133,6 +133,9 @@ pub struct Metrics {
     latency: Vec<[OnceLock<Latency>; Endpoint::ALL.len()]>,
     /// Token series by project (as `projects`) and model.
     models: Vec<ArcSwap<HashMap<Arc<str>, Arc<ModelSeries>>>>,
+    /// Token series by project for responses that name no model (labelled `unknown`, never priced: a model
+    /// really named `unknown` has series of its own, with its price).
+    no_model: Vec<OnceLock<ModelSeries>>,
     prices: PriceTable,
 }
 
@@ -214,6 +217,7 @@ impl Metrics {
             config.projects.iter().map(|p| Label(p.name.as_str().into())).chain([Label("".into())]).collect();
         let latency = projects.iter().map(|_| std::array::from_fn(|_| OnceLock::new())).collect();
         let models = projects.iter().map(|_| ArcSwap::from_pointee(HashMap::new())).collect();
+        let no_model = projects.iter().map(|_| OnceLock::new()).collect();
         Self {
             registry,
             requests,
@@ -228,6 +232,7 @@ impl Metrics {
             projects,
             latency,
             models,
+            no_model,
             prices: PriceTable::new(&config.metering.prices),
         }
     }
@@ -256,22 +261,31 @@ impl Metrics {
             latency.ttfb.observe(ttfb);
         }
         let usage = o.usage?;
-        // A response that names no model is counted under `unknown`, which has no price.
-        let model = o.model.unwrap_or("unknown");
+        let Some(model) = o.model else {
+            return self.no_model[p].get_or_init(|| self.model_series(p, "unknown", None)).add(usage);
+        };
         // Read through the map's guard: cloning the series' Arc would write its shared count.
         match self.models[p].load().get(model) {
             Some(series) => series.add(usage),
-            None => {
-                let price = o.model.and_then(|m| self.prices.get(m)).copied();
-                self.new_model_series(p, model, price).add(usage)
-            }
+            None => self.new_model_series(p, model).add(usage),
         }
     }
 
-    /// The series of a model this project has not reported before.
-    fn new_model_series(&self, p: usize, model: &str, price: Option<Price>) -> Arc<ModelSeries> {
+    /// The series of a model this project has not reported before, added to its map.
+    fn new_model_series(&self, p: usize, model: &str) -> Arc<ModelSeries> {
         // Racing requests may both get here; the family hands both the same series, so nothing is counted
         // twice.
+        let series = Arc::new(self.model_series(p, model, self.prices.get(model).copied()));
+        self.models[p].rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.entry(model.into()).or_insert_with(|| series.clone());
+            map
+        });
+        series
+    }
+
+    /// The token and cost series of project `p` and `model`.
+    fn model_series(&self, p: usize, model: &str, price: Option<Price>) -> ModelSeries {
         let model: Arc<str> = model.into();
         let project = self.projects[p].clone();
         let token = |kind| {
@@ -280,7 +294,7 @@ impl Metrics {
                 .clone()
         };
         let labels = ModelLabels { project: project.clone(), model: Label(model.clone()) };
-        let series = Arc::new(ModelSeries {
+        ModelSeries {
             input: token("input"),
             output: token("output"),
             cached_input: token("cached_input"),
@@ -289,13 +303,7 @@ impl Metrics {
                 Some(price) => Ok((price, self.cost.get_or_create(&labels).clone())),
                 None => Err(self.unpriced.get_or_create(&labels).clone()),
             },
-        });
-        self.models[p].rcu(|map| {
-            let mut map = HashMap::clone(map);
-            map.entry(model.clone()).or_insert_with(|| series.clone());
-            map
-        });
-        series
+        }
     }
 
     /// Counts an unattributed request by outcome (`rejected` or `rerouted`).
@@ -344,16 +352,18 @@ mod tests {
         let config = Config::from_toml(
             "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nauth = \"passthrough\"\n[callers]\nauth = \"none\"\n\
              [[projects]]\nname = \"P\"\nid = \"proj_p\"\n\
-             [[prices]]\nmodel = \"m\"\ninput = 25000\noutput = 0\n",
+             [[prices]]\nmodel = \"m\"\ninput = 25000\noutput = 0\n\
+             [[prices]]\nmodel = \"unknown\"\ninput = 25000\noutput = 0\n",
         )
         .expect("config");
         let metrics = Metrics::new(&config);
         let usage = Usage { input: 10, output: 3, cached_input: 0, reasoning: 0 };
-        // 10 input tokens at 25,000 USD per 1M: 0.25 USD a request, for the priced model only.
+        // 10 input tokens at 25,000 USD per 1M: 0.25 USD a request, for the priced models only. A response
+        // that names no model is never priced, before or after one from a model really named `unknown`.
         for (status, model, cost) in
             [(200, Some("m"), Some(0.25)), (502, Some("m"), None), (200, Some("m"), Some(0.25)), (200, Some("n"), None)]
                 .into_iter()
-                .chain([(200, None, None)])
+                .chain([(200, None, None), (200, Some("unknown"), Some(0.25)), (200, None, None)])
         {
             let observed = metrics.observe(&Observation {
                 project: Some(ProjectIdx(0)),
@@ -368,14 +378,16 @@ mod tests {
         }
         let text = metrics.encode();
         for line in [
-            r#"mantlegate_requests_total{project="P",route="chat.completions",status="200"} 4"#,
+            r#"mantlegate_requests_total{project="P",route="chat.completions",status="200"} 6"#,
             r#"mantlegate_requests_total{project="P",route="chat.completions",status="502"} 1"#,
-            r#"mantlegate_request_duration_seconds_count{project="P",route="chat.completions"} 5"#,
+            r#"mantlegate_request_duration_seconds_count{project="P",route="chat.completions"} 7"#,
             r#"mantlegate_tokens_total{project="P",model="m",kind="input"} 20"#,
             r#"mantlegate_tokens_total{project="P",model="n",kind="output"} 3"#,
             r#"mantlegate_cost_usd_total{project="P",model="m"} 0.5"#,
             r#"mantlegate_unpriced_requests_total{project="P",model="n"} 1"#,
-            r#"mantlegate_unpriced_requests_total{project="P",model="unknown"} 1"#,
+            r#"mantlegate_unpriced_requests_total{project="P",model="unknown"} 2"#,
+            r#"mantlegate_cost_usd_total{project="P",model="unknown"} 0.25"#,
+            r#"mantlegate_tokens_total{project="P",model="unknown",kind="input"} 30"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
         }
