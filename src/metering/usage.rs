@@ -97,6 +97,7 @@ struct UsageMentions {
     object: bool,
 }
 
+/// Where and how often `data` names `"usage"`, and whether one of those members holds an object.
 fn usage_mentions(data: &[u8]) -> UsageMentions {
     let first = NEEDLES.usage.find(data);
     let mut seen = UsageMentions { first, count: 0, object: false };

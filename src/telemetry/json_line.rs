@@ -59,7 +59,7 @@ impl<'a> JsonLine<'a> {
     /// `d.as_micros() as f64 / 1000.0`, but from integer digits: a float's shortest form costs more than the
     /// rest of the member. Below 10^12 ms (some 31 years) the three-decimal value has at most 15 significant
     /// digits, so it survives the trip through the float, and the float's spacing is under 0.001, so no shorter
-    /// decimal does: the float's shortest form is those decimals without trailing zeros.
+    /// decimal maps to the same float: its shortest form is those decimals without trailing zeros.
     pub fn millis(&mut self, key: &str, d: std::time::Duration) -> &mut Self {
         const EXACT: u128 = 1_000_000_000_000_000;
         let micros = d.as_micros();
