@@ -577,16 +577,18 @@ fn member<'a, T: Deserialize<'a>>(body: &'a [u8], which: Member) -> Option<T> {
     T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
 }
 
+/// The `"usage":null` members `include_usage` adds, with the comma that goes with them.
+const NULL_USAGE: [&[u8]; 4] = [b",\"usage\":null", b", \"usage\": null", b"\"usage\":null,", b"\"usage\": null, "];
+
 /// Appends `event` to `out` without the `"usage":null` members that `include_usage` adds to every chunk; `first`
 /// is where the event first names `"usage"` and `more` whether it does again (both found while reading it, so
 /// not searched for again).
 fn strip_null_usage(out: &mut BytesMut, event: &[u8], first: usize, more: bool) {
-    const PATTERNS: [&[u8]; 4] = [b",\"usage\":null", b", \"usage\": null", b"\"usage\":null,", b"\"usage\": null, "];
     // `kept` is where the part of the event still to be copied starts; `seen` is where the last mention ended
     // (a member cannot begin before it).
     let (mut kept, mut seen, mut next) = (0, 0, Some(first));
     while let Some(at) = next {
-        let found = PATTERNS.iter().find_map(|p| {
+        let found = NULL_USAGE.iter().find_map(|p| {
             // The comma may sit before the member (`,"usage":null`) or after it (`"usage":null,`).
             let begin = at.checked_sub(p.iter().take_while(|b| **b != b'"').count()).filter(|&b| b >= seen)?;
             event[begin..].starts_with(p).then_some((begin, begin + p.len()))
@@ -784,12 +786,10 @@ mod tests {
     /// The removal as first written (each mention searched for from scratch), to check the one that starts
     /// from the mention the reader found.
     fn strip_null_usage_reference(event: &[u8]) -> Vec<u8> {
-        const PATTERNS: [&[u8]; 4] =
-            [b",\"usage\":null", b", \"usage\": null", b"\"usage\":null,", b"\"usage\": null, "];
         let mut out = Vec::new();
         let mut rest = event;
         while let Some(at) = NEEDLES.usage.find(rest) {
-            let found = PATTERNS.iter().find_map(|p| {
+            let found = NULL_USAGE.iter().find_map(|p| {
                 let begin = at.checked_sub(p.iter().take_while(|b| **b != b'"').count())?;
                 rest[begin..].starts_with(p).then_some((begin, begin + p.len()))
             });
