@@ -62,30 +62,11 @@ pub struct Attribution {
 pub enum Requested<'a> {
     /// No header, empty headers, or `default`.
     Nothing,
-    /// One project, by name or id (every header that names one agrees).
+    /// One project, by name or id (every header that names one names the same project, perhaps one by its
+    /// name and another by its id).
     Project(&'a str),
     /// Headers that name different projects.
     Conflict,
-}
-
-impl<'a> Requested<'a> {
-    /// Reads every project header value. Values that are not text can name no project, so they are kept
-    /// as a request for an unknown project (and refused) rather than dropped.
-    pub fn from_headers(headers: &'a HeaderMap) -> Self {
-        let mut found = Self::Nothing;
-        for value in PROJECT_HEADERS.iter().flat_map(|name| headers.get_all(name)) {
-            let asked = std::str::from_utf8(value.as_bytes()).map_or("\u{fffd}", str::trim);
-            if asked.is_empty() || asked.eq_ignore_ascii_case("default") {
-                continue;
-            }
-            found = match found {
-                Self::Nothing => Self::Project(asked),
-                Self::Project(prev) if prev == asked => found,
-                Self::Project(_) | Self::Conflict => return Self::Conflict,
-            };
-        }
-        found
-    }
 }
 
 /// The project lookups and policy, built once per config.
@@ -108,6 +89,30 @@ impl Attributor {
         }
         let names = config.projects.iter().map(|p| p.name.clone()).collect();
         Self { by_name_or_id, names, policy: config.attribution.clone() }
+    }
+
+    /// Reads every project header value. Values agree when they are the same text or name the same configured
+    /// project (one by name, one by id). Values that are not text can name no project, so they are kept as a
+    /// request for an unknown project (and refused) rather than dropped.
+    pub fn requested<'a>(&self, headers: &'a HeaderMap) -> Requested<'a> {
+        let mut found = Requested::Nothing;
+        for value in PROJECT_HEADERS.iter().flat_map(|name| headers.get_all(name)) {
+            let asked = std::str::from_utf8(value.as_bytes()).map_or("\u{fffd}", str::trim);
+            if asked.is_empty() || asked.eq_ignore_ascii_case("default") {
+                continue;
+            }
+            found = match found {
+                Requested::Nothing => Requested::Project(asked),
+                Requested::Project(prev) if prev == asked || self.same_project(prev, asked) => found,
+                Requested::Project(_) | Requested::Conflict => return Requested::Conflict,
+            };
+        }
+        found
+    }
+
+    /// Whether `a` and `b` both name the same configured project.
+    fn same_project(&self, a: &str, b: &str) -> bool {
+        matches!((self.by_name_or_id.get(a), self.by_name_or_id.get(b)), (Some(a), Some(b)) if a == b)
     }
 
     /// Applies the attribution order. `key` is `None` for trusted callers (`callers.auth = "none"`), who may
@@ -288,22 +293,33 @@ mod tests {
 
     #[test]
     fn project_headers_are_read_strictly() {
+        let (_, a) = setup("");
         let h = requested(&[]);
-        assert_eq!(Requested::from_headers(&h), Requested::Nothing);
+        assert_eq!(a.requested(&h), Requested::Nothing);
         let h = requested(&[("openai-project", b"default")]);
-        assert_eq!(Requested::from_headers(&h), Requested::Nothing);
+        assert_eq!(a.requested(&h), Requested::Nothing);
         let h = requested(&[("openai-project", b" ")]);
-        assert_eq!(Requested::from_headers(&h), Requested::Nothing);
+        assert_eq!(a.requested(&h), Requested::Nothing);
         let h = requested(&[("openai-project", b"proj_a"), ("openai-project", b"proj_a")]);
-        assert_eq!(Requested::from_headers(&h), Requested::Project("proj_a"));
+        assert_eq!(a.requested(&h), Requested::Project("proj_a"));
         let h = requested(&[("openai-project", b"proj_a"), ("openai-project", b"proj_b")]);
-        assert_eq!(Requested::from_headers(&h), Requested::Conflict);
+        assert_eq!(a.requested(&h), Requested::Conflict);
         let h = requested(&[("openai-project", b"proj_a"), ("anthropic-workspace-id", b"proj_b")]);
-        assert_eq!(Requested::from_headers(&h), Requested::Conflict);
+        assert_eq!(a.requested(&h), Requested::Conflict);
         let h = requested(&[("anthropic-workspace-id", b"proj_b"), ("openai-project", b"Default")]);
-        assert_eq!(Requested::from_headers(&h), Requested::Project("proj_b"));
+        assert_eq!(a.requested(&h), Requested::Project("proj_b"));
         let h = requested(&[("openai-project", b"proj_\xff")]);
-        assert_eq!(Requested::from_headers(&h), Requested::Project("\u{fffd}"));
+        assert_eq!(a.requested(&h), Requested::Project("\u{fffd}"));
+        // One project by name and by id is one project, in either order and across both headers.
+        let h = requested(&[("openai-project", b"Chat-Dev"), ("anthropic-workspace-id", b"proj_dev")]);
+        assert_eq!(a.requested(&h), Requested::Project("Chat-Dev"));
+        let h = requested(&[("openai-project", b"proj_dev"), ("openai-project", b"Chat-Dev")]);
+        assert_eq!(a.requested(&h), Requested::Project("proj_dev"));
+        // Two different projects, or a project and an unknown name, still conflict.
+        let h = requested(&[("openai-project", b"Chat-Dev"), ("openai-project", b"proj_chat")]);
+        assert_eq!(a.requested(&h), Requested::Conflict);
+        let h = requested(&[("openai-project", b"Chat-Dev"), ("openai-project", b"chat-dev")]);
+        assert_eq!(a.requested(&h), Requested::Conflict);
     }
 
     #[test]

@@ -59,6 +59,17 @@ async fn caller_may_select_an_allowed_project_by_name_or_id() {
         assert_eq!(seen.header("openai-project"), Some(expected), "{asked}");
         assert_eq!(seen.header_count("openai-project"), 1);
     }
+    // Both headers naming the same project, one by name and one by id, agree.
+    let res = gw
+        .post("/v1/chat/completions", CHAT_KEY)
+        .header("OpenAI-Project", "Chat-Dev")
+        .header("anthropic-workspace-id", "proj_dev")
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(gw.mock.next().await.header("openai-project"), Some("proj_dev"));
 }
 
 #[tokio::test]

@@ -21,7 +21,7 @@ use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
-use crate::attribution::{Attributor, Requested, Source};
+use crate::attribution::{Attributor, Source};
 use crate::auth::KeyTable;
 use crate::config::{Config, Project};
 use crate::deadline::Deadlines;
@@ -122,7 +122,7 @@ impl Gateway {
         log.key = key_idx;
         let key = key_idx.map(|k| &self.config.keys[k.0]);
         let attribution =
-            self.attributor.resolve(key, Requested::from_headers(&parts.headers), matched.route_project)?;
+            self.attributor.resolve(key, self.attributor.requested(&parts.headers), matched.route_project)?;
         let project = self.config.project(attribution.project);
         log.project = Some((attribution.project, attribution.source));
         if attribution.source == Source::Rerouted {
