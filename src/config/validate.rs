@@ -146,20 +146,31 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
 }
 
+/// `url` as it may be shown in an error: credentials in its authority (`user:password@`) replaced by `***@`.
+fn shown_url(url: &str) -> String {
+    let authority_at = url.find("://").map_or(0, |at| at + 3);
+    let authority_len = url[authority_at..].find(['/', '?', '#']).unwrap_or(url.len() - authority_at);
+    match url[authority_at..authority_at + authority_len].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..authority_at], &url[authority_at + at..]),
+        None => url.to_owned(),
+    }
+}
+
 fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) -> Upstream {
     let u = &raw.upstream;
+    // Echoed in errors, so without any credentials it carries (which are themselves refused below).
+    let shown = shown_url(&u.base_url);
     let (scheme, authority) = match u.base_url.parse::<Uri>() {
         Ok(uri) => {
             let scheme = uri.scheme().filter(|s| matches!(s.as_str(), "http" | "https")).cloned();
             if scheme.is_none() {
-                errs.push("upstream.base_url", format!("{:?} must start with https:// or http://", u.base_url));
+                errs.push("upstream.base_url", format!("{shown:?} must start with https:// or http://"));
             }
             if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
                 errs.push(
                     "upstream.base_url",
                     format!(
-                        "{:?} must have no path or query: the caller's /v1, /openai/v1 or /anthropic/v1 path is kept",
-                        u.base_url
+                        "{shown:?} must have no path or query: the caller's /v1, /openai/v1 or /anthropic/v1 path is kept"
                     ),
                 );
             }
@@ -169,12 +180,12 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
             (scheme.unwrap_or(http::uri::Scheme::HTTPS), uri.authority().cloned())
         }
         Err(e) => {
-            errs.push("upstream.base_url", format!("{:?} is not a URL: {e}", u.base_url));
+            errs.push("upstream.base_url", format!("{shown:?} is not a URL: {e}"));
             (http::uri::Scheme::HTTPS, None)
         }
     };
     if authority.is_none() && errs.0.iter().all(|e| !e.starts_with("upstream.base_url")) {
-        errs.push("upstream.base_url", format!("{:?} has no host", u.base_url));
+        errs.push("upstream.base_url", format!("{shown:?} has no host"));
     }
 
     let auth = match u.auth.as_str() {
@@ -529,6 +540,24 @@ mod tests {
         assert_eq!((capped.server.max_connections, three.server.max_connections), (Some(5), None));
         let errs = errors(&format!("[server]\nworkers = 5000\n{BASE}"));
         assert_eq!(errs, vec!["server.workers: 5000 is more than 1024".to_string()]);
+    }
+
+    #[test]
+    fn base_url_credentials_are_refused_and_never_echoed() {
+        for url in [
+            "https://user:hunter2@bedrock.example/x",
+            "ftp://user:hunter2@bedrock.example",
+            "https://user:hunter2@",
+            "https://user:hunter2@bad host",
+            "https://user:hunter2@h.example?q=1#x@y",
+        ] {
+            let errs = errors(&format!("[upstream]\nbase_url = \"{url}\"\n{BASE}"));
+            assert!(!errs.is_empty(), "{url}");
+            assert!(errs.iter().all(|e| !e.contains("hunter2")), "{errs:?}");
+        }
+        assert_eq!(shown_url("https://u:p@h.example/v1?a=b@c"), "https://***@h.example/v1?a=b@c");
+        assert_eq!(shown_url("https://h.example/v1?a=b@c"), "https://h.example/v1?a=b@c");
+        assert_eq!(shown_url("u:p@h.example"), "***@h.example");
     }
 
     #[test]
