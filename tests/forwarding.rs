@@ -478,6 +478,35 @@ async fn an_upload_upstream_answers_early_goes_on_while_the_caller_is_still_send
 }
 
 #[tokio::test]
+async fn a_callers_broken_body_is_its_fault_not_upstreams() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
+    // The chat key's body streams upstream; the search key's project has a model allowlist, so its body is
+    // read whole first. Either way a broken body is the caller's 400, not a 502 blaming upstream.
+    for key in [CHAT_KEY, SEARCH_KEY] {
+        let bad_chunk = format!(
+            "POST /v1/responses HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+        );
+        let (status, text) = gw.raw(&bad_chunk).await;
+        assert_eq!(status, 400, "{key}: {text}");
+        assert!(text.contains("\"invalid_request\"") && text.contains("x-request-id"), "{text}");
+
+        // A caller that stops sending before its declared length.
+        let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let short = format!(
+            "POST /v1/responses HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n\
+             Content-Length: 100\r\n\r\n{{\"model\":"
+        );
+        stream.write_all(short.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut text = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut text)).await.unwrap().unwrap();
+        assert!(text.starts_with("HTTP/1.1 400 ") && text.contains("\"invalid_request\""), "{key}: {text}");
+    }
+}
+
+#[tokio::test]
 async fn request_bodies_stream_to_upstream_when_the_model_need_not_be_read() {
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Bytes>();
     let first_tx = std::sync::Mutex::new(Some(first_tx));

@@ -33,11 +33,21 @@ pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), Gate
 /// A request body on its way upstream: the caller's, streamed, or one the gateway read whole (and may have
 /// rewritten). Concrete types rather than a boxed `Body`: a box per layer per request, and a virtual call per
 /// layer per poll, cost more than the types save in writing.
-pub type Outgoing = Either<Limited<Incoming>, Full<Bytes>>;
+pub type Outgoing = Either<Limited<CallerBody>, Full<Bytes>>;
+
+/// The caller's body as it arrives, its errors marked as the caller's.
+pub type CallerBody = http_body_util::combinators::MapErr<Incoming, fn(hyper::Error) -> CallerBodyError>;
+
+/// The caller's body failed (a malformed chunk, or the caller stopped before its declared length): the caller's
+/// fault, not upstream's, which [`is_caller_body_error`] recognises in a failed upstream request.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body could not be read: {0}")]
+pub struct CallerBodyError(#[source] hyper::Error);
 
 /// A request body forwarded as it arrives; going over `limit` fails the upstream request, which
-/// [`is_over_limit`] recognises.
+/// [`is_over_limit`] recognises, as is the caller's body failing ([`is_caller_body_error`]).
 pub fn streamed(body: Incoming, limit: u64) -> Outgoing {
+    let body: CallerBody = body.map_err(CallerBodyError);
     Either::Left(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)))
 }
 
@@ -48,9 +58,18 @@ pub fn whole(bytes: Bytes) -> Outgoing {
 
 /// Whether an upstream client error was caused by the request body going over its cap.
 pub fn is_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<LengthLimitError>(error)
+}
+
+/// Whether an upstream client error was caused by the caller's body failing.
+pub fn is_caller_body_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<CallerBodyError>(error)
+}
+
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(error);
     while let Some(e) = source {
-        if e.is::<LengthLimitError>() {
+        if e.is::<E>() {
             return true;
         }
         source = e.source();

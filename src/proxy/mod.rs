@@ -174,6 +174,10 @@ impl Gateway {
             Ok(Ok((Err(e), _))) if body::is_over_limit(&*e) => {
                 Err(GatewayError::RequestTooLarge(self.config.server.max_body_bytes))
             }
+            // As a body read whole answers it (`body::read`).
+            Ok(Ok((Err(e), _))) if body::is_caller_body_error(&*e) => {
+                Err(GatewayError::InvalidRequest("the request body could not be read".into()))
+            }
             Ok(Ok((Err(e), _))) => {
                 tracing::warn!(request_id = ?log.request_id(), error = %access_log::error_chain(&*e), "upstream request failed");
                 Err(GatewayError::UpstreamUnreachable)
