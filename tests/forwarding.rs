@@ -324,6 +324,65 @@ async fn one_request_per_connection() -> (std::net::SocketAddr, tokio::sync::mps
     (upstream_addr, closed_rx)
 }
 
+/// An upstream that answers every request (a head with no body) with the raw bytes `reply`, then waits for the
+/// gateway to close the connection.
+async fn replying_with(reply: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = upstream.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        seen.clear();
+                        conn.write_all(reply).await.unwrap();
+                    }
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upstreams_framing_headers_are_not_passed_on() {
+    // Content-Length beside Transfer-Encoding: the chunked body is the message, the length is stale.
+    let upstream = replying_with(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 3\r\n\
+          transfer-encoding: chunked\r\n\r\n17\r\n{\"hello\":\"world\",\"x\":1}\r\n0\r\n\r\n",
+    )
+    .await;
+    let gw = Gw::start(Mock::ok_json().await, Opts { upstream_addr: Some(upstream), ..Opts::default() }).await;
+    let res = gw.get("/v1/models", CHAT_KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), r#"{"hello":"world","x":1}"#);
+
+    // A 204 never carries a length, whatever upstream says.
+    let upstream = replying_with(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n").await;
+    let gw = Gw::start(Mock::ok_json().await, Opts { upstream_addr: Some(upstream), ..Opts::default() }).await;
+    let (status, text) =
+        gw.raw(&format!("DELETE /v1/responses/resp_1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {CHAT_KEY}\r\nConnection: close\r\n\r\n")).await;
+    assert_eq!(status, 204, "{text}");
+    assert!(!text.to_ascii_lowercase().contains("content-length"), "{text}");
+}
+
+#[tokio::test]
+async fn an_upstream_answering_with_an_informational_status_is_a_502() {
+    let upstream =
+        replying_with(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n").await;
+    let gw = Gw::start(Mock::ok_json().await, Opts { upstream_addr: Some(upstream), ..Opts::default() }).await;
+    let res = gw.get("/v1/models", CHAT_KEY).send().await.unwrap();
+    assert_eq!(error_code(res).await, (502, "upstream_unreachable".into()));
+}
+
 /// A gateway with one traffic thread (so one pool of upstream connections) in front of `upstream`.
 async fn one_thread_gateway(upstream: std::net::SocketAddr) -> Gw {
     Gw::start(Mock::ok_json().await, Opts { server: "workers = 1", upstream_addr: Some(upstream), ..Opts::default() })

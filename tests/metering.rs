@@ -273,6 +273,17 @@ async fn responses_and_messages_streams_are_metered() {
 }
 
 #[tokio::test]
+async fn a_response_with_no_body_is_complete_when_sent() {
+    // hyper never polls the body of a 204: the request is complete with its head.
+    let mock = Mock::start(|_| async { StatusCode::NO_CONTENT.into_response() }).await;
+    let m = start_with("no-body", mock, "").await;
+    let res = m.gw.client.delete(m.gw.url("/v1/responses/resp_1")).bearer_auth(CHAT_KEY).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    let ledger = m.ledger().await;
+    assert_eq!((ledger[0]["status"].as_u64(), ledger[0]["complete"].as_bool()), (Some(204), Some(true)), "{ledger:?}");
+}
+
+#[tokio::test]
 async fn incomplete_streams_are_recorded_with_what_was_seen() {
     let m = start("incomplete", "").await;
     // Upstream ends the stream without [DONE].

@@ -3,7 +3,7 @@
 //! plus the resolved project and the gateway's credential. Callers get upstream's headers minus hop-by-hop.
 
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::attribution::PROJECT_HEADERS;
 use crate::auth::X_API_KEY;
@@ -74,9 +74,13 @@ pub fn to_upstream(
 }
 
 /// Turns upstream's response headers, in place, into the headers sent to the caller.
-pub fn to_caller(headers: &mut HeaderMap, request_id: &HeaderValue) {
+pub fn to_caller(headers: &mut HeaderMap, status: StatusCode, request_id: &HeaderValue) {
+    // Upstream's framing is not passed on, and hyper frames the caller's response from its body. A
+    // `Content-Length` beside `Transfer-Encoding` is wrong (RFC 9112 section 6.3: a proxy must drop it), and a
+    // 204 may carry none (RFC 9110 section 8.6).
+    let stale_length = status == StatusCode::NO_CONTENT || headers.contains_key(header::TRANSFER_ENCODING);
     // Upstream's own request id, if it sent one, is replaced by the insert.
-    retain(headers, |name| !is_hop_by_hop(name));
+    retain(headers, |name| !(is_hop_by_hop(name) || (stale_length && name == header::CONTENT_LENGTH)));
     headers.insert(REQUEST_ID, request_id.clone());
 }
 
@@ -275,10 +279,18 @@ mod tests {
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         h.insert("content-type", HeaderValue::from_static("text/event-stream"));
         h.insert("x-request-id", HeaderValue::from_static("upstreams-own"));
-        to_caller(&mut h, &HeaderValue::from_static("rid-1"));
-        assert_eq!(h.len(), 2);
+        h.insert("content-length", HeaderValue::from_static("3"));
+        to_caller(&mut h, StatusCode::OK, &HeaderValue::from_static("rid-1"));
+        assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["x-request-id"], "rid-1");
         assert_eq!(h["content-type"], "text/event-stream");
+
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("5"));
+        to_caller(&mut h, StatusCode::OK, &HeaderValue::from_static("rid-1"));
+        assert_eq!(h["content-length"], "5", "a length alone is the body's");
+        to_caller(&mut h, StatusCode::NO_CONTENT, &HeaderValue::from_static("rid-1"));
+        assert!(!h.contains_key("content-length"), "a 204 carries no length");
     }
 
     #[test]

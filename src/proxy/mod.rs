@@ -17,7 +17,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::response::IntoResponse;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
@@ -170,6 +170,12 @@ impl Gateway {
         match exchanged {
             Err(_) => Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => Err(e),
+            // hyper passes 100 and 103 by; any other 1xx as a final answer (101 to a request that asked for no
+            // upgrade) is nothing a caller can use.
+            Ok(Ok((Ok(response), _))) if response.status().is_informational() => {
+                tracing::warn!(request_id = ?log.request_id(), status = %response.status(), "upstream answered with an informational status");
+                Err(GatewayError::UpstreamUnreachable)
+            }
             Ok(Ok((Ok(response), usage_injected))) => Ok(Forwarded { response, endpoint, usage_injected }),
             Ok(Ok((Err(e), _))) if body::is_over_limit(&*e) => {
                 Err(GatewayError::RequestTooLarge(self.config.server.max_body_bytes))
@@ -286,7 +292,7 @@ pub async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<Res
     match gateway.forward(client, deadlines, req, &mut log).await {
         Ok(Forwarded { response, endpoint, usage_injected }) => {
             let (mut parts, incoming) = response.into_parts();
-            headers::to_caller(&mut parts.headers, &request_id);
+            headers::to_caller(&mut parts.headers, parts.status, &request_id);
             log.status = Some(parts.status);
             log.forwarded = true;
             log.stream = parts
@@ -294,7 +300,12 @@ pub async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<Res
                 .get(http::header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
             let encoded = parts.headers.get(http::header::CONTENT_ENCODING).is_some_and(|v| v != "identity");
-            if gateway.meter.taps && parts.status.is_success() && !encoded {
+            // hyper sends these without polling their body: they are complete once their head is.
+            let bodiless = matches!(parts.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+            if bodiless {
+                log.body_ended();
+            }
+            if gateway.meter.taps && parts.status.is_success() && !encoded && !bodiless {
                 log.tap = Dialect::of(endpoint).map(|dialect| {
                     let tap = if log.stream { UsageTap::sse(dialect, usage_injected) } else { UsageTap::json(dialect) };
                     if log.model.is_some() { tap.model_known() } else { tap }
