@@ -1,5 +1,6 @@
 //! Deadlines that almost never fire, kept cheaply. Every request carries two: hyper's `header_read_timeout`
-//! (until the caller's next request head) and `upstream.response_timeout` (until upstream's response head).
+//! (until the caller's next request head) and `upstream.response_timeout` (until upstream's response head); a
+//! write to a caller that waits takes a third, `server.send_timeout` ([`crate::send_timeout`]).
 //! On tokio's timer each cost ~1.5k instructions per request (callgrind: an entry registered in the timer
 //! wheel under the driver's lock, then removed again, for a timer that fires for almost no request).
 //!

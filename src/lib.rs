@@ -17,6 +17,7 @@ pub mod endpoint;
 pub mod error;
 pub mod metering;
 pub mod proxy;
+pub mod send_timeout;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -22,6 +22,7 @@ use crate::config::{Config, KeySource, UpstreamAuth};
 use crate::deadline::{Deadlines, HyperTimer};
 use crate::metering::Meter;
 use crate::proxy::{Credential, Gateway, KeyFileWatch, UpstreamClient, Worker, access_log};
+use crate::send_timeout::SendTimeout;
 use crate::shutdown::{ConnectionDrain, Graceful, Shutdown};
 
 /// The pause after a failed accept, so that a full file table does not spin the loop.
@@ -148,6 +149,7 @@ async fn start_workers(
     let limits = Limits {
         grace: server.shutdown_grace,
         header_read_timeout: server.header_read_timeout,
+        send_timeout: server.send_timeout,
         connections: server.max_connections.map(|n| Arc::new(Semaphore::new(n))),
     };
     let mut prepared = Vec::with_capacity(workers);
@@ -207,6 +209,8 @@ struct Limits {
     grace: Duration,
     /// How long a caller may take over a request head, or idle between requests.
     header_read_timeout: Duration,
+    /// How long a write to a caller may wait for it to read.
+    send_timeout: Duration,
     /// One permit per caller connection, shared by every thread; none means no cap.
     connections: Option<Arc<Semaphore>>,
 }
@@ -221,7 +225,7 @@ async fn serve_traffic(
     shutdown: Shutdown,
     limits: Limits,
 ) {
-    let Limits { grace, header_read_timeout, connections: cap } = limits;
+    let Limits { grace, header_read_timeout, send_timeout, connections: cap } = limits;
     let drain = Arc::new(ConnectionDrain::default());
     let mut http = hyper::server::conn::http1::Builder::new();
     // Responses are copied into one write buffer rather than written as a list of buffers: the events of a
@@ -232,13 +236,13 @@ async fn serve_traffic(
     // A client that sends half a request head, or opens connections and sends nothing, cannot hold them
     // open for ever.
     // (hyper makes a timer per request head for this, on the thread's deadlines: see `deadline`.)
-    let deadlines = Deadlines::start(header_read_timeout.min(gateway.response_timeout()));
+    let deadlines = Deadlines::start(header_read_timeout.min(send_timeout).min(gateway.response_timeout()));
     http.timer(HyperTimer(deadlines.clone())).header_read_timeout(header_read_timeout);
     let tender = tokio::spawn({
         let client = client.clone();
         async move { client.tend_idle().await }
     });
-    let service = crate::app::service(Arc::new(Worker { gateway, client, deadlines }));
+    let service = crate::app::service(Arc::new(Worker { gateway, client, deadlines: deadlines.clone() }));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         // At the cap, connections wait in the listen backlog until one closes (and past the backlog, the
@@ -270,6 +274,8 @@ async fn serve_traffic(
         };
         // Each SSE event is its own small write: send it now, not after Nagle's delay.
         let _ = tcp.set_nodelay(true);
+        // A caller that stops reading cannot hold its response, and the upstream stream behind it, for ever.
+        let tcp = SendTimeout::new(tcp, deadlines.clone(), send_timeout);
         let connection = drain.watch(http.serve_connection(TokioIo::new(tcp), service.clone()));
         connections.spawn(async move {
             let _permit = permit;

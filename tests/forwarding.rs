@@ -242,6 +242,33 @@ async fn client_going_away_mid_stream_drops_the_upstream_request() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mock, mut script_rx) = Mock::scripted().await;
+    let gw = Gw::start(mock, Opts { server: "send_timeout = \"200ms\"", ..Opts::default() }).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut caller = socket.connect(gw.addr).await.unwrap();
+    caller.write_all(raw_chat_request(CHAT_KEY).as_bytes()).await.unwrap();
+    let script = script_rx.recv().await.unwrap();
+    script.tx.send(Bytes::from_static(b"data: {}\n\n")).await.unwrap();
+    let mut head = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, caller.read(&mut head)).await.unwrap().unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    // The caller reads nothing more while upstream keeps sending, until every buffer between them is full.
+    let tx = script.tx.clone();
+    tokio::spawn(async move {
+        let chunk = Bytes::from(format!("data: {}\n\n", "x".repeat(64 * 1024)));
+        while tx.send(chunk.clone()).await.is_ok() {}
+    });
+    tokio::time::timeout(WAIT, script.dropped)
+        .await
+        .expect("upstream stream still open while the caller read nothing")
+        .unwrap();
+    drop(caller);
+}
+
+#[tokio::test]
 async fn upstream_connections_are_kept_alive_across_whole_responses() {
     // Sized, chunked and error responses, one after another: each ends its exchange cleanly.
     let mock = Mock::start(|seen| async move {

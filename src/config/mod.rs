@@ -67,6 +67,9 @@ pub struct Server {
     /// How long a caller may take to send a request head, counted from when its connection is ready for one
     /// (so also the longest a keep-alive connection stays idle between requests).
     pub header_read_timeout: Duration,
+    /// How long a write to a caller may wait for the caller to read (between two writes that make progress);
+    /// then the connection is closed.
+    pub send_timeout: Duration,
     /// Caller connections open at once, across traffic threads; beyond it, new ones wait in the listen backlog.
     pub max_connections: Option<usize>,
     /// Traffic threads, each with its own event loop and upstream connections.

@@ -76,6 +76,8 @@ pub struct RawServer {
     pub shutdown_grace: String,
     /// How long a caller may take to send a request head, or leave a connection idle between requests.
     pub header_read_timeout: String,
+    /// How long a write to a caller may wait for the caller to read, before the connection is closed.
+    pub send_timeout: String,
     /// Caller connections open at once, across traffic threads; 0 means no cap.
     pub max_connections: usize,
     /// Traffic threads; 0 means one per CPU the process may use.
@@ -90,6 +92,7 @@ impl Default for RawServer {
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_grace: "30s".into(),
             header_read_timeout: "75s".into(),
+            send_timeout: "60s".into(),
             max_connections: 0,
             workers: 0,
         }

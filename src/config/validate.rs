@@ -62,6 +62,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             &raw.server.header_read_timeout,
             false,
         ),
+        send_timeout: parse_duration(&mut errs, "server.send_timeout", &raw.server.send_timeout, false),
         max_connections: (raw.server.max_connections > 0).then_some(raw.server.max_connections),
         workers: match raw.server.workers {
             // available_parallelism honours CPU affinity and a cgroup CPU quota (a pod's limit).

@@ -1,0 +1,125 @@
+//! A caller connection whose writes may not stall for longer than `server.send_timeout`. A caller that stops
+//! reading leaves the gateway's writes to it pending; nothing else would end them, and the response (with the
+//! upstream stream behind it, and its connection) would be held for as long as the caller liked. As nginx's
+//! `send_timeout`, the time counts between two writes that make progress, so a slow reader that keeps reading
+//! is never cut, however long its response takes.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::deadline::{Deadline, Deadlines};
+
+/// `io`, failing a write that has waited longer than `timeout` with [`io::ErrorKind::TimedOut`].
+pub struct SendTimeout<IO> {
+    io: IO,
+    deadlines: Deadlines,
+    timeout: Duration,
+    /// Armed while a write waits; cleared by any write that makes progress.
+    stalled: Option<Deadline>,
+}
+
+impl<IO> SendTimeout<IO> {
+    /// Wraps `io`, keeping its stall deadlines on `deadlines` (the thread's table).
+    pub fn new(io: IO, deadlines: Deadlines, timeout: Duration) -> Self {
+        Self { io, deadlines, timeout, stalled: None }
+    }
+
+    /// What a write (or flush) that returned `polled` means: progress clears the deadline; waiting arms it, or
+    /// fails once it has passed.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.timeout;
+        let stalled = self.stalled.get_or_insert_with(|| self.deadlines.after(timeout));
+        match Pin::new(stalled).poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the caller read nothing for {timeout:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for SendTimeout<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for SendTimeout<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.watch(cx, polled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const BOUND: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn a_write_the_reader_never_takes_fails_after_the_timeout() {
+        let deadlines = Deadlines::start(Duration::from_millis(20));
+        let (writer, _reader) = tokio::io::duplex(64);
+        let mut writer = SendTimeout::new(writer, deadlines, Duration::from_millis(20));
+        let started = std::time::Instant::now();
+        let written = tokio::time::timeout(BOUND, writer.write_all(&[0; 1024])).await.expect("the write never failed");
+        assert_eq!(written.expect_err("a write nobody reads").kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(20));
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_keeps_reading_is_never_cut() {
+        let deadlines = Deadlines::start(Duration::from_millis(200));
+        let (writer, mut reader) = tokio::io::duplex(64);
+        let mut writer = SendTimeout::new(writer, deadlines, Duration::from_millis(200));
+        // A slow reader: 64 bytes every 10 ms, for several timeouts' worth in all.
+        let reading = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let mut total = 0;
+            while total < 64 * 64 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                total += reader.read(&mut buf).await.expect("read");
+            }
+        });
+        tokio::time::timeout(BOUND, writer.write_all(&[0; 64 * 64])).await.expect("bounded").expect("never cut");
+        reading.await.expect("reader");
+    }
+}
