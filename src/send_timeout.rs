@@ -1,8 +1,12 @@
 //! A caller connection whose writes may not stall for longer than `server.send_timeout`. A caller that stops
 //! reading leaves the gateway's writes to it pending; nothing else would end them, and the response (with the
 //! upstream stream behind it, and its connection) would be held for as long as the caller liked. As nginx's
-//! `send_timeout`, the time counts between two writes that make progress, so a slow reader that keeps reading
-//! is never cut, however long its response takes.
+//! `send_timeout`, the time counts between two writes that make progress: a slow reader is cut only if it frees
+//! no room in the connection's send buffer for a whole timeout (the kernel reports a full buffer writable again
+//! once about a third of it has drained), however long its response takes in all.
+//!
+//! A response that upstream starts before the caller has sent its whole request body (an early answer) counts
+//! too: a caller that reads nothing until its upload ends, while that answer fills the buffers, is cut.
 
 use std::io;
 use std::pin::Pin;
@@ -38,13 +42,27 @@ impl<IO> SendTimeout<IO> {
         let timeout = self.timeout;
         let stalled = self.stalled.get_or_insert_with(|| self.deadlines.after(timeout));
         match Pin::new(stalled).poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the caller read nothing for {timeout:?}"),
-            ))),
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, SendTimedOut(timeout)))),
             Poll::Pending => Poll::Pending,
         }
     }
+}
+
+/// Why a connection was cut: its caller read nothing for the timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the caller read nothing for {0:?}")]
+pub struct SendTimedOut(Duration);
+
+/// Whether a connection ended because its caller stopped reading.
+pub fn is_send_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<io::Error>().and_then(io::Error::get_ref).is_some_and(|inner| inner.is::<SendTimedOut>()) {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for SendTimeout<IO> {
@@ -101,7 +119,10 @@ mod tests {
         let mut writer = SendTimeout::new(writer, deadlines, Duration::from_millis(20));
         let started = std::time::Instant::now();
         let written = tokio::time::timeout(BOUND, writer.write_all(&[0; 1024])).await.expect("the write never failed");
-        assert_eq!(written.expect_err("a write nobody reads").kind(), io::ErrorKind::TimedOut);
+        let error = written.expect_err("a write nobody reads");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(is_send_timeout(&error));
+        assert!(!is_send_timeout(&io::Error::from(io::ErrorKind::TimedOut)));
         assert!(started.elapsed() >= Duration::from_millis(20));
     }
 

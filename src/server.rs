@@ -279,8 +279,12 @@ async fn serve_traffic(
         let connection = drain.watch(http.serve_connection(TokioIo::new(tcp), service.clone()));
         connections.spawn(async move {
             let _permit = permit;
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "traffic connection ended with an error");
+            match connection.await {
+                Err(e) if crate::send_timeout::is_send_timeout(&e) => {
+                    tracing::warn!(error = %e, "caller connection closed: the caller stopped reading");
+                }
+                Err(e) => tracing::debug!(error = %e, "traffic connection ended with an error"),
+                Ok(()) => {}
             }
         });
         // Connections arriving together wake every traffic thread; taking them one at a time, with the

@@ -147,12 +147,13 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// `url` as it may be shown in an error: credentials in its authority (`user:password@`) replaced by `***@`.
+/// `url` as it may be shown in an error: anything that may be credentials (`user:password@`) replaced by `***@`.
+/// Everything from the scheme to the last `@` is masked, since a password may itself hold `/`, `?` or `#`
+/// (a URL parser then ends the authority early and never sees the `@`).
 fn shown_url(url: &str) -> String {
-    let authority_at = url.find("://").map_or(0, |at| at + 3);
-    let authority_len = url[authority_at..].find(['/', '?', '#']).unwrap_or(url.len() - authority_at);
-    match url[authority_at..authority_at + authority_len].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..authority_at], &url[authority_at + at..]),
+    let start = url.find("://").map_or(0, |at| at + 3);
+    match url[start..].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
         None => url.to_owned(),
     }
 }
@@ -175,9 +176,6 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
                     ),
                 );
             }
-            if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-                errs.push("upstream.base_url", "must not carry credentials");
-            }
             (scheme.unwrap_or(http::uri::Scheme::HTTPS), uri.authority().cloned())
         }
         Err(e) => {
@@ -185,6 +183,10 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
             (http::uri::Scheme::HTTPS, None)
         }
     };
+    // The raw text, parsed or not, and not the parsed authority: a password holding `/` ends that early.
+    if u.base_url.split_once("://").map_or(u.base_url.as_str(), |(_, rest)| rest).contains('@') {
+        errs.push("upstream.base_url", "must not carry credentials");
+    }
     if authority.is_none() && errs.0.iter().all(|e| !e.starts_with("upstream.base_url")) {
         errs.push("upstream.base_url", format!("{shown:?} has no host"));
     }
@@ -545,20 +547,28 @@ mod tests {
 
     #[test]
     fn base_url_credentials_are_refused_and_never_echoed() {
-        for url in [
-            "https://user:hunter2@bedrock.example/x",
-            "ftp://user:hunter2@bedrock.example",
-            "https://user:hunter2@",
-            "https://user:hunter2@bad host",
-            "https://user:hunter2@h.example?q=1#x@y",
+        for (url, secret) in [
+            ("https://user:hunter2@bedrock.example/x", "hunter2"),
+            ("ftp://user:hunter2@bedrock.example", "hunter2"),
+            ("https://user:hunter2@", "hunter2"),
+            ("https://user:hunter2@bad host", "hunter2"),
+            ("https://user:hunter2@h.example?q=1#x@y", "hunter2"),
+            // A password holding what ends an authority.
+            ("https://user:hun/ter2@h.example", "hun/ter2"),
+            ("https://user:hun?ter2@h.example", "hun?ter2"),
+            ("https://user:hun#ter2@h.example", "hun#ter2"),
+            ("https://user:hun+ter2/x=@h.example", "ter2/x="),
         ] {
             let errs = errors(&format!("[upstream]\nbase_url = \"{url}\"\n{BASE}"));
-            assert!(!errs.is_empty(), "{url}");
-            assert!(errs.iter().all(|e| !e.contains("hunter2")), "{errs:?}");
+            assert!(errs.iter().any(|e| e.ends_with("must not carry credentials")), "{url}: {errs:?}");
+            assert!(errs.iter().all(|e| !e.contains(secret)), "{errs:?}");
         }
-        assert_eq!(shown_url("https://u:p@h.example/v1?a=b@c"), "https://***@h.example/v1?a=b@c");
-        assert_eq!(shown_url("https://h.example/v1?a=b@c"), "https://h.example/v1?a=b@c");
+        assert_eq!(shown_url("https://u:p/q@h.example"), "https://***@h.example");
+        assert_eq!(shown_url("https://h.example/v1"), "https://h.example/v1");
         assert_eq!(shown_url("u:p@h.example"), "***@h.example");
+        for odd in ["", "://", "@", "ü@x", "https://日本:パス@ホスト/x", "https://[::1"] {
+            assert!(!shown_url(odd).contains("パス"), "{odd}");
+        }
     }
 
     #[test]
