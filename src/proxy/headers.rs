@@ -76,9 +76,11 @@ pub fn to_upstream(
 /// Turns upstream's response headers, in place, into the headers sent to the caller.
 pub fn to_caller(headers: &mut HeaderMap, status: StatusCode, request_id: &HeaderValue) {
     // Upstream's framing is not passed on, and hyper frames the caller's response from its body. A
-    // `Content-Length` beside `Transfer-Encoding` is wrong (RFC 9112 section 6.3: a proxy must drop it), and a
-    // 204 may carry none (RFC 9110 section 8.6).
-    let stale_length = status == StatusCode::NO_CONTENT || headers.contains_key(header::TRANSFER_ENCODING);
+    // `Content-Length` beside `Transfer-Encoding` is wrong (RFC 9112 section 6.3: a proxy must drop it), a 204
+    // may carry none (RFC 9110 section 8.6), and a 304's (the length a 200 would have had, which it may carry)
+    // would trip hyper's check that a header length matches the empty body it sends.
+    let stale_length = matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+        || headers.contains_key(header::TRANSFER_ENCODING);
     // Upstream's own request id, if it sent one, is replaced by the insert.
     retain(headers, |name| !(is_hop_by_hop(name) || (stale_length && name == header::CONTENT_LENGTH)));
     headers.insert(REQUEST_ID, request_id.clone());
@@ -291,6 +293,9 @@ mod tests {
         assert_eq!(h["content-length"], "5", "a length alone is the body's");
         to_caller(&mut h, StatusCode::NO_CONTENT, &HeaderValue::from_static("rid-1"));
         assert!(!h.contains_key("content-length"), "a 204 carries no length");
+        h.insert("content-length", HeaderValue::from_static("5"));
+        to_caller(&mut h, StatusCode::NOT_MODIFIED, &HeaderValue::from_static("rid-1"));
+        assert!(!h.contains_key("content-length"), "nor does a 304 here");
     }
 
     #[test]
