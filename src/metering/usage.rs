@@ -64,6 +64,7 @@ struct Needles {
     usage: Finder<'static>,
     model: Finder<'static>,
     choices: Finder<'static>,
+    kind: Finder<'static>,
     completed: Finder<'static>,
     incomplete: Finder<'static>,
     failed: Finder<'static>,
@@ -77,6 +78,7 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     usage: Finder::new(USAGE_KEY),
     model: Finder::new(b"\"model\""),
     choices: Finder::new(b"\"choices\""),
+    kind: Finder::new(b"\"type\""),
     completed: Finder::new(b"response.completed"),
     incomplete: Finder::new(b"response.incomplete"),
     failed: Finder::new(b"response.failed"),
@@ -326,12 +328,16 @@ impl UsageTap {
     /// A line too long to keep whole, seen as its start and its end. A Responses terminal event repeats the
     /// request's instructions and tools, so it can be megabytes long; its usage sits at its end.
     fn read_long_line(&mut self, line_head: &[u8], line_tail: &[u8]) {
-        let n = &*NEEDLES;
-        if self.dialect == Dialect::Responses
-            && [&n.completed, &n.incomplete, &n.failed].iter().any(|f| f.find(line_head).is_some())
-        {
+        // The event's own type (its first member), not the words anywhere in its start: a long
+        // `response.created` echoes the caller's instructions, which may name any event.
+        let terminal = self.dialect == Dialect::Responses
+            && member::<String>(line_head, Member::FirstType).is_some_and(|kind| {
+                matches!(kind.as_str(), "response.completed" | "response.incomplete" | "response.failed")
+            });
+        if terminal {
             self.finished = true;
-            if let Some(usage) = member::<ResponsesUsage>(line_tail, Member::LastUsage) {
+            // Members after `usage` (`metadata`, whose values are strings) may name a "usage" too.
+            if let Some(usage) = last_member_that_parses::<ResponsesUsage>(line_tail) {
                 self.usage = Some(usage.into());
             }
             if self.model.is_none() {
@@ -552,6 +558,8 @@ enum Member {
     FirstModel,
     /// The first `"choices"` member.
     FirstChoices,
+    /// The first `"type"` member.
+    FirstType,
 }
 
 /// Where the last `"usage"` in `body` starts. memmem's reverse searcher has no vector prefilter and costs
@@ -569,7 +577,25 @@ fn member<'a, T: Deserialize<'a>>(body: &'a [u8], which: Member) -> Option<T> {
         Member::LastUsage => (last_usage_key(body)?, USAGE_KEY),
         Member::FirstModel => (n.model.find(body)?, n.model.needle()),
         Member::FirstChoices => (n.choices.find(body)?, n.choices.needle()),
+        Member::FirstType => (n.kind.find(body)?, n.kind.needle()),
     };
+    member_at(body, at, key)
+}
+
+/// The last `"usage"` member of `body` whose value parses as a `T`, looking back past those that do not.
+fn last_member_that_parses<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Option<T> {
+    let mut end = body.len();
+    while let Some(at) = last_usage_key(&body[..end]) {
+        if let Some(value) = member_at(body, at, USAGE_KEY) {
+            return Some(value);
+        }
+        end = at;
+    }
+    None
+}
+
+/// The value of the member whose key (`key`, quoted) starts at `at` in `body`.
+fn member_at<'a, T: Deserialize<'a>>(body: &'a [u8], at: usize, key: &[u8]) -> Option<T> {
     if at > 0 && body[at - 1] == b'\\' {
         return None;
     }
@@ -726,7 +752,7 @@ impl AnthropicCounters {
     /// Cache reads and writes folded into `input`, as the other dialects count it.
     fn usage(&self) -> Usage {
         Usage {
-            input: self.input + self.cache_read + self.cache_creation,
+            input: self.input.saturating_add(self.cache_read).saturating_add(self.cache_creation),
             output: self.output,
             cached_input: self.cache_read,
             reasoning: 0,
@@ -1018,6 +1044,40 @@ mod tests {
         assert_eq!(tap.model(), Some("openai.gpt-5.4"));
         assert!(tap.finished() && tap.stream_over());
         assert!(matches!(&tap.state, State::Sse { pending } if pending.capacity() < 2 * 1024 * 1024), "bounded");
+    }
+
+    #[test]
+    fn a_huge_event_is_terminal_by_its_type_and_its_usage_is_the_one_that_parses() {
+        // A `response.created` echoing instructions that name the terminal events is not the end.
+        let instructions = format!("Handle response.completed and response.failed events. {}", "x".repeat(2 << 20));
+        let created = format!(
+            "event: response.created\ndata: {{\"type\":\"response.created\",\"response\":{{\"model\":\"openai.gpt-5.4\",\
+             \"instructions\":\"{instructions}\",\"usage\":null}}}}\n\n"
+        );
+        // The terminal event: metadata (string values) after the usage names a "usage" too.
+        let completed = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"model\":\"openai.gpt-5.4\",\
+             \"instructions\":\"{instructions}\",\"usage\":{{\"input_tokens\":300000,\"output_tokens\":7}},\"user\":null,\
+             \"metadata\":{{\"usage\":\"x\"}}}}}}\n\n"
+        );
+        let mut tap = UsageTap::sse(Dialect::Responses, false);
+        run(&mut tap, created.as_bytes(), 64 * 1024);
+        assert!(!tap.finished() && !tap.stream_over(), "ended by a mention in the instructions");
+        run(&mut tap, completed.as_bytes(), 64 * 1024);
+        assert!(tap.finished() && tap.stream_over());
+        assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((300_000, 7)));
+    }
+
+    #[test]
+    fn messages_usage_sums_saturate() {
+        let body = format!(
+            "{{\"model\":\"anthropic.claude-sonnet-4-5\",\"content\":[],\"usage\":{{\"input_tokens\":{},\
+             \"cache_read_input_tokens\":1,\"output_tokens\":2}}}}",
+            u64::MAX
+        );
+        let mut tap = UsageTap::json(Dialect::Messages);
+        run(&mut tap, body.as_bytes(), 64);
+        assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((u64::MAX, 2)));
     }
 
     #[test]
