@@ -121,14 +121,15 @@ pub fn aggregate(
             GroupBy::Tag(tag) => line.tags.get(tag).cloned().unwrap_or_else(|| "(untagged)".into()),
         };
         let row = groups.entry(group.clone()).or_insert_with(|| Row { group, ..Row::default() });
+        // Counts are whatever the ledger says: sums saturate rather than overflow.
         row.requests += 1;
-        row.input_tokens += line.input_tokens;
-        row.output_tokens += line.output_tokens;
-        row.cached_input_tokens += line.cached_input_tokens;
-        row.reasoning_tokens += line.reasoning_tokens;
+        row.input_tokens = row.input_tokens.saturating_add(line.input_tokens);
+        row.output_tokens = row.output_tokens.saturating_add(line.output_tokens);
+        row.cached_input_tokens = row.cached_input_tokens.saturating_add(line.cached_input_tokens);
+        row.reasoning_tokens = row.reasoning_tokens.saturating_add(line.reasoning_tokens);
         match line.cost_usd {
             Some(cost) => row.cost_usd += cost,
-            None if line.input_tokens + line.output_tokens > 0 => row.unpriced_requests += 1,
+            None if line.input_tokens > 0 || line.output_tokens > 0 => row.unpriced_requests += 1,
             None => {}
         }
         if !line.complete {
@@ -205,7 +206,8 @@ pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<
                     r.unpriced_requests.to_string(),
                 ]);
             }
-            let total: f64 = rows.iter().map(|r| r.cost_usd).sum();
+            // `sum` of no values is -0.0, which would print as "-0.0000".
+            let total: f64 = rows.iter().map(|r| r.cost_usd).sum::<f64>() + 0.0;
             let widths: Vec<usize> =
                 (0..header.len()).map(|i| cells.iter().map(|row| row[i].chars().count()).max().unwrap_or(0)).collect();
             for row in &cells {
@@ -245,10 +247,13 @@ pub fn run(ledger: &Path, group_by: &str, since: Option<&str>, format: &str) -> 
     if !files.iter().any(|f| f.is_file()) {
         anyhow::bail!("no usage ledger at {} (set [metering] ledger_path and serve some traffic)", ledger.display());
     }
+    // Split on newline bytes, not as UTF-8 text: a line torn inside a character (a crash mid-write) is one
+    // unreadable line, and the lines after it are still read.
     let lines = files
         .iter()
         .filter_map(|f| std::fs::File::open(f).ok())
-        .flat_map(|f| std::io::BufReader::new(f).lines().map_while(Result::ok));
+        .flat_map(|f| std::io::BufReader::new(f).split(b'\n').map_while(Result::ok))
+        .map(|line| String::from_utf8(line).unwrap_or_else(|_| "\u{fffd}".into()));
     let group_by = GroupBy::parse(group_by);
     let (rows, skipped) = aggregate(lines, &group_by, since);
     let mut out = render(&rows, &group_by, format)?;
@@ -297,5 +302,29 @@ mod tests {
         assert!(csv.starts_with("project,requests,"));
         assert!(csv.contains("\nB,1,1,1,0,0,0.250000,0,0\n"), "{csv}");
         assert!(render(&rows, &GroupBy::Project, "xml").is_err());
+    }
+
+    #[test]
+    fn a_torn_or_odd_ledger_is_read_around() {
+        let dir = std::env::temp_dir().join(format!("mantlegate-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ledger = dir.join("usage.jsonl");
+        let good = line("2026-11-25T10:00:00Z", "A", "chat", "m1", 10, 5, Some(1.0));
+        let huge = line("2026-11-25T10:00:00Z", "A", "chat", "m1", u64::MAX, 1, None);
+        // A line torn inside a two-byte character, then lines that must still be counted.
+        let mut text = good.as_bytes()[..40].to_vec();
+        text.extend_from_slice(&[0xc3, b'\n']);
+        for l in [&good, &huge, &good] {
+            text.extend_from_slice(l.as_bytes());
+            text.push(b'\n');
+        }
+        std::fs::write(&ledger, text).expect("write");
+        let out = run(&ledger, "Team", None, "csv").expect("report");
+        assert!(out.contains(&format!("\nchat,3,{},11,0,0,2.000000,1,0\n", u64::MAX)), "{out}");
+        assert!(out.contains("(1 unreadable ledger lines skipped)"), "{out}");
+        // Nothing in the window: the total is zero, not minus zero.
+        let out = run(&ledger, "Team", Some("1s"), "table").expect("report");
+        assert!(!out.contains("-0.0000"), "{out}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -7,7 +7,8 @@
 //! `usage.jsonl` becomes `usage.YYYY-MM-DD.jsonl`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -132,7 +133,7 @@ impl Ledger {
         }
     }
 
-    /// Lines dropped because the writer was behind or had stopped.
+    /// Lines dropped because the writer was behind or had stopped, or because writing them failed.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
@@ -164,8 +165,11 @@ pub fn utc_day(time: SystemTime) -> String {
 fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
     let mut day =
         file.metadata().and_then(|m| m.modified()).map(utc_day).unwrap_or_else(|_| utc_day(SystemTime::now()));
-    let mut out = BufWriter::new(file);
+    // A device or pipe (`/dev/stdout`) is written to as it is: never renamed, never reopened.
+    let regular = is_regular(&file);
+    let mut out = file;
     let mut taken = String::new();
+    let mut batch = String::new();
     let mut closing = false;
     while !closing {
         let Ok(first) = rx.recv() else { break };
@@ -179,26 +183,50 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
             fence(Ordering::SeqCst);
         }
         let today = utc_day(SystemTime::now());
-        if today != day {
-            let _ = out.flush();
+        if regular && today != day {
             match rotate(path, &day) {
-                Ok(file) => out = BufWriter::new(file),
+                Ok(file) => out = file,
                 Err(e) => tracing::error!(error = %e, "usage ledger rotation failed; still writing to the old file"),
             }
             day = today;
+        } else if regular && !same_file(&out, path) {
+            // Moved or deleted from outside (an operator, logrotate): lines written to it now would be lost.
+            match open_append(path) {
+                Ok(file) => {
+                    tracing::warn!(path = %path.display(), "usage ledger file was moved or deleted; opened a new one");
+                    out = file;
+                }
+                Err(e) => tracing::error!(error = %e, "usage ledger file was moved or deleted and cannot be reopened"),
+            }
         }
         // Every thread's lines so far, each buffer swapped for an empty one: a burst costs one write.
         for pending in shared.pending.iter() {
             std::mem::swap(&mut *pending.lock().unwrap_or_else(PoisonError::into_inner), &mut taken);
-            if let Err(e) = out.write_all(taken.as_bytes()) {
-                tracing::error!(error = %e, "usage ledger write failed");
-            }
+            batch.push_str(&taken);
             taken.clear();
             taken.shrink_to(KEPT_CAPACITY);
         }
-        if let Err(e) = out.flush() {
-            tracing::error!(error = %e, "usage ledger flush failed");
+        if let Err(e) = out.write_all(batch.as_bytes()) {
+            // Counted with the lines dropped for a writer that was behind: `mantlegate_ledger_dropped_total`.
+            let lost = batch.bytes().filter(|&b| b == b'\n').count() as u64;
+            shared.dropped.fetch_add(lost, Ordering::Relaxed);
+            tracing::error!(error = %e, lines = lost, "usage ledger write failed; lines dropped");
         }
+        batch.clear();
+        batch.shrink_to(KEPT_CAPACITY);
+    }
+}
+
+/// Whether the ledger is a regular file, which is rotated daily and reopened if moved.
+fn is_regular(file: &File) -> bool {
+    file.metadata().is_ok_and(|m| m.is_file())
+}
+
+/// Whether `file` is still the file at `path`.
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
     }
 }
 
@@ -305,6 +333,47 @@ mod tests {
             next[t] += 1;
         }
         assert_eq!(next, vec![per_thread as u64; threads]);
+    }
+
+    #[tokio::test]
+    async fn lines_that_cannot_be_written_are_counted() {
+        // A device, so never renamed at the day's end: checked first, as renaming /dev/full would be a mess.
+        let full = Path::new("/dev/full");
+        assert!(!is_regular(&open_append(full).expect("/dev/full")));
+        let (ledger, writer) = Ledger::open(full).expect("open");
+        for i in 0..100 {
+            append(&ledger, &format!("{{\"n\":{i}}}"));
+        }
+        writer.finish(Duration::from_secs(10)).await;
+        assert_eq!(ledger.dropped(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_ledger_deleted_or_moved_while_running_is_opened_again() {
+        let path = fresh_ledger_path("deleted");
+        let (ledger, writer) = Ledger::open(&path).expect("open");
+        let wait_for = |want: &'static str| {
+            let path = path.clone();
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !std::fs::read_to_string(&path).is_ok_and(|t| t.ends_with(want)) {
+                    assert!(std::time::Instant::now() < deadline, "{want} never reached {}", path.display());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        append(&ledger, "{\"n\":1}");
+        wait_for("{\"n\":1}\n").await;
+        std::fs::remove_file(&path).expect("delete");
+        append(&ledger, "{\"n\":2}");
+        wait_for("{\"n\":2}\n").await;
+        let moved = path.with_file_name("moved.jsonl");
+        std::fs::rename(&path, &moved).expect("move");
+        append(&ledger, "{\"n\":3}");
+        writer.finish(Duration::from_secs(10)).await;
+        assert_eq!(std::fs::read_to_string(&path).expect("reopened"), "{\"n\":3}\n");
+        assert_eq!(std::fs::read_to_string(&moved).expect("moved"), "{\"n\":2}\n");
+        assert_eq!(ledger.dropped(), 0);
     }
 
     #[tokio::test]
