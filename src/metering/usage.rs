@@ -117,8 +117,10 @@ fn usage_mentions(data: &[u8]) -> UsageMentions {
     seen
 }
 
-/// Largest non-streamed JSON body kept for parsing; a bigger one is forwarded but not metered.
+/// Largest non-streamed JSON body kept whole for parsing; a bigger one keeps only its start and end.
 const MAX_JSON_BODY: usize = 8 * 1024 * 1024;
+/// Of a bigger body: how much of its start (the model) and of its end (the usage) is kept.
+const LONG_BODY_KEPT: usize = 64 * 1024;
 /// Longest SSE line kept whole while waiting for its end; longer ones keep only their start and end.
 const MAX_SSE_LINE: usize = 1024 * 1024;
 /// Of a longer line: how much of its start is kept (enough for the event type).
@@ -169,6 +171,8 @@ enum State {
     /// A JSON body's chunks (reference-counted handles, not copies): the first apart, since most bodies
     /// arrive in one piece and then need no list.
     Json { first: Bytes, more: Vec<Bytes>, len: usize },
+    /// A JSON body too big to keep whole: its start, and its end so far.
+    LongJson { head: Vec<u8>, tail: BytesMut },
     /// `pending` holds what has arrived of the current line (or, when stripping, of the current event).
     Sse { pending: BytesMut },
 }
@@ -240,11 +244,29 @@ impl UsageTap {
             State::Json { first, more, len } => {
                 *len += chunk.len();
                 if *len > MAX_JSON_BODY {
-                    (*first, *more) = (Bytes::new(), Vec::new());
+                    // Too big to keep whole: keep its start and, from here on, its end.
+                    let total = *len;
+                    let (mut head, mut tail, mut at) = (Vec::with_capacity(LONG_BODY_KEPT), BytesMut::new(), 0);
+                    for piece in std::iter::once(&*first).chain(more.iter()).chain(std::iter::once(&chunk)) {
+                        let room = LONG_BODY_KEPT - head.len();
+                        head.extend_from_slice(&piece[..piece.len().min(room)]);
+                        let skip = total.saturating_sub(LONG_BODY_KEPT).saturating_sub(at).min(piece.len());
+                        tail.extend_from_slice(&piece[skip..]);
+                        at += piece.len();
+                    }
+                    self.state = State::LongJson { head, tail };
                 } else if first.is_empty() {
                     *first = chunk.clone();
                 } else if !chunk.is_empty() {
                     more.push(chunk.clone());
+                }
+                chunk
+            }
+            State::LongJson { tail, .. } => {
+                tail.extend_from_slice(&chunk);
+                if tail.len() > 2 * LONG_BODY_KEPT {
+                    let excess = tail.len() - LONG_BODY_KEPT;
+                    bytes::Buf::advance(tail, excess);
                 }
                 chunk
             }
@@ -262,17 +284,21 @@ impl UsageTap {
         match &mut self.state {
             State::Json { first, more, len } => {
                 let (first, more) = (std::mem::take(first), std::mem::take(more));
-                if *len <= MAX_JSON_BODY {
-                    if more.is_empty() {
-                        // Most bodies arrive in one piece: parse it where it is.
-                        self.read_json_body(&first);
-                    } else {
-                        let mut whole = Vec::with_capacity(*len);
-                        whole.extend_from_slice(&first);
-                        more.iter().for_each(|chunk| whole.extend_from_slice(chunk));
-                        self.read_json_body(&whole);
-                    }
+                if more.is_empty() {
+                    // Most bodies arrive in one piece: parse it where it is.
+                    self.read_json_body(&first);
+                } else {
+                    let mut whole = Vec::with_capacity(*len);
+                    whole.extend_from_slice(&first);
+                    more.iter().for_each(|chunk| whole.extend_from_slice(chunk));
+                    self.read_json_body(&whole);
                 }
+                self.finished = true;
+                Bytes::new()
+            }
+            State::LongJson { head, tail } => {
+                let (head, tail) = (std::mem::take(head), std::mem::take(tail));
+                self.read_long_json_body(&head, &tail);
                 self.finished = true;
                 Bytes::new()
             }
@@ -501,6 +527,24 @@ impl UsageTap {
                 }
                 LineSeen::default()
             }
+        }
+    }
+
+    /// Reads usage and model from a JSON body too big to keep whole, from its start and its end: usage is the
+    /// last `"usage"` member that parses, the model the first `"model"` member (in a Responses object it may
+    /// come after megabytes of instructions, beyond the start kept: the request is then recorded unpriced).
+    fn read_long_json_body(&mut self, head: &[u8], tail: &[u8]) {
+        let usage = match self.dialect {
+            Dialect::Chat => last_member_that_parses::<ChatUsage>(tail).map(Usage::from),
+            Dialect::Responses => last_member_that_parses::<ResponsesUsage>(tail).map(Usage::from),
+            Dialect::Messages => last_member_that_parses::<MessagesUsage>(tail).map(|u| {
+                self.anthropic.apply(Some(u));
+                self.anthropic.usage()
+            }),
+        };
+        self.usage = usage.or(self.usage);
+        if self.need_model && self.model.is_none() {
+            self.model = member::<String>(head, Member::FirstModel);
         }
     }
 
@@ -1066,6 +1110,24 @@ mod tests {
         run(&mut tap, completed.as_bytes(), 64 * 1024);
         assert!(tap.finished() && tap.stream_over());
         assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((300_000, 7)));
+    }
+
+    #[test]
+    fn a_json_body_too_big_to_keep_is_read_from_its_start_and_end() {
+        let logprobs = "{\"token\":\"x\",\"logprob\":-0.1},".repeat(300_000);
+        let body = format!(
+            "{{\"id\":\"c\",\"model\":\"openai.gpt-oss-120b\",\"choices\":[{{\"logprobs\":{{\"content\":[{logprobs}{{}}]}}}}],\
+             \"usage\":{{\"prompt_tokens\":1000,\"completion_tokens\":150000}}}}"
+        );
+        assert!(body.len() > MAX_JSON_BODY);
+        for chunk in [64 * 1024, 1024 * 1024 + 7, body.len()] {
+            let mut tap = UsageTap::json(Dialect::Chat);
+            let out = run(&mut tap, body.as_bytes(), chunk);
+            assert_eq!(out.len(), body.len(), "forwarded untouched");
+            assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((1000, 150_000)), "chunks of {chunk}");
+            assert_eq!(tap.model(), Some("openai.gpt-oss-120b"));
+            assert!(matches!(&tap.state, State::LongJson { head, tail } if head.is_empty() && tail.is_empty()));
+        }
     }
 
     #[test]
