@@ -1,7 +1,7 @@
 //! Turns a [`RawConfig`] into a [`Config`], collecting every problem with the key that holds it
 //! (`projects[2].tags.CostCenter: missing`) so one run of `mantlegate check` shows them all.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -278,9 +278,15 @@ fn validate_projects(errs: &mut Errors, raw: Vec<RawProject>, taxonomy: &Taxonom
                 errs.push(format!("{at}.tags.{tag}"), format!("{value:?} is not one of {}", allowed.join(", ")));
             }
         }
+        // Each tag is a label of the project's `mantlegate_project_info` series: two that make the same label
+        // name would make Prometheus refuse the whole scrape.
+        let mut labels: BTreeMap<String, &str> = BTreeMap::new();
         for (tag, value) in &p.tags {
             if tag.is_empty() || tag.chars().count() > 128 {
                 errs.push(format!("{at}.tags"), format!("tag key {tag:?} must be 1 to 128 characters"));
+            }
+            if let Some(other) = labels.insert(crate::metering::metrics::tag_label(tag), tag) {
+                errs.push(format!("{at}.tags.{tag}"), format!("makes the same metric label as the tag {other:?}"));
             }
             if value.chars().count() > 256 {
                 errs.push(format!("{at}.tags.{tag}"), "value longer than 256 characters");
@@ -432,9 +438,10 @@ fn check_prefix(prefix: &str) -> Result<(), &'static str> {
             return Err("may only use letters, digits, -, _, . and ~");
         }
     }
-    let first = rest.split('/').next().unwrap_or_default();
-    if RESERVED_ROUTE_SEGMENTS.contains(&first) {
-        return Err("would shadow the API's own /v1, /openai or /anthropic paths");
+    // In any segment, not only the first: with `/team` routed to one project, `/team/v1` (or `/team/openai`)
+    // routed to another would take the first route's API paths, and its traffic, by the longest match.
+    if rest.split('/').any(|segment| RESERVED_ROUTE_SEGMENTS.iter().any(|r| segment.eq_ignore_ascii_case(r))) {
+        return Err("must not use v1, openai or anthropic as a segment: it would shadow the API's own paths");
     }
     Ok(())
 }
@@ -499,6 +506,23 @@ mod tests {
         ));
         assert!(errs.contains(&"projects[0].tags.CostCenter: missing".to_string()), "{errs:?}");
         assert!(errs.contains(&"projects[0].tags.Team: \"t\" is not one of x".to_string()), "{errs:?}");
+        // Tags that would make one label twice in the project's info series.
+        let errs = errors(&format!(
+            "{BASE}\n[[projects]]\nname = \"B\"\nid = \"proj_b\"\n\
+             tags = {{ \"Cost-Center\" = \"a\", Cost_Center = \"b\", project = \"c\", tag_project = \"d\" }}"
+        ));
+        assert!(
+            errs.contains(
+                &"projects[1].tags.Cost_Center: makes the same metric label as the tag \"Cost-Center\"".to_string()
+            ),
+            "{errs:?}"
+        );
+        assert!(
+            errs.contains(
+                &"projects[1].tags.tag_project: makes the same metric label as the tag \"project\"".to_string()
+            ),
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -582,7 +606,12 @@ mod tests {
         for bad in ["chat", "/", "/v1", "/a/", "/a//b", "/a/../b", "/a%2f"] {
             assert!(check_prefix(bad).is_err(), "{bad}");
         }
+        // A segment that would take another route's API paths (`/team` and `/team/v1`), in any case.
+        for bad in ["/team/v1", "/x/openai", "/x/Anthropic", "/a/b/V1"] {
+            assert!(check_prefix(bad).is_err(), "{bad}");
+        }
         assert!(check_prefix("/team-a/chat").is_ok());
+        assert!(check_prefix("/team/v1beta").is_ok());
     }
 
     #[test]

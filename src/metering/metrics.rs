@@ -335,9 +335,13 @@ impl Metrics {
 }
 
 /// A tag name as a label name: letters, digits and `_` only, and never one of the fixed labels.
-fn tag_label(tag: &str) -> String {
+pub(crate) fn tag_label(tag: &str) -> String {
     let mut label: String = tag.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    if label.starts_with(|c: char| c.is_ascii_digit()) || matches!(label.as_str(), "project" | "project_id") {
+    // `__` begins Prometheus' own labels (`__name__`).
+    if label.starts_with(|c: char| c.is_ascii_digit())
+        || label.starts_with("__")
+        || matches!(label.as_str(), "project" | "project_id")
+    {
         label.insert_str(0, "tag_");
     }
     label
@@ -399,5 +403,6 @@ mod tests {
         assert_eq!(tag_label("cost-center:eu"), "cost_center_eu");
         assert_eq!(tag_label("1st"), "tag_1st");
         assert_eq!(tag_label("project"), "tag_project");
+        assert_eq!(tag_label("__name__"), "tag___name__");
     }
 }
