@@ -213,8 +213,9 @@ impl Config {
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()?
-            .try_deserialize()?;
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| anyhow::anyhow!(without_source_lines(&e.to_string())))?;
         Ok(Self::from_raw(raw)?)
     }
 
@@ -228,6 +229,7 @@ impl Config {
             .add_source(config::Environment::with_prefix("MANTLEGATE").separator("__").try_parsing(true))
             .build()
             .and_then(config::Config::try_deserialize)
+            .map_err(|e| anyhow::anyhow!(without_source_lines(&e.to_string())))
             .with_context(|| format!("reading {}", path.display()))
     }
 
@@ -302,5 +304,34 @@ impl fmt::Display for KeySource {
             Self::Env(name) => write!(f, "environment variable {name}"),
             Self::File(path) => write!(f, "file {}", path.display()),
         }
+    }
+}
+
+/// A TOML error without the source lines it quotes (`2 | base_url = "https://user:secret@...`): the line at
+/// fault may hold a credential. The line and column it names, and what is wrong, are kept.
+fn without_source_lines(error: &str) -> String {
+    let is_quote =
+        |line: &str| line.trim_start().trim_start_matches(|c: char| c.is_ascii_digit()).trim_start().starts_with('|');
+    error.lines().filter(|line| !is_quote(line)).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_toml_error_names_the_line_but_never_quotes_it() {
+        for text in [
+            "[upstream]\nbase_url = \"https://user:hunter2@host\n",
+            "[[keys]]\nname = \"k\" sha256=\"hunter2\" project=\"P\"\n",
+        ] {
+            let error = Config::from_toml(text).map(|_| ()).expect_err("not TOML").to_string();
+            assert!(!error.contains("hunter2"), "{error}");
+            assert!(error.contains("line 2"), "{error}");
+        }
+        assert_eq!(
+            without_source_lines("at line 2, column 3\n  |\n2 | a = \"x\n  |   ^\nexpected `\"`"),
+            "at line 2, column 3: expected `\"`"
+        );
     }
 }

@@ -206,6 +206,15 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
                 errs.push("upstream.api_key_env", "must not be empty");
                 UpstreamAuth::Passthrough
             }
+            // Not echoed: a value that is no variable name may be the key itself, put here by mistake.
+            (Some(env), None) if !is_env_name(env) => {
+                errs.push(
+                    "upstream.api_key_env",
+                    "is not an environment variable name (letters, digits and _, at most 64): it names the \
+                     variable that holds the key, never the key itself",
+                );
+                UpstreamAuth::Passthrough
+            }
             (env, None) => UpstreamAuth::ApiKey(KeySource::Env(env.clone().unwrap_or_else(|| "MANTLE_API_KEY".into()))),
         },
         "passthrough" => {
@@ -423,6 +432,13 @@ pub(crate) fn is_project_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Whether `name` can be an environment variable's name.
+fn is_env_name(name: &str) -> bool {
+    name.len() <= 64
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 fn check_prefix(prefix: &str) -> Result<(), &'static str> {
     let Some(rest) = prefix.strip_prefix('/') else {
         return Err("must start with /");
@@ -612,6 +628,17 @@ mod tests {
         }
         assert!(check_prefix("/team-a/chat").is_ok());
         assert!(check_prefix("/team/v1beta").is_ok());
+    }
+
+    #[test]
+    fn api_key_env_names_a_variable_and_is_never_echoed() {
+        let errs = errors(&format!(
+            "[upstream]\napi_key_env = \"ABSKQmVkcm9ja0FQSUtleS1hYmNk+ZWZnaGlqa2xtbm9wcXJz=\"\n{BASE}"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("upstream.api_key_env: is not an environment variable name"), "{errs:?}");
+        assert!(!errs[0].contains("ABSK"), "{errs:?}");
+        assert!(errors(&format!("[upstream]\napi_key_env = \"MY_KEY_2\"\n{BASE}")).is_empty());
     }
 
     #[test]
