@@ -1,27 +1,33 @@
 //! `mantlegate keys new`: a fresh key, shown once, and the stanza that stores only its hash.
 
 use crate::auth::{generate_key, hash_key};
+use crate::config::check_name;
+
+/// `text` as a TOML basic string: JSON's escapes are a subset of TOML's.
+fn toml_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
 
 /// The text `keys new` prints.
 pub fn new_key(name: &str, project: Option<&str>) -> anyhow::Result<String> {
-    if name.trim().is_empty() || name.trim() != name || name.contains('"') || name.chars().any(char::is_control) {
-        anyhow::bail!("--name must be a non-empty name without quotes or surrounding spaces");
-    }
-    if project.is_some_and(|p| p.contains('"') || p.chars().any(char::is_control)) {
-        anyhow::bail!("--project must be a project name without quotes");
+    // The rules `check` holds the config's names to, so that the stanza always loads.
+    check_name(name).map_err(|why| anyhow::anyhow!("--name {why}"))?;
+    if let Some(project) = project {
+        check_name(project).map_err(|why| anyhow::anyhow!("--project {why}"))?;
     }
     let key = generate_key()?;
     let digest = hex::encode(hash_key(key.as_bytes()));
     let project = project.map_or_else(
         || "# project = \"<project name>\"   # the project this key's requests belong to\n".to_owned(),
-        |p| format!("project = \"{p}\"\n"),
+        |p| format!("project = {}\n", toml_string(p)),
     );
+    let name_text = toml_string(name);
     Ok(format!(
         "# Key for {name:?}. Give it to the caller now: it is shown only once and stored nowhere.\n\
          {key}\n\n\
          # Add this to the config:\n\
          [[keys]]\n\
-         name = \"{name}\"\n\
+         name = {name_text}\n\
          sha256 = \"{digest}\"\n\
          {project}\
          may_select = []\n"
@@ -45,8 +51,17 @@ mod tests {
     }
 
     #[test]
-    fn bad_names_are_refused() {
+    fn bad_names_are_refused_and_odd_ones_load_as_given() {
         assert!(new_key("", None).is_err());
-        assert!(new_key("a\"b", None).is_err());
+        assert!(new_key(" a", None).is_err());
+        assert!(new_key(&"x".repeat(129), None).is_err());
+        assert!(new_key("a\u{8}", None).is_err());
+        assert!(new_key("a", Some("")).is_err());
+        for (name, project) in [("a\\q", "P\\u00e9"), ("a\\b", "Pé"), ("say \"hi\"", "p'q")] {
+            let out = new_key(name, Some(project)).expect("key");
+            let parsed: toml::Value = toml::from_str(&out[out.find("[[keys]]").expect("stanza")..]).expect("TOML");
+            assert_eq!(parsed["keys"][0]["name"].as_str(), Some(name));
+            assert_eq!(parsed["keys"][0]["project"].as_str(), Some(project));
+        }
     }
 }

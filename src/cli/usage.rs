@@ -260,6 +260,13 @@ pub fn run(ledger: &Path, group_by: &str, since: Option<&str>, format: &str) -> 
     if skipped > 0 {
         let _ = writeln!(out, "({skipped} unreadable ledger lines skipped)");
     }
+    // Most likely a misspelt tag (they are case-sensitive), not a ledger without it.
+    if let GroupBy::Tag(tag) = &group_by
+        && !rows.is_empty()
+        && rows.iter().all(|r| r.group == "(untagged)")
+    {
+        let _ = writeln!(out, "(no ledger line carries the tag {tag:?}; tag names are case-sensitive)");
+    }
     Ok(out)
 }
 
@@ -322,6 +329,8 @@ mod tests {
         let out = run(&ledger, "Team", None, "csv").expect("report");
         assert!(out.contains(&format!("\nchat,3,{},11,0,0,2.000000,1,0\n", u64::MAX)), "{out}");
         assert!(out.contains("(1 unreadable ledger lines skipped)"), "{out}");
+        let out = run(&ledger, "team", None, "csv").expect("report");
+        assert!(out.contains("(no ledger line carries the tag \"team\"; tag names are case-sensitive)"), "{out}");
         // Nothing in the window: the total is zero, not minus zero.
         let out = run(&ledger, "Team", Some("1s"), "table").expect("report");
         assert!(!out.contains("-0.0000"), "{out}");

@@ -412,7 +412,7 @@ fn validate_metering(errs: &mut Errors, raw: &super::raw::RawMetering, prices: V
     Metering { enabled: raw.enabled, ledger_path, prices }
 }
 
-fn check_name(name: &str) -> Result<(), &'static str> {
+pub(crate) fn check_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         Err("must not be empty")
     } else if name.chars().count() > 128 {
