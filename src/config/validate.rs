@@ -97,6 +97,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
 
     let upstream = validate_upstream(&mut errs, &raw, callers);
     let taxonomy = Taxonomy { required_tags: raw.taxonomy.required_tags, allowed_values: raw.taxonomy.allowed_values };
+    validate_taxonomy(&mut errs, &taxonomy);
     let projects = validate_projects(&mut errs, raw.projects, &taxonomy);
 
     let lookup = |errs: &mut Errors, key: &str, name: &str| -> Option<ProjectIdx> {
@@ -432,6 +433,23 @@ pub(crate) fn is_project_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// The taxonomy itself, before the projects are held to it: each error once, here, rather than once per project.
+fn validate_taxonomy(errs: &mut Errors, taxonomy: &Taxonomy) {
+    let mut seen = HashSet::new();
+    for tag in &taxonomy.required_tags {
+        if tag.is_empty() {
+            errs.push("taxonomy.required_tags", "holds an empty tag name");
+        } else if !seen.insert(tag) {
+            errs.push("taxonomy.required_tags", format!("names {tag:?} twice"));
+        }
+    }
+    for (tag, allowed) in &taxonomy.allowed_values {
+        if allowed.is_empty() {
+            errs.push(format!("taxonomy.allowed_values.{tag}"), "is empty: no project could carry the tag");
+        }
+    }
+}
+
 /// Whether `name` can be an environment variable's name.
 fn is_env_name(name: &str) -> bool {
     name.len() <= 64
@@ -522,6 +540,17 @@ mod tests {
         ));
         assert!(errs.contains(&"projects[0].tags.CostCenter: missing".to_string()), "{errs:?}");
         assert!(errs.contains(&"projects[0].tags.Team: \"t\" is not one of x".to_string()), "{errs:?}");
+        // The taxonomy's own mistakes, each reported once.
+        let errs = errors(&format!(
+            "[taxonomy]\nrequired_tags = [\"Team\", \"Team\", \"\"]\n[taxonomy.allowed_values]\nTeam = []\n{BASE}"
+        ));
+        for expected in [
+            "taxonomy.required_tags: names \"Team\" twice",
+            "taxonomy.required_tags: holds an empty tag name",
+            "taxonomy.allowed_values.Team: is empty: no project could carry the tag",
+        ] {
+            assert_eq!(errs.iter().filter(|e| *e == expected).count(), 1, "{expected}: {errs:?}");
+        }
         // Tags that would make one label twice in the project's info series.
         let errs = errors(&format!(
             "{BASE}\n[[projects]]\nname = \"B\"\nid = \"proj_b\"\n\
