@@ -294,8 +294,12 @@ async fn serve_traffic(
     drop(listener);
     drain.start();
     let drained = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(grace, drained).await.is_err() {
-        tracing::warn!(grace = ?grace, "shutdown grace elapsed; closing remaining connections");
+    tokio::select! {
+        () = drained => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(grace = ?grace, "shutdown grace elapsed; closing remaining connections");
+        }
+        () = shutdown.hurried() => tracing::warn!("closing remaining connections now"),
     }
     // Aborts what is left and waits for it, so each cut request's record is written before this returns.
     connections.shutdown().await;
@@ -323,8 +327,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = running.shutdown.clone();
     tokio::select! {
         () = signal => {
+            // A second signal ends the grace: what is still open is closed now (and its lines still written).
+            // Listened for before the first is logged, so that one sent on seeing the log line is not missed.
+            let again = crate::shutdown::signal();
             tracing::info!("shutdown signal received");
-            running.stop().await;
+            let stopping = running.stop();
+            tokio::pin!(stopping);
+            tokio::select! {
+                () = &mut stopping => {}
+                () = again => {
+                    tracing::warn!("second shutdown signal: not waiting out the grace");
+                    shutdown.hurry();
+                    stopping.await;
+                }
+            }
         }
         () = shutdown.wait() => running.stopped().await,
     }

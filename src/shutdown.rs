@@ -19,6 +19,9 @@ pub struct Shutdown(Arc<Inner>);
 struct Inner {
     draining: AtomicBool,
     notify: Notify,
+    /// Set by a second signal: the grace is over at once.
+    hurried: AtomicBool,
+    hurry: Notify,
 }
 
 impl Shutdown {
@@ -35,15 +38,31 @@ impl Shutdown {
 
     /// Resolves once draining has begun.
     pub async fn wait(&self) {
-        let notified = self.0.notify.notified();
-        tokio::pin!(notified);
-        // Register before checking the flag, so a trigger in between is not missed.
-        notified.as_mut().enable();
-        if self.is_draining() {
-            return;
-        }
-        notified.await;
+        wait_for(&self.0.draining, &self.0.notify).await;
     }
+
+    /// Ends the drain's grace at once (a second signal): open connections are closed now.
+    pub fn hurry(&self) {
+        self.0.hurried.store(true, Ordering::Release);
+        self.0.hurry.notify_waiters();
+    }
+
+    /// Resolves once [`Self::hurry`] has been called.
+    pub async fn hurried(&self) {
+        wait_for(&self.0.hurried, &self.0.hurry).await;
+    }
+}
+
+/// Resolves once `flag` is set; `notify` is told when it is.
+async fn wait_for(flag: &AtomicBool, notify: &Notify) {
+    let notified = notify.notified();
+    tokio::pin!(notified);
+    // Register before checking the flag, so a trigger in between is not missed.
+    notified.as_mut().enable();
+    if flag.load(Ordering::Acquire) {
+        return;
+    }
+    notified.await;
 }
 
 /// One traffic thread's open connections, told together to finish what they are serving and close. It does

@@ -7,6 +7,7 @@ mod common;
 use std::process::Stdio;
 
 use common::*;
+use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -203,6 +204,39 @@ async fn serve_runs_the_configured_traffic_threads() {
     let lines: Vec<serde_json::Value> =
         output.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
     assert_eq!(lines.iter().filter(|l| l["target"] == "mantlegate::access").count(), 24);
+}
+
+#[tokio::test]
+async fn a_second_signal_ends_the_grace() {
+    let (mock, mut script_rx) = Mock::scripted().await;
+    let dir = temp_dir("second-signal");
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, config_text(mock.addr, &Opts { grace: "1h", ..Opts::default() })).unwrap();
+    let mut served = serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+    // A stream upstream never ends holds the drain for the whole grace.
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", served.addr))
+        .bearer_auth(CHAT_KEY)
+        .body(CHAT_BODY)
+        .send()
+        .await
+        .unwrap();
+    let script = script_rx.recv().await.unwrap();
+    script.tx.send(axum::body::Bytes::from_static(b"data: {}\n\n")).await.unwrap();
+    let mut stream = res.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+
+    sigterm(&served.child).await;
+    loop {
+        let line = tokio::time::timeout(WAIT, served.lines.next_line()).await.expect("no log line").unwrap().unwrap();
+        if line.contains("shutdown signal received") {
+            break;
+        }
+    }
+    sigterm(&served.child).await;
+    let status = tokio::time::timeout(WAIT, served.child.wait()).await.expect("still waiting out the grace").unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(script);
 }
 
 #[tokio::test]
