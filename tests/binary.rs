@@ -173,8 +173,10 @@ async fn serve_runs_the_configured_traffic_threads() {
     let mock = Mock::ok_json().await;
     let dir = temp_dir("workers");
     let config_path = dir.join("gateway.toml");
-    std::fs::write(&config_path, config_text(mock.addr, &Opts { server: "workers = 3", ..Opts::default() })).unwrap();
-    let mut served = serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+    std::fs::write(&config_path, config_text(mock.addr, &Opts { server: "workers = 1", ..Opts::default() })).unwrap();
+    // The count from an environment override: a number given as text.
+    let mut served =
+        serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY), ("MANTLEGATE__SERVER__WORKERS", "3")]).await;
     assert_eq!(served.workers, 3);
     let mut traffic: Vec<String> =
         thread_names(served.child.id().unwrap()).into_iter().filter(|n| n.starts_with("traffic-")).collect();
@@ -354,6 +356,22 @@ async fn check_prints_the_attribution_table_and_names_bad_keys() {
         .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("config/sidecar.toml: valid") && text.contains("upstream: http://127.0.0.1:7777"), "{text}");
+
+    // Overrides are text until the key's type says otherwise: "007" stays a name, "1.9" is no byte count.
+    for (key, value, expected) in [
+        ("MANTLEGATE__ATTRIBUTION__REROUTE_TO", "007", "no project named \"007\""),
+        ("MANTLEGATE__SERVER__MAX_BODY_BYTES", "1.9", "server.max_body_bytes"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["check", "--config", "config/mantlegate.toml"])
+            .env(key, value)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{key}={value}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(expected), "{key}={value}: {err}");
+    }
 }
 
 #[tokio::test]

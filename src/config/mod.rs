@@ -227,7 +227,7 @@ impl Config {
         }
         config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(config::Environment::with_prefix("MANTLEGATE").separator("__").try_parsing(true))
+            .add_source(config::Environment::with_prefix("MANTLEGATE").separator("__"))
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(|e| anyhow::anyhow!(without_source_lines(&e.to_string())))
