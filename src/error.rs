@@ -4,6 +4,13 @@
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
+/// `error` and its sources, outermost first.
+pub fn chain<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}
+
 /// A request-time error the gateway answers itself.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum GatewayError {

@@ -55,14 +55,10 @@ pub struct SendTimedOut(Duration);
 
 /// Whether a connection ended because its caller stopped reading.
 pub fn is_send_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.downcast_ref::<io::Error>().and_then(io::Error::get_ref).is_some_and(|inner| inner.is::<SendTimedOut>()) {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+    // An `io::Error`'s sources skip the error it wraps, so that one is looked at directly.
+    crate::error::chain(error).any(|e| {
+        e.downcast_ref::<io::Error>().and_then(io::Error::get_ref).is_some_and(|inner| inner.is::<SendTimedOut>())
+    })
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for SendTimeout<IO> {

@@ -148,13 +148,18 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// `url` as it may be shown in an error: anything that may be credentials (`user:password@`) replaced by `***@`.
-/// Everything from the scheme to the last `@` is masked, since a password may itself hold `/`, `?` or `#`
-/// (a URL parser then ends the authority early and never sees the `@`).
-fn shown_url(url: &str) -> String {
+/// Where credentials (`user:password@`) in `url` start and their `@` is: everything from the scheme to the last
+/// `@`, since a password may itself hold `/`, `?` or `#` (a URL parser then ends the authority early and never
+/// sees the `@`).
+fn credentials(url: &str) -> Option<(usize, usize)> {
     let start = url.find("://").map_or(0, |at| at + 3);
-    match url[start..].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+    url[start..].rfind('@').map(|at| (start, start + at))
+}
+
+/// `url` as it may be shown in an error: its [`credentials`] replaced by `***`.
+fn shown_url(url: &str) -> String {
+    match credentials(url) {
+        Some((start, at)) => format!("{}***{}", &url[..start], &url[at..]),
         None => url.to_owned(),
     }
 }
@@ -184,8 +189,8 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
             (http::uri::Scheme::HTTPS, None)
         }
     };
-    // The raw text, parsed or not, and not the parsed authority: a password holding `/` ends that early.
-    if u.base_url.split_once("://").map_or(u.base_url.as_str(), |(_, rest)| rest).contains('@') {
+    // The raw text, parsed or not: a password holding `/` ends the parsed authority early.
+    if credentials(&u.base_url).is_some() {
         errs.push("upstream.base_url", "must not carry credentials");
     }
     if authority.is_none() && errs.0.iter().all(|e| !e.starts_with("upstream.base_url")) {

@@ -530,19 +530,29 @@ impl UsageTap {
         }
     }
 
+    /// The usage member of a JSON body, in this dialect's shape (an Anthropic one added to what was counted).
+    fn usage_member(&mut self, body: &[u8], pick: Pick) -> Option<Usage> {
+        fn read<'a, T: Deserialize<'a>>(body: &'a [u8], pick: Pick) -> Option<T> {
+            match pick {
+                Pick::Last => member(body, Member::LastUsage),
+                Pick::LastThatParses => last_member_that_parses(body),
+            }
+        }
+        match self.dialect {
+            Dialect::Chat => read::<ChatUsage>(body, pick).map(Usage::from),
+            Dialect::Responses => read::<ResponsesUsage>(body, pick).map(Usage::from),
+            Dialect::Messages => read::<MessagesUsage>(body, pick).map(|u| {
+                self.anthropic.apply(Some(u));
+                self.anthropic.usage()
+            }),
+        }
+    }
+
     /// Reads usage and model from a JSON body too big to keep whole, from its start and its end: usage is the
     /// last `"usage"` member that parses, the model the first `"model"` member (in a Responses object it may
     /// come after megabytes of instructions, beyond the start kept: the request is then recorded unpriced).
     fn read_long_json_body(&mut self, head: &[u8], tail: &[u8]) {
-        let usage = match self.dialect {
-            Dialect::Chat => last_member_that_parses::<ChatUsage>(tail).map(Usage::from),
-            Dialect::Responses => last_member_that_parses::<ResponsesUsage>(tail).map(Usage::from),
-            Dialect::Messages => last_member_that_parses::<MessagesUsage>(tail).map(|u| {
-                self.anthropic.apply(Some(u));
-                self.anthropic.usage()
-            }),
-        };
-        self.usage = usage.or(self.usage);
+        self.usage = self.usage_member(tail, Pick::LastThatParses).or(self.usage);
         if self.need_model && self.model.is_none() {
             self.model = member::<String>(head, Member::FirstModel);
         }
@@ -552,14 +562,7 @@ impl UsageTap {
     /// first `"model"` member in every dialect, so only those two values are parsed; should that ever not
     /// hold, the whole body is parsed instead.
     fn read_json_body(&mut self, body: &[u8]) {
-        let usage = match self.dialect {
-            Dialect::Chat => member::<ChatUsage>(body, Member::LastUsage).map(Usage::from),
-            Dialect::Responses => member::<ResponsesUsage>(body, Member::LastUsage).map(Usage::from),
-            Dialect::Messages => member::<MessagesUsage>(body, Member::LastUsage).map(|u| {
-                self.anthropic.apply(Some(u));
-                self.anthropic.usage()
-            }),
-        };
+        let usage = self.usage_member(body, Pick::Last);
         if usage.is_some() {
             self.usage = usage;
             if self.need_model {
@@ -591,6 +594,15 @@ impl UsageTap {
             }
         }
     }
+}
+
+/// Which `"usage"` member of a JSON body is read.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// The last one (a whole body falls back to a whole parse should it not parse).
+    Last,
+    /// The last one that parses (a body's end, which has nothing to fall back to).
+    LastThatParses,
 }
 
 /// The members read from a JSON text without parsing all of it.

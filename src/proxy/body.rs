@@ -58,23 +58,12 @@ pub fn whole(bytes: Bytes) -> Outgoing {
 
 /// Whether an upstream client error was caused by the request body going over its cap.
 pub fn is_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
-    caused_by::<LengthLimitError>(error)
+    crate::error::chain(error).any(|e| e.is::<LengthLimitError>())
 }
 
 /// Whether an upstream client error was caused by the caller's body failing.
 pub fn is_caller_body_error(error: &(dyn std::error::Error + 'static)) -> bool {
-    caused_by::<CallerBodyError>(error)
-}
-
-fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.is::<E>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+    crate::error::chain(error).any(|e| e.is::<CallerBodyError>())
 }
 
 /// What the gateway needs to know from a JSON request body.
