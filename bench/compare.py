@@ -239,6 +239,12 @@ project = "Bench"
             proc.stop()
 
 
+def rotate(arms: list, n: int) -> list:
+    """The arms in round n's order: who goes first moves round by round, so none always runs on a warmer
+    (or busier) machine."""
+    return arms[n % len(arms):] + arms[:n % len(arms)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -370,9 +376,7 @@ def run(settings: Settings, work: Path) -> dict:
         floor = bench.start_arm(FLOOR)
         for arm in arms + [floor]:
             check(arm)
-        rotate = lambda arms, n: arms[n % len(arms):] + arms[:n % len(arms)]  # noqa: E731
         for round_ in range(settings.rounds):
-            # Rotate which arm goes first, so that none always runs on a warmer (or busier) machine.
             order = rotate(arms, round_)
             cells = {}
             for arm in rotate(arms + [floor], round_):
