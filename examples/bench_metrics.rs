@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<()> {
                                 ttfb: Some(0.0004),
                                 model: metered.then_some("openai.gpt-oss-120b"),
                                 usage: metered.then_some(usage),
+                                unmetered: None,
                             });
                         }
                     });

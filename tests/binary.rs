@@ -119,10 +119,13 @@ async fn serve_logs_one_json_line_per_request_and_never_a_secret() {
     assert_eq!(ok["model"], "openai.gpt-oss-20b");
     assert_eq!(ok["status"], 200);
     assert_eq!(ok["complete"], true);
+    // The mock's `{"ok":true}` names no usage, and the line says so.
+    assert_eq!(ok["unmetered"], "no_usage");
     assert!(ok["duration_ms"].as_f64().unwrap() >= ok["ttfb_ms"].as_f64().unwrap());
     let denied = &access[1];
     assert_eq!((denied["status"].as_u64(), denied["error"].as_str()), (Some(401), Some("invalid_api_key")));
     assert!(denied.get("key").is_none());
+    assert!(denied.get("unmetered").is_none(), "a refusal bills nothing: {denied}");
     assert!(output.iter().any(|l| l.contains("traffic listener drained")), "{all}");
 }
 

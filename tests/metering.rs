@@ -170,6 +170,8 @@ async fn chat_json_usage_and_cost() {
     assert_eq!(tokens, [1000, 500, 200, 100]);
     assert_close(l["cost_usd"].as_f64().unwrap(), CHAT_COST);
     assert!(l["request_id"].as_str().unwrap().len() == 36 && l["time"].as_str().unwrap().ends_with('Z'));
+    assert!(l.get("unmetered").is_none(), "{l}");
+    assert!(!text.contains("mantlegate_unmetered_requests_total{"), "{text}");
 }
 
 #[tokio::test]
@@ -293,6 +295,7 @@ async fn incomplete_streams_are_recorded_with_what_was_seen() {
     let ledger = m.ledger().await;
     assert_eq!(ledger[0]["complete"], false);
     assert_eq!(ledger[0]["output_tokens"].as_u64(), Some(500));
+    assert!(ledger[0].get("unmetered").is_none(), "its usage arrived: {}", ledger[0]);
 }
 
 #[tokio::test]
@@ -311,7 +314,7 @@ async fn a_stream_the_client_cut_is_recorded_as_incomplete() {
     let ledger = m.ledger().await;
     let line = &ledger[0];
     assert_eq!((line["complete"].as_bool(), line["model"].as_str()), (Some(false), Some("openai.gpt-5.4")));
-    assert_eq!(line["input_tokens"].as_u64(), Some(0));
+    assert_eq!((line["input_tokens"].as_u64(), line["unmetered"].as_str()), (Some(0), Some("incomplete")));
 }
 
 #[tokio::test]
@@ -422,13 +425,77 @@ async fn an_encoded_response_passes_through_unmetered() {
             .into_response()
     })
     .await;
-    let gw = Gw::start(mock, Opts::default()).await;
+    let m = start_with("encoded", mock, "").await;
     let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[]}"#;
-    let res = gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
+    let res = m.gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
     assert_eq!(res.headers()["content-encoding"], "gzip");
     // Untapped: the length upstream declared still holds (a rewriting tap would have dropped it).
     assert_eq!(res.headers()["content-length"], gzipped.len().to_string().as_str());
     assert_eq!(res.bytes().await.unwrap(), gzipped, "bytes the tap cannot read are not touched");
+    // ...and the spend the gateway could not see is said, not silent.
+    m.gw.metric_line(
+        r#"mantlegate_unmetered_requests_total{project="Chat-Prod",route="chat.completions",reason="encoded"} 1"#,
+    )
+    .await;
+    let ledger = m.ledger().await;
+    assert_eq!((ledger[0]["unmetered"].as_str(), ledger[0]["input_tokens"].as_u64()), (Some("encoded"), Some(0)));
+}
+
+#[tokio::test]
+async fn answers_that_bill_tokens_but_name_no_usage_are_marked_unmetered() {
+    let mock = Mock::start(|seen| async move {
+        match seen.uri.path().trim_start_matches("/openai") {
+            "/v1/chat/completions" => {
+                json_response(StatusCode::OK, r#"{"id":"c","object":"chat.completion","model":"m","choices":[]}"#)
+            }
+            // A background Response: queued, its usage not known yet.
+            "/v1/responses" => json_response(
+                StatusCode::OK,
+                r#"{"id":"resp_1","object":"response","status":"queued","model":"openai.gpt-5.4","usage":null}"#,
+            ),
+            "/anthropic/v1/messages" => json_response(StatusCode::TOO_MANY_REQUESTS, r#"{"type":"error"}"#),
+            _ => json_response(StatusCode::OK, r#"{"object":"list","data":[]}"#),
+        }
+    })
+    .await;
+    let m = start_with("no-usage", mock, "").await;
+    let gw = &m.gw;
+    for res in [
+        gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap(),
+        gw.post("/v1/responses", CHAT_KEY)
+            .body(r#"{"model":"openai.gpt-5.4","background":true}"#)
+            .send()
+            .await
+            .unwrap(),
+        gw.post("/anthropic/v1/messages", CHAT_KEY).body(r#"{"model":"m","messages":[]}"#).send().await.unwrap(),
+        gw.get("/v1/models", CHAT_KEY).send().await.unwrap(),
+    ] {
+        res.bytes().await.unwrap();
+    }
+    let text = gw
+        .metric_line(
+            r#"mantlegate_unmetered_requests_total{project="Chat-Prod",route="responses.create",reason="no_usage"} 1"#,
+        )
+        .await;
+    let metrics = parse_metrics(&text);
+    let unmetered: Vec<_> = metrics.keys().filter(|k| k.starts_with("mantlegate_unmetered_requests_total{")).collect();
+    assert_eq!(unmetered.len(), 2, "only the two answers that bill tokens: {unmetered:?}");
+    assert_eq!(
+        metrics[r#"mantlegate_unmetered_requests_total{project="Chat-Prod",route="chat.completions",reason="no_usage"}"#],
+        1.0
+    );
+    let ledger = m.ledger().await;
+    let reasons: Vec<_> = ledger.iter().map(|l| (l["route"].as_str(), l["unmetered"].as_str())).collect();
+    assert_eq!(
+        reasons,
+        [
+            (Some("chat.completions"), Some("no_usage")),
+            (Some("responses.create"), Some("no_usage")),
+            // An error answer bills nothing, and listing models never does.
+            (Some("messages"), None),
+            (Some("models.list"), None),
+        ]
+    );
 }
 
 #[tokio::test]

@@ -63,6 +63,8 @@ struct Line {
     cost_usd: Option<f64>,
     #[serde(default)]
     complete: bool,
+    /// Why the gateway could not read the response's usage (its tokens are then zero).
+    unmetered: Option<String>,
 }
 
 /// One group's totals.
@@ -86,6 +88,8 @@ pub struct Row {
     pub unpriced_requests: u64,
     /// Requests whose response did not end normally.
     pub incomplete_requests: u64,
+    /// Successful requests whose usage the gateway could not read: their tokens and cost are not in the sums.
+    pub unmetered_requests: u64,
 }
 
 /// Totals per group, most expensive first; `skipped` counts lines that could not be read.
@@ -135,6 +139,9 @@ pub fn aggregate(
         if !line.complete {
             row.incomplete_requests += 1;
         }
+        if line.unmetered.is_some() {
+            row.unmetered_requests += 1;
+        }
     }
     let mut rows: Vec<Row> = groups.into_values().collect();
     rows.sort_by(|a, b| b.cost_usd.total_cmp(&a.cost_usd).then_with(|| a.group.cmp(&b.group)));
@@ -171,13 +178,13 @@ pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<
         "csv" => {
             let _ = writeln!(
                 out,
-                "{},requests,input_tokens,output_tokens,cached_input_tokens,reasoning_tokens,cost_usd,unpriced_requests,incomplete_requests",
+                "{},requests,input_tokens,output_tokens,cached_input_tokens,reasoning_tokens,cost_usd,unpriced_requests,incomplete_requests,unmetered_requests",
                 csv_field(group_by.header())
             );
             for r in rows {
                 let _ = writeln!(
                     out,
-                    "{},{},{},{},{},{},{:.6},{},{}",
+                    "{},{},{},{},{},{},{:.6},{},{},{}",
                     csv_field(&r.group),
                     r.requests,
                     r.input_tokens,
@@ -186,7 +193,8 @@ pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<
                     r.reasoning_tokens,
                     r.cost_usd,
                     r.unpriced_requests,
-                    r.incomplete_requests
+                    r.incomplete_requests,
+                    r.unmetered_requests
                 );
             }
         }
@@ -224,6 +232,13 @@ pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<
             }
             let _ =
                 writeln!(out, "\ntotal: {total:.4} USD over {} requests", rows.iter().map(|r| r.requests).sum::<u64>());
+            let unmetered: u64 = rows.iter().map(|r| r.unmetered_requests).sum();
+            if unmetered > 0 {
+                let _ = writeln!(
+                    out,
+                    "({unmetered} requests were answered but not metered: their ledger lines say why in `unmetered`)"
+                );
+            }
         }
         other => anyhow::bail!("--format {other:?}: use table, csv or json"),
     }
@@ -307,8 +322,28 @@ mod tests {
         assert_eq!(rows.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), ["B", "C"]);
         let csv = render(&rows, &GroupBy::Project, "csv").expect("csv");
         assert!(csv.starts_with("project,requests,"));
-        assert!(csv.contains("\nB,1,1,1,0,0,0.250000,0,0\n"), "{csv}");
+        assert!(csv.contains("\nB,1,1,1,0,0,0.250000,0,0,0\n"), "{csv}");
         assert!(render(&rows, &GroupBy::Project, "xml").is_err());
+    }
+
+    #[test]
+    fn unmetered_requests_are_counted_and_said() {
+        let mut unread: serde_json::Value =
+            serde_json::from_str(&line("2026-11-25T10:00:00Z", "A", "chat", "m1", 0, 0, None)).expect("line");
+        unread["unmetered"] = "encoded".into();
+        let lines = [line("2026-11-25T10:00:00Z", "A", "chat", "m1", 10, 5, Some(1.0)), unread.to_string()];
+        let (rows, _) = aggregate(lines.into_iter(), &GroupBy::Project, None);
+        assert_eq!((rows[0].requests, rows[0].unmetered_requests, rows[0].unpriced_requests), (2, 1, 0));
+        let csv = render(&rows, &GroupBy::Project, "csv").expect("csv");
+        assert!(csv.contains("\nA,2,10,5,0,0,1.000000,0,0,1\n"), "{csv}");
+        let table = render(&rows, &GroupBy::Project, "table").expect("table");
+        assert!(table.contains("(1 requests were answered but not metered"), "{table}");
+        let (rows, _) = aggregate(
+            std::iter::once(line("2026-11-25T10:00:00Z", "A", "c", "m1", 1, 1, None)),
+            &GroupBy::Project,
+            None,
+        );
+        assert!(!render(&rows, &GroupBy::Project, "table").expect("table").contains("not metered"));
     }
 
     #[test]
@@ -327,7 +362,7 @@ mod tests {
         }
         std::fs::write(&ledger, text).expect("write");
         let out = run(&ledger, "Team", None, "csv").expect("report");
-        assert!(out.contains(&format!("\nchat,3,{},11,0,0,2.000000,1,0\n", u64::MAX)), "{out}");
+        assert!(out.contains(&format!("\nchat,3,{},11,0,0,2.000000,1,0,0\n", u64::MAX)), "{out}");
         assert!(out.contains("(1 unreadable ledger lines skipped)"), "{out}");
         let out = run(&ledger, "team", None, "csv").expect("report");
         assert!(out.contains("(no ledger line carries the tag \"team\"; tag names are case-sensitive)"), "{out}");

@@ -61,6 +61,13 @@ struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnmeteredLabels {
+    project: Label,
+    route: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
 }
@@ -124,6 +131,7 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     cost: Family<ModelLabels, CostCounter>,
     unpriced: Family<ModelLabels, Counter>,
+    unmetered: Family<UnmeteredLabels, Counter>,
     unattributed: Family<OutcomeLabels, Counter>,
     ledger_dropped: Counter,
     key_reloads: Family<ResultLabels, Counter>,
@@ -161,6 +169,8 @@ pub struct Observation<'a> {
     pub model: Option<&'a str>,
     /// Tokens, where seen.
     pub usage: Option<Usage>,
+    /// Why a response that bills tokens went unmetered.
+    pub unmetered: Option<super::Unmetered>,
 }
 
 impl Metrics {
@@ -187,6 +197,13 @@ impl Metrics {
         registry.register("cost_usd", "Cost in USD at configured prices", cost.clone());
         let unpriced = Family::<ModelLabels, Counter>::default();
         registry.register("unpriced_requests", "Metered requests for models with no price", unpriced.clone());
+        let unmetered = Family::<UnmeteredLabels, Counter>::default();
+        registry.register(
+            "unmetered_requests",
+            "Successful responses that bill tokens but whose usage the gateway could not read, by reason \
+             (encoded, no_usage, incomplete)",
+            unmetered.clone(),
+        );
         let unattributed = Family::<OutcomeLabels, Counter>::default();
         registry.register("unattributed", "Requests nothing attributed: rejected or rerouted", unattributed.clone());
         let ledger_dropped = Counter::default();
@@ -226,6 +243,7 @@ impl Metrics {
             tokens,
             cost,
             unpriced,
+            unmetered,
             unattributed,
             ledger_dropped,
             key_reloads,
@@ -259,6 +277,10 @@ impl Metrics {
         latency.duration.observe(o.duration);
         if let Some(ttfb) = o.ttfb {
             latency.ttfb.observe(ttfb);
+        }
+        if let Some(unmetered) = o.unmetered {
+            let labels = UnmeteredLabels { project: project.clone(), route, reason: unmetered.name() };
+            self.unmetered.get_or_create(&labels).inc();
         }
         let usage = o.usage?;
         let Some(model) = o.model else {
@@ -377,6 +399,7 @@ mod tests {
                 ttfb: Some(0.005),
                 model,
                 usage: (status == 200).then_some(usage),
+                unmetered: None,
             });
             assert_eq!(observed, cost, "{status} {model:?}");
         }

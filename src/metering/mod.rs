@@ -67,6 +67,31 @@ pub struct Meter {
     keys: Vec<String>,
 }
 
+/// Why a successful response from an endpoint that bills tokens was not metered: its ledger line carries
+/// zero tokens and `"unmetered":REASON`, its access line the same member, and
+/// `mantlegate_unmetered_requests_total` counts it, so spend the gateway could not see is never silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmetered {
+    /// Upstream compressed the body although the gateway asked for it uncompressed, so it passed unread.
+    Encoded,
+    /// The response ended as its protocol says without naming usage (a background Response, or an upstream
+    /// that sends none).
+    NoUsage,
+    /// The response stopped before its usage arrived: the caller left, or upstream broke off.
+    Incomplete,
+}
+
+impl Unmetered {
+    /// The reason's name in lines and labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Encoded => "encoded",
+            Self::NoUsage => "no_usage",
+            Self::Incomplete => "incomplete",
+        }
+    }
+}
+
 /// Everything known about a finished request.
 #[derive(Debug)]
 pub struct Finished<'a> {
@@ -92,6 +117,8 @@ pub struct Finished<'a> {
     pub ttfb: Option<Duration>,
     /// Whether the response ended as its protocol says it should.
     pub complete: bool,
+    /// Why a response that bills tokens went unmetered.
+    pub unmetered: Option<Unmetered>,
     /// Whether upstream was contacted (gateway rejections write no ledger line).
     pub forwarded: bool,
     /// When it finished (the access line's timestamp too).
@@ -160,6 +187,7 @@ impl Meter {
             ttfb: f.ttfb.map(|d| d.as_secs_f64()),
             model: f.model,
             usage: f.usage,
+            unmetered: f.unmetered,
         });
         let (Some(ledger), Some(project), true) = (&self.ledger, f.project, f.forwarded) else { return cost };
         let project = &self.projects[project.0];
@@ -182,8 +210,11 @@ impl Meter {
                 .f64_or_null("cost_usd", cost)
                 .millis("duration_ms", f.duration)
                 .millis_or_null("ttfb_ms", f.ttfb)
-                .bool("complete", f.complete)
-                .members(&project.ledger_fields);
+                .bool("complete", f.complete);
+            if let Some(unmetered) = f.unmetered {
+                line.str("unmetered", unmetered.name());
+            }
+            line.members(&project.ledger_fields);
             line.close();
         });
         cost

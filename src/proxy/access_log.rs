@@ -14,7 +14,7 @@ use crate::attribution::Source;
 use crate::auth::KeyIdx;
 use crate::config::ProjectIdx;
 use crate::metering::usage::UsageTap;
-use crate::metering::{Finished, Meter};
+use crate::metering::{Finished, Meter, Unmetered};
 use crate::telemetry::{JsonLine, Stamp};
 
 /// The request's record, filled in phase by phase.
@@ -43,6 +43,8 @@ pub struct AccessLog {
     pub stream: bool,
     /// Usage tap on the response body.
     pub tap: Option<UsageTap>,
+    /// Whether a response the tap should have read came compressed, and so passed unread.
+    pub encoded: bool,
     ttfb: Option<Duration>,
     body_ended: bool,
     stream_error: Option<String>,
@@ -73,6 +75,7 @@ impl AccessLog {
             forwarded: false,
             stream: false,
             tap: None,
+            encoded: false,
             ttfb: None,
             body_ended: false,
             stream_error: None,
@@ -117,6 +120,11 @@ impl Drop for AccessLog {
             (None, true, false) => Some("stream ended without its end marker"),
             (None, true, true) => None,
         };
+        let unmetered = match &self.tap {
+            _ if self.encoded => Some(Unmetered::Encoded),
+            Some(_) if usage.is_none() => Some(if complete { Unmetered::NoUsage } else { Unmetered::Incomplete }),
+            _ => None,
+        };
         let status = self.status.map_or(499, |s| s.as_u16());
         let meter = &self.meter;
         let cost = self.endpoint.and_then(|endpoint| {
@@ -132,6 +140,7 @@ impl Drop for AccessLog {
                 duration,
                 ttfb: self.ttfb,
                 complete,
+                unmetered,
                 forwarded: self.forwarded,
                 time,
             })
@@ -184,6 +193,9 @@ impl Drop for AccessLog {
             line.bool("complete", complete);
             if let Some(reason) = incomplete_reason {
                 line.str("incomplete_reason", reason);
+            }
+            if let Some(unmetered) = unmetered {
+                line.str("unmetered", unmetered.name());
             }
             line.close();
         });

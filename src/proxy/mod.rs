@@ -305,13 +305,20 @@ pub async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<Res
             if bodiless {
                 log.body_ended();
             }
-            if gateway.meter.taps && parts.status.is_success() && !encoded && !bodiless {
-                log.tap = Dialect::of(endpoint).map(|dialect| {
+            if gateway.meter.taps
+                && parts.status.is_success()
+                && !bodiless
+                && let Some(dialect) = Dialect::of(endpoint)
+            {
+                if encoded {
+                    log.encoded = true;
+                } else {
                     let tap = if log.stream { UsageTap::sse(dialect, usage_injected) } else { UsageTap::json(dialect) };
-                    if log.model.is_some() { tap.model_known() } else { tap }
-                });
-                if log.tap.as_ref().is_some_and(UsageTap::rewrites) {
-                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                    let tap = if log.model.is_some() { tap.model_known() } else { tap };
+                    if tap.rewrites() {
+                        parts.headers.remove(http::header::CONTENT_LENGTH);
+                    }
+                    log.tap = Some(tap);
                 }
             }
             let body = body::Observed::new(incoming, gateway.config.upstream.idle_timeout, log);
