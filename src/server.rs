@@ -302,6 +302,8 @@ async fn serve_traffic(
         () = shutdown.hurried() => tracing::warn!("closing remaining connections now"),
     }
     // Aborts what is left and waits for it, so each cut request's record is written before this returns.
+    // The tasks run on this thread, so their records see the mark.
+    crate::proxy::access_log::closing_connections();
     connections.shutdown().await;
     tender.abort();
 }

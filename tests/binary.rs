@@ -130,6 +130,46 @@ async fn serve_logs_one_json_line_per_request_and_never_a_secret() {
 }
 
 #[tokio::test]
+async fn a_stream_cut_at_the_end_of_the_grace_is_logged_as_cut_by_the_gateway() {
+    let (mock, mut scripts) = Mock::scripted().await;
+    let dir = temp_dir("grace-cut");
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, config_text(mock.addr, &Opts { grace: "300ms", ..Opts::default() })).unwrap();
+    let mut served = serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/v1/responses", served.addr))
+        .bearer_auth(CHAT_KEY)
+        .header("x-request-id", "rid-held")
+        .body(r#"{"model":"openai.gpt-5.4","stream":true}"#)
+        .send()
+        .await
+        .unwrap();
+    let script = scripts.recv().await.unwrap();
+    let created = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{}}\n\n";
+    script.tx.send(axum::body::Bytes::from_static(created)).await.unwrap();
+    let mut stream = res.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    // The caller keeps reading and upstream keeps the stream open: only the end of the grace cuts it.
+    sigterm(&served.child).await;
+    let status = tokio::time::timeout(WAIT, served.child.wait()).await.expect("no exit after the grace").unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut access = None;
+    while let Some(line) = served.lines.next_line().await.unwrap() {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["request_id"] == "rid-held" {
+            access = Some(v);
+        }
+    }
+    let access = access.expect("the cut request has its line");
+    assert_eq!(
+        (access["complete"].as_bool(), access["incomplete_reason"].as_str()),
+        (Some(false), Some("the gateway shut down before the response ended")),
+        "{access}"
+    );
+    drop((script, stream));
+}
+
+#[tokio::test]
 async fn an_access_line_is_written_as_soon_as_its_thread_is_idle() {
     // Traffic threads batch their access lines; a quiet gateway must not sit on them until the batch fills.
     let mock = Mock::ok_json().await;

@@ -116,6 +116,7 @@ impl Drop for AccessLog {
         let complete = self.body_ended && self.tap.as_ref().is_none_or(UsageTap::finished);
         let incomplete_reason = match (&self.stream_error, self.body_ended, complete) {
             (Some(e), _, _) => Some(e.as_str()),
+            (None, false, _) if CLOSING.get() => Some("the gateway shut down before the response ended"),
             (None, false, _) => Some("client went away before the response ended"),
             (None, true, false) => Some("stream ended without its end marker"),
             (None, true, true) => None,
@@ -292,6 +293,17 @@ thread_local! {
 /// than its thread stays busy.
 pub fn batch_lines() {
     let _ = PENDING.try_with(|p| p.borrow_mut().batched = true);
+}
+
+thread_local! {
+    /// Set on a traffic thread once its shutdown grace is over and it closes what is still open.
+    static CLOSING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this traffic thread as closing its remaining connections at the end of the shutdown grace: a
+/// response cut from now on was cut by the gateway, and its line says so rather than blaming the caller.
+pub fn closing_connections() {
+    CLOSING.set(true);
 }
 
 /// Writes this thread's pending access lines.
