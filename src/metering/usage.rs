@@ -450,8 +450,11 @@ impl UsageTap {
         frame
     }
 
-    /// Reads one SSE line.
+    /// Reads one SSE line. Nothing after the stream's end marker counts: the gateway ends the stream there.
     fn read_line(&mut self, line: &[u8]) -> LineSeen {
+        if self.finished {
+            return LineSeen::default();
+        }
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(data) = line.strip_prefix(b"data:") else { return LineSeen::default() };
@@ -1054,6 +1057,31 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out), "data: {\"choices\":[{\"delta\":{}}]}\r\n\r\ndata: [DONE]\r\n\r\n");
         assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((2, 3)));
         assert!(tap.finished());
+    }
+
+    #[test]
+    fn nothing_after_the_end_marker_counts() {
+        let usage =
+            |n| format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{n},\"completion_tokens\":{n}}}}}\n\n");
+        let done = "data: [DONE]\n\n";
+        let stop = "data: {\"type\":\"message_stop\"}\n\n";
+        let delta = |n| format!("data: {{\"type\":\"message_delta\",\"usage\":{{\"output_tokens\":{n}}}}}\n\n");
+        let completed = |n| {
+            format!(
+                "data: {{\"type\":\"response.completed\",\"response\":{{\"usage\":{{\"input_tokens\":{n},\"output_tokens\":{n}}}}}}}\n\n"
+            )
+        };
+        for (dialect, body) in [
+            (Dialect::Chat, format!("{}{done}{}", usage(2), usage(9))),
+            (Dialect::Messages, format!("{}{stop}{}", delta(2), delta(9))),
+            (Dialect::Responses, format!("{}{}", completed(2), completed(9))),
+        ] {
+            // All in one network chunk, as an upstream that keeps talking after its end marker might send it.
+            let mut tap = UsageTap::sse(dialect, false);
+            run(&mut tap, body.as_bytes(), body.len());
+            assert_eq!(tap.usage().map(|u| u.output), Some(2), "{dialect:?}");
+            assert!(tap.finished());
+        }
     }
 
     #[test]
