@@ -883,6 +883,24 @@ async fn a_key_file_rotated_as_kubernetes_does_it_is_used_without_a_restart() {
 }
 
 #[tokio::test]
+async fn a_key_file_removed_is_counted_as_failed_and_its_key_stays_in_use() {
+    let dir = fresh_dir("removed-key");
+    let path = dir.join("api-key");
+    std::fs::write(&path, "key-one").unwrap();
+    let upstream = format!("api_key_file = \"{}\"", path.display());
+    let gw = Gw::start(Mock::ok_json().await, Opts { upstream: upstream.leak(), ..Opts::default() }).await;
+    assert_eq!(upstream_authorization(&gw).await, "Bearer key-one");
+    std::fs::remove_file(&path).unwrap();
+    gw.metric_prefix("mantlegate_upstream_key_reloads_total{result=\"failed\"}").await;
+    assert_eq!(upstream_authorization(&gw).await, "Bearer key-one");
+    // Put back, it is used again.
+    std::fs::write(&path, "key-two").unwrap();
+    gw.metric_line("mantlegate_upstream_key_reloads_total{result=\"changed\"} 1").await;
+    assert_eq!(upstream_authorization(&gw).await, "Bearer key-two");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn a_key_file_edited_in_place_is_used_once_written() {
     let dir = fresh_dir("edited-key");
     let path = dir.join("api-key");

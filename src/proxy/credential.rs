@@ -115,10 +115,11 @@ impl KeyFileWatch {
         };
         // Absolute, as notify reports the paths of its events.
         let dir = std::path::absolute(dir)?;
+        let file = dir.join(path.file_name().unwrap_or_default());
         let handler = {
             let (source, dir, key) = (source.clone(), dir.clone(), key.clone());
             let meter = meter.clone();
-            move |event: notify::Result<notify::Event>| match event.map(|e| reaction(&e, &dir)) {
+            move |event: notify::Result<notify::Event>| match event.map(|e| reaction(&e, &dir, &file)) {
                 Ok(Reaction::Read) => key.reload(&source, &meter),
                 Ok(Reaction::Ignore) => {}
                 Ok(Reaction::WatchEnded) => tracing::warn!(
@@ -150,8 +151,9 @@ enum Reaction {
 /// file closed after writing, a link made to a file that already exists (`ln -sf`, `ln`), and anything the
 /// watcher cannot describe (after its queue overflowed, say). A regular file just created is read once it is
 /// closed, not while it is still empty or half-written; writes in progress, attribute changes and the
-/// gateway's own reads (opens, closes without writing) are ignored.
-fn reaction(event: &notify::Event, dir: &Path) -> Reaction {
+/// gateway's own reads (opens, closes without writing) are ignored. The key file itself removed is read too:
+/// the read fails, and is logged and counted as failed (the key in use stays).
+fn reaction(event: &notify::Event, dir: &Path, file: &Path) -> Reaction {
     match event.kind {
         EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Any)
         | EventKind::Access(AccessKind::Close(AccessMode::Write))
@@ -161,6 +163,7 @@ fn reaction(event: &notify::Event, dir: &Path) -> Reaction {
             Reaction::Read
         }
         EventKind::Remove(_) if event.paths.iter().any(|p| p == dir) => Reaction::WatchEnded,
+        EventKind::Remove(_) if event.paths.iter().any(|p| p == file) => Reaction::Read,
         _ => Reaction::Ignore,
     }
 }
@@ -192,9 +195,11 @@ mod tests {
             event(EventKind::Create(CreateKind::File), "link"),
             event(EventKind::Create(CreateKind::File), "hard"),
             event(EventKind::Other, ""),
+            event(EventKind::Remove(RemoveKind::File), "key"),
         ];
+        let key = dir.join("key");
         for e in &read {
-            assert_eq!(reaction(e, &dir), Reaction::Read, "{e:?}");
+            assert_eq!(reaction(e, &dir, &key), Reaction::Read, "{e:?}");
         }
         let ignored = [
             // Just created, still empty or half-written: read when it is closed.
@@ -204,13 +209,15 @@ mod tests {
             event(EventKind::Access(AccessKind::Close(AccessMode::Read)), "key"),
             event(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "key"),
             event(EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)), "key"),
-            event(EventKind::Remove(RemoveKind::File), "key"),
+            // Kubernetes removing the previous secret's directory after its swap.
+            event(EventKind::Remove(RemoveKind::Folder), "..2026_11_27_10_00_00.1"),
+            event(EventKind::Remove(RemoveKind::File), "other"),
         ];
         for e in &ignored {
-            assert_eq!(reaction(e, &dir), Reaction::Ignore, "{e:?}");
+            assert_eq!(reaction(e, &dir, &key), Reaction::Ignore, "{e:?}");
         }
         let gone = notify::Event::new(EventKind::Remove(RemoveKind::Folder)).add_path(dir.clone());
-        assert_eq!(reaction(&gone, &dir), Reaction::WatchEnded);
+        assert_eq!(reaction(&gone, &dir, &key), Reaction::WatchEnded);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
