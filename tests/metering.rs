@@ -442,6 +442,138 @@ async fn an_encoded_response_passes_through_unmetered() {
 }
 
 #[tokio::test]
+async fn edge_answers_are_metered_or_marked_as_what_they_are() {
+    let chat_json = format!(r#"{{"id":"c","object":"chat.completion","model":"m","choices":[],"usage":{CHAT_USAGE}}}"#);
+    let mock = Mock::start(move |seen| {
+        let chat_json = chat_json.clone();
+        async move {
+            match seen.header("x-case").unwrap_or_default() {
+                // Content codings are case-insensitive: this body is plain.
+                "identity" => (
+                    [(http::header::CONTENT_ENCODING, "Identity")],
+                    [(http::header::CONTENT_TYPE, "application/json")],
+                    chat_json,
+                )
+                    .into_response(),
+                "empty" => StatusCode::OK.into_response(),
+                _ => StatusCode::IM_A_TEAPOT.into_response(),
+            }
+        }
+    })
+    .await;
+    let m = start_with("edges", mock, "").await;
+    for case in ["identity", "empty"] {
+        let res =
+            m.gw.post("/v1/chat/completions", CHAT_KEY).header("x-case", case).body(CHAT_BODY).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{case}");
+        let body = res.bytes().await.unwrap();
+        assert_eq!(body.is_empty(), case == "empty", "{case}");
+    }
+    let ledger = m.ledger().await;
+    let seen: Vec<_> =
+        ledger.iter().map(|l| (l["input_tokens"].as_u64(), l["complete"].as_bool(), l["unmetered"].as_str())).collect();
+    assert_eq!(seen, [(Some(1000), Some(true), None), (Some(0), Some(true), Some("no_usage"))], "{ledger:?}");
+}
+
+/// An upstream written by hand (hyper only sends trailers to a peer that asked for them): it reads one request
+/// and answers `head` then `body` as one chunk ending in trailers, then holds the connection open, so that the
+/// body's end is the trailers' doing.
+async fn chunked_with_trailers(head: &'static str, body: String) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut conn, _) = upstream.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            let mut chunk = [0u8; 4096];
+            let n = conn.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+        };
+        let request = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let length: usize =
+            request.lines().find_map(|l| l.strip_prefix("content-length:")).unwrap().trim().parse().unwrap();
+        while buf.len() < end + length {
+            let mut chunk = [0u8; 4096];
+            let n = conn.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let response = format!(
+            "HTTP/1.1 200 OK\r\n{head}\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\nx-checksum: 1\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(response.as_bytes()).await.unwrap();
+        let _ = conn.read(&mut [0u8; 1]).await;
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_body_that_ends_in_trailers_is_metered() {
+    let json = format!(r#"{{"id":"c","object":"chat.completion","model":"m","choices":[],"usage":{CHAT_USAGE}}}"#);
+    let addr = chunked_with_trailers("content-type: application/json", json).await;
+    let m = start_opts("trailers", Mock::ok_json().await, Opts { upstream_addr: Some(addr), ..Opts::default() }).await;
+    let res = m.gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.unwrap().contains("\"usage\""));
+    let ledger = m.ledger().await;
+    let l = &ledger[0];
+    assert_eq!(
+        (l["input_tokens"].as_u64(), l["complete"].as_bool(), l.get("unmetered")),
+        (Some(1000), Some(true), None),
+        "{l}"
+    );
+}
+
+#[tokio::test]
+async fn an_event_held_back_when_trailers_end_the_stream_still_reaches_the_caller() {
+    // The gateway asked for usage on the caller's behalf, so it holds each event until its blank line; this
+    // stream's last event never gets one before the trailers.
+    let events = format!(
+        "data: {{\"choices\":[{{\"delta\":{{\"content\":\"Hi\"}}}}]}}\n\ndata: {{\"choices\":[],\"usage\":{CHAT_USAGE}}}\n\ndata: [DONE]"
+    );
+    let addr = chunked_with_trailers("content-type: text/event-stream", events).await;
+    let m =
+        start_opts("trailers-sse", Mock::ok_json().await, Opts { upstream_addr: Some(addr), ..Opts::default() }).await;
+    let body = r#"{"model":"openai.gpt-oss-120b","stream":true,"messages":[]}"#;
+    let res = m.gw.post("/v1/chat/completions", CHAT_KEY).body(body).send().await.unwrap();
+    assert_eq!(
+        res.text().await.unwrap(),
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]",
+        "the usage chunk hidden, the held-back end passed on"
+    );
+    let ledger = m.ledger().await;
+    assert_eq!(ledger[0]["input_tokens"].as_u64(), Some(1000), "{}", ledger[0]);
+}
+
+#[tokio::test]
+async fn an_anthropic_stream_cut_before_its_final_count_is_marked_incomplete_with_what_was_seen() {
+    let (mock, mut script_rx) = Mock::scripted().await;
+    let m = start_with("anthropic-cut", mock, "").await;
+    let res =
+        m.gw.post("/anthropic/v1/messages", CHAT_KEY)
+            .body(r#"{"model":"anthropic.claude-sonnet-4-5","stream":true,"messages":[]}"#)
+            .send()
+            .await
+            .unwrap();
+    let script = script_rx.recv().await.unwrap();
+    script.tx.send(Bytes::from_static(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"anthropic.claude-sonnet-4-5\",\"usage\":{\"input_tokens\":300,\"output_tokens\":1}}}\n\n")).await.unwrap();
+    // Upstream ends the body there: no message_delta with the final output count, no message_stop.
+    drop(script);
+    res.bytes().await.unwrap();
+    let ledger = m.ledger().await;
+    let l = &ledger[0];
+    assert_eq!(
+        (l["input_tokens"].as_u64(), l["complete"].as_bool(), l["unmetered"].as_str()),
+        (Some(300), Some(false), Some("incomplete")),
+        "{l}"
+    );
+}
+
+#[tokio::test]
 async fn answers_that_bill_tokens_but_name_no_usage_are_marked_unmetered() {
     let mock = Mock::start(|seen| async move {
         match seen.uri.path().trim_start_matches("/openai") {

@@ -88,7 +88,7 @@ pub struct Row {
     pub unpriced_requests: u64,
     /// Requests whose response did not end normally.
     pub incomplete_requests: u64,
-    /// Successful requests whose usage the gateway could not read: their tokens and cost are not in the sums.
+    /// Successful requests whose usage the gateway could not (fully) read: what they cost is missing from the sums.
     pub unmetered_requests: u64,
 }
 
@@ -234,9 +234,10 @@ pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<
                 writeln!(out, "\ntotal: {total:.4} USD over {} requests", rows.iter().map(|r| r.requests).sum::<u64>());
             let unmetered: u64 = rows.iter().map(|r| r.unmetered_requests).sum();
             if unmetered > 0 {
+                let requests = if unmetered == 1 { "request was" } else { "requests were" };
                 let _ = writeln!(
                     out,
-                    "({unmetered} requests were answered but not metered: their ledger lines say why in `unmetered`)"
+                    "({unmetered} {requests} answered but not fully metered: the ledger's `unmetered` says why)"
                 );
             }
         }
@@ -337,13 +338,13 @@ mod tests {
         let csv = render(&rows, &GroupBy::Project, "csv").expect("csv");
         assert!(csv.contains("\nA,2,10,5,0,0,1.000000,0,0,1\n"), "{csv}");
         let table = render(&rows, &GroupBy::Project, "table").expect("table");
-        assert!(table.contains("(1 requests were answered but not metered"), "{table}");
+        assert!(table.contains("(1 request was answered but not fully metered"), "{table}");
         let (rows, _) = aggregate(
             std::iter::once(line("2026-11-25T10:00:00Z", "A", "c", "m1", 1, 1, None)),
             &GroupBy::Project,
             None,
         );
-        assert!(!render(&rows, &GroupBy::Project, "table").expect("table").contains("not metered"));
+        assert!(!render(&rows, &GroupBy::Project, "table").expect("table").contains("metered"));
     }
 
     #[test]

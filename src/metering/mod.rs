@@ -67,17 +67,18 @@ pub struct Meter {
     keys: Vec<String>,
 }
 
-/// Why a successful response from an endpoint that bills tokens was not metered: its ledger line carries
-/// zero tokens and `"unmetered":REASON`, its access line the same member, and
+/// Why a successful response from an endpoint that bills tokens was not (or not fully) metered: its ledger and
+/// access lines carry `"unmetered":REASON` beside whatever tokens were seen, and
 /// `mantlegate_unmetered_requests_total` counts it, so spend the gateway could not see is never silent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unmetered {
     /// Upstream compressed the body although the gateway asked for it uncompressed, so it passed unread.
     Encoded,
-    /// The response ended as its protocol says without naming usage (a background Response, or an upstream
-    /// that sends none).
+    /// The response ended as its protocol says without usage that counts anything (a background Response, an
+    /// upstream that sends none, or one whose usage object is empty or unreadable).
     NoUsage,
-    /// The response stopped before its usage arrived: the caller left, or upstream broke off.
+    /// The response stopped before its final usage arrived: the caller left, or upstream broke off. What was seen
+    /// is kept (an Anthropic stream cut after `message_start` has its input count).
     Incomplete,
 }
 

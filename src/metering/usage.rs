@@ -221,6 +221,11 @@ impl UsageTap {
         self.usage
     }
 
+    /// Whether the usage seen is the response's final count, not the start of an Anthropic stream's.
+    pub fn usage_final(&self) -> bool {
+        self.usage.is_some() && (self.dialect != Dialect::Messages || self.anthropic.settled)
+    }
+
     /// The model the response names.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
@@ -363,8 +368,9 @@ impl UsageTap {
         if terminal {
             self.finished = true;
             // Members after `usage` (`metadata`, whose values are strings) may name a "usage" too.
-            if let Some(usage) = last_member_that_parses::<ResponsesUsage>(line_tail) {
-                self.usage = Some(usage.into());
+            if let Some(usage) = last_member_that_parses::<ResponsesUsage>(line_tail).and_then(ResponsesUsage::counted)
+            {
+                self.usage = Some(usage);
             }
             if self.model.is_none() {
                 self.model = member::<String>(line_head, Member::FirstModel);
@@ -480,13 +486,13 @@ impl UsageTap {
                 // parsed alone as in a JSON body; should that not work, the whole chunk is parsed instead.
                 if usage.object {
                     if let Some(u) = member::<ChatUsage>(data, Member::LastUsage) {
-                        self.usage = Some(u.into());
+                        self.usage = u.counted().or(self.usage);
                         seen.usage_only = member::<Vec<serde::de::IgnoredAny>>(data, Member::FirstChoices)
                             .is_some_and(|choices| choices.is_empty());
                     } else if let Ok(chunk) = serde_json::from_slice::<ChatBody>(data) {
                         self.model = self.model.take().or(chunk.model);
                         if let Some(u) = chunk.usage {
-                            self.usage = Some(u.into());
+                            self.usage = u.counted().or(self.usage);
                             seen.usage_only = chunk.choices.is_some_and(|c| c.is_empty());
                         }
                     }
@@ -504,7 +510,7 @@ impl UsageTap {
                             self.finished = true;
                             if let Some(r) = event.response {
                                 self.model = r.model.or(self.model.take());
-                                self.usage = r.usage.map(Into::into).or(self.usage);
+                                self.usage = r.usage.and_then(ResponsesUsage::counted).or(self.usage);
                             }
                         }
                     }
@@ -520,10 +526,10 @@ impl UsageTap {
                     if let Ok(event) = serde_json::from_slice::<MessagesEvent>(data) {
                         if let Some(m) = event.message {
                             self.model = m.model.or(self.model.take());
-                            self.anthropic.apply(m.usage);
+                            self.anthropic.apply(m.usage, false);
                         }
-                        self.anthropic.apply(event.usage);
-                        self.usage = Some(self.anthropic.usage());
+                        self.anthropic.apply(event.usage, true);
+                        self.usage = self.anthropic.usage();
                     }
                 } else if NEEDLES.message_stop.find(data).is_some() {
                     self.finished = true;
@@ -542,10 +548,10 @@ impl UsageTap {
             }
         }
         match self.dialect {
-            Dialect::Chat => read::<ChatUsage>(body, pick).map(Usage::from),
-            Dialect::Responses => read::<ResponsesUsage>(body, pick).map(Usage::from),
-            Dialect::Messages => read::<MessagesUsage>(body, pick).map(|u| {
-                self.anthropic.apply(Some(u));
+            Dialect::Chat => read::<ChatUsage>(body, pick).and_then(ChatUsage::counted),
+            Dialect::Responses => read::<ResponsesUsage>(body, pick).and_then(ResponsesUsage::counted),
+            Dialect::Messages => read::<MessagesUsage>(body, pick).and_then(|u| {
+                self.anthropic.apply(Some(u), true);
                 self.anthropic.usage()
             }),
         }
@@ -577,22 +583,20 @@ impl UsageTap {
             Dialect::Chat => {
                 if let Ok(b) = serde_json::from_slice::<ChatBody>(body) {
                     self.model = b.model;
-                    self.usage = b.usage.map(Into::into);
+                    self.usage = b.usage.and_then(ChatUsage::counted);
                 }
             }
             Dialect::Responses => {
                 if let Ok(r) = serde_json::from_slice::<ResponsesObject>(body) {
                     self.model = r.model;
-                    self.usage = r.usage.map(Into::into);
+                    self.usage = r.usage.and_then(ResponsesUsage::counted);
                 }
             }
             Dialect::Messages => {
                 if let Ok(m) = serde_json::from_slice::<MessagesObject>(body) {
                     self.model = m.model;
-                    if m.usage.is_some() {
-                        self.anthropic.apply(m.usage);
-                        self.usage = Some(self.anthropic.usage());
-                    }
+                    self.anthropic.apply(m.usage, true);
+                    self.usage = self.anthropic.usage();
                 }
             }
         }
@@ -703,10 +707,8 @@ struct ChatBody {
 
 #[derive(Deserialize)]
 struct ChatUsage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
     prompt_tokens_details: Option<CachedDetails>,
     completion_tokens_details: Option<ReasoningDetails>,
 }
@@ -723,14 +725,15 @@ struct ReasoningDetails {
     reasoning_tokens: Option<u64>,
 }
 
-impl From<ChatUsage> for Usage {
-    fn from(u: ChatUsage) -> Self {
-        Self {
-            input: u.prompt_tokens,
-            output: u.completion_tokens,
-            cached_input: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
-            reasoning: u.completion_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
-        }
+impl ChatUsage {
+    /// The usage, if the object counts anything: `{}`, or another dialect's names, is no usage at all.
+    fn counted(self) -> Option<Usage> {
+        (self.prompt_tokens.is_some() || self.completion_tokens.is_some()).then(|| Usage {
+            input: self.prompt_tokens.unwrap_or(0),
+            output: self.completion_tokens.unwrap_or(0),
+            cached_input: self.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            reasoning: self.completion_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+        })
     }
 }
 
@@ -749,22 +752,21 @@ struct ResponsesObject {
 
 #[derive(Deserialize)]
 struct ResponsesUsage {
-    #[serde(default)]
-    input_tokens: u64,
-    #[serde(default)]
-    output_tokens: u64,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
     input_tokens_details: Option<CachedDetails>,
     output_tokens_details: Option<ReasoningDetails>,
 }
 
-impl From<ResponsesUsage> for Usage {
-    fn from(u: ResponsesUsage) -> Self {
-        Self {
-            input: u.input_tokens,
-            output: u.output_tokens,
-            cached_input: u.input_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
-            reasoning: u.output_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
-        }
+impl ResponsesUsage {
+    /// The usage, if the object counts anything (as [`ChatUsage::counted`]).
+    fn counted(self) -> Option<Usage> {
+        (self.input_tokens.is_some() || self.output_tokens.is_some()).then(|| Usage {
+            input: self.input_tokens.unwrap_or(0),
+            output: self.output_tokens.unwrap_or(0),
+            cached_input: self.input_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            reasoning: self.output_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+        })
     }
 }
 
@@ -797,25 +799,36 @@ struct AnthropicCounters {
     output: u64,
     cache_read: u64,
     cache_creation: u64,
+    /// Whether any usage object counted input or output tokens.
+    counted: bool,
+    /// Whether the final count arrived (a body's usage, or a stream's `message_delta`): `message_start`'s
+    /// output count is only where the stream began.
+    settled: bool,
 }
 
 impl AnthropicCounters {
-    fn apply(&mut self, usage: Option<MessagesUsage>) {
+    /// Takes in a usage object; `settles` for one that carries the final counts.
+    fn apply(&mut self, usage: Option<MessagesUsage>, settles: bool) {
         let Some(u) = usage else { return };
+        if u.input_tokens.is_none() && u.output_tokens.is_none() {
+            return;
+        }
         self.input = u.input_tokens.unwrap_or(self.input);
         self.output = u.output_tokens.unwrap_or(self.output);
         self.cache_read = u.cache_read_input_tokens.unwrap_or(self.cache_read);
         self.cache_creation = u.cache_creation_input_tokens.unwrap_or(self.cache_creation);
+        self.counted = true;
+        self.settled |= settles;
     }
 
-    /// Cache reads and writes folded into `input`, as the other dialects count it.
-    fn usage(&self) -> Usage {
-        Usage {
+    /// Cache reads and writes folded into `input`, as the other dialects count it; none if nothing was counted.
+    fn usage(&self) -> Option<Usage> {
+        self.counted.then(|| Usage {
             input: self.input.saturating_add(self.cache_read).saturating_add(self.cache_creation),
             output: self.output,
             cached_input: self.cache_read,
             reasoning: 0,
-        }
+        })
     }
 }
 
@@ -1057,6 +1070,48 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out), "data: {\"choices\":[{\"delta\":{}}]}\r\n\r\ndata: [DONE]\r\n\r\n");
         assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((2, 3)));
         assert!(tap.finished());
+    }
+
+    #[test]
+    fn a_usage_object_that_counts_nothing_is_no_usage() {
+        for (dialect, body) in [
+            (Dialect::Chat, r#"{"model":"m","usage":{"input_tokens":10,"output_tokens":5}}"#),
+            (Dialect::Chat, r#"{"model":"m","usage":{}}"#),
+            (Dialect::Responses, r#"{"model":"m","usage":{"prompt_tokens":10,"completion_tokens":5}}"#),
+            (Dialect::Messages, r#"{"model":"m","usage":{}}"#),
+        ] {
+            let mut tap = UsageTap::json(dialect);
+            run(&mut tap, body.as_bytes(), 64);
+            assert_eq!(tap.usage(), None, "{dialect:?} {body}");
+            assert!(tap.finished() && !tap.usage_final());
+        }
+        let completed = "data: {\"type\":\"response.completed\",\"response\":{\"usage\":{}}}\n\n";
+        let mut tap = UsageTap::sse(Dialect::Responses, false);
+        run(&mut tap, completed.as_bytes(), 16);
+        assert!(tap.finished(), "the stream still ends at its terminal event");
+        assert_eq!(tap.usage(), None);
+        // One count is enough to be usage.
+        let mut tap = UsageTap::json(Dialect::Chat);
+        run(&mut tap, br#"{"usage":{"completion_tokens":5}}"#, 64);
+        assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((0, 5)));
+    }
+
+    #[test]
+    fn an_anthropic_stream_has_its_final_usage_only_from_message_delta() {
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":300,\"output_tokens\":1}}}\n\n";
+        let bare_start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\"}}\n\n";
+        let delta = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":40}}\n\n";
+        let stop = "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let mut tap = UsageTap::sse(Dialect::Messages, false);
+        run(&mut tap, format!("{bare_start}{stop}").as_bytes(), 16);
+        assert_eq!(tap.usage(), None, "no usage member, no usage");
+        let mut tap = UsageTap::sse(Dialect::Messages, false);
+        run(&mut tap, start.as_bytes(), 16);
+        assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((300, 1)));
+        assert!(!tap.usage_final(), "message_start's output count is where the stream began");
+        run(&mut tap, format!("{delta}{stop}").as_bytes(), 16);
+        assert_eq!(tap.usage().map(|u| (u.input, u.output)), Some((300, 40)));
+        assert!(tap.usage_final() && tap.finished());
     }
 
     #[test]

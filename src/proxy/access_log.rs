@@ -123,7 +123,9 @@ impl Drop for AccessLog {
         };
         let unmetered = match &self.tap {
             _ if self.encoded => Some(Unmetered::Encoded),
-            Some(_) if usage.is_none() => Some(if complete { Unmetered::NoUsage } else { Unmetered::Incomplete }),
+            // Cut before its final count: what was seen (perhaps nothing) is recorded, and marked.
+            Some(tap) if !complete && !tap.usage_final() => Some(Unmetered::Incomplete),
+            Some(_) if usage.is_none() => Some(Unmetered::NoUsage),
             _ => None,
         };
         let status = self.status.map_or(499, |s| s.as_u16());

@@ -269,7 +269,16 @@ where
                             this.log.first_byte();
                             Frame::data(data)
                         }
-                        Err(trailers) => trailers,
+                        Err(trailers) => {
+                            // Trailers end the body: the tap reads what it held back, which goes out instead
+                            // of them. (Callers never get upstream's trailers anyway: `Trailer` is dropped as
+                            // hop-by-hop, and hyper sends only the trailer fields a response declares there.)
+                            let rest = this.log.tap.as_mut().map(UsageTap::finish).unwrap_or_default();
+                            *this.done = true;
+                            this.log.body_ended();
+                            let frame = if rest.is_empty() { trailers } else { Frame::data(rest) };
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
                     };
                     if ended {
                         *this.done = true;

@@ -299,7 +299,11 @@ pub async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<Res
                 .headers
                 .get(http::header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-            let encoded = parts.headers.get(http::header::CONTENT_ENCODING).is_some_and(|v| v != "identity");
+            // Content codings are case-insensitive.
+            let encoded = parts
+                .headers
+                .get(http::header::CONTENT_ENCODING)
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
             // hyper sends these without polling their body: they are complete once their head is.
             let bodiless = matches!(parts.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
             if bodiless {
@@ -320,6 +324,14 @@ pub async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<Res
                     }
                     log.tap = Some(tap);
                 }
+            }
+            // An empty body (`Content-Length: 0`) is never polled either: it ends here, and a tap reads it as the
+            // nothing it is.
+            if !bodiless && http_body::Body::is_end_stream(&incoming) {
+                if let Some(tap) = &mut log.tap {
+                    tap.finish();
+                }
+                log.body_ended();
             }
             let body = body::Observed::new(incoming, gateway.config.upstream.idle_timeout, log);
             Response::from_parts(parts, Either::Left(Box::pin(body)))
