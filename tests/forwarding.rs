@@ -661,6 +661,93 @@ async fn oversized_bodies_get_413() {
 }
 
 #[tokio::test]
+async fn a_caller_that_sends_its_whole_body_before_reading_gets_the_early_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // More than both ends' socket buffers hold, so most of it arrives after the answer was sent.
+    const UPLOAD: usize = 24 << 20;
+    let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    for (key, status) in [("not-a-key", "401"), (CHAT_KEY, "413")] {
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {UPLOAD}\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // As Python's http.client does: the whole request first, then the answer.
+        tokio::time::timeout(WAIT, conn.write_all(&vec![b' '; UPLOAD]))
+            .await
+            .expect("the upload never finished")
+            .expect("the connection was reset under the upload");
+        let mut answer = Vec::new();
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(WAIT, conn.read(&mut chunk)).await.unwrap().unwrap();
+            assert!(n > 0, "closed before the answer: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
+        // The rest of this answer's body, so the next request starts clean on the same connection.
+        let length: usize = answer
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .unwrap();
+        let have = answer.len() - answer.find("\r\n\r\n").unwrap() - 4;
+        let mut rest = vec![0u8; length - have];
+        conn.read_exact(&mut rest).await.unwrap();
+    }
+    // Both uploads were read to their end, so the connection is still good for the next request.
+    conn.write_all(raw_chat_request(CHAT_KEY).as_bytes()).await.unwrap();
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(WAIT, conn.read_exact(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    assert_eq!(gw.mock.hits(), 1);
+}
+
+#[tokio::test]
+async fn an_early_upstream_refusal_reaches_a_caller_still_uploading() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const UPLOAD: usize = 24 << 20;
+    // Upstream refuses on the request head, without reading the body. The gateway has its whole answer at once,
+    // so it stops uploading and throws the rest of the caller's upload away.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut conn, _) = upstream.accept().await.unwrap();
+        let mut buf = Vec::new();
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = conn.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let refusal = r#"{"error":{"message":"no","type":"invalid_request_error","param":null,"code":null}}"#;
+        let answer = format!("HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n{refusal}", refusal.len());
+        conn.write_all(answer.as_bytes()).await.unwrap();
+        // It reads no more, and neither closes (which, with the upload unread, would reset the connection and
+        // could take the answer with it) nor lets go.
+        std::future::pending::<()>().await;
+        drop(conn);
+    });
+    let gw = Gw::start(
+        Mock::ok_json().await,
+        Opts { upstream_addr: Some(upstream_addr), max_body_bytes: 2 * UPLOAD as u64, ..Opts::default() },
+    )
+    .await;
+    let mut caller = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {CHAT_KEY}\r\ncontent-length: {UPLOAD}\r\n\r\n"
+    );
+    caller.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::timeout(WAIT, caller.write_all(&vec![b' '; UPLOAD]))
+        .await
+        .expect("the upload never finished")
+        .expect("the connection was reset under the upload");
+    let mut start = [0u8; 12];
+    tokio::time::timeout(WAIT, caller.read_exact(&mut start)).await.unwrap().unwrap();
+    assert_eq!(&start, b"HTTP/1.1 400");
+}
+
+#[tokio::test]
 async fn unreachable_upstream_is_502() {
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

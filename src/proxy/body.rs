@@ -36,7 +36,72 @@ pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), Gate
 pub type Outgoing = Either<Limited<CallerBody>, Full<Bytes>>;
 
 /// The caller's body as it arrives, its errors marked as the caller's.
-pub type CallerBody = http_body_util::combinators::MapErr<Incoming, fn(hyper::Error) -> CallerBodyError>;
+pub type CallerBody = http_body_util::combinators::MapErr<CallerIncoming, fn(hyper::Error) -> CallerBodyError>;
+
+/// How much of an upload the gateway reads and throws away after answering without it.
+pub const DISCARD_BYTES: usize = 64 << 20;
+/// How long the gateway keeps reading an upload it answered without.
+pub const DISCARD_TIME: Duration = Duration::from_secs(30);
+
+/// The caller's request body. Dropped before its end, because the gateway answered without the rest (a
+/// refusal, a 413, upstream's early answer), it is read to its end and thrown away by a task of its own, as
+/// nginx discards an unread body. hyper then finishes reading the request, so a caller that writes its whole
+/// request before it reads (Python's `http.client`, many simple clients) gets the answer rather than a reset
+/// from a socket closed with data unread, and the connection stays usable. At most [`DISCARD_BYTES`] over
+/// [`DISCARD_TIME`] are read so; past either, the connection is closed.
+#[derive(Debug)]
+pub struct CallerIncoming(Option<Incoming>);
+
+impl CallerIncoming {
+    /// The caller's body, as hyper hands it over.
+    pub fn new(body: Incoming) -> Self {
+        Self(Some(body))
+    }
+}
+
+impl http_body::Body for CallerIncoming {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().0 {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(Incoming::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.as_ref().map(Incoming::size_hint).unwrap_or_default()
+    }
+}
+
+impl Drop for CallerIncoming {
+    fn drop(&mut self) {
+        if let Some(body) = self.0.take().filter(|body| !http_body::Body::is_end_stream(body))
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(discard(body));
+        }
+    }
+}
+
+/// Reads a body to its end and throws it away, within [`DISCARD_BYTES`] and [`DISCARD_TIME`]. A caller that
+/// went away ends it at once.
+async fn discard(mut body: Incoming) {
+    let until = Instant::now() + DISCARD_TIME;
+    let mut left = DISCARD_BYTES;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(until, body.frame()).await {
+        let n = frame.data_ref().map_or(0, Bytes::len);
+        if n >= left {
+            return;
+        }
+        left -= n;
+    }
+}
 
 /// The caller's body failed (a malformed chunk, or the caller stopped before its declared length): the caller's
 /// fault, not upstream's, which [`is_caller_body_error`] recognises in a failed upstream request.
@@ -46,7 +111,7 @@ pub struct CallerBodyError(#[source] hyper::Error);
 
 /// A request body forwarded as it arrives; going over `limit` fails the upstream request, which
 /// [`is_over_limit`] recognises, as is the caller's body failing ([`is_caller_body_error`]).
-pub fn streamed(body: Incoming, limit: u64) -> Outgoing {
+pub fn streamed(body: CallerIncoming, limit: u64) -> Outgoing {
     let body: CallerBody = body.map_err(CallerBodyError);
     Either::Left(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)))
 }

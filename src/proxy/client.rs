@@ -192,24 +192,28 @@ impl UpstreamClient {
             },
         };
         let (parts, incoming) = response.into_parts();
-        let conn = if uploaded.load(Ordering::Acquire) {
-            Some(conn)
+        let (conn, upload) = if uploaded.load(Ordering::Acquire) {
+            (Some(conn), None)
         } else {
             // Upstream answered before it had the whole request body. The rest must not wait for the caller
             // to read the response (a caller that sends everything before reading would wait forever): the
-            // connection gets a task of its own for the rest of this exchange, and is closed after it.
+            // connection gets a task of its own for the rest of this exchange, and is closed after it. Once
+            // the answer has ended, upstream needs no more of the request: the task is ended then (the caller's
+            // body, dropped unread, is read and thrown away, so the caller can finish sending and read).
             let Conn { sender, driver } = conn;
             drop(sender);
-            if let Some(driver) = driver {
+            let upload = driver.map(|driver| {
                 tokio::spawn(async move {
                     if let Err(e) = driver.await {
                         tracing::debug!(error = %e, "upstream connection ended with an error");
                     }
-                });
-            }
-            None
+                })
+                .abort_handle()
+            });
+            (None, upload)
         };
-        Ok(Response::from_parts(parts, UpstreamBody { incoming: Some(incoming), conn, idle: self.idle.clone() }))
+        let body = UpstreamBody { incoming: Some(incoming), conn, upload, idle: self.idle.clone() };
+        Ok(Response::from_parts(parts, body))
     }
 
     /// The most recently used idle connection that is still open.
@@ -340,12 +344,17 @@ pub struct UpstreamBody {
     /// `None` only while being dropped.
     incoming: Option<Incoming>,
     conn: Option<Conn>,
+    /// The task still sending the request body, when upstream answered before it had all of it.
+    upload: Option<tokio::task::AbortHandle>,
     idle: Arc<Mutex<IdlePool<Conn>>>,
 }
 
 impl UpstreamBody {
     /// Keeps the connection for the next request if hyper is ready for one on it; otherwise closes it.
     fn release(&mut self, cx: &mut Context<'_>) {
+        if let Some(upload) = self.upload.take() {
+            upload.abort();
+        }
         let Some(mut conn) = self.conn.take() else { return };
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         // Lets hyper finish the exchange: it is then ready for the next request, or closing. Driven with the
@@ -399,6 +408,9 @@ impl http_body::Body for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
+        if let Some(upload) = self.upload.take() {
+            upload.abort();
+        }
         if self.conn.is_none() {
             return;
         }

@@ -106,7 +106,7 @@ impl Gateway {
         &self,
         client: &UpstreamClient,
         deadlines: &Deadlines,
-        req: Request<Incoming>,
+        req: Request<body::CallerIncoming>,
         log: &mut AccessLog,
     ) -> Result<Forwarded, GatewayError> {
         if self.shutdown.is_draining() {
@@ -197,7 +197,7 @@ impl Gateway {
     async fn request_body(
         &self,
         headers: &mut http::HeaderMap,
-        body: Incoming,
+        body: body::CallerIncoming,
         endpoint: Endpoint,
         project: &Project,
         log: &mut AccessLog,
@@ -289,7 +289,7 @@ pub async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<Res
     let Worker { gateway, client, deadlines } = &*worker;
     let request_id = headers::request_id(req.headers());
     let mut log = AccessLog::start(gateway.meter.clone(), request_id.clone(), req.method(), req.uri().path());
-    match gateway.forward(client, deadlines, req, &mut log).await {
+    match gateway.forward(client, deadlines, req.map(body::CallerIncoming::new), &mut log).await {
         Ok(Forwarded { response, endpoint, usage_injected }) => {
             let (mut parts, incoming) = response.into_parts();
             headers::to_caller(&mut parts.headers, parts.status, &request_id);
