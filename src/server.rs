@@ -226,6 +226,7 @@ async fn serve_traffic(
     limits: Limits,
 ) {
     let Limits { grace, header_read_timeout, send_timeout, connections: cap } = limits;
+    crate::proxy::body::discard_until(shutdown.clone());
     let drain = Arc::new(ConnectionDrain::default());
     let mut http = hyper::server::conn::http1::Builder::new();
     // Responses are copied into one write buffer rather than written as a list of buffers: the events of a

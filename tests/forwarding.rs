@@ -705,6 +705,44 @@ async fn a_caller_that_sends_its_whole_body_before_reading_gets_the_early_answer
 }
 
 #[tokio::test]
+async fn a_refused_caller_that_expected_to_be_asked_for_its_body_is_not_read_for_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // It waits for `100 Continue`, which a refusal never sends: the body never comes, and what the caller sends
+    // next must not be read as that body.
+    conn.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer not-a-key\r\n\
+          Expect: 100-continue\r\nContent-Length: 300\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, conn.read_to_end(&mut answer)).await.expect("the connection was kept").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401 ") && !answer.contains("100 Continue"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_drain_does_not_wait_for_an_upload_being_thrown_away() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut gw = Gw::start(Mock::ok_json().await, Opts { grace: "60s", ..Opts::default() }).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // Refused, with most of its declared body still to come (and never sent).
+    conn.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer not-a-key\r\n\
+          Content-Length: 1000\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(WAIT, conn.read_exact(&mut head)).await.unwrap().unwrap();
+    assert_eq!(&head, b"HTTP/1.1 401");
+    // The gateway is reading the rest to throw it away; a drain stops that, well within its grace.
+    tokio::time::timeout(WAIT, gw.running.take().unwrap().stop()).await.expect("the drain waited for the upload");
+}
+
+#[tokio::test]
 async fn an_early_upstream_refusal_reaches_a_caller_still_uploading() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const UPLOAD: usize = 24 << 20;

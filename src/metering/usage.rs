@@ -456,9 +456,11 @@ impl UsageTap {
         frame
     }
 
-    /// Reads one SSE line. Nothing after the stream's end marker counts: the gateway ends the stream there.
+    /// Reads one SSE line. Nothing after the stream's end marker counts (the gateway ends the stream there),
+    /// though a usage chunk in what is forwarded with it is still hidden when the gateway asked for it.
     fn read_line(&mut self, line: &[u8]) -> LineSeen {
-        if self.finished {
+        let counting = !self.finished;
+        if !counting && self.dialect != Dialect::Chat {
             return LineSeen::default();
         }
         let line = line.strip_suffix(b"\n").unwrap_or(line);
@@ -467,7 +469,7 @@ impl UsageTap {
         let data = data.strip_prefix(b" ").unwrap_or(data);
         match self.dialect {
             Dialect::Chat => {
-                if data == b"[DONE]" {
+                if data == b"[DONE]" || !counting && !self.strip_usage {
                     self.finished = true;
                     return LineSeen::default();
                 }
@@ -479,20 +481,26 @@ impl UsageTap {
                     usage_at: usage.first.map(|at| data_start + at),
                     usage_count: usage.count,
                 };
-                if self.model.is_none() && (self.need_model || usage.object) {
+                if counting && self.model.is_none() && (self.need_model || usage.object) {
                     self.model = member::<String>(data, Member::FirstModel);
                 }
                 // The usage chunk: its usage, and whether it is the usage-only one (`choices: []`), each member
                 // parsed alone as in a JSON body; should that not work, the whole chunk is parsed instead.
                 if usage.object {
                     if let Some(u) = member::<ChatUsage>(data, Member::LastUsage) {
-                        self.usage = u.counted().or(self.usage);
+                        if counting {
+                            self.usage = u.counted().or(self.usage);
+                        }
                         seen.usage_only = member::<Vec<serde::de::IgnoredAny>>(data, Member::FirstChoices)
                             .is_some_and(|choices| choices.is_empty());
                     } else if let Ok(chunk) = serde_json::from_slice::<ChatBody>(data) {
-                        self.model = self.model.take().or(chunk.model);
+                        if counting {
+                            self.model = self.model.take().or(chunk.model);
+                        }
                         if let Some(u) = chunk.usage {
-                            self.usage = u.counted().or(self.usage);
+                            if counting {
+                                self.usage = u.counted().or(self.usage);
+                            }
                             seen.usage_only = chunk.choices.is_some_and(|c| c.is_empty());
                         }
                     }
@@ -1137,6 +1145,17 @@ mod tests {
             assert_eq!(tap.usage().map(|u| u.output), Some(2), "{dialect:?}");
             assert!(tap.finished());
         }
+    }
+
+    #[test]
+    fn a_usage_chunk_after_done_is_still_hidden_from_a_caller_that_never_asked() {
+        let usage =
+            |n| format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{n},\"completion_tokens\":{n}}}}}\n\n");
+        let body = format!("data: {{\"choices\":[]}}\n\n{}data: [DONE]\n\n{}", usage(2), usage(9));
+        let mut tap = UsageTap::sse(Dialect::Chat, true);
+        let out = run(&mut tap, body.as_bytes(), body.len());
+        assert_eq!(String::from_utf8_lossy(&out), "data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
+        assert_eq!(tap.usage().map(|u| u.output), Some(2));
     }
 
     #[test]

@@ -48,15 +48,34 @@ pub const DISCARD_TIME: Duration = Duration::from_secs(30);
 /// nginx discards an unread body. hyper then finishes reading the request, so a caller that writes its whole
 /// request before it reads (Python's `http.client`, many simple clients) gets the answer rather than a reset
 /// from a socket closed with data unread, and the connection stays usable. At most [`DISCARD_BYTES`] over
-/// [`DISCARD_TIME`] are read so; past either, the connection is closed.
+/// [`DISCARD_TIME`] are read so, and none once the gateway is draining; past that, the connection is closed.
+///
+/// Not discarded: a body that declares more than [`DISCARD_BYTES`] still to come (the connection closes
+/// anyway), and one whose caller sent `Expect: 100-continue` and was never asked for it (hyper would ask for
+/// it now, after the answer, and take the caller's next request for its body).
 #[derive(Debug)]
-pub struct CallerIncoming(Option<Incoming>);
+pub struct CallerIncoming {
+    /// `None` once it has ended (a chunked body says so only by ending).
+    body: Option<Incoming>,
+    /// Whether it is discarded if dropped before its end.
+    discard: bool,
+}
 
 impl CallerIncoming {
-    /// The caller's body, as hyper hands it over.
-    pub fn new(body: Incoming) -> Self {
-        Self(Some(body))
+    /// The caller's body, as hyper hands it over; `expects_continue` if the request said `Expect`.
+    pub fn new(body: Incoming, expects_continue: bool) -> Self {
+        Self { body: Some(body), discard: !expects_continue }
     }
+}
+
+thread_local! {
+    /// The gateway's shutdown switch, on a traffic thread: discarding stops when the drain begins.
+    static SHUTDOWN: std::cell::RefCell<Option<crate::shutdown::Shutdown>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Gives this traffic thread the shutdown switch that ends its discards.
+pub fn discard_until(shutdown: crate::shutdown::Shutdown) {
+    SHUTDOWN.set(Some(shutdown));
 }
 
 impl http_body::Body for CallerIncoming {
@@ -64,27 +83,49 @@ impl http_body::Body for CallerIncoming {
     type Error = hyper::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().0 {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
+        let this = self.get_mut();
+        let Some(body) = &mut this.body else { return Poll::Ready(None) };
+        // Asked for: a caller that expected to be asked is sending it now.
+        this.discard = true;
+        let frame = ready!(Pin::new(body).poll_frame(cx));
+        if frame.is_none() {
+            this.body = None;
         }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.as_ref().is_none_or(Incoming::is_end_stream)
+        self.body.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.0.as_ref().map(Incoming::size_hint).unwrap_or_default()
+        self.body.as_ref().map(Incoming::size_hint).unwrap_or_default()
     }
 }
 
 impl Drop for CallerIncoming {
     fn drop(&mut self) {
-        if let Some(body) = self.0.take().filter(|body| !http_body::Body::is_end_stream(body))
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        let Some(body) = self.body.take() else { return };
+        if !self.discard
+            || http_body::Body::is_end_stream(&body)
+            || http_body::Body::size_hint(&body).lower() > DISCARD_BYTES as u64
         {
-            runtime.spawn(discard(body));
+            return;
+        }
+        let shutdown = SHUTDOWN.with_borrow(Clone::clone);
+        if shutdown.as_ref().is_some_and(crate::shutdown::Shutdown::is_draining) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                match shutdown {
+                    Some(shutdown) => tokio::select! {
+                        () = discard(body) => {}
+                        () = shutdown.wait() => {}
+                    },
+                    None => discard(body).await,
+                }
+            });
         }
     }
 }

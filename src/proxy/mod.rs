@@ -289,7 +289,9 @@ pub async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<Res
     let Worker { gateway, client, deadlines } = &*worker;
     let request_id = headers::request_id(req.headers());
     let mut log = AccessLog::start(gateway.meter.clone(), request_id.clone(), req.method(), req.uri().path());
-    match gateway.forward(client, deadlines, req.map(body::CallerIncoming::new), &mut log).await {
+    let expects_continue = req.headers().contains_key(http::header::EXPECT);
+    let req = req.map(|body| body::CallerIncoming::new(body, expects_continue));
+    match gateway.forward(client, deadlines, req, &mut log).await {
         Ok(Forwarded { response, endpoint, usage_injected }) => {
             let (mut parts, incoming) = response.into_parts();
             headers::to_caller(&mut parts.headers, parts.status, &request_id);
