@@ -63,7 +63,7 @@ struct Line {
     cost_usd: Option<f64>,
     #[serde(default)]
     complete: bool,
-    /// Why the gateway could not read the response's usage (its tokens are then zero).
+    /// Why the gateway could not (fully) read the response's usage; its tokens are what was seen, usually none.
     unmetered: Option<String>,
 }
 
