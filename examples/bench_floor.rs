@@ -33,56 +33,18 @@ struct Floor {
 
 type Body = Either<Incoming, Full<Bytes>>;
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let [upstream, caller_key, upstream_key, project, rest @ ..] = args.as_slice() else {
-        anyhow::bail!("usage: bench_floor UPSTREAM_ADDR CALLER_KEY UPSTREAM_KEY PROJECT_ID [THREADS]");
-    };
-    let threads = match rest.first() {
-        Some(n) => n.parse()?,
-        None => std::thread::available_parallelism()?.get(),
-    };
-    let floor = Arc::new(Floor {
-        upstream: upstream.parse()?,
-        caller: format!("Bearer {caller_key}").parse()?,
-        authorization: format!("Bearer {upstream_key}").parse()?,
-        project: project.parse()?,
-    });
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    println!("listening on {}", listener.local_addr()?);
-    let workers = (0..threads)
-        .map(|_| {
-            let (listener, floor) = (listener.try_clone()?, floor.clone());
-            Ok(std::thread::spawn(move || serve(listener, floor)))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    for worker in workers {
-        worker.join().map_err(|_| anyhow::anyhow!("a thread panicked"))??;
-    }
-    Ok(())
-}
+#[path = "shared/floor.rs"]
+mod floor;
 
-/// One thread: accepts connections and serves each as a task on this thread.
-fn serve(listener: std::net::TcpListener, floor: Arc<Floor>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let tasks = tokio::task::LocalSet::new();
-    tasks.block_on(&runtime, async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        loop {
-            let (tcp, _) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    eprintln!("accept: {e}");
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            tokio::task::spawn_local(connection(tcp, floor.clone()));
-            // As mantlegate does: let the other threads take their share of connections arriving together.
-            tokio::task::yield_now().await;
-        }
-    })
+fn main() -> anyhow::Result<()> {
+    let args = floor::args("bench_floor")?;
+    let state = Arc::new(Floor {
+        upstream: args.upstream,
+        caller: format!("Bearer {}", args.caller_key).parse()?,
+        authorization: format!("Bearer {}", args.upstream_key).parse()?,
+        project: args.project.parse()?,
+    });
+    floor::run(args.threads, state, connection)
 }
 
 /// A caller connection, with the upstream connection its requests go over.

@@ -534,7 +534,6 @@ async fn read_request(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bo
 async fn an_upload_upstream_answers_early_goes_on_while_the_caller_is_still_sending() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const UPLOAD: usize = 32 * 1024 * 1024;
     // Upstream answers at once and streams its answer until it has read the whole request body.
     let mock = Mock::start_raw(|req| async move {
@@ -559,19 +558,25 @@ async fn an_upload_upstream_answers_early_goes_on_while_the_caller_is_still_send
     .await;
     let max_body_bytes = 2 * UPLOAD as u64;
     let gw = Gw::start(mock, Opts { server: "workers = 1", max_body_bytes, ..Opts::default() }).await;
-    // A caller that sends its whole request before it reads a byte of the response.
-    let mut caller = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(&upload_first(gw.addr, UPLOAD).await, b"HTTP/1.1 200");
+}
+
+/// A caller that sends its whole request, a `/v1/responses` upload of `size` bytes, before it reads a byte of the
+/// answer: the answer's first 12 bytes (`HTTP/1.1 NNN`).
+async fn upload_first(addr: std::net::SocketAddr, size: usize) -> [u8; 12] {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut caller = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST /v1/responses HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {CHAT_KEY}\r\ncontent-length: {UPLOAD}\r\n\r\n"
+        "POST /v1/responses HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {CHAT_KEY}\r\ncontent-length: {size}\r\n\r\n"
     );
     caller.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::timeout(WAIT, caller.write_all(&vec![b' '; UPLOAD]))
+    tokio::time::timeout(WAIT, caller.write_all(&vec![b' '; size]))
         .await
-        .expect("the upload stalled behind a response nobody was reading yet")
-        .unwrap();
+        .expect("the upload never finished")
+        .expect("the connection was reset under the upload");
     let mut start = [0u8; 12];
     tokio::time::timeout(WAIT, caller.read_exact(&mut start)).await.unwrap().unwrap();
-    assert_eq!(&start, b"HTTP/1.1 200");
+    start
 }
 
 #[tokio::test]
@@ -771,18 +776,7 @@ async fn an_early_upstream_refusal_reaches_a_caller_still_uploading() {
         Opts { upstream_addr: Some(upstream_addr), max_body_bytes: 2 * UPLOAD as u64, ..Opts::default() },
     )
     .await;
-    let mut caller = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/responses HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {CHAT_KEY}\r\ncontent-length: {UPLOAD}\r\n\r\n"
-    );
-    caller.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::timeout(WAIT, caller.write_all(&vec![b' '; UPLOAD]))
-        .await
-        .expect("the upload never finished")
-        .expect("the connection was reset under the upload");
-    let mut start = [0u8; 12];
-    tokio::time::timeout(WAIT, caller.read_exact(&mut start)).await.unwrap().unwrap();
-    assert_eq!(&start, b"HTTP/1.1 400");
+    assert_eq!(&upload_first(gw.addr, UPLOAD).await, b"HTTP/1.1 400");
 }
 
 #[tokio::test]

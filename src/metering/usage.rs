@@ -733,15 +733,24 @@ struct ReasoningDetails {
     reasoning_tokens: Option<u64>,
 }
 
+/// Usage from a usage object's members, if it counts anything: `{}`, or another dialect's names, is no usage.
+fn counted(
+    input: Option<u64>,
+    output: Option<u64>,
+    cached: Option<CachedDetails>,
+    reasoning: Option<ReasoningDetails>,
+) -> Option<Usage> {
+    (input.is_some() || output.is_some()).then(|| Usage {
+        input: input.unwrap_or(0),
+        output: output.unwrap_or(0),
+        cached_input: cached.and_then(|d| d.cached_tokens).unwrap_or(0),
+        reasoning: reasoning.and_then(|d| d.reasoning_tokens).unwrap_or(0),
+    })
+}
+
 impl ChatUsage {
-    /// The usage, if the object counts anything: `{}`, or another dialect's names, is no usage at all.
     fn counted(self) -> Option<Usage> {
-        (self.prompt_tokens.is_some() || self.completion_tokens.is_some()).then(|| Usage {
-            input: self.prompt_tokens.unwrap_or(0),
-            output: self.completion_tokens.unwrap_or(0),
-            cached_input: self.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
-            reasoning: self.completion_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
-        })
+        counted(self.prompt_tokens, self.completion_tokens, self.prompt_tokens_details, self.completion_tokens_details)
     }
 }
 
@@ -767,14 +776,8 @@ struct ResponsesUsage {
 }
 
 impl ResponsesUsage {
-    /// The usage, if the object counts anything (as [`ChatUsage::counted`]).
     fn counted(self) -> Option<Usage> {
-        (self.input_tokens.is_some() || self.output_tokens.is_some()).then(|| Usage {
-            input: self.input_tokens.unwrap_or(0),
-            output: self.output_tokens.unwrap_or(0),
-            cached_input: self.input_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
-            reasoning: self.output_tokens_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
-        })
+        counted(self.input_tokens, self.output_tokens, self.input_tokens_details, self.output_tokens_details)
     }
 }
 
