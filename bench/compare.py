@@ -149,7 +149,8 @@ class Bench:
         self.upstream_addr = self.upstream.match.group(1)
         self.started = []
 
-    def start_arm(self, name: str, tag: str = "") -> Arm:
+    def start_arm(self, name: str, tag: str = "", env=None, program: str = "bench_floor") -> Arm:
+        """Starts an arm; `env` adds to a gateway's environment, `program` names the floor's example."""
         caller = {"Authorization": f"Bearer {CALLER_KEY}"}
         if name == "direct":
             return Arm(name, f"http://{self.upstream_addr}",
@@ -158,9 +159,9 @@ class Bench:
             proc = self.start_nginx(tag)
             return Arm(name, f"http://{proc.addr}", caller, [proc])
         if name == "floor":
-            proc = self.start_floor(tag)
+            proc = self.start_floor(tag, program)
             return Arm(name, f"http://{proc.match.group(1)}", caller, [proc])
-        proc = self.start_gateway(name, tag)
+        proc = self.start_gateway(name, tag, env)
         return Arm(name, f"http://{proc.match.group(1)}", caller, [proc])
 
     def gateway_config(self, metered: bool, ledger: str, server: str = "") -> str:
@@ -197,21 +198,21 @@ project = "Bench"
             conf = conf.replace(f"@{name}@", str(value))
         return conf
 
-    def start_gateway(self, name: str, tag: str) -> Started:
+    def start_gateway(self, name: str, tag: str, env=None) -> Started:
         config = self.work / f"{name}{tag}.toml"
         config.write_text(self.gateway_config(name == "metered", f"usage-{tag}.jsonl"))
         proc = Started(self.work, f"{name}{tag}", [str(RELEASE / "mantlegate"), "serve", "--config", str(config)],
-                       r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
+                       r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})})
         self.started.append(proc)
         return proc
 
-    def floor_cmd(self, threads: str = "") -> list:
-        """The floor's command line; `threads` defaults to one per CPU."""
-        cmd = [str(RELEASE / "examples/bench_floor"), self.upstream_addr, CALLER_KEY, UPSTREAM_KEY, PROJECT]
+    def floor_cmd(self, threads: str = "", program: str = "bench_floor") -> list:
+        """The floor's command line (or the raw floor's); `threads` defaults to one per CPU."""
+        cmd = [str(RELEASE / "examples" / program), self.upstream_addr, CALLER_KEY, UPSTREAM_KEY, PROJECT]
         return cmd + ([threads] if threads else [])
 
-    def start_floor(self, tag: str) -> Started:
-        proc = Started(self.work, f"floor{tag}", self.floor_cmd(), r"listening on (\S+)")
+    def start_floor(self, tag: str, program: str = "bench_floor") -> Started:
+        proc = Started(self.work, f"floor{tag}", self.floor_cmd(program=program), r"listening on (\S+)")
         self.started.append(proc)
         return proc
 

@@ -42,18 +42,13 @@ def start(bench: c.Bench, name: str, workload: str) -> c.Arm:
     if name == "rawfloor":
         if workload != "json":
             sys.exit("rawfloor handles the JSON workload only")
-        cmd = [str(c.RELEASE / "examples/bench_rawfloor"), *bench.floor_cmd()[1:]]
-        proc = c.Started(bench.work, name, cmd, r"listening on (\S+)")
-        bench.started.append(proc)
+        arm = bench.start_arm("floor", tag="-raw", program="bench_rawfloor")
+        arm.name = name
         # Its answers are checked by `saturate`, which stops at the first non-2xx response.
-        return c.Arm(name, f"http://{proc.match.group(1)}", {"Authorization": f"Bearer {c.CALLER_KEY}"}, [proc])
+        return arm
     if name == "nolog":
-        config = bench.work / "nolog.toml"
-        config.write_text(bench.gateway_config(False, "usage-nolog.jsonl"))
-        proc = c.Started(bench.work, name, [str(c.RELEASE / "mantlegate"), "serve", "--config", str(config)],
-                         r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": c.UPSTREAM_KEY, **NOLOG})
-        bench.started.append(proc)
-        arm = c.Arm(name, f"http://{proc.match.group(1)}", {"Authorization": f"Bearer {c.CALLER_KEY}"}, [proc])
+        arm = bench.start_arm("mantlegate", tag="-nolog", env=NOLOG)
+        arm.name = name
     elif name in c.SATURATED:
         arm = bench.start_arm(name)
     else:

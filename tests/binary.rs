@@ -129,13 +129,22 @@ async fn serve_logs_one_json_line_per_request_and_never_a_secret() {
     assert!(output.iter().any(|l| l.contains("traffic listener drained")), "{all}");
 }
 
-#[tokio::test]
-async fn a_stream_cut_at_the_end_of_the_grace_is_logged_as_cut_by_the_gateway() {
+/// `serve` with `grace`, and one stream in flight (request id `rid-held`) that upstream never ends.
+struct Holding {
+    served: Served,
+    /// Upstream's side of the stream: dropped, it ends.
+    script: ScriptedBody,
+    /// The caller's side, its first event read.
+    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>>>>,
+    _mock: std::sync::Arc<Mock>,
+}
+
+async fn serve_holding_a_stream(name: &str, grace: &'static str) -> Holding {
     let (mock, mut scripts) = Mock::scripted().await;
-    let dir = temp_dir("grace-cut");
+    let dir = temp_dir(name);
     let config_path = dir.join("gateway.toml");
-    std::fs::write(&config_path, config_text(mock.addr, &Opts { grace: "300ms", ..Opts::default() })).unwrap();
-    let mut served = serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+    std::fs::write(&config_path, config_text(mock.addr, &Opts { grace, ..Opts::default() })).unwrap();
+    let served = serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
     let res = reqwest::Client::new()
         .post(format!("http://{}/v1/responses", served.addr))
         .bearer_auth(CHAT_KEY)
@@ -147,8 +156,14 @@ async fn a_stream_cut_at_the_end_of_the_grace_is_logged_as_cut_by_the_gateway() 
     let script = scripts.recv().await.unwrap();
     let created = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{}}\n\n";
     script.tx.send(axum::body::Bytes::from_static(created)).await.unwrap();
-    let mut stream = res.bytes_stream();
+    let mut stream = Box::pin(res.bytes_stream());
     stream.next().await.unwrap().unwrap();
+    Holding { served, script, stream, _mock: mock }
+}
+
+#[tokio::test]
+async fn a_stream_cut_at_the_end_of_the_grace_is_logged_as_cut_by_the_gateway() {
+    let Holding { mut served, script, stream, _mock } = serve_holding_a_stream("grace-cut", "300ms").await;
     // The caller keeps reading and upstream keeps the stream open: only the end of the grace cuts it.
     sigterm(&served.child).await;
     let status = tokio::time::timeout(WAIT, served.child.wait()).await.expect("no exit after the grace").unwrap();
@@ -253,24 +268,8 @@ async fn serve_runs_the_configured_traffic_threads() {
 
 #[tokio::test]
 async fn a_second_signal_ends_the_grace() {
-    let (mock, mut script_rx) = Mock::scripted().await;
-    let dir = temp_dir("second-signal");
-    let config_path = dir.join("gateway.toml");
-    std::fs::write(&config_path, config_text(mock.addr, &Opts { grace: "1h", ..Opts::default() })).unwrap();
-    let mut served = serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
     // A stream upstream never ends holds the drain for the whole grace.
-    let res = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", served.addr))
-        .bearer_auth(CHAT_KEY)
-        .body(CHAT_BODY)
-        .send()
-        .await
-        .unwrap();
-    let script = script_rx.recv().await.unwrap();
-    script.tx.send(axum::body::Bytes::from_static(b"data: {}\n\n")).await.unwrap();
-    let mut stream = res.bytes_stream();
-    stream.next().await.unwrap().unwrap();
-
+    let Holding { mut served, script, stream: _stream, _mock } = serve_holding_a_stream("second-signal", "1h").await;
     sigterm(&served.child).await;
     loop {
         let line = tokio::time::timeout(WAIT, served.lines.next_line()).await.expect("no log line").unwrap().unwrap();

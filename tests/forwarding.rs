@@ -1001,14 +1001,19 @@ async fn a_key_file_rotated_as_kubernetes_does_it_is_used_without_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test]
-async fn a_key_file_removed_is_counted_as_failed_and_its_key_stays_in_use() {
-    let dir = fresh_dir("removed-key");
-    let path = dir.join("api-key");
+/// A gateway whose upstream key is read from a plain file holding `key-one`: the gateway, and the file.
+async fn with_a_key_file(name: &str) -> (Gw, std::path::PathBuf) {
+    let path = fresh_dir(name).join("api-key");
     std::fs::write(&path, "key-one").unwrap();
     let upstream = format!("api_key_file = \"{}\"", path.display());
     let gw = Gw::start(Mock::ok_json().await, Opts { upstream: upstream.leak(), ..Opts::default() }).await;
     assert_eq!(upstream_authorization(&gw).await, "Bearer key-one");
+    (gw, path)
+}
+
+#[tokio::test]
+async fn a_key_file_removed_is_counted_as_failed_and_its_key_stays_in_use() {
+    let (gw, path) = with_a_key_file("removed-key").await;
     std::fs::remove_file(&path).unwrap();
     gw.metric_prefix("mantlegate_upstream_key_reloads_total{result=\"failed\"}").await;
     assert_eq!(upstream_authorization(&gw).await, "Bearer key-one");
@@ -1016,24 +1021,19 @@ async fn a_key_file_removed_is_counted_as_failed_and_its_key_stays_in_use() {
     std::fs::write(&path, "key-two").unwrap();
     gw.metric_line("mantlegate_upstream_key_reloads_total{result=\"changed\"} 1").await;
     assert_eq!(upstream_authorization(&gw).await, "Bearer key-two");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 #[tokio::test]
 async fn a_key_file_edited_in_place_is_used_once_written() {
-    let dir = fresh_dir("edited-key");
-    let path = dir.join("api-key");
-    std::fs::write(&path, "key-one").unwrap();
-    let upstream = format!("api_key_file = \"{}\"", path.display());
-    let gw = Gw::start(Mock::ok_json().await, Opts { upstream: upstream.leak(), ..Opts::default() }).await;
-    assert_eq!(upstream_authorization(&gw).await, "Bearer key-one");
+    let (gw, path) = with_a_key_file("edited-key").await;
     // Truncated, then written: the read waits for the writer to close the file, so no half-written key is
     // ever tried.
     std::fs::write(&path, "key-two\n").unwrap();
     gw.metric_line("mantlegate_upstream_key_reloads_total{result=\"changed\"} 1").await;
     assert_eq!(upstream_authorization(&gw).await, "Bearer key-two");
     assert!(!gw.metrics().await.contains("result=\"failed\""));
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
 #[tokio::test]
