@@ -11,12 +11,17 @@
 //! time per recorded request on each thread; with two threads on two cores, any increase over one thread
 //! is the cost of sharing. Numbers are in bench/README.md ("Fifth round").
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use mantlegate::config::{Config, ProjectIdx};
+use mantlegate::attribution::Source;
+use mantlegate::config::Config;
 use mantlegate::endpoint::Endpoint;
-use mantlegate::metering::metrics::{Metrics, Observation};
+use mantlegate::metering::metrics::Metrics;
 use mantlegate::metering::usage::Usage;
+use mantlegate::proxy::Credential;
+use mantlegate::record::{Record, Sink};
+use mantlegate::snapshot::Snapshot;
 
 const CONFIG: &str = r#"
 [upstream]
@@ -34,27 +39,45 @@ id = "proj_bench"
 const REQUESTS: u32 = 2_000_000;
 
 fn main() -> anyhow::Result<()> {
-    let metrics = Metrics::new(&Config::from_toml(CONFIG)?);
+    let snapshot = Snapshot::build(Config::from_toml(CONFIG)?, Credential::Passthrough, None, None)
+        .map_err(|problems| anyhow::anyhow!("{problems:?}"))?;
+    let snapshot = Arc::new(snapshot);
+    let metrics = Metrics::new();
+    metrics.publish(&snapshot.projects, &snapshot.config.sha256);
+    let project = snapshot.projects[0].clone();
     let usage = Usage { input: 12, output: 16, cached_input: 0, reasoning: 0 };
     println!("| recorded request | 1 thread | 2 threads at once |");
     println!("|---|---|---|");
     for metered in [false, true] {
+        let record = Record {
+            snapshot: snapshot.clone(),
+            request_id: http::HeaderValue::from_static("rid"),
+            method: http::Method::POST,
+            path: "/v1/chat/completions".into(),
+            endpoint: Some(Endpoint::ChatCompletions),
+            key: None,
+            project: Some((project.clone(), Source::Key)),
+            model: metered.then(|| "openai.gpt-oss-120b".to_owned()),
+            stream: false,
+            status: 200,
+            error: None,
+            forwarded: true,
+            usage: metered.then_some(usage),
+            cost: metered.then_some(0.0000114),
+            unmetered: None,
+            complete: true,
+            incomplete_reason: None,
+            duration: Duration::from_micros(500),
+            ttfb: Some(Duration::from_micros(400)),
+            time: mantlegate::telemetry::Stamp::new(std::time::SystemTime::now()),
+        };
         let per_request = |threads: u32| {
             let start = Instant::now();
             std::thread::scope(|s| {
                 for _ in 0..threads {
                     s.spawn(|| {
                         for _ in 0..REQUESTS {
-                            metrics.observe(&Observation {
-                                project: Some(ProjectIdx(0)),
-                                endpoint: Endpoint::ChatCompletions,
-                                status: 200,
-                                duration: 0.0005,
-                                ttfb: Some(0.0004),
-                                model: metered.then_some("openai.gpt-oss-120b"),
-                                usage: metered.then_some(usage),
-                                unmetered: None,
-                            });
+                            metrics.record(&record);
                         }
                     });
                 }

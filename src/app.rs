@@ -2,11 +2,15 @@
 //! middleware would own (request id, body limit, access log, timeouts) has to see the attribution result
 //! or the upstream response body, so each lives in the proxy phase where it happens:
 //!
-//! - request id: read or made in `proxy::handle`, sent upstream, set on every response;
+//! - config: `proxy::handle` loads the snapshot in force once per request (`live::Live`), and the request keeps
+//!   it to its end;
+//! - request id: read or made in `proxy::handle`, carried by the request's tracing span (so every log line of
+//!   the request names it), sent upstream, set on every response;
 //! - body limit: `proxy::body` (declared length first, then a counting wrapper);
-//! - access log: `proxy::access_log::AccessLog`, owned by the response body, written at end of stream;
-//! - timeouts: connect in the client, response head in `Gateway::forward`, idle in `body::Observed`.
-
+//! - the request's record: `proxy::in_flight::InFlight`, filled in phase by phase, owned by the response body,
+//!   and handed to the sinks (metrics, ledger, access log; `record`) when the request ends;
+//! - timeouts: the caller's head and send timeouts on its connection (`server`), connect in the client, the
+//!   response head in `proxy::forward`, idle in `body::Observed`.
 //!
 //! It is served with hyper's HTTP/1 connection directly (see `server`), not through a router: every path goes
 //! to the proxy, which alone decides what is an inference route, so a router would only add per-request work

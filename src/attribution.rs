@@ -9,11 +9,12 @@
 //! 5. Else the unattributed policy: reject, or reroute.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
 
-use crate::config::{AttributionPolicy, Config, Key, ProjectIdx, Unattributed};
 use crate::error::GatewayError;
+use crate::snapshot::{Key, Project};
 
 /// Request headers that name a project. Both are read (and both stripped) on every route, so a caller cannot
 /// slip one past the gateway by using the other API family's spelling.
@@ -48,11 +49,11 @@ impl Source {
     }
 }
 
-/// The answer: a project and why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Attribution {
+/// The answer: a project (of the snapshot the attributor belongs to) and why.
+#[derive(Debug, Clone, Copy)]
+pub struct Attribution<'s> {
     /// The project the request is sent to.
-    pub project: ProjectIdx,
+    pub project: &'s Arc<Project>,
     /// Which rule chose it.
     pub source: Source,
 }
@@ -69,26 +70,28 @@ pub enum Requested<'a> {
     Conflict,
 }
 
-/// The project lookups and policy, built once per config.
+/// The project lookups and policy of one snapshot.
 #[derive(Debug, Clone)]
 pub struct Attributor {
-    by_name_or_id: HashMap<String, ProjectIdx>,
-    names: Vec<String>,
-    policy: AttributionPolicy,
+    by_name_or_id: HashMap<String, Arc<Project>>,
+    default_project: Option<Arc<Project>>,
+    /// Where the unattributed policy sends what nothing attributes; none rejects it.
+    reroute: Option<Arc<Project>>,
 }
 
 impl Attributor {
-    /// Indexes `config`'s projects by name and by id (validation guarantees the two never collide).
-    pub fn new(config: &Config) -> Self {
+    /// Indexes `projects` by name and by id (validation guarantees the two never collide).
+    pub fn new(
+        projects: &[Arc<Project>],
+        default_project: Option<Arc<Project>>,
+        reroute: Option<Arc<Project>>,
+    ) -> Self {
         let mut by_name_or_id = HashMap::new();
-        for (i, p) in config.projects.iter().enumerate() {
-            by_name_or_id.insert(p.name.clone(), ProjectIdx(i));
-            if let Some(id) = &p.id {
-                by_name_or_id.insert(id.clone(), ProjectIdx(i));
-            }
+        for p in projects {
+            by_name_or_id.insert(p.name.clone(), p.clone());
+            by_name_or_id.insert(p.id.clone(), p.clone());
         }
-        let names = config.projects.iter().map(|p| p.name.clone()).collect();
-        Self { by_name_or_id, names, policy: config.attribution.clone() }
+        Self { by_name_or_id, default_project, reroute }
     }
 
     /// Reads every project header value. Values agree when they are the same text or name the same configured
@@ -112,18 +115,18 @@ impl Attributor {
 
     /// Whether `a` and `b` both name the same configured project.
     fn same_project(&self, a: &str, b: &str) -> bool {
-        matches!((self.by_name_or_id.get(a), self.by_name_or_id.get(b)), (Some(a), Some(b)) if a == b)
+        matches!((self.by_name_or_id.get(a), self.by_name_or_id.get(b)), (Some(a), Some(b)) if Arc::ptr_eq(a, b))
     }
 
     /// Applies the attribution order. `key` is `None` for trusted callers (`callers.auth = "none"`), who may
-    /// use any configured project.
-    pub fn resolve(
-        &self,
-        key: Option<&Key>,
+    /// use any configured project; `route` is the project of the route prefix the request came under.
+    pub fn resolve<'s>(
+        &'s self,
+        key: Option<&'s Key>,
         requested: Requested<'_>,
-        route: Option<ProjectIdx>,
-    ) -> Result<Attribution, GatewayError> {
-        let allowed = |p: ProjectIdx| key.is_none_or(|k| k.may_use(p));
+        route: Option<&'s Arc<Project>>,
+    ) -> Result<Attribution<'s>, GatewayError> {
+        let allowed = |p: &Project| key.is_none_or(|k| k.may_use(p));
         match requested {
             Requested::Conflict => {
                 return Err(GatewayError::InvalidRequest(
@@ -132,7 +135,7 @@ impl Attributor {
                 ));
             }
             Requested::Project(asked) => {
-                return match self.by_name_or_id.get(asked).copied().filter(|p| allowed(*p)) {
+                return match self.by_name_or_id.get(asked).filter(|p| allowed(p)) {
                     Some(project) => Ok(Attribution { project, source: Source::Header }),
                     None => Err(GatewayError::ProjectNotAllowed(truncate(asked))),
                 };
@@ -143,18 +146,18 @@ impl Attributor {
             return if allowed(project) {
                 Ok(Attribution { project, source: Source::Route })
             } else {
-                Err(GatewayError::ProjectNotAllowed(self.names[project.0].clone()))
+                Err(GatewayError::ProjectNotAllowed(project.name.clone()))
             };
         }
-        if let Some(project) = key.and_then(|k| k.project) {
+        if let Some(project) = key.and_then(|k| k.project.as_ref()) {
             return Ok(Attribution { project, source: Source::Key });
         }
-        if let Some(project) = self.policy.default_project {
+        if let Some(project) = &self.default_project {
             return Ok(Attribution { project, source: Source::Default });
         }
-        match self.policy.unattributed {
-            Unattributed::Reject => Err(GatewayError::ProjectRequired),
-            Unattributed::Reroute(project) => Ok(Attribution { project, source: Source::Rerouted }),
+        match &self.reroute {
+            None => Err(GatewayError::ProjectRequired),
+            Some(project) => Ok(Attribution { project, source: Source::Rerouted }),
         }
     }
 }
@@ -171,6 +174,8 @@ fn truncate(s: &str) -> String {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    use crate::snapshot::Snapshot;
 
     const CONFIG: &str = r#"
         [[projects]]
@@ -195,37 +200,50 @@ mod tests {
         sha256 = "1111111111111111111111111111111111111111111111111111111111111111"
     "#;
 
-    const PROD: ProjectIdx = ProjectIdx(0);
-    const DEV: ProjectIdx = ProjectIdx(1);
-    const SEARCH: ProjectIdx = ProjectIdx(2);
-    const UNATTR: ProjectIdx = ProjectIdx(3);
+    const PROD: &str = "Chat-Prod";
+    const DEV: &str = "Chat-Dev";
+    const SEARCH: &str = "Search";
+    const UNATTR: &str = "Unattributed";
 
-    fn setup(extra: &str) -> (Config, Attributor) {
-        let config = Config::from_toml(&format!("{extra}\n{CONFIG}")).expect("config");
-        let attributor = Attributor::new(&config);
-        (config, attributor)
+    fn setup(extra: &str) -> Snapshot {
+        crate::snapshot::tests::snapshot(&format!("{extra}\n{CONFIG}"))
     }
 
-    fn ok(project: ProjectIdx, source: Source) -> Result<Attribution, GatewayError> {
-        Ok(Attribution { project, source })
+    /// The project (by name) and source of an attribution.
+    fn named(result: Result<Attribution<'_>, GatewayError>) -> Result<(&str, Source), GatewayError> {
+        result.map(|a| (a.project.name.as_str(), a.source))
+    }
+
+    fn ok(project: &str, source: Source) -> Result<(&str, Source), GatewayError> {
+        Ok((project, source))
+    }
+
+    fn key<'s>(s: &'s Snapshot, name: &str) -> Option<&'s Key> {
+        Some(&**s.key(name).expect("key"))
+    }
+
+    fn project<'s>(s: &'s Snapshot, name: &str) -> Option<&'s Arc<Project>> {
+        Some(s.project(name).expect("project"))
     }
 
     #[test]
     fn header_by_name_or_id_when_allowed() {
-        let (c, a) = setup("");
-        let chat = Some(&c.keys[0]);
-        assert_eq!(a.resolve(chat, Requested::Project("proj_dev"), None), ok(DEV, Source::Header));
-        assert_eq!(a.resolve(chat, Requested::Project("Chat-Dev"), None), ok(DEV, Source::Header));
-        assert_eq!(a.resolve(chat, Requested::Project("Chat-Prod"), None), ok(PROD, Source::Header));
+        let s = setup("");
+        let a = &s.attributor;
+        let chat = key(&s, "chat");
+        assert_eq!(named(a.resolve(chat, Requested::Project("proj_dev"), None)), ok(DEV, Source::Header));
+        assert_eq!(named(a.resolve(chat, Requested::Project("Chat-Dev"), None)), ok(DEV, Source::Header));
+        assert_eq!(named(a.resolve(chat, Requested::Project("Chat-Prod"), None)), ok(PROD, Source::Header));
     }
 
     #[test]
     fn header_for_a_forbidden_or_unknown_project_is_refused() {
-        let (c, a) = setup("");
-        let chat = Some(&c.keys[0]);
+        let s = setup("");
+        let a = &s.attributor;
+        let chat = key(&s, "chat");
         for asked in ["proj_search", "Search", "proj_unknown", "chat-prod", "proj_chat ", "\u{fffd}"] {
             assert_eq!(
-                a.resolve(chat, Requested::Project(asked), None),
+                named(a.resolve(chat, Requested::Project(asked), None)),
                 Err(GatewayError::ProjectNotAllowed(asked.into())),
                 "{asked}"
             );
@@ -234,51 +252,60 @@ mod tests {
 
     #[test]
     fn header_beats_route_and_key() {
-        let (c, a) = setup("");
-        assert_eq!(a.resolve(Some(&c.keys[0]), Requested::Project("Chat-Dev"), Some(PROD)), ok(DEV, Source::Header));
+        let s = setup("");
+        let a = &s.attributor;
+        assert_eq!(
+            named(a.resolve(key(&s, "chat"), Requested::Project("Chat-Dev"), project(&s, PROD))),
+            ok(DEV, Source::Header)
+        );
     }
 
     #[test]
     fn route_needs_permission() {
-        let (c, a) = setup("");
-        assert_eq!(a.resolve(Some(&c.keys[0]), Requested::Nothing, Some(DEV)), ok(DEV, Source::Route));
+        let s = setup("");
+        let a = &s.attributor;
+        assert_eq!(named(a.resolve(key(&s, "chat"), Requested::Nothing, project(&s, DEV))), ok(DEV, Source::Route));
         assert_eq!(
-            a.resolve(Some(&c.keys[0]), Requested::Nothing, Some(SEARCH)),
+            named(a.resolve(key(&s, "chat"), Requested::Nothing, project(&s, SEARCH))),
             Err(GatewayError::ProjectNotAllowed("Search".into()))
         );
         assert_eq!(
-            a.resolve(Some(&c.keys[1]), Requested::Nothing, Some(SEARCH)),
+            named(a.resolve(key(&s, "floating"), Requested::Nothing, project(&s, SEARCH))),
             Err(GatewayError::ProjectNotAllowed("Search".into()))
         );
     }
 
     #[test]
     fn key_project_then_default_then_policy() {
-        let (c, a) = setup("");
-        assert_eq!(a.resolve(Some(&c.keys[0]), Requested::Nothing, None), ok(PROD, Source::Key));
-        assert_eq!(a.resolve(Some(&c.keys[1]), Requested::Nothing, None), Err(GatewayError::ProjectRequired));
+        let s = setup("");
+        let a = &s.attributor;
+        assert_eq!(named(a.resolve(key(&s, "chat"), Requested::Nothing, None)), ok(PROD, Source::Key));
+        assert_eq!(named(a.resolve(key(&s, "floating"), Requested::Nothing, None)), Err(GatewayError::ProjectRequired));
 
-        let (c, a) = setup("[attribution]\ndefault_project = \"Search\"");
-        assert_eq!(a.resolve(Some(&c.keys[0]), Requested::Nothing, None), ok(PROD, Source::Key));
-        assert_eq!(a.resolve(Some(&c.keys[1]), Requested::Nothing, None), ok(SEARCH, Source::Default));
+        let s = setup("[attribution]\ndefault_project = \"Search\"");
+        let a = &s.attributor;
+        assert_eq!(named(a.resolve(key(&s, "chat"), Requested::Nothing, None)), ok(PROD, Source::Key));
+        assert_eq!(named(a.resolve(key(&s, "floating"), Requested::Nothing, None)), ok(SEARCH, Source::Default));
 
-        let (c, a) = setup("[attribution]\nunattributed = \"reroute\"\nreroute_to = \"Unattributed\"");
-        assert_eq!(a.resolve(Some(&c.keys[1]), Requested::Nothing, None), ok(UNATTR, Source::Rerouted));
+        let s = setup("[attribution]\nunattributed = \"reroute\"\nreroute_to = \"Unattributed\"");
+        let a = &s.attributor;
+        assert_eq!(named(a.resolve(key(&s, "floating"), Requested::Nothing, None)), ok(UNATTR, Source::Rerouted));
         // Rerouting never widens what a key may ask for.
         assert_eq!(
-            a.resolve(Some(&c.keys[1]), Requested::Project("Search"), None),
+            named(a.resolve(key(&s, "floating"), Requested::Project("Search"), None)),
             Err(GatewayError::ProjectNotAllowed("Search".into()))
         );
     }
 
     #[test]
     fn trusted_callers_may_pick_any_configured_project() {
-        let (_, a) = setup("");
-        assert_eq!(a.resolve(None, Requested::Project("Search"), None), ok(SEARCH, Source::Header));
-        assert_eq!(a.resolve(None, Requested::Nothing, Some(DEV)), ok(DEV, Source::Route));
-        assert_eq!(a.resolve(None, Requested::Nothing, None), Err(GatewayError::ProjectRequired));
+        let s = setup("");
+        let a = &s.attributor;
+        assert_eq!(named(a.resolve(None, Requested::Project("Search"), None)), ok(SEARCH, Source::Header));
+        assert_eq!(named(a.resolve(None, Requested::Nothing, project(&s, DEV))), ok(DEV, Source::Route));
+        assert_eq!(named(a.resolve(None, Requested::Nothing, None)), Err(GatewayError::ProjectRequired));
         assert_eq!(
-            a.resolve(None, Requested::Project("proj_other"), None),
+            named(a.resolve(None, Requested::Project("proj_other"), None)),
             Err(GatewayError::ProjectNotAllowed("proj_other".into()))
         );
     }
@@ -293,7 +320,8 @@ mod tests {
 
     #[test]
     fn project_headers_are_read_strictly() {
-        let (_, a) = setup("");
+        let s = setup("");
+        let a = &s.attributor;
         let h = requested(&[]);
         assert_eq!(a.requested(&h), Requested::Nothing);
         let h = requested(&[("openai-project", b"default")]);
@@ -324,7 +352,11 @@ mod tests {
 
     #[test]
     fn conflicting_headers_are_refused() {
-        let (c, a) = setup("");
-        assert!(matches!(a.resolve(Some(&c.keys[0]), Requested::Conflict, None), Err(GatewayError::InvalidRequest(_))));
+        let s = setup("");
+        let a = &s.attributor;
+        assert!(matches!(
+            named(a.resolve(key(&s, "chat"), Requested::Conflict, None)),
+            Err(GatewayError::InvalidRequest(_))
+        ));
     }
 }

@@ -3,24 +3,22 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, header};
 use sha2::{Digest, Sha256};
 
-use crate::config::{CallerAuth, Key};
+use crate::config::CallerAuth;
 use crate::error::GatewayError;
+use crate::snapshot::Key;
 
 /// The header an Anthropic client sends its key in.
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
-/// Index of a key in [`crate::config::Config::keys`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyIdx(pub usize);
-
 /// Gateway keys by hash.
 #[derive(Debug, Clone, Default)]
 pub struct KeyTable {
-    mode: Option<HashMap<[u8; 32], KeyIdx, BuildHasherDefault<DigestHasher>>>,
+    mode: Option<HashMap<[u8; 32], Arc<Key>, BuildHasherDefault<DigestHasher>>>,
 }
 
 /// Hashes a SHA-256 digest by folding its words: a digest is already evenly spread, and no caller can choose
@@ -44,21 +42,21 @@ impl Hasher for DigestHasher {
 
 impl KeyTable {
     /// Builds the lookup for `mode`; with [`CallerAuth::None`] every caller is anonymous and trusted.
-    pub fn new(mode: CallerAuth, keys: &[Key]) -> Self {
+    pub fn new(mode: CallerAuth, keys: &[Arc<Key>]) -> Self {
         let mode = match mode {
             CallerAuth::None => None,
-            CallerAuth::Keys => Some(keys.iter().enumerate().map(|(i, k)| (k.sha256, KeyIdx(i))).collect()),
+            CallerAuth::Keys => Some(keys.iter().map(|k| (k.sha256, k.clone())).collect()),
         };
         Self { mode }
     }
 
     /// Authenticates a request: `Ok(None)` for a trusted anonymous caller, `Ok(Some(key))` for a known key.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<KeyIdx>, GatewayError> {
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&Arc<Key>>, GatewayError> {
         let Some(table) = &self.mode else {
             return Ok(None);
         };
         let presented = presented_key(headers).ok_or(GatewayError::InvalidApiKey)?;
-        table.get(&hash_key(presented)).copied().map(Some).ok_or(GatewayError::InvalidApiKey)
+        table.get(&hash_key(presented)).map(Some).ok_or(GatewayError::InvalidApiKey)
     }
 }
 
@@ -107,11 +105,21 @@ mod tests {
     use http::HeaderValue;
 
     fn table() -> KeyTable {
-        let keys = [
-            Key { name: "a".into(), sha256: hash_key(b"key-a"), project: None, may_select: vec![] },
-            Key { name: "b".into(), sha256: hash_key(b"key-b"), project: None, may_select: vec![] },
-        ];
-        KeyTable::new(CallerAuth::Keys, &keys)
+        let key = |name: &str, key: &[u8]| {
+            Arc::new(Key {
+                name: name.into(),
+                sha256: hash_key(key),
+                project: None,
+                may_select: vec![],
+                member: String::new(),
+            })
+        };
+        KeyTable::new(CallerAuth::Keys, &[key("a", b"key-a"), key("b", b"key-b")])
+    }
+
+    /// The name of the key a request authenticates as.
+    fn name(result: Result<Option<&Arc<Key>>, GatewayError>) -> Result<Option<&str>, GatewayError> {
+        result.map(|k| k.map(|k| k.name.as_str()))
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -125,12 +133,12 @@ mod tests {
     #[test]
     fn bearer_and_x_api_key_both_work() {
         let t = table();
-        assert_eq!(t.authenticate(&headers(&[("authorization", "Bearer key-a")])), Ok(Some(KeyIdx(0))));
-        assert_eq!(t.authenticate(&headers(&[("authorization", "bearer key-b")])), Ok(Some(KeyIdx(1))));
-        assert_eq!(t.authenticate(&headers(&[("x-api-key", "key-b")])), Ok(Some(KeyIdx(1))));
+        assert_eq!(name(t.authenticate(&headers(&[("authorization", "Bearer key-a")]))), Ok(Some("a")));
+        assert_eq!(name(t.authenticate(&headers(&[("authorization", "bearer key-b")]))), Ok(Some("b")));
+        assert_eq!(name(t.authenticate(&headers(&[("x-api-key", "key-b")]))), Ok(Some("b")));
         assert_eq!(
-            t.authenticate(&headers(&[("x-api-key", "key-a"), ("authorization", "Bearer key-a")])),
-            Ok(Some(KeyIdx(0)))
+            name(t.authenticate(&headers(&[("x-api-key", "key-a"), ("authorization", "Bearer key-a")]))),
+            Ok(Some("a"))
         );
     }
 
@@ -146,14 +154,14 @@ mod tests {
             headers(&[("authorization", "Bearer key-a"), ("x-api-key", "key-b")]),
             headers(&[("x-api-key", "key-a"), ("x-api-key", "key-b")]),
         ] {
-            assert_eq!(t.authenticate(&h), Err(GatewayError::InvalidApiKey), "{h:?}");
+            assert_eq!(name(t.authenticate(&h)), Err(GatewayError::InvalidApiKey), "{h:?}");
         }
     }
 
     #[test]
     fn trusted_mode_needs_no_key() {
         let t = KeyTable::new(CallerAuth::None, &[]);
-        assert_eq!(t.authenticate(&headers(&[])), Ok(None));
+        assert_eq!(name(t.authenticate(&headers(&[]))), Ok(None));
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! path exactly as received: no decoding, no normalisation, so there is no spelling that means one thing here
 //! and another upstream.
 
+use std::sync::Arc;
+
 use http::Method;
 
-use crate::config::{ProjectIdx, Route};
 use crate::error::GatewayError;
+use crate::snapshot::Project;
 
 /// The API family, which decides the project header and credential header upstream expects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,57 +20,54 @@ pub enum Api {
     Anthropic,
 }
 
-/// An inference endpoint the gateway forwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
+/// Defines [`Endpoint`] and its [`Endpoint::ALL`] from one list, so that no variant can be left out of `ALL` (and
+/// out of the tables indexed by it).
+macro_rules! endpoints {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        /// An inference endpoint the gateway forwards.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Endpoint {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Endpoint {
+            /// Every endpoint, in [`Self::index`] order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)*];
+
+            /// Stable name for logs and metrics.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+endpoints! {
     /// `POST /v1/chat/completions`
-    ChatCompletions,
+    ChatCompletions => "chat.completions",
     /// `POST /v1/responses`
-    ResponsesCreate,
+    ResponsesCreate => "responses.create",
     /// `GET /v1/responses/{id}`
-    ResponsesGet,
+    ResponsesGet => "responses.get",
     /// `DELETE /v1/responses/{id}`
-    ResponsesDelete,
+    ResponsesDelete => "responses.delete",
     /// `POST /v1/responses/{id}/cancel`
-    ResponsesCancel,
+    ResponsesCancel => "responses.cancel",
     /// `GET /v1/models`
-    ModelsList,
+    ModelsList => "models.list",
     /// `GET /v1/models/{id}`
-    ModelsGet,
+    ModelsGet => "models.get",
     /// `POST /anthropic/v1/messages`
-    Messages,
+    Messages => "messages",
 }
 
 impl Endpoint {
-    /// Every endpoint, in [`Self::index`] order.
-    pub const ALL: [Self; 8] = [
-        Self::ChatCompletions,
-        Self::ResponsesCreate,
-        Self::ResponsesGet,
-        Self::ResponsesDelete,
-        Self::ResponsesCancel,
-        Self::ModelsList,
-        Self::ModelsGet,
-        Self::Messages,
-    ];
-
-    /// Position in [`Self::ALL`], for tables indexed by endpoint.
+    /// Position in [`Self::ALL`], for tables indexed by endpoint: the variants are declared in `ALL`'s order, with
+    /// no explicit discriminants.
     pub fn index(self) -> usize {
         self as usize
-    }
-
-    /// Stable name for logs and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::ChatCompletions => "chat.completions",
-            Self::ResponsesCreate => "responses.create",
-            Self::ResponsesGet => "responses.get",
-            Self::ResponsesDelete => "responses.delete",
-            Self::ResponsesCancel => "responses.cancel",
-            Self::ModelsList => "models.list",
-            Self::ModelsGet => "models.get",
-            Self::Messages => "messages",
-        }
     }
 
     /// Whether the request body is JSON naming a `model`.
@@ -83,39 +82,38 @@ impl Endpoint {
 }
 
 /// A request path the gateway will forward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Matched<'a> {
+#[derive(Debug, Clone, Copy)]
+pub struct Matched<'t, 'p> {
     /// The endpoint.
     pub endpoint: Endpoint,
     /// Its API family.
     pub api: Api,
     /// The project of the `[[routes]]` prefix the path came under, if any.
-    pub route_project: Option<ProjectIdx>,
+    pub route_project: Option<&'t Arc<Project>>,
     /// The path to send upstream: the request path with the route prefix removed.
-    pub upstream_path: &'a str,
+    pub upstream_path: &'p str,
 }
 
 /// Route prefixes, longest first so that `/a/b` wins over `/a`.
 #[derive(Debug, Clone, Default)]
-pub struct RouteTable(Vec<Route>);
+pub struct RouteTable(Vec<(String, Arc<Project>)>);
 
 impl RouteTable {
-    /// Builds the table from configured routes.
-    pub fn new(routes: &[Route]) -> Self {
-        let mut routes = routes.to_vec();
-        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+    /// Builds the table from (prefix, project) pairs.
+    pub fn new(mut routes: Vec<(String, Arc<Project>)>) -> Self {
+        routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         Self(routes)
     }
 
     /// Classifies `path` (no query) for `method`.
-    pub fn classify<'a>(&self, method: &Method, path: &'a str) -> Result<Matched<'a>, GatewayError> {
+    pub fn classify<'t, 'p>(&'t self, method: &Method, path: &'p str) -> Result<Matched<'t, 'p>, GatewayError> {
         let (route_project, rest) = self
             .0
             .iter()
-            .find_map(|r| {
-                path.strip_prefix(r.prefix.as_str())
+            .find_map(|(prefix, project)| {
+                path.strip_prefix(prefix.as_str())
                     .filter(|rest| rest.starts_with('/'))
-                    .map(|rest| (Some(r.project), rest))
+                    .map(|rest| (Some(project), rest))
             })
             .unwrap_or((None, path));
         let (endpoint, api) = classify_api_path(method, rest).ok_or(GatewayError::UnknownRoute)?;
@@ -168,11 +166,43 @@ fn is_id(segment: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    const ROUTES: &str = r#"
+        [callers]
+        auth = "none"
+        [[projects]]
+        name = "Team"
+        id = "proj_team"
+        [[projects]]
+        name = "Chat"
+        id = "proj_chat"
+        [[routes]]
+        prefix = "/team"
+        project = "Team"
+        [[routes]]
+        prefix = "/team/chat"
+        project = "Chat"
+    "#;
+
     fn table() -> RouteTable {
-        RouteTable::new(&[
-            Route { prefix: "/team".into(), project: ProjectIdx(0) },
-            Route { prefix: "/team/chat".into(), project: ProjectIdx(1) },
-        ])
+        crate::snapshot::tests::snapshot(ROUTES).routes
+    }
+
+    /// The result, with the route's project by name.
+    fn classified<'p>(
+        t: &RouteTable,
+        method: &Method,
+        path: &'p str,
+    ) -> Result<(Endpoint, Api, &'p str, Option<String>), GatewayError> {
+        t.classify(method, path).map(|m| (m.endpoint, m.api, m.upstream_path, m.route_project.map(|p| p.name.clone())))
+    }
+
+    #[test]
+    fn all_lists_every_endpoint_at_its_index() {
+        for (i, endpoint) in Endpoint::ALL.iter().enumerate() {
+            assert_eq!(endpoint.index(), i, "{endpoint:?}");
+        }
+        let names: std::collections::HashSet<_> = Endpoint::ALL.iter().map(|e| e.name()).collect();
+        assert_eq!(names.len(), Endpoint::ALL.len(), "names are distinct");
     }
 
     #[test]
@@ -190,8 +220,8 @@ mod tests {
             (Method::POST, "/anthropic/v1/messages", Endpoint::Messages, Api::Anthropic),
         ];
         for (method, path, endpoint, api) in cases {
-            let m = t.classify(&method, path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            assert_eq!((m.endpoint, m.api, m.upstream_path, m.route_project), (endpoint, api, path, None), "{path}");
+            let m = classified(&t, &method, path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(m, (endpoint, api, path, None), "{path}");
         }
     }
 
@@ -224,16 +254,16 @@ mod tests {
             (Method::GET, ""),
         ];
         for (method, path) in blocked {
-            assert_eq!(t.classify(&method, path), Err(GatewayError::UnknownRoute), "{method} {path}");
+            assert_eq!(classified(&t, &method, path), Err(GatewayError::UnknownRoute), "{method} {path}");
         }
     }
 
     #[test]
     fn longest_route_prefix_wins_and_is_stripped() {
         let t = table();
-        let m = t.classify(&Method::POST, "/team/chat/v1/chat/completions").expect("match");
-        assert_eq!((m.route_project, m.upstream_path), (Some(ProjectIdx(1)), "/v1/chat/completions"));
-        let m = t.classify(&Method::GET, "/team/openai/v1/models").expect("match");
-        assert_eq!((m.route_project, m.upstream_path), (Some(ProjectIdx(0)), "/openai/v1/models"));
+        let m = classified(&t, &Method::POST, "/team/chat/v1/chat/completions").expect("match");
+        assert_eq!((m.3.as_deref(), m.2), (Some("Chat"), "/v1/chat/completions"));
+        let m = classified(&t, &Method::GET, "/team/openai/v1/models").expect("match");
+        assert_eq!((m.3.as_deref(), m.2), (Some("Team"), "/openai/v1/models"));
     }
 }

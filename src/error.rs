@@ -89,14 +89,14 @@ impl GatewayError {
 
     /// The `error.type`, from the vocabulary both OpenAI and Anthropic SDKs know.
     pub fn kind(&self) -> &'static str {
-        match self.status() {
-            StatusCode::UNAUTHORIZED => "authentication_error",
-            StatusCode::FORBIDDEN => "permission_error",
-            StatusCode::NOT_FOUND => "not_found_error",
-            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
-            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
-            s if s.is_server_error() => "api_error",
-            _ => "invalid_request_error",
+        match self {
+            Self::InvalidApiKey => "authentication_error",
+            Self::ProjectNotAllowed(_) | Self::ProjectRequired | Self::ModelNotAllowed { .. } => "permission_error",
+            Self::UnknownRoute => "not_found_error",
+            Self::RequestTooLarge(_) => "request_too_large",
+            Self::InvalidRequest(_) => "invalid_request_error",
+            Self::ShuttingDown => "overloaded_error",
+            Self::UpstreamUnreachable | Self::UpstreamTimeout => "api_error",
         }
     }
 

@@ -1,35 +1,44 @@
-//! Binding the listeners and running the gateway until shutdown: the traffic server, the admin server, and
-//! the drain that gives in-flight responses `shutdown_grace` to finish.
+//! Binding the listeners and running the gateway until shutdown: the traffic server, the admin server, the
+//! live config's reloads, and the drain that gives in-flight responses `shutdown_grace` to finish.
 //!
 //! Traffic is served by `server.workers` threads, each running a single-threaded tokio runtime with an
 //! upstream connection pool of its own, all accepting from the one listening socket (nginx's worker model).
 //! A request, its upstream connection and both of its bodies stay on the thread that accepted it: no
-//! hand-off between threads, no work stealing, and wake-ups that never cross a thread. The admin server,
-//! signals and the ledger's flush run on the caller's runtime.
+//! hand-off between threads, no work stealing, and wake-ups that never cross a thread (measured large: see
+//! bench/README.md). The admin server, signals, reloads and the ledger's flush run on the caller's runtime.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio_io_timeout::TimeoutWriter;
 
-use crate::config::{Config, KeySource, UpstreamAuth};
-use crate::deadline::{Deadlines, HyperTimer};
-use crate::metering::Meter;
-use crate::proxy::{Credential, Gateway, KeyFileWatch, UpstreamClient, Worker, access_log};
-use crate::send_timeout::SendTimeout;
-use crate::shutdown::{ConnectionDrain, Graceful, Shutdown};
+use crate::config::Config;
+use crate::live::{Outcome, Reloader};
+use crate::metering::ledger::LedgerSink;
+use crate::metering::metrics::Metrics;
+use crate::proxy::access_log::AccessLines;
+use crate::proxy::{Credential, UpstreamClient, Worker};
+use crate::record::Sinks;
+use crate::shutdown::Shutdown;
 
 /// The pause after a failed accept, so that a full file table does not spin the loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How long the usage ledger may take to write out what is queued at shutdown.
 const LEDGER_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long the follow-up work of records (see `record`) may take at shutdown.
+const FOLLOWUP_LIMIT: Duration = Duration::from_secs(5);
 
 /// A running gateway.
 #[derive(Debug)]
@@ -40,6 +49,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Trigger it to drain and stop.
     pub shutdown: Shutdown,
+    reloader: Arc<Reloader>,
     task: JoinHandle<()>,
 }
 
@@ -54,18 +64,30 @@ impl Running {
         self.shutdown.trigger();
         self.stopped().await;
     }
+
+    /// Reloads the config file, as `SIGHUP` does.
+    pub async fn reload(&self) -> Outcome {
+        self.reloader.reload_blocking().await
+    }
 }
 
 /// Reads the gateway's upstream credential as configured.
 pub fn credential(config: &Config) -> anyhow::Result<Credential> {
-    match &config.upstream.auth {
-        UpstreamAuth::ApiKey(source) => Credential::api_key(&source.read()?),
-        UpstreamAuth::Passthrough => Ok(Credential::Passthrough),
-    }
+    Credential::read(&config.upstream.auth)
 }
 
-/// Binds both listeners and starts serving.
+/// Binds both listeners and starts serving `config`, which never changes (there is no file to reload).
 pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Running> {
+    start_with(None, config, credential).await
+}
+
+/// Binds both listeners and starts serving `config`, loaded from the file at `path`, which is reloaded when it
+/// changes (and on [`Running::reload`]).
+pub async fn start_from(path: PathBuf, config: Config, credential: Credential) -> anyhow::Result<Running> {
+    start_with(Some(path), config, credential).await
+}
+
+async fn start_with(path: Option<PathBuf>, config: Config, credential: Credential) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("server.listen: cannot bind {}", config.server.listen))?;
@@ -75,58 +97,39 @@ pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Run
     let addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
     let server = config.server.clone();
-    let (grace, workers) = (server.shutdown_grace, server.workers);
+    let connector = crate::proxy::client::connector(&config.upstream)?;
+    let upstream = config.upstream.clone();
 
     let shutdown = Shutdown::default();
-    let (meter, ledger) = Meter::new(&config)?;
-    let meter = Arc::new(meter);
-    let key_watch = watch_key_file(&config, &credential, &meter);
-    let gateway = Arc::new(Gateway::new(config, credential, meter.clone(), shutdown.clone())?);
-    let traffic = start_workers(listener.into_std()?, &server, &gateway, &shutdown).await?;
-    let admin = axum::serve(admin, crate::admin::router(shutdown.clone(), meter));
+    let metrics = Arc::new(Metrics::new());
+    let reloader = Reloader::start(path, config, credential, metrics.clone())?;
+    let clients =
+        (0..server.workers).map(|_| UpstreamClient::new(connector.clone(), &upstream)).collect::<Result<_, _>>()?;
+    let traffic = start_workers(listener.into_std()?, clients, &server, &reloader, &metrics, &shutdown).await?;
+    let admin = axum::serve(admin, crate::admin::router(shutdown.clone(), metrics, reloader.clone()));
 
     let task = tokio::spawn({
-        let shutdown = shutdown.clone();
+        let (shutdown, reloader) = (shutdown.clone(), reloader.clone());
         async move {
-            // Kept until the gateway stops.
-            let _key_watch = key_watch;
             let admin = tokio::spawn(admin.into_future());
             let mut traffic = tokio::spawn(traffic);
             tokio::select! {
                 result = &mut traffic => log_exit(result),
                 () = shutdown.wait() => {
+                    let grace = reloader.live().load().config.server.shutdown_grace;
                     tracing::info!(grace = ?grace, "draining: no new connections, in-flight requests may finish");
-                    // The traffic task bounds the drain by `grace` itself, and returns once every connection
+                    // The traffic task bounds the drain by the grace itself, and returns once every connection
                     // is gone, so every request's ledger line is queued before the ledger closes.
                     log_exit(traffic.await);
                 }
             }
             admin.abort();
-            if let Some(ledger) = ledger {
-                ledger.finish(LEDGER_FLUSH_LIMIT).await;
-            }
+            reloader.finish(LEDGER_FLUSH_LIMIT).await;
             tracing::info!("stopped");
         }
     });
-    tracing::info!(%addr, %admin_addr, workers, "mantlegate listening");
-    Ok(Running { addr, admin_addr, shutdown, task })
-}
-
-/// Starts re-reading `upstream.api_key_file` on change, when the key comes from a file. A watch that cannot be
-/// set up (no inotify instances left, say) is logged and the gateway runs on with the key it read.
-fn watch_key_file(config: &Config, credential: &Credential, meter: &Arc<Meter>) -> Option<KeyFileWatch> {
-    let (UpstreamAuth::ApiKey(source @ KeySource::File(_)), Credential::ApiKey(key)) =
-        (&config.upstream.auth, credential)
-    else {
-        return None;
-    };
-    match KeyFileWatch::start(source.clone(), key.clone(), meter.clone()) {
-        Ok(watch) => Some(watch),
-        Err(e) => {
-            tracing::warn!(error = %e, "upstream.api_key_file will not be re-read when it changes");
-            None
-        }
-    }
+    tracing::info!(%addr, %admin_addr, workers = server.workers, "mantlegate listening");
+    Ok(Running { addr, admin_addr, shutdown, reloader, task })
 }
 
 fn log_exit(result: Result<(), tokio::task::JoinError>) {
@@ -136,49 +139,55 @@ fn log_exit(result: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Starts the traffic threads, having made every runtime, listener and client first (so a failure there
-/// starts none; if a thread cannot be started, those already running are stopped), and returns once each is
-/// running. The returned future resolves once every thread has drained and stopped.
+/// Starts the traffic threads, having made every runtime and listener first (so a failure there starts none; if
+/// a thread cannot be started, those already running are stopped), and returns once each is running. The
+/// returned future resolves once every thread has drained and stopped.
 async fn start_workers(
     listener: std::net::TcpListener,
+    clients: Vec<UpstreamClient>,
     server: &crate::config::Server,
-    gateway: &Arc<Gateway>,
+    reloader: &Arc<Reloader>,
+    metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    let workers = server.workers;
-    let limits = Limits {
-        grace: server.shutdown_grace,
-        header_read_timeout: server.header_read_timeout,
-        send_timeout: server.send_timeout,
-        connections: server.max_connections.map(|n| Arc::new(Semaphore::new(n))),
-    };
-    let mut prepared = Vec::with_capacity(workers);
-    for _ in 0..workers {
+    let connections = server.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    let mut prepared = Vec::with_capacity(clients.len());
+    for client in clients {
+        let access = Arc::new(AccessLines::new());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             // A traffic thread's access lines wait for it to go idle (or for a batch to fill).
-            .on_thread_park(access_log::flush)
+            .on_thread_park({
+                let access = access.clone();
+                move || access.flush()
+            })
             .build()?;
         // Registered with this thread's own event loop; every clone shares the one socket and its backlog.
         let listener = {
             let _entered = runtime.enter();
             TcpListener::from_std(listener.try_clone()?)?
         };
-        prepared.push((runtime, listener, gateway.client()?));
+        let worker = Arc::new(Worker {
+            live: reloader.live().clone(),
+            client,
+            sinks: Sinks::new(vec![metrics.clone(), Arc::new(LedgerSink), access.clone()]),
+            shutdown: shutdown.child(),
+            closing: AtomicBool::new(false),
+        });
+        prepared.push((runtime, listener, worker, access));
     }
-    let mut stopped = Vec::with_capacity(workers);
-    let mut started = Vec::with_capacity(workers);
-    for (i, (runtime, listener, client)) in prepared.into_iter().enumerate() {
+    let mut stopped = Vec::with_capacity(prepared.len());
+    let mut started = Vec::with_capacity(prepared.len());
+    for (i, (runtime, listener, worker, access)) in prepared.into_iter().enumerate() {
         let (running, running_rx) = tokio::sync::oneshot::channel::<()>();
         let (done, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let worker = serve_traffic(listener, gateway.clone(), client, shutdown.clone(), limits.clone());
+        let serving = serve_traffic(listener, worker, connections.clone());
         let spawned = std::thread::Builder::new().name(format!("traffic-{i}")).spawn(move || {
             let _ = running.send(());
-            access_log::batch_lines();
-            runtime.block_on(worker);
+            runtime.block_on(serving);
             // Whatever the runtime still held is dropped with it (and writes its lines) before they go out.
             drop(runtime);
-            access_log::flush();
+            access.flush();
             // Dropped with the sender if the thread panics: either way the thread is done.
             let _ = done.send(());
         });
@@ -202,48 +211,17 @@ async fn start_workers(
     })
 }
 
-/// What bounds the traffic threads' connections.
-#[derive(Clone)]
-struct Limits {
-    /// How long open connections may finish their requests after shutdown begins.
-    grace: Duration,
-    /// How long a caller may take over a request head, or idle between requests.
-    header_read_timeout: Duration,
-    /// How long a write to a caller may wait for it to read.
-    send_timeout: Duration,
-    /// One permit per caller connection, shared by every thread; none means no cap.
-    connections: Option<Arc<Semaphore>>,
-}
-
 /// One traffic thread: accepts connections until shutdown, then lets every open connection finish the
 /// request it is serving (hyper's graceful shutdown closes each one after its current response) for at most
-/// `grace`, closes whatever is left, and returns when every connection is gone.
-async fn serve_traffic(
-    listener: TcpListener,
-    gateway: Arc<Gateway>,
-    client: UpstreamClient,
-    shutdown: Shutdown,
-    limits: Limits,
-) {
-    let Limits { grace, header_read_timeout, send_timeout, connections: cap } = limits;
-    crate::proxy::body::discard_until(shutdown.clone());
-    let drain = Arc::new(ConnectionDrain::default());
-    let mut http = hyper::server::conn::http1::Builder::new();
-    // Responses are copied into one write buffer rather than written as a list of buffers: the events of a
-    // stream that arrived together leave in one `write` (two system calls per 20-event response instead of
-    // three) and hyper keeps no buffer list, ~5% fewer instructions per SSE response. The copy is bounded
-    // by `CONNECTION_BUFFER`.
-    http.writev(false).max_buf_size(crate::proxy::CONNECTION_BUFFER);
-    // A client that sends half a request head, or opens connections and sends nothing, cannot hold them
-    // open for ever.
-    // (hyper makes a timer per request head for this, on the thread's deadlines: see `deadline`.)
-    let deadlines = Deadlines::start(header_read_timeout.min(send_timeout).min(gateway.response_timeout()));
-    http.timer(HyperTimer(deadlines.clone())).header_read_timeout(header_read_timeout);
+/// the shutdown grace, closes whatever is left, and returns when every connection is gone. `cap` holds one
+/// permit per caller connection, shared by every thread; none means no cap.
+async fn serve_traffic(listener: TcpListener, worker: Arc<Worker>, cap: Option<Arc<Semaphore>>) {
     let tender = tokio::spawn({
-        let client = client.clone();
+        let client = worker.client.clone();
         async move { client.tend_idle().await }
     });
-    let service = crate::app::service(Arc::new(Worker { gateway, client, deadlines: deadlines.clone() }));
+    let service = crate::app::service(worker.clone());
+    let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     loop {
         // At the cap, connections wait in the listen backlog until one closes (and past the backlog, the
@@ -252,7 +230,7 @@ async fn serve_traffic(
             None => None,
             Some(cap) => tokio::select! {
                 permit = cap.clone().acquire_owned() => permit.ok(),
-                () = shutdown.wait() => break,
+                () = worker.shutdown.wait() => break,
             },
         };
         let tcp = tokio::select! {
@@ -271,17 +249,29 @@ async fn serve_traffic(
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            () = shutdown.wait() => break,
+            () = worker.shutdown.wait() => break,
         };
         // Each SSE event is its own small write: send it now, not after Nagle's delay.
         let _ = tcp.set_nodelay(true);
-        // A caller that stops reading cannot hold its response, and the upstream stream behind it, for ever.
-        let tcp = SendTimeout::new(tcp, deadlines.clone(), send_timeout);
-        let connection = drain.watch(http.serve_connection(TokioIo::new(tcp), service.clone()));
+        let server = worker.live.load().config.server.clone();
+        // A caller that stops reading cannot hold its response, and the upstream stream behind it, for ever: a
+        // write that waits longer than `send_timeout` for the caller to read fails the connection.
+        let mut tcp = TimeoutWriter::new(tcp);
+        tcp.set_timeout(Some(server.send_timeout));
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // Responses are copied into one write buffer rather than written as a list of buffers: the events of a
+        // stream that arrived together leave in one `write` (two system calls per 20-event response instead of
+        // three) and hyper keeps no buffer list, ~5% fewer instructions per SSE response. The copy is bounded
+        // by `CONNECTION_BUFFER`.
+        http.writev(false).max_buf_size(crate::proxy::CONNECTION_BUFFER);
+        // A client that sends half a request head, or opens connections and sends nothing, cannot hold them
+        // open for ever.
+        http.timer(TokioTimer::new()).header_read_timeout(server.header_read_timeout);
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(Box::pin(tcp)), service.clone()));
         connections.spawn(async move {
             let _permit = permit;
             match connection.await {
-                Err(e) if crate::send_timeout::is_send_timeout(&e) => {
+                Err(e) if is_send_timeout(&e) => {
                     tracing::warn!(error = %e, "caller connection closed: the caller stopped reading");
                 }
                 Err(e) => tracing::debug!(error = %e, "traffic connection ended with an error"),
@@ -293,41 +283,47 @@ async fn serve_traffic(
         tokio::task::yield_now().await;
     }
     drop(listener);
-    drain.start();
-    let drained = async { while connections.join_next().await.is_some() {} };
+    let grace = worker.live.load().config.server.shutdown_grace;
     tokio::select! {
-        () = drained => {}
+        () = graceful.shutdown() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace = ?grace, "shutdown grace elapsed; closing remaining connections");
         }
-        () = shutdown.hurried() => tracing::warn!("closing remaining connections now"),
+        () = worker.shutdown.hurried() => tracing::warn!("closing remaining connections now"),
     }
     // Aborts what is left and waits for it, so each cut request's record is written before this returns.
-    // The tasks run on this thread, so their records see the mark.
-    crate::proxy::access_log::closing_connections();
+    worker.closing.store(true, Ordering::Release);
     connections.shutdown().await;
+    if tokio::time::timeout(FOLLOWUP_LIMIT, worker.sinks.followups_done()).await.is_err() {
+        tracing::warn!("records' follow-up work did not finish in time");
+    }
     tender.abort();
 }
 
-impl<I, S, B> Graceful for hyper::server::conn::http1::Connection<I, S>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn close_gracefully(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
+/// Whether a connection ended because its caller stopped reading (`TimeoutWriter`'s error).
+fn is_send_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    crate::error::chain(error)
+        .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == ErrorKind::TimedOut))
 }
 
-/// `mantlegate serve`: starts, then stops gracefully on SIGTERM or Ctrl-C.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// `mantlegate serve`: starts, reloads the config on SIGHUP (and when its file changes), and stops gracefully
+/// on SIGTERM or Ctrl-C.
+pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let credential = credential(&config)?;
     let signal = crate::shutdown::signal();
-    let running = start(config, credential).await?;
+    // Listened for from before the gateway starts: SIGHUP's default action would end the process.
+    let mut hangup = crate::shutdown::hangup()?;
+    let running = start_from(path, config, credential).await?;
     let shutdown = running.shutdown.clone();
+    let reloads = tokio::spawn({
+        let reloader = running.reloader.clone();
+        async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                reloader.reload_blocking().await;
+            }
+        }
+    });
     tokio::select! {
         () = signal => {
             // A second signal ends the grace: what is still open is closed now (and its lines still written).
@@ -347,5 +343,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         () = shutdown.wait() => running.stopped().await,
     }
+    reloads.abort();
     Ok(())
 }

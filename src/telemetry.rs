@@ -1,5 +1,7 @@
-//! Logging: JSON lines on stdout, one per request (target `mantlegate::access`) plus start-up, shutdown and
-//! upstream trouble. `MANTLEGATE_LOG` (or `RUST_LOG`) sets the filter; the default is `info`.
+//! Logging: JSON lines on stdout, one per request (target `mantlegate::access`) plus start-up, shutdown, reloads
+//! and upstream trouble. A line logged while a request is being served carries the request's span,
+//! `"span":{"request_id":...,"name":"request"}`, so it joins the request's access line. `MANTLEGATE_LOG` (or
+//! `RUST_LOG`) sets the filter; the default is `info`.
 
 use tracing_subscriber::EnvFilter;
 
@@ -17,7 +19,7 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
-        .with_current_span(false)
+        .with_current_span(true)
         .with_span_list(false)
         .with_env_filter(filter)
         .with_writer(std::io::stdout)

@@ -23,9 +23,8 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
 /// The check report.
 pub fn report(path: &Path, config: &Config) -> String {
     let mut out = String::new();
-    let name = |idx: crate::config::ProjectIdx| config.project(idx).name.as_str();
     let u = &config.upstream;
-    let _ = writeln!(out, "{}: valid", path.display());
+    let _ = writeln!(out, "{}: valid (sha256 {})", path.display(), config.sha256);
     let auth = match &u.auth {
         UpstreamAuth::ApiKey(source) => format!("api_key from {source}"),
         UpstreamAuth::Passthrough => "passthrough (the caller's own credential)".into(),
@@ -39,10 +38,10 @@ pub fn report(path: &Path, config: &Config) -> String {
             CallerAuth::None => "none (trusted callers; any configured project may be asked for)",
         }
     );
-    let fallback = match (config.attribution.default_project, config.attribution.unattributed) {
-        (Some(p), _) => format!("default project {}", name(p)),
+    let fallback = match (&config.attribution.default_project, &config.attribution.unattributed) {
+        (Some(p), _) => format!("default project {p}"),
         (None, Unattributed::Reject) => "reject with 403 project_required".into(),
-        (None, Unattributed::Reroute(p)) => format!("reroute to {}", name(p)),
+        (None, Unattributed::Reroute(p)) => format!("reroute to {p}"),
     };
     let _ = writeln!(out, "unattributed requests: {fallback}");
 
@@ -62,12 +61,8 @@ pub fn report(path: &Path, config: &Config) -> String {
         for k in &config.keys {
             rows.push([
                 k.name.clone(),
-                k.project.map_or_else(|| format!("- ({fallback})"), |p| name(p).to_owned()),
-                if k.may_select.is_empty() {
-                    "-".into()
-                } else {
-                    k.may_select.iter().map(|p| name(*p)).collect::<Vec<_>>().join(", ")
-                },
+                k.project.clone().unwrap_or_else(|| format!("- ({fallback})")),
+                if k.may_select.is_empty() { "-".into() } else { k.may_select.join(", ") },
                 String::new(),
             ]);
         }
@@ -76,12 +71,7 @@ pub fn report(path: &Path, config: &Config) -> String {
     if !config.routes.is_empty() {
         let mut rows = vec![["ROUTE".to_string(), "PROJECT".into(), "BASE URL".into(), String::new()]];
         for r in &config.routes {
-            rows.push([
-                r.prefix.clone(),
-                name(r.project).to_owned(),
-                format!("http://<gateway>{}/v1", r.prefix),
-                String::new(),
-            ]);
+            rows.push([r.prefix.clone(), r.project.clone(), format!("http://<gateway>{}/v1", r.prefix), String::new()]);
         }
         table(&mut out, &rows);
     }

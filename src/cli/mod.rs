@@ -1,7 +1,8 @@
-//! The command line: `serve`, `check`, `keys new`, `demo`.
+//! The command line: `serve`, `check`, `reload`, `keys new`, `usage report`, `demo`.
 
 mod check;
 mod keys;
+mod reload;
 mod usage;
 
 use std::path::PathBuf;
@@ -29,6 +30,15 @@ enum Command {
     /// Validate a config and print its attribution table.
     Check {
         /// Config file (default: $MANTLEGATE_CONFIG, else config/mantlegate.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Make a running gateway reload its config file (as SIGHUP does), and say what happened.
+    Reload {
+        /// The gateway's admin address (default: `server.admin_listen` of the config).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Config file, for the admin address (default: $MANTLEGATE_CONFIG, else config/mantlegate.toml).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -105,10 +115,17 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let path = config::resolve_path(config);
             let config = Config::load(&path)?;
             crate::telemetry::init();
-            runtime()?.block_on(crate::server::run(config))?;
+            runtime()?.block_on(crate::server::run(path, config))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Check { config } => check::run(&config::resolve_path(config)),
+        Command::Reload { admin, config } => {
+            let admin = match admin {
+                Some(admin) => admin,
+                None => Config::load(&config::resolve_path(config))?.server.admin_listen.to_string(),
+            };
+            runtime()?.block_on(reload::run(&admin))
+        }
         Command::Keys { command: KeysCommand::New { name, project } } => {
             print!("{}", keys::new_key(&name, project.as_deref())?);
             Ok(std::process::ExitCode::SUCCESS)

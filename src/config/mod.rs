@@ -33,7 +33,7 @@ pub struct Config {
     pub attribution: AttributionPolicy,
     /// Tag rules (already checked against every project).
     pub taxonomy: Taxonomy,
-    /// All projects; [`ProjectIdx`] indexes this list.
+    /// All projects, each name unique.
     pub projects: Vec<Project>,
     /// All gateway keys.
     pub keys: Vec<Key>,
@@ -41,6 +41,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Usage metering.
     pub metering: Metering,
+    /// SHA-256 (hex) of the file text it was loaded from: `mantlegate_config_info{sha256}` says which config is in
+    /// force, and a reload of an unchanged file changes nothing.
+    pub sha256: String,
 }
 
 /// `[metering]` and `[[prices]]`, validated.
@@ -126,19 +129,19 @@ pub enum CallerAuth {
 /// `[attribution]`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttributionPolicy {
-    /// Project for requests nothing else attributes (sidecar mode).
-    pub default_project: Option<ProjectIdx>,
+    /// Project for requests nothing else attributes (sidecar mode), by name.
+    pub default_project: Option<String>,
     /// What happens when even that is absent.
     pub unattributed: Unattributed,
 }
 
 /// The unattributed policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unattributed {
     /// 403 `project_required`.
     Reject,
-    /// Send to this project, counted and logged as rerouted.
-    Reroute(ProjectIdx),
+    /// Send to this project (by name), counted and logged as rerouted.
+    Reroute(String),
 }
 
 /// `[taxonomy]`.
@@ -149,10 +152,6 @@ pub struct Taxonomy {
     /// Allowed values per tag.
     pub allowed_values: BTreeMap<String, Vec<String>>,
 }
-
-/// Index of a project in [`Config::projects`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ProjectIdx(pub usize);
 
 /// A project requests can be attributed to.
 #[derive(Debug, Clone)]
@@ -181,17 +180,10 @@ pub struct Key {
     pub name: String,
     /// SHA-256 of the key.
     pub sha256: [u8; 32],
-    /// The key's own project.
-    pub project: Option<ProjectIdx>,
-    /// Other projects the key may ask for.
-    pub may_select: Vec<ProjectIdx>,
-}
-
-impl Key {
-    /// Whether this key may send requests to `project`.
-    pub fn may_use(&self, project: ProjectIdx) -> bool {
-        self.project == Some(project) || self.may_select.contains(&project)
-    }
+    /// The key's own project, by name.
+    pub project: Option<String>,
+    /// Other projects the key may ask for, by name.
+    pub may_select: Vec<String>,
 }
 
 /// A path prefix bound to a project.
@@ -199,39 +191,37 @@ impl Key {
 pub struct Route {
     /// `/name`, no trailing slash.
     pub prefix: String,
-    /// The route's project.
-    pub project: ProjectIdx,
+    /// The route's project, by name.
+    pub project: String,
 }
 
 impl Config {
     /// Loads defaults, the file at `path` and `MANTLEGATE__` environment overrides, then validates.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let raw = Self::load_raw(path)?;
-        Ok(Self::from_raw(raw)?)
+        use anyhow::Context as _;
+        let text = read_file(path)?;
+        Self::parse(&text, true).with_context(|| format!("reading {}", path.display()))
     }
 
     /// Parses a TOML string with no environment overrides (tests, the demo).
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
-        let raw: RawConfig = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        Self::parse(text, false)
+    }
+
+    /// Defaults, then `text`, then (if `env`) the environment's overrides, validated; hashed as `text`. Invalid
+    /// settings come back as [`ConfigErrors`], all of them.
+    pub fn parse(text: &str, env: bool) -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml));
+        if env {
+            builder = builder.add_source(config::Environment::with_prefix("MANTLEGATE").separator("__"));
+        }
+        let raw: RawConfig = builder
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(|e| anyhow::anyhow!(without_source_lines(&e.to_string())))?;
-        Ok(Self::from_raw(raw)?)
-    }
-
-    fn load_raw(path: &Path) -> anyhow::Result<RawConfig> {
-        use anyhow::Context as _;
-        if !path.is_file() {
-            anyhow::bail!("config file {} not found", path.display());
-        }
-        config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(config::Environment::with_prefix("MANTLEGATE").separator("__"))
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| anyhow::anyhow!(without_source_lines(&e.to_string())))
-            .with_context(|| format!("reading {}", path.display()))
+        let mut config = Self::from_raw(raw)?;
+        config.sha256 = sha256(text);
+        Ok(config)
     }
 
     /// Validates a raw config, reporting every problem at once.
@@ -239,10 +229,23 @@ impl Config {
         validate::validate(raw)
     }
 
-    /// The project at `idx`.
-    pub fn project(&self, idx: ProjectIdx) -> &Project {
-        &self.projects[idx.0]
+    /// The project named `name`.
+    pub fn project(&self, name: &str) -> Option<&Project> {
+        self.projects.iter().find(|p| p.name == name)
     }
+}
+
+/// The SHA-256 of a config file's text, in hex.
+pub fn sha256(text: &str) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()))
+}
+
+/// The text of the config file at `path`.
+pub fn read_file(path: &Path) -> anyhow::Result<String> {
+    if !path.is_file() {
+        anyhow::bail!("config file {} not found", path.display());
+    }
+    std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))
 }
 
 /// The config path from `--config`, else `MANTLEGATE_CONFIG`, else [`DEFAULT_PATH`].

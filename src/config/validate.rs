@@ -10,8 +10,8 @@ use http::Uri;
 
 use super::raw::{RawConfig, RawKey, RawProject, RawRoute};
 use super::{
-    AttributionPolicy, CallerAuth, Config, Key, KeySource, Metering, Project, ProjectIdx, Route, Server, Taxonomy,
-    Unattributed, Upstream, UpstreamAuth,
+    AttributionPolicy, CallerAuth, Config, Key, KeySource, Metering, Project, Route, Server, Taxonomy, Unattributed,
+    Upstream, UpstreamAuth,
 };
 use crate::metering::prices::Price;
 
@@ -100,12 +100,12 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     validate_taxonomy(&mut errs, &taxonomy);
     let projects = validate_projects(&mut errs, raw.projects, &taxonomy);
 
-    let lookup = |errs: &mut Errors, key: &str, name: &str| -> Option<ProjectIdx> {
-        let found = projects.iter().position(|p| p.name == name).map(ProjectIdx);
-        if found.is_none() {
+    let lookup = |errs: &mut Errors, key: &str, name: &str| -> Option<String> {
+        let found = projects.iter().any(|p| p.name == name);
+        if !found {
             errs.push(key, format!("no project named {name:?}"));
         }
-        found
+        found.then(|| name.to_owned())
     };
 
     let keys = validate_keys(&mut errs, raw.keys, callers, &lookup);
@@ -142,6 +142,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             keys,
             routes,
             metering,
+            sha256: String::new(),
         })
     } else {
         Err(ConfigErrors(errs.0))
@@ -325,7 +326,7 @@ fn validate_keys(
     errs: &mut Errors,
     raw: Vec<RawKey>,
     callers: CallerAuth,
-    lookup: &dyn Fn(&mut Errors, &str, &str) -> Option<ProjectIdx>,
+    lookup: &dyn Fn(&mut Errors, &str, &str) -> Option<String>,
 ) -> Vec<Key> {
     if callers == CallerAuth::None && !raw.is_empty() {
         errs.push(
@@ -368,7 +369,7 @@ fn validate_keys(
 fn validate_routes(
     errs: &mut Errors,
     raw: Vec<RawRoute>,
-    lookup: &dyn Fn(&mut Errors, &str, &str) -> Option<ProjectIdx>,
+    lookup: &dyn Fn(&mut Errors, &str, &str) -> Option<String>,
 ) -> Vec<Route> {
     let mut seen = HashSet::new();
     let mut routes = Vec::with_capacity(raw.len());

@@ -5,17 +5,25 @@
 //! before the next thread's. If the writer falls far behind, lines are dropped and counted
 //! (`mantlegate_ledger_dropped_total`), and the metrics still have them. The file is rotated at UTC midnight:
 //! `usage.jsonl` becomes `usage.YYYY-MM-DD.jsonl`.
+//!
+//! A reload that moves the ledger opens the new one beside the old, which is retired: requests that began under
+//! the old config still write their lines to it, and its writer stops once the last of them has (when every
+//! [`Ledger`] handle is gone), after a last pass.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
 use thread_local::ThreadLocal;
+
+use crate::record::{Followup, Record, Sink};
+use crate::telemetry::JsonLine;
 
 /// How much one thread may hold for the writer before its lines are dropped (some 20,000 lines, a second or
 /// more of a busy thread's traffic).
@@ -39,19 +47,21 @@ enum Msg {
 }
 
 /// What requests and the writer share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     /// Each thread's lines, newline-terminated, not yet taken by the writer. Only the owning thread and the
     /// writer ever lock one, and the writer only to swap the buffer out.
     pending: ThreadLocal<Mutex<String>>,
     /// Set by the writer's last pass: lines appended after it are dropped (and counted), not left unwritten.
     closed: AtomicBool,
-    dropped: AtomicU64,
+    /// `mantlegate_ledger_dropped_total`.
+    dropped: Counter,
 }
 
 /// The request side of the ledger.
 #[derive(Debug, Clone)]
 pub struct Ledger {
+    path: PathBuf,
     shared: Arc<Shared>,
     wake: SyncSender<Msg>,
 }
@@ -59,27 +69,38 @@ pub struct Ledger {
 /// The writer thread.
 #[derive(Debug)]
 pub struct LedgerWriter {
-    tx: SyncSender<Msg>,
+    /// Gone once retired: the writer then stops when the last [`Ledger`] handle is dropped.
+    tx: Option<SyncSender<Msg>>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl LedgerWriter {
-    /// Writes out every line appended so far and stops the writer, waiting at most `limit`.
+    /// Writes out every line appended so far and stops the writer, waiting at most `limit`. A retired writer is
+    /// waited for until its last requests have ended.
     pub async fn finish(self, limit: Duration) {
         let Self { tx, thread } = self;
         let join = tokio::task::spawn_blocking(move || {
-            let _ = tx.send(Msg::Close);
+            if let Some(tx) = tx {
+                let _ = tx.send(Msg::Close);
+            }
             thread.join()
         });
         if tokio::time::timeout(limit, join).await.is_err() {
             tracing::warn!("usage ledger writer did not finish in time; some lines may be lost");
         }
     }
+
+    /// Lets the writer stop once the last [`Ledger`] handle is gone (its last requests have ended), after writing
+    /// what they appended.
+    pub fn retire(mut self) -> Self {
+        self.tx = None;
+        self
+    }
 }
 
 impl Ledger {
-    /// Opens (creating) the ledger file and starts its writer.
-    pub fn open(path: &Path) -> anyhow::Result<(Self, LedgerWriter)> {
+    /// Opens (creating) the ledger file and starts its writer; lines it drops are counted on `dropped`.
+    pub fn open(path: &Path, dropped: Counter) -> anyhow::Result<(Self, LedgerWriter)> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("metering.ledger_path: cannot create {}: {e}", dir.display()))?;
@@ -88,16 +109,20 @@ impl Ledger {
         // Wake-ups only: one per thread per batch at most, so a few slots are plenty (a full queue already
         // has a wake-up on its way).
         let (tx, rx) = sync_channel(64);
-        let shared = Arc::new(Shared::default());
-        let path = path.to_owned();
+        let shared = Arc::new(Shared { pending: ThreadLocal::new(), closed: AtomicBool::new(false), dropped });
         let thread = std::thread::Builder::new()
             .name("usage-ledger".into())
             .spawn({
-                let shared = shared.clone();
+                let (shared, path) = (shared.clone(), path.to_owned());
                 move || write_loop(&path, file, &rx, &shared)
             })
             .map_err(|e| anyhow::anyhow!("starting the ledger writer: {e}"))?;
-        Ok((Self { shared, wake: tx.clone() }, LedgerWriter { tx, thread }))
+        Ok((Self { path: path.to_owned(), shared, wake: tx.clone() }, LedgerWriter { tx: Some(tx), thread }))
+    }
+
+    /// Where it writes.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Appends the line `write` puts at the end of the buffer it is given (without a newline), without
@@ -115,14 +140,14 @@ impl Ledger {
         };
         let mut pending = slot.lock().unwrap_or_else(PoisonError::into_inner);
         if self.shared.closed.load(Ordering::Acquire) {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            self.shared.dropped.inc();
             return;
         }
         let start = pending.len();
         write(&mut pending);
         if pending.len() >= MAX_PENDING {
             pending.truncate(start);
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            self.shared.dropped.inc();
             return;
         }
         pending.push('\n');
@@ -135,7 +160,47 @@ impl Ledger {
 
     /// Lines dropped because the writer was behind or had stopped, or because writing them failed.
     pub fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.get()
+    }
+}
+
+/// Writes each forwarded request's line to the ledger of the config it was served under.
+#[derive(Debug, Default)]
+pub struct LedgerSink;
+
+impl Sink for LedgerSink {
+    fn record(&self, r: &Record) -> Option<Followup> {
+        // Gateway refusals bill nothing and write no line.
+        let (Some(ledger), Some((project, _)), true) = (&r.snapshot.ledger, &r.project, r.forwarded) else {
+            return None;
+        };
+        let usage = r.usage.unwrap_or_default();
+        ledger.append_with(|text| {
+            let mut line = JsonLine::open(text);
+            line.str("time", r.time.millis().as_str()).str("request_id", r.request_id.to_str().unwrap_or("-"));
+            match &r.key {
+                Some(key) => line.members(&key.member),
+                None => line.null("key"),
+            };
+            line.str("route", r.endpoint.map_or("-", crate::endpoint::Endpoint::name))
+                .str_or_null("model", r.model.as_deref())
+                .bool("stream", r.stream)
+                .u64("status", r.status.into())
+                .u64("input_tokens", usage.input)
+                .u64("output_tokens", usage.output)
+                .u64("cached_input_tokens", usage.cached_input)
+                .u64("reasoning_tokens", usage.reasoning)
+                .f64_or_null("cost_usd", r.cost)
+                .millis("duration_ms", r.duration)
+                .millis_or_null("ttfb_ms", r.ttfb)
+                .bool("complete", r.complete);
+            if let Some(unmetered) = r.unmetered {
+                line.str("unmetered", unmetered.name());
+            }
+            line.members(&project.ledger_members);
+            line.close();
+        });
+        None
     }
 }
 
@@ -172,7 +237,8 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
     let mut batch = String::new();
     let mut closing = false;
     while !closing {
-        let Ok(first) = rx.recv() else { break };
+        // Every handle gone (a retired ledger's last requests have ended): one last pass for what they appended.
+        let first = rx.recv().unwrap_or(Msg::Close);
         if !matches!(first, Msg::Close) {
             std::thread::sleep(GATHER);
         }
@@ -209,7 +275,7 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
         if let Err(e) = out.write_all(batch.as_bytes()) {
             // Counted with the lines dropped for a writer that was behind: `mantlegate_ledger_dropped_total`.
             let lost = batch.bytes().filter(|&b| b == b'\n').count() as u64;
-            shared.dropped.fetch_add(lost, Ordering::Relaxed);
+            shared.dropped.inc_by(lost);
             tracing::error!(error = %e, lines = lost, "usage ledger write failed; lines dropped");
         }
         batch.clear();
@@ -265,7 +331,7 @@ mod tests {
         let yesterday = SystemTime::now() - Duration::from_secs(86_400);
         File::options().write(true).open(&path).and_then(|f| f.set_modified(yesterday)).expect("mtime");
 
-        let (ledger, writer) = Ledger::open(&path).expect("open");
+        let (ledger, writer) = Ledger::open(&path, Counter::default()).expect("open");
         append(&ledger, "{\"new\":true}");
         writer.finish(Duration::from_secs(10)).await;
         let rotated = rotated_path(&path, &utc_day(yesterday));
@@ -276,7 +342,7 @@ mod tests {
     #[tokio::test]
     async fn lines_queued_before_close_are_written() {
         let path = fresh_ledger_path("close");
-        let (ledger, writer) = Ledger::open(&path).expect("open");
+        let (ledger, writer) = Ledger::open(&path, Counter::default()).expect("open");
         for i in 0..1000 {
             append(&ledger, &format!("{{\"n\":{i}}}"));
         }
@@ -291,7 +357,7 @@ mod tests {
     #[tokio::test]
     async fn lines_from_many_threads_are_written_whole_and_once_and_late_ones_are_counted() {
         let path = fresh_ledger_path("threads");
-        let (ledger, writer) = Ledger::open(&path).expect("open");
+        let (ledger, writer) = Ledger::open(&path, Counter::default()).expect("open");
         let (threads, per_thread) = (4, 5_000);
         // A barrier between batches so the writer takes buffers while threads are still appending to them.
         let barrier = Arc::new(std::sync::Barrier::new(threads));
@@ -336,11 +402,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_retired_ledger_takes_lines_until_its_last_handle_is_gone_and_then_stops() {
+        let path = fresh_ledger_path("retired");
+        let (ledger, writer) = Ledger::open(&path, Counter::default()).expect("open");
+        let writer = writer.retire();
+        // A request that began under the old config ends after the reload.
+        append(&ledger, "{\"n\":1}");
+        let late = ledger.clone();
+        drop(ledger);
+        append(&late, "{\"n\":2}");
+        let finished = tokio::spawn(writer.finish(Duration::from_secs(10)));
+        // Still running: a handle is left.
+        tokio::task::yield_now().await;
+        assert!(!finished.is_finished());
+        drop(late);
+        tokio::time::timeout(Duration::from_secs(10), finished).await.expect("the writer stopped").expect("join");
+        assert_eq!(std::fs::read_to_string(&path).expect("ledger"), "{\"n\":1}\n{\"n\":2}\n");
+    }
+
+    #[tokio::test]
     async fn lines_that_cannot_be_written_are_counted() {
         // A device, so never renamed at the day's end: checked first, as renaming /dev/full would be a mess.
         let full = Path::new("/dev/full");
         assert!(!is_regular(&open_append(full).expect("/dev/full")));
-        let (ledger, writer) = Ledger::open(full).expect("open");
+        let (ledger, writer) = Ledger::open(full, Counter::default()).expect("open");
         for i in 0..100 {
             append(&ledger, &format!("{{\"n\":{i}}}"));
         }
@@ -351,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn a_ledger_deleted_or_moved_while_running_is_opened_again() {
         let path = fresh_ledger_path("deleted");
-        let (ledger, writer) = Ledger::open(&path).expect("open");
+        let (ledger, writer) = Ledger::open(&path, Counter::default()).expect("open");
         let wait_for = |want: &'static str| {
             let path = path.clone();
             async move {
@@ -379,7 +464,7 @@ mod tests {
     #[tokio::test]
     async fn a_line_past_the_pending_limit_is_dropped_whole_and_counted() {
         let path = fresh_ledger_path("limit");
-        let (ledger, writer) = Ledger::open(&path).expect("open");
+        let (ledger, writer) = Ledger::open(&path, Counter::default()).expect("open");
         append(&ledger, "{\"n\":1}");
         append(&ledger, &format!("{{\"pad\":\"{}\"}}", "x".repeat(MAX_PENDING)));
         append(&ledger, "{\"n\":2}");
@@ -391,7 +476,7 @@ mod tests {
     #[test]
     fn a_line_reaches_the_file_while_the_gateway_runs() {
         let path = fresh_ledger_path("live");
-        let (ledger, _writer) = Ledger::open(&path).expect("open");
+        let (ledger, _writer) = Ledger::open(&path, Counter::default()).expect("open");
         for round in 0..3 {
             let line = format!("{{\"round\":{round}}}");
             append(&ledger, &line);

@@ -1,71 +1,31 @@
 //! Prometheus metrics, served as OpenMetrics text on the admin listener's `/metrics`. Built on
 //! `prometheus-client`, the Prometheus project's own Rust client: typed label sets and no global registry.
 //!
-//! A metric family finds a series by hashing its labels under a lock, so the hot path does that once per
-//! request at most (the request counter, whose status label varies). Latency histograms are looked up once
-//! per project and endpoint and kept in a table; token and cost counters once per project and model, kept in
-//! a copy-on-write map that requests read without a lock.
+//! Series are keyed by their label values, never by a position in the config. What is counted per project lives
+//! in the project's [`ProjectSeries`], which a reload carries over to the new snapshot while the project keeps
+//! its name; `/metrics` exports the series of the projects in the snapshot in force (and of requests with no
+//! project), so a project removed by a reload stops being exported, and `mantlegate_project_info` always shows
+//! the tags in force. Within a project, the series of an endpoint, status, model or reason are made on first use
+//! and found again without a lock (a copy-on-write list read through one atomic load).
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use super::prices::{Price, PriceTable};
+use super::Unmetered;
 use super::usage::Usage;
-use crate::config::{Config, ProjectIdx};
 use crate::endpoint::Endpoint;
-
-/// A shared label value: cloning it for a series costs a reference count, not an allocation.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct Label(Arc<str>);
-
-impl EncodeLabelValue for Label {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        encoder.write_str(&self.0)
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    project: Label,
-    route: &'static str,
-    status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct LatencyLabels {
-    project: Label,
-    route: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TokenLabels {
-    project: Label,
-    model: Label,
-    kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelLabels {
-    project: Label,
-    model: Label,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct UnmeteredLabels {
-    project: Label,
-    route: &'static str,
-    reason: &'static str,
-}
+use crate::record::{Followup, Record, Sink};
+use crate::snapshot::Project;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -77,133 +37,192 @@ struct ResultLabels {
     result: &'static str,
 }
 
-type HistogramFamily = Family<LatencyLabels, Histogram, fn() -> Histogram>;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShaLabels {
+    sha256: String,
+}
+
 type CostCounter = Counter<f64, AtomicU64>;
-
-/// One project and endpoint's latency series, and its request counter for status 200 (most requests), so
-/// that counting one takes neither the family's lock nor a reference count on the shared label.
-#[derive(Debug)]
-struct Latency {
-    duration: Histogram,
-    ttfb: Histogram,
-    ok: OnceLock<Counter>,
-}
-
-/// One project and model's token and cost series, with the model's price.
-#[derive(Debug)]
-struct ModelSeries {
-    input: Counter,
-    output: Counter,
-    cached_input: Counter,
-    reasoning: Counter,
-    /// The price and cost counter of a priced model; the unpriced-requests counter for the others.
-    cost: Result<(Price, CostCounter), Counter>,
-}
-
-impl ModelSeries {
-    /// Counts `usage` and returns its cost, if the model has a price.
-    fn add(&self, usage: Usage) -> Option<f64> {
-        self.input.inc_by(usage.input);
-        self.output.inc_by(usage.output);
-        self.cached_input.inc_by(usage.cached_input);
-        self.reasoning.inc_by(usage.reasoning);
-        match &self.cost {
-            Ok((price, counter)) => {
-                let cost = price.cost(&usage);
-                counter.inc_by(cost);
-                Some(cost)
-            }
-            Err(unpriced) => {
-                unpriced.inc();
-                None
-            }
-        }
-    }
-}
-
-/// Every metric the gateway exports.
-#[derive(Debug)]
-pub struct Metrics {
-    registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    duration: HistogramFamily,
-    ttfb: HistogramFamily,
-    tokens: Family<TokenLabels, Counter>,
-    cost: Family<ModelLabels, CostCounter>,
-    unpriced: Family<ModelLabels, Counter>,
-    unmetered: Family<UnmeteredLabels, Counter>,
-    unattributed: Family<OutcomeLabels, Counter>,
-    ledger_dropped: Counter,
-    key_reloads: Family<ResultLabels, Counter>,
-    /// Project label values by project index; the last entry (empty) is for requests with no project.
-    projects: Vec<Label>,
-    /// Latency series by project (as `projects`) and endpoint, made on first use.
-    latency: Vec<[OnceLock<Latency>; Endpoint::ALL.len()]>,
-    /// Token series by project (as `projects`) and model.
-    models: Vec<ArcSwap<HashMap<Arc<str>, Arc<ModelSeries>>>>,
-    /// Token series by project for responses that name no model (labelled `unknown`, never priced: a model
-    /// really named `unknown` has series of its own, with its price).
-    no_model: Vec<OnceLock<ModelSeries>>,
-    prices: PriceTable,
-}
 
 fn latency_histogram() -> Histogram {
     // 1 ms to ~8.7 min: gateway rejections at the bottom, long reasoning streams at the top.
     Histogram::new(exponential_buckets(0.001, 2.0, 20))
 }
 
-/// A finished request, as the metrics see it.
+/// A short list keyed by label value, read without a lock and copied to add an entry (which happens once per
+/// label value for the process's life).
 #[derive(Debug)]
-pub struct Observation<'a> {
-    /// The resolved project, if any.
-    pub project: Option<ProjectIdx>,
-    /// The endpoint.
-    pub endpoint: Endpoint,
-    /// Response status.
-    pub status: u16,
-    /// Whole request, in seconds.
-    pub duration: f64,
-    /// To the first response byte, in seconds.
-    pub ttfb: Option<f64>,
-    /// Model, where known.
-    pub model: Option<&'a str>,
-    /// Tokens, where seen.
-    pub usage: Option<Usage>,
-    /// Why a response that bills tokens went unmetered.
-    pub unmetered: Option<super::Unmetered>,
+struct ReadMostly<K, V>(ArcSwap<Entries<K, V>>);
+
+type Entries<K, V> = Vec<(K, Arc<V>)>;
+
+impl<K, V> Default for ReadMostly<K, V> {
+    fn default() -> Self {
+        Self(ArcSwap::from_pointee(Vec::new()))
+    }
+}
+
+impl<K: Clone, V> ReadMostly<K, V> {
+    /// Calls `f` with the entry for `key`, made by `make` if there is none yet.
+    fn with<Q>(&self, key: &Q, make: impl FnOnce() -> (K, V), f: impl FnOnce(&V))
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        // Read through the guard: cloning an entry's Arc would write its shared count.
+        if let Some((_, v)) = self.0.load().iter().find(|(k, _)| k.borrow() == key) {
+            return f(v);
+        }
+        let (new_key, value) = make();
+        let value = Arc::new(value);
+        // Racing requests may both get here: whichever adds its entry first, both count on that one.
+        let mut found = None;
+        self.0.rcu(|list| {
+            let mut list = Vec::clone(list);
+            match list.iter().find(|(k, _)| k.borrow() == key) {
+                Some((_, v)) => found = Some(v.clone()),
+                None => {
+                    list.push((new_key.clone(), value.clone()));
+                    found = Some(value.clone());
+                }
+            }
+            list
+        });
+        if let Some(v) = found {
+            f(&v);
+        }
+    }
+
+    fn entries(&self) -> arc_swap::Guard<Arc<Entries<K, V>>> {
+        self.0.load()
+    }
+}
+
+/// One project and endpoint's series.
+#[derive(Debug)]
+struct EndpointSeries {
+    duration: Histogram,
+    ttfb: Histogram,
+    statuses: ReadMostly<u16, Counter>,
+    unmetered: ReadMostly<Unmetered, Counter>,
+}
+
+/// One project and model's token and cost series.
+#[derive(Debug, Default)]
+struct ModelSeries {
+    input: Counter,
+    output: Counter,
+    cached_input: Counter,
+    reasoning: Counter,
+    cost: OnceLock<CostCounter>,
+    unpriced: OnceLock<Counter>,
+}
+
+impl ModelSeries {
+    /// Counts `usage`, and its cost if the model had a price.
+    fn add(&self, usage: Usage, cost: Option<f64>) {
+        self.input.inc_by(usage.input);
+        self.output.inc_by(usage.output);
+        self.cached_input.inc_by(usage.cached_input);
+        self.reasoning.inc_by(usage.reasoning);
+        match cost {
+            Some(cost) => {
+                self.cost.get_or_init(CostCounter::default).inc_by(cost);
+            }
+            None => {
+                self.unpriced.get_or_init(Counter::default).inc();
+            }
+        }
+    }
+}
+
+/// What is counted for one project (or for requests that have none), labelled with its name.
+#[derive(Debug)]
+pub struct ProjectSeries {
+    project: Arc<str>,
+    endpoints: [OnceLock<EndpointSeries>; Endpoint::ALL.len()],
+    /// By model (`unknown` for a response that names none; such a response is never priced).
+    models: ReadMostly<Arc<str>, ModelSeries>,
+}
+
+impl ProjectSeries {
+    /// No series yet, for the project named `project`.
+    pub fn new(project: &str) -> Self {
+        Self {
+            project: project.into(),
+            endpoints: std::array::from_fn(|_| OnceLock::new()),
+            models: ReadMostly::default(),
+        }
+    }
+
+    /// Counts a finished request to `endpoint`.
+    fn observe(&self, endpoint: Endpoint, r: &Record) {
+        let series = self.endpoints[endpoint.index()].get_or_init(|| EndpointSeries {
+            duration: latency_histogram(),
+            ttfb: latency_histogram(),
+            statuses: ReadMostly::default(),
+            unmetered: ReadMostly::default(),
+        });
+        series.statuses.with(
+            &r.status,
+            || (r.status, Counter::default()),
+            |c| {
+                c.inc();
+            },
+        );
+        series.duration.observe(r.duration.as_secs_f64());
+        if let Some(ttfb) = r.ttfb {
+            series.ttfb.observe(ttfb.as_secs_f64());
+        }
+        if let Some(reason) = r.unmetered {
+            series.unmetered.with(
+                &reason,
+                || (reason, Counter::default()),
+                |c| {
+                    c.inc();
+                },
+            );
+        }
+        let Some(usage) = r.usage else { return };
+        let model = r.model.as_deref().unwrap_or("unknown");
+        self.models.with(model, || (model.into(), ModelSeries::default()), |m| m.add(usage, r.cost));
+    }
+
+    /// Each endpoint that has series, with them.
+    fn endpoints(&self) -> impl Iterator<Item = (&'static str, &EndpointSeries)> {
+        Endpoint::ALL.iter().zip(&self.endpoints).filter_map(|(e, s)| Some((e.name(), s.get()?)))
+    }
+}
+
+/// The series `/metrics` exports per project: those of the projects in force, and of requests with none.
+#[derive(Debug)]
+struct ProjectsExport {
+    current: ArcSwap<Vec<Arc<Project>>>,
+    none: Arc<ProjectSeries>,
+}
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    unattributed: Family<OutcomeLabels, Counter>,
+    ledger_dropped: Counter,
+    key_reloads: Family<ResultLabels, Counter>,
+    config_reloads: Family<ResultLabels, Counter>,
+    config_info: Family<ShaLabels, Gauge>,
+    projects: Arc<ProjectsExport>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
-    /// Registers every metric, and `mantlegate_project_info` for each configured project.
-    pub fn new(config: &Config) -> Self {
+    /// Registers every metric; no project is exported until [`Self::publish`].
+    pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mantlegate");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Requests by project, endpoint and status", requests.clone());
-        let duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        registry.register(
-            "request_duration_seconds",
-            "Request duration, to the end of the response body",
-            duration.clone(),
-        );
-        let ttfb: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        registry.register("time_to_first_byte_seconds", "Time to the first response body byte", ttfb.clone());
-        let tokens = Family::<TokenLabels, Counter>::default();
-        registry.register(
-            "tokens",
-            "Tokens by project, model and kind (input, output, cached_input, reasoning)",
-            tokens.clone(),
-        );
-        let cost = Family::<ModelLabels, CostCounter>::default();
-        registry.register("cost_usd", "Cost in USD at configured prices", cost.clone());
-        let unpriced = Family::<ModelLabels, Counter>::default();
-        registry.register("unpriced_requests", "Metered requests for models with no price", unpriced.clone());
-        let unmetered = Family::<UnmeteredLabels, Counter>::default();
-        registry.register(
-            "unmetered_requests",
-            "Successful responses that bill tokens but whose usage the gateway could not read, by reason \
-             (encoded, no_usage, incomplete)",
-            unmetered.clone(),
-        );
         let unattributed = Family::<OutcomeLabels, Counter>::default();
         registry.register("unattributed", "Requests nothing attributed: rejected or rerouted", unattributed.clone());
         let ledger_dropped = Counter::default();
@@ -218,119 +237,30 @@ impl Metrics {
             "Re-reads of upstream.api_key_file that changed the key or failed (the old key stays)",
             key_reloads.clone(),
         );
-
-        let info = Family::<Vec<(String, String)>, Gauge>::default();
-        registry.register("project_info", "Configured projects and their cost allocation tags", info.clone());
-        for p in &config.projects {
-            let mut labels = vec![("project".to_owned(), p.name.clone())];
-            labels.push(("project_id".to_owned(), p.id.clone().unwrap_or_default()));
-            for (tag, value) in &p.tags {
-                labels.push((tag_label(tag), value.clone()));
-            }
-            info.get_or_create(&labels).set(1);
-        }
-
-        let projects: Vec<Label> =
-            config.projects.iter().map(|p| Label(p.name.as_str().into())).chain([Label("".into())]).collect();
-        let latency = projects.iter().map(|_| std::array::from_fn(|_| OnceLock::new())).collect();
-        let models = projects.iter().map(|_| ArcSwap::from_pointee(HashMap::new())).collect();
-        let no_model = projects.iter().map(|_| OnceLock::new()).collect();
-        Self {
-            registry,
-            requests,
-            duration,
-            ttfb,
-            tokens,
-            cost,
-            unpriced,
-            unmetered,
-            unattributed,
-            ledger_dropped,
-            key_reloads,
-            projects,
-            latency,
-            models,
-            no_model,
-            prices: PriceTable::new(&config.metering.prices),
-        }
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads: applied, rejected (the config in force stays) or unchanged",
+            config_reloads.clone(),
+        );
+        let config_info = Family::<ShaLabels, Gauge>::default();
+        registry.register("config_info", "The SHA-256 of the config file in force", config_info.clone());
+        let projects = Arc::new(ProjectsExport { current: ArcSwap::default(), none: Arc::new(ProjectSeries::new("")) });
+        registry.register_collector(Box::new(projects.clone()));
+        Self { registry, unattributed, ledger_dropped, key_reloads, config_reloads, config_info, projects }
     }
 
-    /// Records a finished request, and returns the cost of its usage if its model has a price. The price is
-    /// kept with the model's series, so a request looks its model up once.
-    pub fn observe(&self, o: &Observation<'_>) -> Option<f64> {
-        let p = o.project.map_or(self.projects.len() - 1, |p| p.0);
-        let project = &self.projects[p];
-        let route = o.endpoint.name();
-        let latency = self.latency[p][o.endpoint.index()].get_or_init(|| {
-            let labels = LatencyLabels { project: project.clone(), route };
-            Latency {
-                duration: self.duration.get_or_create(&labels).clone(),
-                ttfb: self.ttfb.get_or_create(&labels).clone(),
-                ok: OnceLock::new(),
-            }
-        });
-        let requests = |status| self.requests.get_or_create(&RequestLabels { project: project.clone(), route, status });
-        match o.status {
-            200 => latency.ok.get_or_init(|| requests(200).clone()).inc(),
-            status => requests(status).inc(),
-        };
-        latency.duration.observe(o.duration);
-        if let Some(ttfb) = o.ttfb {
-            latency.ttfb.observe(ttfb);
-        }
-        if let Some(unmetered) = o.unmetered {
-            let labels = UnmeteredLabels { project: project.clone(), route, reason: unmetered.name() };
-            self.unmetered.get_or_create(&labels).inc();
-        }
-        let usage = o.usage?;
-        let Some(model) = o.model else {
-            return self.no_model[p].get_or_init(|| self.model_series(p, "unknown", None)).add(usage);
-        };
-        // Read through the map's guard: cloning the series' Arc would write its shared count.
-        match self.models[p].load().get(model) {
-            Some(series) => series.add(usage),
-            None => self.new_model_series(p, model).add(usage),
-        }
+    /// From now on, exports the series and tags of `projects` (a snapshot's, as it comes into force) and of
+    /// the config whose file hashes to `sha256`.
+    pub fn publish(&self, projects: &[Arc<Project>], sha256: &str) {
+        self.projects.current.store(Arc::new(projects.to_vec()));
+        self.config_info.clear();
+        self.config_info.get_or_create(&ShaLabels { sha256: sha256.to_owned() }).set(1);
     }
 
-    /// The series of a model this project has not reported before, added to its map.
-    fn new_model_series(&self, p: usize, model: &str) -> Arc<ModelSeries> {
-        // Racing requests may both get here; the family hands both the same series, so nothing is counted
-        // twice.
-        let series = Arc::new(self.model_series(p, model, self.prices.get(model).copied()));
-        self.models[p].rcu(|map| {
-            let mut map = HashMap::clone(map);
-            map.entry(model.into()).or_insert_with(|| series.clone());
-            map
-        });
-        series
-    }
-
-    /// The token and cost series of project `p` and `model`.
-    fn model_series(&self, p: usize, model: &str, price: Option<Price>) -> ModelSeries {
-        let model: Arc<str> = model.into();
-        let project = self.projects[p].clone();
-        let token = |kind| {
-            self.tokens
-                .get_or_create(&TokenLabels { project: project.clone(), model: Label(model.clone()), kind })
-                .clone()
-        };
-        let labels = ModelLabels { project: project.clone(), model: Label(model.clone()) };
-        ModelSeries {
-            input: token("input"),
-            output: token("output"),
-            cached_input: token("cached_input"),
-            reasoning: token("reasoning"),
-            cost: match price {
-                Some(price) => Ok((price, self.cost.get_or_create(&labels).clone())),
-                None => Err(self.unpriced.get_or_create(&labels).clone()),
-            },
-        }
-    }
-
-    /// Counts an unattributed request by outcome (`rejected` or `rerouted`).
-    pub fn unattributed(&self, outcome: &'static str) {
-        self.unattributed.get_or_create(&OutcomeLabels { outcome }).inc();
+    /// The counter of ledger lines dropped, for the ledger to count on.
+    pub fn ledger_dropped(&self) -> Counter {
+        self.ledger_dropped.clone()
     }
 
     /// Counts a re-read of the upstream key file by result (`changed` or `failed`).
@@ -338,12 +268,9 @@ impl Metrics {
         self.key_reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
-    /// Brings the dropped-ledger-lines counter up to `total`.
-    pub fn set_ledger_dropped(&self, total: u64) {
-        let seen = self.ledger_dropped.get();
-        if total > seen {
-            self.ledger_dropped.inc_by(total - seen);
-        }
+    /// Counts a config reload by result (`applied`, `rejected` or `unchanged`).
+    pub fn config_reload(&self, result: &'static str) {
+        self.config_reloads.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// The OpenMetrics text.
@@ -353,6 +280,161 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+impl Sink for Metrics {
+    fn record(&self, r: &Record) -> Option<Followup> {
+        // A path that names no endpoint has no route label to count it under.
+        let endpoint = r.endpoint?;
+        match &r.project {
+            Some((project, source)) => {
+                if *source == crate::attribution::Source::Rerouted {
+                    self.unattributed.get_or_create(&OutcomeLabels { outcome: "rerouted" }).inc();
+                }
+                project.series.observe(endpoint, r);
+            }
+            None => {
+                if r.error == Some(crate::error::GatewayError::ProjectRequired.code()) {
+                    self.unattributed.get_or_create(&OutcomeLabels { outcome: "rejected" }).inc();
+                }
+                self.projects.none.observe(endpoint, r);
+            }
+        }
+        None
+    }
+}
+
+/// A metric's name, help and type, as the collector writes its descriptor.
+struct Descriptor {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+}
+
+const REQUESTS: Descriptor =
+    Descriptor { name: "requests", help: "Requests by project, endpoint and status", kind: MetricType::Counter };
+const DURATION: Descriptor = Descriptor {
+    name: "request_duration_seconds",
+    help: "Request duration, to the end of the response body",
+    kind: MetricType::Histogram,
+};
+const TTFB: Descriptor = Descriptor {
+    name: "time_to_first_byte_seconds",
+    help: "Time to the first response body byte",
+    kind: MetricType::Histogram,
+};
+const TOKENS: Descriptor = Descriptor {
+    name: "tokens",
+    help: "Tokens by project, model and kind (input, output, cached_input, reasoning)",
+    kind: MetricType::Counter,
+};
+const COST: Descriptor =
+    Descriptor { name: "cost_usd", help: "Cost in USD at configured prices", kind: MetricType::Counter };
+const UNPRICED: Descriptor = Descriptor {
+    name: "unpriced_requests",
+    help: "Metered requests for models with no price",
+    kind: MetricType::Counter,
+};
+const UNMETERED: Descriptor = Descriptor {
+    name: "unmetered_requests",
+    help: "Successful responses that bill tokens but whose usage the gateway could not read, by reason \
+           (encoded, no_usage, incomplete)",
+    kind: MetricType::Counter,
+};
+const PROJECT_INFO: Descriptor = Descriptor {
+    name: "project_info",
+    help: "Configured projects and their cost allocation tags",
+    kind: MetricType::Gauge,
+};
+
+impl Collector for ProjectsExport {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let current = self.current.load();
+        let all: Vec<&ProjectSeries> = current.iter().map(|p| &*p.series).chain([&*self.none]).collect();
+        let mut family =
+            |d: &Descriptor, each: &dyn Fn(&mut prometheus_client::encoding::MetricEncoder<'_>) -> std::fmt::Result| {
+                let mut metric = encoder.encode_descriptor(d.name, d.help, None, d.kind)?;
+                each(&mut metric)
+            };
+        family(&REQUESTS, &|m| {
+            for p in &all {
+                for (route, s) in p.endpoints() {
+                    for (status, counter) in s.statuses.entries().iter() {
+                        let labels = ([("project", &*p.project), ("route", route)], [("status", *status)]);
+                        counter.encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        for (d, pick) in [(&DURATION, true), (&TTFB, false)] {
+            family(d, &|m| {
+                for p in &all {
+                    for (route, s) in p.endpoints() {
+                        let labels = [("project", &*p.project), ("route", route)];
+                        (if pick { &s.duration } else { &s.ttfb }).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        family(&TOKENS, &|m| {
+            for p in &all {
+                for (model, s) in p.models.entries().iter() {
+                    for (kind, counter) in [
+                        ("input", &s.input),
+                        ("output", &s.output),
+                        ("cached_input", &s.cached_input),
+                        ("reasoning", &s.reasoning),
+                    ] {
+                        let labels = [("project", &*p.project), ("model", &**model), ("kind", kind)];
+                        counter.encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        family(&COST, &|m| {
+            for p in &all {
+                for (model, s) in p.models.entries().iter() {
+                    if let Some(cost) = s.cost.get() {
+                        cost.encode(m.encode_family(&[("project", &*p.project), ("model", &**model)])?)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        family(&UNPRICED, &|m| {
+            for p in &all {
+                for (model, s) in p.models.entries().iter() {
+                    if let Some(unpriced) = s.unpriced.get() {
+                        unpriced.encode(m.encode_family(&[("project", &*p.project), ("model", &**model)])?)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        family(&UNMETERED, &|m| {
+            for p in &all {
+                for (route, s) in p.endpoints() {
+                    for (reason, counter) in s.unmetered.entries().iter() {
+                        let labels = [("project", &*p.project), ("route", route), ("reason", reason.name())];
+                        counter.encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        family(&PROJECT_INFO, &|m| {
+            for p in current.iter() {
+                let mut labels = vec![("project".to_owned(), p.name.clone()), ("project_id".to_owned(), p.id.clone())];
+                labels.extend(p.tags.iter().map(|(tag, value)| (tag_label(tag), value.clone())));
+                let mut series = m.encode_family(&labels)?;
+                series.encode_gauge(&1i64)?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -372,36 +454,65 @@ pub(crate) fn tag_label(tag: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::tests::snapshot;
+
+    const CONFIG: &str = "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nauth = \"passthrough\"\n[callers]\nauth = \"none\"\n\
+         [[projects]]\nname = \"P\"\nid = \"proj_p\"\ntags = { Team = \"t\" }\n\
+         [[prices]]\nmodel = \"m\"\ninput = 25000\noutput = 0\n\
+         [[prices]]\nmodel = \"unknown\"\ninput = 25000\noutput = 0\n";
+
+    /// A record of a request to project `P` of `snapshot`.
+    fn record(
+        snapshot: &Arc<crate::snapshot::Snapshot>,
+        status: u16,
+        model: Option<&str>,
+        usage: Option<Usage>,
+    ) -> Record {
+        let project = snapshot.project("P").expect("P").clone();
+        let cost = usage.and_then(|u| Some(snapshot.prices.get(model?)?.cost(&u)));
+        Record {
+            snapshot: snapshot.clone(),
+            request_id: http::HeaderValue::from_static("rid"),
+            method: http::Method::POST,
+            path: "/v1/chat/completions".into(),
+            endpoint: Some(Endpoint::ChatCompletions),
+            key: None,
+            project: Some((project, crate::attribution::Source::Header)),
+            model: model.map(str::to_owned),
+            stream: false,
+            status,
+            error: None,
+            forwarded: true,
+            usage,
+            cost,
+            unmetered: None,
+            complete: true,
+            incomplete_reason: None,
+            duration: std::time::Duration::from_millis(10),
+            ttfb: Some(std::time::Duration::from_millis(5)),
+            time: crate::telemetry::Stamp::new(std::time::SystemTime::now()),
+        }
+    }
 
     #[test]
     fn repeated_requests_count_on_the_same_series_whichever_path_counts_them() {
-        let config = Config::from_toml(
-            "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nauth = \"passthrough\"\n[callers]\nauth = \"none\"\n\
-             [[projects]]\nname = \"P\"\nid = \"proj_p\"\n\
-             [[prices]]\nmodel = \"m\"\ninput = 25000\noutput = 0\n\
-             [[prices]]\nmodel = \"unknown\"\ninput = 25000\noutput = 0\n",
-        )
-        .expect("config");
-        let metrics = Metrics::new(&config);
+        let snapshot = Arc::new(snapshot(CONFIG));
+        let metrics = Metrics::new();
+        metrics.publish(&snapshot.projects, "abc");
         let usage = Usage { input: 10, output: 3, cached_input: 0, reasoning: 0 };
         // 10 input tokens at 25,000 USD per 1M: 0.25 USD a request, for the priced models only. A response
         // that names no model is never priced, before or after one from a model really named `unknown`.
-        for (status, model, cost) in
-            [(200, Some("m"), Some(0.25)), (502, Some("m"), None), (200, Some("m"), Some(0.25)), (200, Some("n"), None)]
-                .into_iter()
-                .chain([(200, None, None), (200, Some("unknown"), Some(0.25)), (200, None, None)])
+        for (status, model) in [(200, Some("m")), (502, Some("m")), (200, Some("m")), (200, Some("n"))]
+            .into_iter()
+            .chain([(200, None), (200, Some("unknown")), (200, None)])
         {
-            let observed = metrics.observe(&Observation {
-                project: Some(ProjectIdx(0)),
-                endpoint: Endpoint::ChatCompletions,
-                status,
-                duration: 0.01,
-                ttfb: Some(0.005),
-                model,
-                usage: (status == 200).then_some(usage),
-                unmetered: None,
-            });
-            assert_eq!(observed, cost, "{status} {model:?}");
+            let r = record(&snapshot, status, model, (status == 200).then_some(usage));
+            assert_eq!(
+                r.cost,
+                (model.is_some_and(|m| m != "n") && status == 200).then_some(0.25),
+                "{status} {model:?}"
+            );
+            metrics.record(&r);
         }
         let text = metrics.encode();
         for line in [
@@ -415,9 +526,49 @@ mod tests {
             r#"mantlegate_unpriced_requests_total{project="P",model="unknown"} 2"#,
             r#"mantlegate_cost_usd_total{project="P",model="unknown"} 0.25"#,
             r#"mantlegate_tokens_total{project="P",model="unknown",kind="input"} 30"#,
+            r#"mantlegate_project_info{project="P",project_id="proj_p",Team="t"} 1"#,
+            r#"mantlegate_config_info{sha256="abc"} 1"#,
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn only_the_projects_in_force_are_exported_and_a_kept_project_keeps_its_counts() {
+        let first = Arc::new(snapshot(CONFIG));
+        let metrics = Metrics::new();
+        metrics.publish(&first.projects, "one");
+        metrics.record(&record(&first, 200, Some("m"), None));
+        // Retagged, and a project added: P's series carry over, its info shows the new tags at once.
+        let retagged = CONFIG.replace("Team = \"t\"", "Team = \"u\"") + "[[projects]]\nname = \"Q\"\nid = \"proj_q\"\n";
+        let config = crate::Config::from_toml(&retagged).expect("config");
+        let second = Arc::new(
+            crate::snapshot::Snapshot::build(config, crate::proxy::Credential::Passthrough, None, Some(&first))
+                .expect("snapshot"),
+        );
+        metrics.publish(&second.projects, "two");
+        metrics.record(&record(&second, 200, Some("m"), None));
+        // A request that began under the first snapshot and ends now still counts on P.
+        metrics.record(&record(&first, 200, Some("m"), None));
+        let text = metrics.encode();
+        for line in [
+            r#"mantlegate_requests_total{project="P",route="chat.completions",status="200"} 3"#,
+            r#"mantlegate_project_info{project="P",project_id="proj_p",Team="u"} 1"#,
+            r#"mantlegate_project_info{project="Q",project_id="proj_q"} 1"#,
+            r#"mantlegate_config_info{sha256="two"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+        assert!(!text.contains("Team=\"t\"") && !text.contains("sha256=\"one\""), "{text}");
+        // P removed: none of its series are exported any more.
+        let config = crate::Config::from_toml(&CONFIG.replace("name = \"P\"", "name = \"R\"")).expect("config");
+        let third =
+            crate::snapshot::Snapshot::build(config, crate::proxy::Credential::Passthrough, None, Some(&second))
+                .expect("snapshot");
+        metrics.publish(&third.projects, "three");
+        let text = metrics.encode();
+        assert!(!text.contains("project=\"P\""), "{text}");
+        assert!(text.contains(r#"mantlegate_project_info{project="R",project_id="proj_p",Team="t"} 1"#), "{text}");
     }
 
     #[test]

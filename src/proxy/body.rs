@@ -1,7 +1,8 @@
 //! Bodies in both directions. Request bodies stream through under the `max_body_bytes` cap, except where
 //! the gateway must read the JSON to learn the model; then they are read whole, still under the cap.
 //! Response bodies pass through [`Observed`], which forwards each frame the moment it arrives, ends a stream
-//! that falls silent for longer than `idle_timeout`, and records first byte and completion for the access log.
+//! that falls silent for longer than `idle_timeout`, and tells the request's [`InFlight`] record of its first
+//! byte and its end.
 
 use std::pin::Pin;
 use std::sync::LazyLock;
@@ -16,9 +17,10 @@ use hyper::body::Incoming;
 use memchr::memmem::Finder;
 use tokio::time::{Instant, Sleep};
 
-use super::access_log::AccessLog;
+use super::in_flight::InFlight;
 use crate::error::GatewayError;
 use crate::metering::usage::UsageTap;
+use crate::shutdown::Shutdown;
 
 /// Rejects a request whose declared length is over the cap before a byte of it is read.
 pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), GatewayError> {
@@ -59,23 +61,15 @@ pub struct CallerIncoming {
     body: Option<Incoming>,
     /// Whether it is discarded if dropped before its end.
     discard: bool,
+    /// Discarding stops when the drain begins.
+    shutdown: Shutdown,
 }
 
 impl CallerIncoming {
     /// The caller's body, as hyper hands it over; `expects_continue` if the request said `Expect`.
-    pub fn new(body: Incoming, expects_continue: bool) -> Self {
-        Self { body: Some(body), discard: !expects_continue }
+    pub fn new(body: Incoming, expects_continue: bool, shutdown: Shutdown) -> Self {
+        Self { body: Some(body), discard: !expects_continue, shutdown }
     }
-}
-
-thread_local! {
-    /// The gateway's shutdown switch, on a traffic thread: discarding stops when the drain begins.
-    static SHUTDOWN: std::cell::RefCell<Option<crate::shutdown::Shutdown>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Gives this traffic thread the shutdown switch that ends its discards.
-pub fn discard_until(shutdown: crate::shutdown::Shutdown) {
-    SHUTDOWN.set(Some(shutdown));
 }
 
 impl http_body::Body for CallerIncoming {
@@ -112,18 +106,15 @@ impl Drop for CallerIncoming {
         {
             return;
         }
-        let shutdown = SHUTDOWN.with_borrow(Clone::clone);
-        if shutdown.as_ref().is_some_and(crate::shutdown::Shutdown::is_draining) {
+        if self.shutdown.is_draining() {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let shutdown = self.shutdown.clone();
             runtime.spawn(async move {
-                match shutdown {
-                    Some(shutdown) => tokio::select! {
-                        () = discard(body) => {}
-                        () = shutdown.wait() => {}
-                    },
-                    None => discard(body).await,
+                tokio::select! {
+                    () = discard(body) => {}
+                    () = shutdown.wait() => {}
                 }
             });
         }
@@ -295,9 +286,9 @@ pub fn with_include_usage(body: &[u8]) -> Result<Bytes, GatewayError> {
 }
 
 pin_project_lite::pin_project! {
-    /// An upstream response body on its way to the caller. Owns the request's [`AccessLog`], which is written
-    /// when the body ends or is dropped (the caller went away), whichever comes first, and feeds each chunk to
-    /// the log's usage tap on the way through.
+    /// An upstream response body on its way to the caller. Owns the request's [`InFlight`] record, which ends
+    /// when the body does or is dropped (the caller went away), and feeds each chunk to its usage tap on the way
+    /// through.
     pub struct Observed<B> {
         #[pin]
         inner: B,
@@ -307,7 +298,7 @@ pin_project_lite::pin_project! {
         idle: Option<Pin<Box<Sleep>>>,
         last_frame: Instant,
         idle_timeout: Duration,
-        log: AccessLog,
+        record: InFlight,
         done: bool,
     }
 }
@@ -319,8 +310,8 @@ fn after(from: Instant, timeout: Duration) -> Instant {
 
 impl<B> Observed<B> {
     /// Wraps `inner`; silence longer than `idle_timeout` ends the body with an error.
-    pub fn new(inner: B, idle_timeout: Duration, log: AccessLog) -> Self {
-        Self { inner, idle: None, last_frame: Instant::now(), idle_timeout, log, done: false }
+    pub fn new(inner: B, idle_timeout: Duration, record: InFlight) -> Self {
+        Self { inner, idle: None, last_frame: Instant::now(), idle_timeout, record, done: false }
     }
 }
 
@@ -352,7 +343,7 @@ where
                     let mut ended = this.inner.is_end_stream();
                     let frame = match frame.into_data() {
                         Ok(mut data) => {
-                            if let Some(tap) = &mut this.log.tap {
+                            if let Some(tap) = &mut this.record.tap {
                                 data = tap.on_chunk(data);
                                 // Past the protocol's end marker, a stream upstream holds open is over.
                                 ended |= tap.stream_over();
@@ -369,38 +360,38 @@ where
                                     continue;
                                 }
                                 *this.done = true;
-                                this.log.body_ended();
+                                this.record.body_ended();
                                 return Poll::Ready(None);
                             }
-                            this.log.first_byte();
+                            this.record.first_byte();
                             Frame::data(data)
                         }
                         Err(trailers) => {
                             // Trailers end the body: the tap reads what it held back, which goes out instead
                             // of them. (Callers never get upstream's trailers anyway: `Trailer` is dropped as
                             // hop-by-hop, and hyper sends only the trailer fields a response declares there.)
-                            let rest = this.log.tap.as_mut().map(UsageTap::finish).unwrap_or_default();
+                            let rest = this.record.tap.as_mut().map(UsageTap::finish).unwrap_or_default();
                             *this.done = true;
-                            this.log.body_ended();
+                            this.record.body_ended();
                             let frame = if rest.is_empty() { trailers } else { Frame::data(rest) };
                             return Poll::Ready(Some(Ok(frame)));
                         }
                     };
                     if ended {
                         *this.done = true;
-                        this.log.body_ended();
+                        this.record.body_ended();
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let e = e.into();
-                    this.log.stream_error(&*e);
+                    this.record.stream_error(&*e);
                     Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(None) => {
                     *this.done = true;
-                    let rest = this.log.tap.as_mut().map(UsageTap::finish).unwrap_or_default();
-                    this.log.body_ended();
+                    let rest = this.record.tap.as_mut().map(UsageTap::finish).unwrap_or_default();
+                    this.record.body_ended();
                     Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))))
                 }
                 Poll::Pending => {
@@ -419,7 +410,7 @@ where
                         idle.as_mut().reset(deadline);
                     }
                     let e = IdleTimeout(*this.idle_timeout);
-                    this.log.stream_error(&e);
+                    this.record.stream_error(&e);
                     *this.done = true;
                     Poll::Ready(Some(Err(e.into())))
                 }
@@ -432,7 +423,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.log.tap {
+        match &self.record.tap {
             Some(tap) if tap.rewrites() => SizeHint::default(),
             _ => self.inner.size_hint(),
         }

@@ -66,7 +66,8 @@ pub fn connector(upstream: &Upstream) -> anyhow::Result<Connector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(upstream.connect_timeout));
+    // `upstream.connect_timeout` bounds the whole connection, TLS included, per request (so a reload changes it):
+    // see `UpstreamClient::request`.
     http.set_keepalive(Some(Duration::from_secs(60)));
 
     let tls = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
@@ -167,25 +168,28 @@ impl UpstreamClient {
     }
 
     /// Sends `req` (its URI in origin form, `/path?query`) with upstream's `Host`, and returns the response head,
-    /// with a body that drives the connection until it ends and then returns the connection to the pool.
-    pub async fn request(&self, req: Request<Outgoing>) -> Result<Response<UpstreamBody>, Error> {
+    /// with a body that drives the connection until it ends and then returns the connection to the pool. A new
+    /// connection (TCP and TLS) may take up to `connect_timeout`.
+    pub async fn request(
+        &self,
+        req: Request<Outgoing>,
+        connect_timeout: Duration,
+    ) -> Result<Response<UpstreamBody>, Error> {
         let (mut parts, body) = req.into_parts();
         // Replaces the caller's, which named the gateway.
         parts.headers.insert(http::header::HOST, self.host.clone());
         let uploaded = Arc::new(AtomicBool::new(body.is_end_stream()));
         let req = Request::from_parts(parts, Uploading { inner: body, uploaded: uploaded.clone() });
-        // Connecting is boxed: it is rare on a pooled client, and its future (TCP and TLS handshake) held inline
-        // would add ~1 KiB to every request's future.
         let (mut conn, pooled) = match self.take_idle().await {
             Some(conn) => (conn, true),
-            None => (Box::pin(self.connect()).await?, false),
+            None => (self.connect(connect_timeout).await?, false),
         };
         let response = match conn.send(req).await {
             Ok(response) => response,
             Err(mut e) => match e.take_message() {
                 // A kept-alive connection that closed before the request could go: once more, on a new one.
                 Some(req) if pooled => {
-                    conn = Box::pin(self.connect()).await?;
+                    conn = self.connect(connect_timeout).await?;
                     conn.send(req).await.map_err(|e| e.into_error())?
                 }
                 _ => return Err(e.into_error().into()),
@@ -251,14 +255,27 @@ impl UpstreamClient {
         .await;
     }
 
-    async fn connect(&self) -> Result<Conn, Error> {
-        let mut connector = self.connector.clone();
-        poll_fn(|cx| connector.poll_ready(cx)).await?;
-        let io = connector.call(self.origin.clone()).await?;
-        let (sender, driver) = http1::Builder::new().max_buf_size(CONNECTION_BUFFER).handshake(io).await?;
-        Ok(Conn { sender, driver: Some(Box::new(driver)) })
+    /// A new connection, within `timeout`. Boxed: it is rare on a pooled client, and its future (TCP and TLS
+    /// handshake) held inline would add ~1 KiB to every request's future.
+    async fn connect(&self, timeout: Duration) -> Result<Conn, Error> {
+        let connecting = Box::pin(async {
+            let mut connector = self.connector.clone();
+            poll_fn(|cx| connector.poll_ready(cx)).await?;
+            let io = connector.call(self.origin.clone()).await?;
+            let (sender, driver) = http1::Builder::new().max_buf_size(CONNECTION_BUFFER).handshake(io).await?;
+            Ok::<_, Error>(Conn { sender, driver: Some(Box::new(driver)) })
+        });
+        match tokio::time::timeout(timeout, connecting).await {
+            Ok(conn) => conn,
+            Err(_) => Err(ConnectTimeout(timeout).into()),
+        }
     }
 }
+
+/// No connection to upstream within `upstream.connect_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("no connection to upstream within {0:?}")]
+pub struct ConnectTimeout(Duration);
 
 /// `Host` for the upstream: its host, and its port unless that is the scheme's default.
 fn host_header(upstream: &Upstream) -> anyhow::Result<HeaderValue> {

@@ -123,7 +123,8 @@ fn is_underscore_spelling(name: &str) -> bool {
         })
 }
 
-/// The caller's request id if it is a sane one, else a fresh UUID.
+/// The caller's request id if it is a sane one, else a fresh UUID (version 4, from a thread-local generator
+/// seeded from the OS: unique, not secret).
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     headers
         .get(REQUEST_ID)
@@ -131,54 +132,9 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         .cloned()
         .unwrap_or_else(|| {
             let mut buf = uuid::Uuid::encode_buffer();
-            let id = new_request_id().hyphenated().encode_lower(&mut buf).as_bytes();
-            HeaderValue::from_maybe_shared(id_bytes(id)).unwrap_or(HeaderValue::from_static("unknown"))
+            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+            HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("unknown"))
         })
-}
-
-/// A copy of `id` cut from a block this thread shares among several ids, rather than an allocation of its own:
-/// one allocation per 16 ids, freed once the last of them is dropped. Small, since one long-lived request (a
-/// stream) keeps its whole block.
-fn id_bytes(id: &[u8]) -> bytes::Bytes {
-    use std::cell::RefCell;
-    const BLOCK: usize = 36 * 16;
-    thread_local! {
-        static IDS: RefCell<bytes::BytesMut> = RefCell::new(bytes::BytesMut::new());
-    }
-    IDS.with_borrow_mut(|ids| {
-        if ids.capacity() < id.len() {
-            *ids = bytes::BytesMut::with_capacity(BLOCK.max(id.len()));
-        }
-        ids.extend_from_slice(id);
-        ids.split_to(id.len()).freeze()
-    })
-}
-
-/// A version-4-shaped UUID that costs no system call: a per-process random seed and a counter, mixed by
-/// splitmix64 (a bijection, so ids never repeat within a process). Request ids must be unique, not secret.
-fn new_request_id() -> uuid::Uuid {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEED: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    fn mix(mut z: u64) -> u64 {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    let seed = *SEED.get_or_init(|| {
-        let mut bytes = [0u8; 8];
-        // Without OS randomness, the clock still separates one process's ids from another's.
-        if getrandom::fill(&mut bytes).is_err() {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-            bytes = (now.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
-        }
-        u64::from_le_bytes(bytes)
-    });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let high = mix(seed ^ n);
-    let low = mix(high ^ seed.rotate_left(32));
-    uuid::Builder::from_random_bytes((u128::from(high) << 64 | u128::from(low)).to_be_bytes()).into_uuid()
 }
 
 #[cfg(test)]
@@ -307,16 +263,11 @@ mod tests {
         let made = request_id(&h);
         assert_eq!(made.len(), 36);
         assert_ne!(made, request_id(&HeaderMap::new()));
-        let made: Vec<HeaderValue> = (0..300).map(|_| request_id(&HeaderMap::new())).collect();
-        assert_eq!(
-            made.iter().collect::<std::collections::HashSet<_>>().len(),
-            300,
-            "ids cut from shared blocks stay distinct"
-        );
-        assert!(made.iter().all(|id| id.len() == 36 && id.to_str().is_ok_and(|id| uuid::Uuid::parse_str(id).is_ok())));
-        let ids: std::collections::HashSet<_> = (0..10_000).map(|_| new_request_id()).collect();
-        assert_eq!(ids.len(), 10_000);
-        assert!(ids.iter().all(|id| id.get_version_num() == 4));
+        let made: std::collections::HashSet<HeaderValue> = (0..10_000).map(|_| request_id(&HeaderMap::new())).collect();
+        assert_eq!(made.len(), 10_000, "made ids are distinct");
+        assert!(made.iter().all(|id| {
+            id.to_str().ok().and_then(|id| uuid::Uuid::parse_str(id).ok()).is_some_and(|id| id.get_version_num() == 4)
+        }));
         assert!(format!("{:?}", credential()).contains("redacted"));
     }
 }
