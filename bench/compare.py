@@ -198,10 +198,13 @@ project = "Bench"
             conf = conf.replace(f"@{name}@", str(value))
         return conf
 
-    def start_gateway(self, name: str, tag: str, env=None) -> Started:
+    def start_gateway(self, name: str, tag: str, env=None, metered=None, binary=None) -> Started:
+        """A mantlegate arm: `metered` defaults to whether the arm is named `metered`; `binary` to this tree's."""
         config = self.work / f"{name}{tag}.toml"
-        config.write_text(self.gateway_config(name == "metered", f"usage-{tag}.jsonl"))
-        proc = Started(self.work, f"{name}{tag}", [str(RELEASE / "mantlegate"), "serve", "--config", str(config)],
+        metered = name == "metered" if metered is None else metered
+        config.write_text(self.gateway_config(metered, f"usage-{name}{tag}.jsonl"))
+        binary = binary or RELEASE / "mantlegate"
+        proc = Started(self.work, f"{name}{tag}", [str(binary), "serve", "--config", str(config)],
                        r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})})
         self.started.append(proc)
         return proc

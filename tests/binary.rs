@@ -4,57 +4,13 @@
 
 mod common;
 
-use std::process::Stdio;
-
+use common::binary::*;
 use common::*;
 use futures_util::StreamExt;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use std::process::Stdio;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mantlegate");
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("mantlegate-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-struct Served {
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-    addr: String,
-    admin: String,
-    /// The traffic thread count the listening line gives.
-    workers: u64,
-}
-
-/// Starts `mantlegate serve` and waits for its "listening" log line, which names the bound addresses.
-async fn serve(config: &std::path::Path, env: &[(&str, &str)]) -> Served {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--config"]).arg(config).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
-    cmd.env_remove("MANTLEGATE_LOG").env_remove("RUST_LOG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line =
-            tokio::time::timeout(WAIT, lines.next_line()).await.expect("no listening line").unwrap().expect("exited");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
-        if v["message"] == "mantlegate listening" {
-            let addr = v["addr"].as_str().unwrap().to_owned();
-            let admin = v["admin_addr"].as_str().unwrap().to_owned();
-            let workers = v["workers"].as_u64().unwrap();
-            return Served { child, lines, addr, admin, workers };
-        }
-    }
-}
-
-async fn sigterm(child: &Child) {
-    let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
-}
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
 
 #[tokio::test]
 async fn serve_logs_one_json_line_per_request_and_never_a_secret() {

@@ -2,6 +2,8 @@
 //! gateway started in-process in front of it on 127.0.0.1:0.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod binary;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -365,6 +367,28 @@ impl Gw {
             running: Some(running),
             client: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
         }
+    }
+
+    /// A gateway serving `opts`' config from a file at `path` (written here), which it reloads when asked.
+    pub async fn start_from_file(mock: Arc<Mock>, opts: Opts, path: &std::path::Path) -> Self {
+        let upstream = opts.upstream_addr.unwrap_or(mock.addr);
+        std::fs::write(path, config_text(upstream, &opts)).unwrap();
+        let config = Config::load(path).unwrap();
+        let credential =
+            opts.credential.clone().unwrap_or_else(|| Credential::api_key(&Secret::new(UPSTREAM_KEY.into())).unwrap());
+        let running = mantlegate::server::start_from(path.to_owned(), config, credential).await.unwrap();
+        Self {
+            mock,
+            addr: running.addr,
+            admin: running.admin_addr,
+            running: Some(running),
+            client: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
+        }
+    }
+
+    /// Reloads the gateway's config file.
+    pub async fn reload(&self) -> mantlegate::live::Outcome {
+        self.running.as_ref().unwrap().reload().await
     }
 
     pub fn url(&self, path: &str) -> String {
