@@ -200,7 +200,10 @@ project = "Bench"
 
     def start_gateway(self, name: str, tag: str, env=None, metered=None, binary=None) -> Started:
         """A mantlegate arm: `metered` defaults to whether the arm is named `metered`; `binary` to this tree's."""
-        config = self.work / f"{name}{tag}.toml"
+        # In a directory of its own: the gateway watches its config's directory, and every write to another file
+        # there (this arm's log, in the work directory) would wake the watch.
+        config = self.work / f"config-{name}{tag}" / f"{name}{tag}.toml"
+        config.parent.mkdir(exist_ok=True)
         metered = name == "metered" if metered is None else metered
         config.write_text(self.gateway_config(metered, f"usage-{name}{tag}.jsonl"))
         binary = binary or RELEASE / "mantlegate"

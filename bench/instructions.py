@@ -2,6 +2,7 @@
 """Instructions per request under callgrind, for nginx, the floor, mantlegate and mantlegate with metering.
 
     bench/instructions.py            # needs valgrind, nginx and the release build bench/run makes
+    bench/instructions.py --binary OTHER mantlegate metered   # another build, chosen arms; profiles kept
 
 Instruction counts do not depend on what else the machine is doing, so they compare arms repeatably where
 wall-clock throughput on a shared 2-core machine does not. Each arm runs alone under
@@ -11,6 +12,7 @@ the requests one after another, against the same mock upstream `bench/run` uses.
 bench/README.md (from the third round on) were made with this script.
 """
 
+import argparse
 import http.client
 import re
 import subprocess
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare as c  # noqa: E402
 
 WARMUP = 50
+BINARY = c.RELEASE / "mantlegate"
 REQUESTS = {"json": 2000, "sse": 1000}
 
 
@@ -43,10 +46,10 @@ def start(bench: "c.Bench", arm: str, out: Path):
     if arm == "floor":
         proc = c.Started(bench.work, f"cg-{arm}", callgrind + bench.floor_cmd(threads="1"), r"listening on (\S+)")
         return proc, proc.match.group(1)
-    config = bench.work / f"cg-{arm}.toml"
+    config = bench.work / f"config-cg-{arm}" / f"cg-{arm}.toml"
+    config.parent.mkdir(exist_ok=True)
     config.write_text(bench.gateway_config(arm == "metered", "usage-cg.jsonl", server="workers = 1"))
-    proc = c.Started(bench.work, f"cg-{arm}", callgrind + [str(c.RELEASE / "mantlegate"), "serve", "--config",
-                                                          str(config)],
+    proc = c.Started(bench.work, f"cg-{arm}", callgrind + [str(BINARY), "serve", "--config", str(config)],
                      r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": c.UPSTREAM_KEY})
     return proc, proc.match.group(1)
 
@@ -80,6 +83,12 @@ def measure(bench: "c.Bench", arm: str, workload: str) -> float:
 
 
 def main():
+    global BINARY
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--binary", help="the mantlegate binary to measure (default: this tree's release build)")
+    parser.add_argument("arms", nargs="*", default=["nginx", "floor", "mantlegate", "metered"])
+    args = parser.parse_args()
+    BINARY = Path(args.binary) if args.binary else BINARY
     for tool in ("valgrind", "callgrind_control", "nginx"):
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
             sys.exit(f"{tool} is needed (apt-get install valgrind nginx-light)")
@@ -88,11 +97,12 @@ def main():
     try:
         print("| instructions per request (callgrind) | JSON | SSE, 20 events |")
         print("|---|---|---|")
-        for arm in ("nginx", "floor", "mantlegate", "metered"):
+        for arm in args.arms:
             counts = [measure(bench, arm, workload) for workload in ("json", "sse")]
             print(f"| {arm} | {counts[0]:,.0f} | {counts[1]:,.0f} |", flush=True)
     finally:
         bench.close()
+    print(f"profiles: {work}/callgrind-*.out")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ pub mod live;
 pub mod metering;
 pub mod proxy;
 pub mod record;
+pub mod send_timeout;
 pub mod server;
 pub mod shutdown;
 pub mod snapshot;

@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tokio_io_timeout::TimeoutWriter;
 
 use crate::config::Config;
 use crate::live::{Outcome, Reloader};
@@ -29,7 +27,8 @@ use crate::metering::metrics::Metrics;
 use crate::proxy::access_log::AccessLines;
 use crate::proxy::{Credential, UpstreamClient, Worker};
 use crate::record::Sinks;
-use crate::shutdown::Shutdown;
+use crate::send_timeout::SendTimeout;
+use crate::shutdown::{ConnectionDrain, Graceful, Shutdown};
 
 /// The pause after a failed accept, so that a full file table does not spin the loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -221,7 +220,14 @@ async fn serve_traffic(listener: TcpListener, worker: Arc<Worker>, cap: Option<A
         async move { client.tend_idle().await }
     });
     let service = crate::app::service(worker.clone());
-    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Responses are copied into one write buffer rather than written as a list of buffers: the events of a
+    // stream that arrived together leave in one `write` (two system calls per 20-event response instead of
+    // three) and hyper keeps no buffer list, ~5% fewer instructions per SSE response. The copy is bounded by
+    // `CONNECTION_BUFFER`.
+    http.writev(false).max_buf_size(crate::proxy::CONNECTION_BUFFER).timer(TokioTimer::new());
+    let mut header_read_timeout = std::time::Duration::ZERO;
+    let drain = Arc::new(ConnectionDrain::default());
     let mut connections = tokio::task::JoinSet::new();
     loop {
         // At the cap, connections wait in the listen backlog until one closes (and past the backlog, the
@@ -256,22 +262,19 @@ async fn serve_traffic(listener: TcpListener, worker: Arc<Worker>, cap: Option<A
         let server = worker.live.load().config.server.clone();
         // A caller that stops reading cannot hold its response, and the upstream stream behind it, for ever: a
         // write that waits longer than `send_timeout` for the caller to read fails the connection.
-        let mut tcp = TimeoutWriter::new(tcp);
-        tcp.set_timeout(Some(server.send_timeout));
-        let mut http = hyper::server::conn::http1::Builder::new();
-        // Responses are copied into one write buffer rather than written as a list of buffers: the events of a
-        // stream that arrived together leave in one `write` (two system calls per 20-event response instead of
-        // three) and hyper keeps no buffer list, ~5% fewer instructions per SSE response. The copy is bounded
-        // by `CONNECTION_BUFFER`.
-        http.writev(false).max_buf_size(crate::proxy::CONNECTION_BUFFER);
+        let tcp = SendTimeout::new(tcp, server.send_timeout);
         // A client that sends half a request head, or opens connections and sends nothing, cannot hold them
-        // open for ever.
-        http.timer(TokioTimer::new()).header_read_timeout(server.header_read_timeout);
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(Box::pin(tcp)), service.clone()));
+        // open for ever. Set only when a reload changed it: the builder's settings are copied into each
+        // connection, its timer shared.
+        if header_read_timeout != server.header_read_timeout {
+            header_read_timeout = server.header_read_timeout;
+            http.header_read_timeout(header_read_timeout);
+        }
+        let connection = drain.watch(http.serve_connection(TokioIo::new(tcp), service.clone()));
         connections.spawn(async move {
             let _permit = permit;
             match connection.await {
-                Err(e) if is_send_timeout(&e) => {
+                Err(e) if crate::send_timeout::is_send_timeout(&e) => {
                     tracing::warn!(error = %e, "caller connection closed: the caller stopped reading");
                 }
                 Err(e) => tracing::debug!(error = %e, "traffic connection ended with an error"),
@@ -284,8 +287,10 @@ async fn serve_traffic(listener: TcpListener, worker: Arc<Worker>, cap: Option<A
     }
     drop(listener);
     let grace = worker.live.load().config.server.shutdown_grace;
+    drain.start();
+    let drained = async { while connections.join_next().await.is_some() {} };
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = drained => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace = ?grace, "shutdown grace elapsed; closing remaining connections");
         }
@@ -300,10 +305,17 @@ async fn serve_traffic(listener: TcpListener, worker: Arc<Worker>, cap: Option<A
     tender.abort();
 }
 
-/// Whether a connection ended because its caller stopped reading (`TimeoutWriter`'s error).
-fn is_send_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    crate::error::chain(error)
-        .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == ErrorKind::TimedOut))
+impl<I, S, B> Graceful for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn close_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
 }
 
 /// `mantlegate serve`: starts, reloads the config on SIGHUP (and when its file changes), and stops gracefully

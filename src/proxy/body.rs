@@ -21,6 +21,7 @@ use super::in_flight::InFlight;
 use crate::error::GatewayError;
 use crate::metering::usage::UsageTap;
 use crate::shutdown::Shutdown;
+use tokio_util::sync::CancellationToken;
 
 /// Rejects a request whose declared length is over the cap before a byte of it is read.
 pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), GatewayError> {
@@ -61,14 +62,14 @@ pub struct CallerIncoming {
     body: Option<Incoming>,
     /// Whether it is discarded if dropped before its end.
     discard: bool,
-    /// Discarding stops when the drain begins.
-    shutdown: Shutdown,
+    /// The drain: discarding stops when it begins.
+    drain: CancellationToken,
 }
 
 impl CallerIncoming {
     /// The caller's body, as hyper hands it over; `expects_continue` if the request said `Expect`.
-    pub fn new(body: Incoming, expects_continue: bool, shutdown: Shutdown) -> Self {
-        Self { body: Some(body), discard: !expects_continue, shutdown }
+    pub fn new(body: Incoming, expects_continue: bool, shutdown: &Shutdown) -> Self {
+        Self { body: Some(body), discard: !expects_continue, drain: shutdown.drain_token() }
     }
 }
 
@@ -106,15 +107,15 @@ impl Drop for CallerIncoming {
         {
             return;
         }
-        if self.shutdown.is_draining() {
+        if self.drain.is_cancelled() {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let shutdown = self.shutdown.clone();
+            let drain = self.drain.clone();
             runtime.spawn(async move {
                 tokio::select! {
                     () = discard(body) => {}
-                    () = shutdown.wait() => {}
+                    () = drain.cancelled() => {}
                 }
             });
         }

@@ -179,7 +179,7 @@ impl UpstreamClient {
         // Replaces the caller's, which named the gateway.
         parts.headers.insert(http::header::HOST, self.host.clone());
         let uploaded = Arc::new(AtomicBool::new(body.is_end_stream()));
-        let req = Request::from_parts(parts, Uploading { inner: body, uploaded: uploaded.clone() });
+        let req = Request::from_parts(parts, Uploading { inner: Box::pin(body), uploaded: uploaded.clone() });
         let (mut conn, pooled) = match self.take_idle().await {
             Some(conn) => (conn, true),
             None => (self.connect(connect_timeout).await?, false),
@@ -325,9 +325,13 @@ impl Conn {
 
 pin_project_lite::pin_project! {
     /// A request body on its way upstream, which records when hyper has had all of it.
+    ///
+    /// The body is boxed: hyper's client keeps a channel of requests per connection whose first block, with room
+    /// for 32 of them, lives as long as the connection, and what a request holds inline stays there. Boxed, with
+    /// the caller body's drain switch cut to one token, an idle stream holds 0.17 KiB less (bench/README.md,
+    /// eleventh round).
     pub struct Uploading {
-        #[pin]
-        inner: Outgoing,
+        inner: Pin<Box<Outgoing>>,
         uploaded: Arc<AtomicBool>,
     }
 }
@@ -337,7 +341,7 @@ impl http_body::Body for Uploading {
     type Error = Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        let mut this = self.project();
+        let this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         // The end: seen, or known from the length (hyper then stops polling).
         if frame.is_none() || this.inner.is_end_stream() {

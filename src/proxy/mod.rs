@@ -27,7 +27,6 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use tracing::Instrument as _;
 
 use crate::attribution::Source;
 use crate::endpoint::{Api, Endpoint};
@@ -83,10 +82,9 @@ pub async fn handle(worker: Arc<Worker>, req: Request<Incoming>) -> Response<Res
     let request_id = headers::request_id(req.headers());
     let mut record =
         InFlight::start(worker.clone(), snapshot.clone(), request_id.clone(), req.method(), req.uri().path());
-    let span = tracing::info_span!("request", request_id = request_id.to_str().unwrap_or("-"));
     let expects_continue = req.headers().contains_key(http::header::EXPECT);
-    let req = req.map(|body| body::CallerIncoming::new(body, expects_continue, worker.shutdown.clone()));
-    match forward(&worker, &snapshot, req, &mut record).instrument(span).await {
+    let req = req.map(|body| body::CallerIncoming::new(body, expects_continue, &worker.shutdown));
+    match forward(&worker, &snapshot, req, &mut record).await {
         Ok(forwarded) => response_filter(forwarded, record, &snapshot),
         Err(e) => {
             record.refused(&e);
@@ -115,25 +113,30 @@ async fn forward(
     // Reading the caller's body (when it is read whole) and waiting for upstream's response head share one
     // deadline, so a caller that trickles its body cannot hold a request open longer than upstream may.
     // Pinned where it is built: the exchange is large, and moved into the timeout it would be copied.
-    let exchange = std::pin::pin!(async {
-        let (body, usage_injected) = request_body(snapshot, &mut parts.headers, body, &admitted, record).await?;
-        let request = upstream_request(parts, body, &admitted, snapshot, record.request_id())?;
-        let response = worker.client.request(request, upstream.connect_timeout).await;
-        Ok::<_, GatewayError>((response, usage_injected))
-    });
-    match tokio::time::timeout(upstream.response_timeout, exchange).await {
+    let exchanged = {
+        let exchange = std::pin::pin!(async {
+            let (body, usage_injected) = request_body(snapshot, &mut parts.headers, body, &admitted, record).await?;
+            let request = upstream_request(parts, body, &admitted, snapshot, record.request_id())?;
+            let response = worker.client.request(request, upstream.connect_timeout).await;
+            Ok::<_, GatewayError>((response, usage_injected))
+        });
+        tokio::time::timeout(upstream.response_timeout, exchange).await
+    };
+    match exchanged {
         Err(_) => Err(GatewayError::UpstreamTimeout),
         Ok(Err(e)) => Err(e),
         // hyper passes 100 and 103 by; any other 1xx as a final answer (101 to a request that asked for no
         // upgrade) is nothing a caller can use.
         Ok(Ok((Ok(response), _))) if response.status().is_informational() => {
-            tracing::warn!(status = %response.status(), "upstream answered with an informational status");
+            record.span().in_scope(|| {
+                tracing::warn!(status = %response.status(), "upstream answered with an informational status");
+            });
             Err(GatewayError::UpstreamUnreachable)
         }
         Ok(Ok((Ok(response), usage_injected))) => {
             Ok(Forwarded { response, endpoint: admitted.endpoint, usage_injected })
         }
-        Ok(Ok((Err(e), _))) => Err(upstream_error(&*e, snapshot)),
+        Ok(Ok((Err(e), _))) => Err(upstream_error(&*e, snapshot, record)),
     }
 }
 
@@ -152,7 +155,7 @@ fn request_filter<'s>(
     let attribution = snapshot.attributor.resolve(key.map(|k| &**k), requested, matched.route_project)?;
     record.attributed(&attribution);
     if attribution.source == Source::Rerouted {
-        tracing::warn!(project = %attribution.project.name, "unattributed request rerouted");
+        record.span().in_scope(|| tracing::warn!(project = %attribution.project.name, "unattributed request rerouted"));
     }
     Ok(Admitted {
         endpoint: matched.endpoint,
@@ -246,14 +249,14 @@ fn upstream_uri(path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
 }
 
 /// The gateway's answer to an exchange with upstream that failed before its response head.
-fn upstream_error(e: &(dyn std::error::Error + 'static), snapshot: &Snapshot) -> GatewayError {
+fn upstream_error(e: &(dyn std::error::Error + 'static), snapshot: &Snapshot, record: &mut InFlight) -> GatewayError {
     if body::is_over_limit(e) {
         GatewayError::RequestTooLarge(snapshot.config.server.max_body_bytes)
     } else if body::is_caller_body_error(e) {
         // As a body read whole answers it (`body::read`).
         GatewayError::InvalidRequest("the request body could not be read".into())
     } else {
-        tracing::warn!(error = %access_log::error_chain(e), "upstream request failed");
+        record.span().in_scope(|| tracing::warn!(error = %access_log::error_chain(e), "upstream request failed"));
         GatewayError::UpstreamUnreachable
     }
 }
