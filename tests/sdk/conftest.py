@@ -16,6 +16,10 @@ import pytest
 
 from harness import ROOT, START_TIMEOUT, UPSTREAM_KEY, UPSTREAM_KEY_ENV, Gateway, config_text, log_record, stop_process
 from mock_upstream import MockUpstream
+from netguard import NetworkGuard
+
+# Installed before the test modules import their libraries, so what a library does at import is seen too.
+NETWORK = NetworkGuard().install()
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +85,17 @@ def upstream(mock) -> MockUpstream:
     mock.reset()
     yield mock
     mock.reset()
+
+
+@pytest.fixture(autouse=True)
+def only_loopback():
+    """A client in this process reached nothing but loopback (the gateway), neither while a test ran nor
+    before it (a library's import, another fixture): anything else was refused, and fails the test."""
+    refused, _ = NETWORK.take()
+    assert refused == [], f"refused outside traffic before this test (at import or in a fixture): {refused}"
+    yield NETWORK
+    refused, _ = NETWORK.take()
+    assert refused == [], f"refused outside traffic during this test: {refused}"
 
 
 @pytest.hookimpl(hookwrapper=True)

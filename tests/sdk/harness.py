@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from mock_upstream import Seen
+import pytest
+
+from mock_upstream import TEXT, Seen
 
 ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM_KEY = "sdk-suite-upstream-key"
@@ -22,9 +25,11 @@ ALL_CALLER_KEYS = (CHAT_KEY, SEARCH_KEY, WRONG_KEY)
 ROUTE_PREFIX = "/labs"  # [[routes]] prefix -> project Labs
 START_TIMEOUT = 30.0
 
-# The SDKs read these from the environment; a developer's own settings must not leak into the suite.
+# The SDKs and libraries read these from the environment (keys, base URLs, LangSmith tracing, LiteLLM
+# settings); a developer's own settings must not leak into the suite.
+ENV_PREFIXES = ("OPENAI_", "ANTHROPIC_", "LANGSMITH_", "LANGCHAIN_", "LITELLM_")
 for _name in list(os.environ):
-    if _name.startswith(("OPENAI_", "ANTHROPIC_")):
+    if _name.startswith(ENV_PREFIXES):
         del os.environ[_name]
 
 
@@ -167,3 +172,45 @@ def assert_error(err, *, status: int, code: str, type_: str | None = None) -> No
     assert err.code == code, f"error code {err.code!r} (body {err.body!r})"
     if type_ is not None:
         assert err.type == type_
+
+
+# --- Node: one test of a node --test file, run against the suite's gateway -----------------------------------
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+NODE_MODULES = Path(os.environ.get("MANTLEGATE_SDK_NODE_MODULES") or ROOT / ".sdk" / "node" / "node_modules")
+
+
+def run_node_test(gateway, tmp_path: Path, script: str, name: str, package: str = "openai", **extra_env) -> list[dict]:
+    """Runs the test called `name` in node/`script` with Node's built-in runner; returns the requests the code
+    under test put on the wire (each test file records them to MANTLEGATE_SENT_FILE)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed (scripts/sdk-tests needs node 20+ and npm)")
+    if not (NODE_MODULES / package).is_dir():
+        pytest.fail(f"the {package} npm package is not installed in {NODE_MODULES}: run scripts/sdk-tests")
+    sent_file = tmp_path / "sent.jsonl"
+    sent_file.touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith((*ENV_PREFIXES, "NODE_OPTIONS"))}
+    env.update(
+        MANTLEGATE_URL=gateway.url,
+        MANTLEGATE_KEY=CHAT_KEY,
+        MANTLEGATE_WRONG_KEY=WRONG_KEY,
+        MANTLEGATE_FORBIDDEN_PROJECT="Search",
+        MANTLEGATE_SDK_NODE_MODULES=str(NODE_MODULES),
+        MANTLEGATE_SENT_FILE=str(sent_file),
+        MOCK_TEXT=TEXT,
+        **extra_env,
+    )
+    proc = subprocess.run(
+        [node, "--test", "--test-reporter=tap", f"--test-name-pattern=^{name}$", str(NODE_DIR / script)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = f"--- node stdout ---\n{proc.stdout}\n--- node stderr ---\n{proc.stderr}"
+    assert proc.returncode == 0, output
+    # Exactly the one test ran, and passed (a pattern that matches nothing passes vacuously).
+    assert "# pass 1\n" in proc.stdout and "# fail 0\n" in proc.stdout, output
+    return [json.loads(line) for line in sent_file.read_text().splitlines()]

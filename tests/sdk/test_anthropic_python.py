@@ -144,11 +144,13 @@ def test_messages_stream_helper(gateway, upstream, base):
 
 
 @pytest.mark.parametrize("asked", ["proj_dev", "Chat-Dev"], ids=["by-id", "by-name"])
-def test_messages_workspace_selected(gateway, upstream, base, asked):
-    client, sent = client_for(gateway, base, default_headers={"anthropic-workspace-id": asked})
+def test_messages_workspace_selected(gateway, upstream, base, asked, key_header):
+    # With key_header "sdk-api-key", the README's recipe: api_key= and default_headers, nothing else.
+    client, sent = client_for(gateway, base, key_header=key_header, default_headers={"anthropic-workspace-id": asked})
     message = client.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES)
 
     assert message.content[0].text == TEXT
+    assert_sent_key(sent, key_header)
     assert sent[0].headers["anthropic-workspace-id"] == asked
     seen = upstream.only_request()
     assert_forwarded(seen, method="POST", path=UPSTREAM_PATH, project="proj_dev", anthropic=True)

@@ -5,53 +5,13 @@ what the Node SDK sent."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
-import pytest
-
-from harness import CHAT_KEY, ROOT, WRONG_KEY, assert_forwarded
-from mock_upstream import TEXT
-
-NODE_TEST = Path(__file__).resolve().parent / "node" / "gateway.test.mjs"
-NODE_MODULES = Path(os.environ.get("MANTLEGATE_SDK_NODE_MODULES") or ROOT / ".sdk" / "node" / "node_modules")
+from harness import CHAT_KEY, WRONG_KEY, assert_forwarded
+from harness import run_node_test as _run_node_test
 
 
-def run_node_test(gateway, tmp_path, name: str, **extra_env) -> list[dict]:
-    """Runs the Node test called `name`; returns the requests the Node SDK sent."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed (scripts/sdk-tests needs node 20+ and npm)")
-    if not (NODE_MODULES / "openai").is_dir():
-        pytest.fail(f"the openai npm package is not installed in {NODE_MODULES}: run scripts/sdk-tests")
-    sent_file = tmp_path / "sent.jsonl"
-    sent_file.touch()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "NODE_OPTIONS"))}
-    env.update(
-        MANTLEGATE_URL=gateway.url,
-        MANTLEGATE_KEY=CHAT_KEY,
-        MANTLEGATE_WRONG_KEY=WRONG_KEY,
-        MANTLEGATE_FORBIDDEN_PROJECT="Search",
-        MANTLEGATE_SDK_NODE_MODULES=str(NODE_MODULES),
-        MANTLEGATE_SENT_FILE=str(sent_file),
-        MOCK_TEXT=TEXT,
-        **extra_env,
-    )
-    proc = subprocess.run(
-        [node, "--test", "--test-reporter=tap", f"--test-name-pattern=^{name}$", str(NODE_TEST)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    output = f"--- node stdout ---\n{proc.stdout}\n--- node stderr ---\n{proc.stderr}"
-    assert proc.returncode == 0, output
-    # Exactly the one test ran, and passed (a pattern that matches nothing passes vacuously).
-    assert "# pass 1\n" in proc.stdout and "# fail 0\n" in proc.stdout, output
-    return [json.loads(line) for line in sent_file.read_text().splitlines()]
+def run_node_test(gateway, tmp_path, name: str) -> list[dict]:
+    return _run_node_test(gateway, tmp_path, "gateway.test.mjs", name)
 
 
 def only(sent: list[dict]) -> dict:
