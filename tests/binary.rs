@@ -370,6 +370,35 @@ async fn check_prints_the_attribution_table_and_names_bad_keys() {
         let err = String::from_utf8(out.stderr).unwrap();
         assert!(err.contains(expected), "{key}={value}: {err}");
     }
+
+    // A misspelled override is named as the environment variable it is, beside the file's own problems.
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("MANTLEGATE__SERVER__LISTN", "0.0.0.0:9000")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("MANTLEGATE__SERVER__LISTN: environment variable for server.listn, which is not a setting"),
+        "{err}"
+    );
+    assert!(err.contains("keys[1].project: no project named \"Nope\""), "{err}");
+
+    // A ledger the gateway could not open fails the check, as it would fail `serve`.
+    let blocked = dir.join("not-a-dir");
+    std::fs::write(&blocked, "").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config", "config/mantlegate.toml"])
+        .env("MANTLEGATE__METERING__LEDGER_PATH", blocked.join("usage.jsonl"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("metering.ledger_path: cannot create") && err.contains("is not a directory"), "{err}");
 }
 
 #[tokio::test]

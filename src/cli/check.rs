@@ -16,6 +16,10 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    if let Some(Err(problem)) = config.metering.ledger_path.as_deref().map(crate::metering::ledger::check_writable) {
+        eprintln!("{}: invalid configuration (1 problem):\n  metering.ledger_path: {problem}", path.display());
+        return Ok(ExitCode::FAILURE);
+    }
     print!("{}", report(path, &config));
     Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,7 @@
 //! mistakes the file can hold (unknown projects, bad hashes, durations that do not parse).
 
 mod raw;
+mod schema;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -215,11 +216,24 @@ impl Config {
         if env {
             builder = builder.add_source(config::Environment::with_prefix("MANTLEGATE").separator("__"));
         }
-        let raw: RawConfig = builder
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| anyhow::anyhow!(without_source_lines(&e.to_string())))?;
-        let mut config = Self::from_raw(raw)?;
+        let mut root = builder.build().map_err(|e| anyhow::anyhow!(without_source_lines(&e.to_string())))?.cache;
+        // Unknown keys are named and dropped first, so they hide none of the other problems.
+        let mut problems = schema::remove_unknown(&mut root);
+        let raw: RawConfig = match root.try_deserialize() {
+            Ok(raw) => raw,
+            Err(e) => {
+                problems.push(without_source_lines(&e.to_string()));
+                return Err(ConfigErrors(problems).into());
+            }
+        };
+        let mut config = match Self::from_raw(raw) {
+            Ok(config) if problems.is_empty() => config,
+            Ok(_) => return Err(ConfigErrors(problems).into()),
+            Err(ConfigErrors(more)) => {
+                problems.extend(more);
+                return Err(ConfigErrors(problems).into());
+            }
+        };
         config.sha256 = sha256(text);
         Ok(config)
     }

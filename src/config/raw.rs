@@ -1,12 +1,76 @@
 //! The configuration file as written: plain strings and numbers, every field documented, unknown keys
 //! rejected. Nothing here is trusted yet; [`super::validate`] turns it into the typed [`super::Config`].
+//! (`Serialize` is for [`super::schema`], which learns the known keys from the defaults.)
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+/// A whole number as written. Anything else (`1.5`, `-1`, `"ten"`) is kept as written, for validation to report
+/// with every other problem, rather than rounded (a `max_body_bytes` of 1.5 would be 2 bytes) or allowed to
+/// stop the whole file's checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Whole {
+    /// A whole number, 0 or more.
+    Number(u64),
+    /// Something else, as written.
+    Not(String),
+}
+
+impl Whole {
+    /// The number, or what was written instead.
+    pub fn number(&self) -> Result<u64, &str> {
+        match self {
+            Self::Number(n) => Ok(*n),
+            Self::Not(written) => Err(written),
+        }
+    }
+}
+
+impl Serialize for Whole {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Number(n) => serializer.serialize_u64(*n),
+            Self::Not(written) => serializer.serialize_str(written),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Whole {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Whole;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Whole, E> {
+                Ok(Whole::Number(n))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Whole, E> {
+                Ok(u64::try_from(n).map_or_else(|_| Whole::Not(n.to_string()), Whole::Number))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<Whole, E> {
+                Ok(Whole::Not(n.to_string()))
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Whole, E> {
+                Ok(Whole::Not(b.to_string()))
+            }
+            // An environment override is text: digits only, as written.
+            fn visit_str<E>(self, s: &str) -> Result<Whole, E> {
+                let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+                Ok(match s.parse() {
+                    Ok(n) if digits => Whole::Number(n),
+                    _ => Whole::Not(format!("{s:?}")),
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
 
 /// The whole file. Each section has defaults, so an empty file is a (useless but) parseable config.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     /// Listeners and request limits.
@@ -32,7 +96,7 @@ pub struct RawConfig {
 }
 
 /// `[metering]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawMetering {
     /// Read token usage from responses (and ask for it on chat streams).
@@ -48,7 +112,7 @@ impl Default for RawMetering {
 }
 
 /// One `[[prices]]` entry: USD per 1M tokens.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPrice {
     /// Model id as callers send it.
@@ -63,7 +127,7 @@ pub struct RawPrice {
 }
 
 /// `[server]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
     /// Address for OpenAI-compatible traffic.
@@ -71,7 +135,7 @@ pub struct RawServer {
     /// Address for `/healthz`, `/readyz` (never the traffic port).
     pub admin_listen: String,
     /// Request bodies larger than this get 413.
-    pub max_body_bytes: u64,
+    pub max_body_bytes: Whole,
     /// On SIGTERM, how long in-flight requests may take to finish.
     pub shutdown_grace: String,
     /// How long a caller may take to send a request head, or leave a connection idle between requests.
@@ -79,9 +143,9 @@ pub struct RawServer {
     /// How long a write to a caller may wait for the caller to read, before the connection is closed.
     pub send_timeout: String,
     /// Caller connections open at once, across traffic threads; 0 means no cap.
-    pub max_connections: usize,
+    pub max_connections: Whole,
     /// Traffic threads; 0 means one per CPU the process may use.
-    pub workers: usize,
+    pub workers: Whole,
 }
 
 impl Default for RawServer {
@@ -89,18 +153,18 @@ impl Default for RawServer {
         Self {
             listen: "0.0.0.0:8080".into(),
             admin_listen: "127.0.0.1:9091".into(),
-            max_body_bytes: 32 * 1024 * 1024,
+            max_body_bytes: Whole::Number(32 * 1024 * 1024),
             shutdown_grace: "30s".into(),
             header_read_timeout: "75s".into(),
             send_timeout: "60s".into(),
-            max_connections: 0,
-            workers: 0,
+            max_connections: Whole::Number(0),
+            workers: Whole::Number(0),
         }
     }
 }
 
 /// `[upstream]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawUpstream {
     /// Scheme and authority of bedrock-mantle, no path.
@@ -137,7 +201,7 @@ impl Default for RawUpstream {
 }
 
 /// `[callers]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawCallers {
     /// `keys` or `none`.
@@ -151,7 +215,7 @@ impl Default for RawCallers {
 }
 
 /// `[attribution]`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawAttribution {
     /// `reject` or `reroute`.
@@ -169,7 +233,7 @@ impl Default for RawAttribution {
 }
 
 /// `[taxonomy]`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawTaxonomy {
     /// Tags every project must carry, with a non-empty value.
@@ -179,7 +243,7 @@ pub struct RawTaxonomy {
 }
 
 /// One `[[projects]]` entry.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProject {
     /// Unique name, used by keys, routes and callers.
@@ -196,7 +260,7 @@ pub struct RawProject {
 }
 
 /// One `[[keys]]` entry.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKey {
     /// Name shown in logs and metrics.
@@ -212,7 +276,7 @@ pub struct RawKey {
 }
 
 /// One `[[routes]]` entry.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     /// Path prefix such as `/chatbot`; stripped before forwarding.

@@ -51,10 +51,12 @@ impl Errors {
 pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     let mut errs = Errors::default();
 
+    let max_connections = whole(&mut errs, "server.max_connections", &raw.server.max_connections);
+    let workers = whole(&mut errs, "server.workers", &raw.server.workers);
     let server = Server {
         listen: parse_addr(&mut errs, "server.listen", &raw.server.listen),
         admin_listen: parse_addr(&mut errs, "server.admin_listen", &raw.server.admin_listen),
-        max_body_bytes: raw.server.max_body_bytes,
+        max_body_bytes: whole(&mut errs, "server.max_body_bytes", &raw.server.max_body_bytes).unwrap_or(1),
         shutdown_grace: parse_duration(&mut errs, "server.shutdown_grace", &raw.server.shutdown_grace, true),
         header_read_timeout: parse_duration(
             &mut errs,
@@ -63,18 +65,18 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             false,
         ),
         send_timeout: parse_duration(&mut errs, "server.send_timeout", &raw.server.send_timeout, false),
-        max_connections: (raw.server.max_connections > 0).then_some(raw.server.max_connections),
-        workers: match raw.server.workers {
+        max_connections: max_connections.filter(|n| *n > 0).map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        workers: match workers {
             // available_parallelism honours CPU affinity and a cgroup CPU quota (a pod's limit).
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
-            n => n,
+            Some(0) | None => std::thread::available_parallelism().map_or(1, usize::from),
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         },
     };
-    if server.workers > MAX_WORKERS {
+    if workers.is_some_and(|n| n > MAX_WORKERS as u64) {
         errs.push("server.workers", format!("{} is more than {MAX_WORKERS}", server.workers));
     }
-    if raw.server.max_connections > MAX_CONNECTIONS {
-        errs.push("server.max_connections", format!("{} is more than {MAX_CONNECTIONS}", raw.server.max_connections));
+    if let Some(n) = max_connections.filter(|n| *n > MAX_CONNECTIONS as u64) {
+        errs.push("server.max_connections", format!("{n} is more than {MAX_CONNECTIONS}"));
     }
     if server.max_body_bytes == 0 {
         errs.push("server.max_body_bytes", "must be greater than 0");
@@ -157,11 +159,16 @@ fn credentials(url: &str) -> Option<(usize, usize)> {
     url[start..].rfind('@').map(|at| (start, start + at))
 }
 
-/// `url` as it may be shown in an error: its [`credentials`] replaced by `***`.
+/// `url` as it may be shown in an error: its [`credentials`] replaced by `***`, and its query and fragment (where a
+/// token is as likely) by `?...`.
 fn shown_url(url: &str) -> String {
-    match credentials(url) {
+    let shown = match credentials(url) {
         Some((start, at)) => format!("{}***{}", &url[..start], &url[at..]),
         None => url.to_owned(),
+    };
+    match shown.find(['?', '#']) {
+        Some(at) => format!("{}?...", &shown[..at]),
+        None => shown,
     }
 }
 
@@ -175,12 +182,18 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
             if scheme.is_none() {
                 errs.push("upstream.base_url", format!("{shown:?} must start with https:// or http://"));
             }
-            if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            if u.base_url.contains(['?', '#']) {
                 errs.push(
                     "upstream.base_url",
                     format!(
-                        "{shown:?} must have no path or query: the caller's /v1, /openai/v1 or /anthropic/v1 path is kept"
+                        "{shown:?} must have no query or fragment: the gateway's upstream key goes in \
+                         upstream.api_key_env or upstream.api_key_file, never in the URL"
                     ),
+                );
+            } else if !matches!(uri.path(), "" | "/") {
+                errs.push(
+                    "upstream.base_url",
+                    format!("{shown:?} must have no path: the caller's /v1, /openai/v1 or /anthropic/v1 path is kept"),
                 );
             }
             (scheme.unwrap_or(http::uri::Scheme::HTTPS), uri.authority().cloned())
@@ -486,6 +499,17 @@ fn check_prefix(prefix: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A whole number setting's value; none (reported) if it is not one.
+fn whole(errs: &mut Errors, key: &str, value: &super::raw::Whole) -> Option<u64> {
+    match value.number() {
+        Ok(n) => Some(n),
+        Err(written) => {
+            errs.push(key, format!("{written} is not a whole number"));
+            None
+        }
+    }
+}
+
 fn parse_addr(errs: &mut Errors, key: &str, value: &str) -> std::net::SocketAddr {
     value.parse().unwrap_or_else(|e| {
         errs.push(key, format!("{value:?} is not an address like 0.0.0.0:8080: {e}"));
@@ -577,6 +601,37 @@ mod tests {
     }
 
     #[test]
+    fn whole_number_settings_take_whole_numbers_only() {
+        let errs = errors(&format!("[server]\nmax_body_bytes = 1.5\nworkers = 2.0\nmax_connections = -1\n{BASE}"));
+        assert_eq!(
+            errs,
+            [
+                "server.max_connections: -1 is not a whole number",
+                "server.workers: 2 is not a whole number",
+                "server.max_body_bytes: 1.5 is not a whole number",
+            ]
+        );
+        let valid = crate::Config::from_toml(&format!("[server]\nmax_body_bytes = 10\n{BASE}")).expect("valid");
+        assert_eq!(valid.server.max_body_bytes, 10);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_every_other_problem() {
+        let errs = errors(&format!(
+            "[server]\nlistn = \"0.0.0.0:1\"\nmax_body_bytes = 0\n[nope]\nx = 1\n{BASE}\n[[projects]]\nname = \"B\"\nid = \"proj_b\"\ntgs = {{}}\ntags = {{ Anything = \"goes\" }}"
+        ));
+        assert_eq!(
+            errs,
+            [
+                "nope: not a setting (is it misspelled? the settings are listed in README.md)",
+                "projects[1].tgs: not a setting (is it misspelled? the settings are listed in README.md)",
+                "server.listn: not a setting (is it misspelled? the settings are listed in README.md)",
+                "server.max_body_bytes: must be greater than 0",
+            ]
+        );
+    }
+
+    #[test]
     fn unknown_project_reference_is_named() {
         let errs = errors(&format!("{BASE}\n[[routes]]\nprefix = \"/x\"\nproject = \"Nope\""));
         assert_eq!(errs, vec!["routes[0].project: no project named \"Nope\"".to_string()]);
@@ -643,6 +698,21 @@ mod tests {
         assert_eq!(shown_url("u:p@h.example"), "***@h.example");
         for odd in ["", "://", "@", "ü@x", "https://日本:パス@ホスト/x", "https://[::1"] {
             assert!(!shown_url(odd).contains("パス"), "{odd}");
+        }
+    }
+
+    #[test]
+    fn a_token_in_the_base_urls_query_is_refused_and_never_echoed() {
+        for url in [
+            "https://h.example/?api_key=hunter2",
+            "https://h.example?api-key=hunter2",
+            "https://h.example/v1?x=1&token=hunter2",
+            "https://h.example#hunter2",
+            "https://u:p@h.example/?k=hunter2",
+        ] {
+            let errs = errors(&format!("[upstream]\nbase_url = \"{url}\"\n{BASE}"));
+            assert!(errs.iter().any(|e| e.contains("must have no query or fragment")), "{url}: {errs:?}");
+            assert!(errs.iter().all(|e| !e.contains("hunter2")), "{errs:?}");
         }
     }
 

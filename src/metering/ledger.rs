@@ -164,6 +164,34 @@ impl Ledger {
     }
 }
 
+/// Whether the gateway could open the ledger at `path` (for `mantlegate check`, which must not leave a ledger
+/// behind): an existing file or device is opened for appending; for a new one, the nearest directory that
+/// exists must be one the gateway can create files in.
+pub fn check_writable(path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    if path.is_dir() {
+        return Err(format!("{shown} is a directory; name a file"));
+    }
+    if path.exists() {
+        return OpenOptions::new().append(true).open(path).map(drop).map_err(|e| format!("cannot open {shown}: {e}"));
+    }
+    let mut dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    while !dir.exists() {
+        dir = dir.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    }
+    if !dir.is_dir() {
+        return Err(format!("cannot create {shown}: {} is not a directory", dir.display()));
+    }
+    let probe = dir.join(format!(".mantlegate-check-{}", std::process::id()));
+    match OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!("cannot create {shown}: cannot write in {}: {e}", dir.display())),
+    }
+}
+
 /// Writes each forwarded request's line to the ledger of the config it was served under.
 #[derive(Debug, Default)]
 pub struct LedgerSink;
@@ -418,6 +446,21 @@ mod tests {
         drop(late);
         tokio::time::timeout(Duration::from_secs(10), finished).await.expect("the writer stopped").expect("join");
         assert_eq!(std::fs::read_to_string(&path).expect("ledger"), "{\"n\":1}\n{\"n\":2}\n");
+    }
+
+    #[test]
+    fn a_ledger_the_gateway_could_not_open_is_found_by_the_check() {
+        let path = fresh_ledger_path("check");
+        assert_eq!(check_writable(&path), Ok(()));
+        assert!(!path.exists(), "the check leaves nothing behind");
+        assert_eq!(check_writable(&path.parent().expect("dir").join("a/b/usage.jsonl")), Ok(()));
+        assert_eq!(check_writable(Path::new("/dev/null")), Ok(()));
+        let dir = path.parent().expect("dir");
+        assert!(check_writable(dir).expect_err("a directory").ends_with("is a directory; name a file"));
+        std::fs::write(dir.join("file"), "").expect("file");
+        let under_a_file = dir.join("file/usage.jsonl");
+        assert!(check_writable(&under_a_file).expect_err("under a file").contains("is not a directory"));
+        assert!(check_writable(Path::new("/proc/mantlegate/usage.jsonl")).is_err());
     }
 
     #[tokio::test]
