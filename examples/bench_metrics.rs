@@ -39,10 +39,10 @@ id = "proj_bench"
 const REQUESTS: u32 = 2_000_000;
 
 fn main() -> anyhow::Result<()> {
-    let snapshot = Snapshot::build(Config::from_toml(CONFIG)?, Credential::Passthrough, None, None)
+    let metrics = Metrics::new();
+    let snapshot = Snapshot::build(Config::from_toml(CONFIG)?, Credential::Passthrough, None, &metrics)
         .map_err(|problems| anyhow::anyhow!("{problems:?}"))?;
     let snapshot = Arc::new(snapshot);
-    let metrics = Metrics::new();
     metrics.publish(&snapshot.projects, &snapshot.config.sha256);
     let project = snapshot.projects[0].clone();
     let usage = Usage { input: 12, output: 16, cached_input: 0, reasoning: 0 };

@@ -1,16 +1,78 @@
-//! The admin listener: liveness, readiness, metrics and reloads, never on the traffic port.
+//! The admin listener: liveness, readiness, metrics and reloads, never on the traffic port. It faces probes and
+//! Prometheus, and in a pod whatever else reaches the pod, so it has bounds of its own: at most
+//! [`MAX_CONNECTIONS`] connections (one more is accepted and closed at once, so the file descriptors it can take
+//! are bounded and traffic never starves for them), a head timeout that also closes idle keep-alive
+//! connections, and the traffic listener's send timeout. `POST /reload` is answered only to callers on the
+//! same host.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{StatusCode, header};
 
-use crate::live::{Outcome, Reloader};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::live::{Live, Outcome, Reloader};
 use crate::metering::metrics::Metrics;
+use crate::send_timeout::SendTimeout;
 use crate::shutdown::Shutdown;
+
+/// Admin connections open at once; one past it is closed as it is accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The longest an admin connection may take over a request head or sit idle between requests (shorter if
+/// `server.header_read_timeout` is).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` within the admin listener's bounds, until the task is aborted.
+pub async fn serve(listener: TcpListener, router: Router, live: Arc<Live>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an admin connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = MAX_CONNECTIONS, "admin connection refused: too many open");
+            continue;
+        };
+        let server = live.load().config.server.clone();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new()).header_read_timeout(server.header_read_timeout.min(HEAD_TIMEOUT));
+        let io = TokioIo::new(SendTimeout::new(tcp, server.send_timeout));
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            tower_service::Service::call(&mut router.clone(), req)
+        });
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = http.serve_connection(io, service).await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Whether `peer` is on this host: a reload is for the operator, not for whatever reaches a listener bound to
+/// every interface for the probes.
+fn is_local(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|ip| ip.is_loopback()),
+    }
+}
 
 /// `/healthz` (the process is up), `/readyz` (it takes traffic; 503 while draining, 200 through reloads),
 /// `/metrics`, and `POST /reload` (re-reads the config file, as SIGHUP does, and says what happened).
@@ -31,12 +93,38 @@ async fn readyz(State(shutdown): State<Shutdown>) -> (StatusCode, &'static str) 
 }
 
 /// 200 with the outcome when the config in force is the file's (applied or unchanged), 422 when the file was
-/// refused (the config in force stays).
-async fn reload(State(reloader): State<Arc<Reloader>>) -> (StatusCode, Json<Outcome>) {
+/// refused (the config in force stays), 409 when there is no file (the demo), 403 to a caller on another host.
+async fn reload(
+    State(reloader): State<Arc<Reloader>>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+) -> axum::response::Response {
+    if !peer.is_some_and(|axum::Extension(ConnectInfo(peer))| is_local(peer)) {
+        let message = "reloads are taken only from this host: send SIGHUP, or run mantlegate reload in the pod\n";
+        return (StatusCode::FORBIDDEN, message).into_response();
+    }
+    if !reloader.reloadable() {
+        let message = "this gateway was started without a config file, so there is nothing to reload\n";
+        return (StatusCode::CONFLICT, message).into_response();
+    }
     let outcome = reloader.reload_blocking().await;
     let status = match outcome {
         Outcome::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         Outcome::Applied { .. } | Outcome::Unchanged { .. } => StatusCode::OK,
     };
-    (status, Json(outcome))
+    (status, Json(outcome)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_callers_on_this_host_may_reload() {
+        for local in ["127.0.0.1:1", "127.8.9.10:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
+            assert!(is_local(local.parse().expect("address")), "{local}");
+        }
+        for remote in ["10.0.0.7:1", "0.0.0.0:1", "[fe80::1]:1", "[::ffff:10.0.0.7]:1", "[::]:1"] {
+            assert!(!is_local(remote.parse().expect("address")), "{remote}");
+        }
+    }
 }

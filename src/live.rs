@@ -8,7 +8,7 @@
 //! logged, and the one in force keeps serving. Settings that cannot change in place (the listeners, the thread
 //! count, the connection cap, the upstream's address) keep their running values, and a warning names them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -83,10 +83,9 @@ pub struct Reloader {
 /// What the reloader owns besides the snapshot: held through each reload, so reloads never interleave.
 #[derive(Debug, Default)]
 struct State {
-    /// The writer of the ledger in force.
-    ledger: Option<LedgerWriter>,
-    /// Writers of ledgers a reload moved away from, finishing the lines of requests that began before it.
-    retired: Vec<LedgerWriter>,
+    /// The writers of the ledger in force and of those a reload moved away from that are still finishing the
+    /// lines of requests that began before it; one per file.
+    writers: Vec<LedgerWriter>,
     /// Re-reads the upstream key file in force.
     key_watch: Option<FileWatch>,
     /// Re-reads the config when its file changes.
@@ -102,19 +101,20 @@ impl Reloader {
         credential: Credential,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
-        let (ledger, writer) = open_ledger(&config, &metrics)?;
-        let key_watch = credential.watch(&config.upstream.auth, &metrics);
-        let snapshot = Snapshot::build(config, credential, ledger, None)
+        let mut snapshot = Snapshot::build(config, credential, None, &metrics)
             .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+        let (ledger, writer) = open_ledger(&snapshot.config, &metrics)?;
+        snapshot.ledger = ledger;
+        let key_watch = snapshot.credential.watch(&snapshot.config.upstream.auth, &metrics);
         metrics.publish(&snapshot.projects, &snapshot.config.sha256);
-        let state = State { ledger: writer, key_watch, ..State::default() };
+        let state = State { writers: writer.into_iter().collect(), key_watch, ..State::default() };
         let reloader = Arc::new(Self { path, live: Arc::new(Live::new(snapshot)), metrics, state: Mutex::new(state) });
         if let Some(path) = &reloader.path {
             let watched = FileWatch::start(path, "config file", {
                 let reloader = Arc::downgrade(&reloader);
                 move || {
                     if let Some(reloader) = reloader.upgrade() {
-                        reloader.reload();
+                        reloader.reload_as(Trigger::Watch);
                     }
                 }
             });
@@ -138,12 +138,36 @@ impl Reloader {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reloads the config file: puts it in force if it is new and valid, and logs and counts what happened.
+    /// Whether there is a config file to reload (not for a gateway started from a config given whole).
+    pub fn reloadable(&self) -> bool {
+        self.path.is_some()
+    }
+
+    /// Reloads the config file, as asked (SIGHUP, `POST /reload`, `mantlegate reload`): puts it in force if it is
+    /// new and valid, and logs and counts what happened.
     pub fn reload(&self) -> Outcome {
+        self.reload_as(Trigger::Asked).unwrap_or_else(|| Outcome::Rejected {
+            problems: vec!["this gateway was started without a config file, so there is nothing to reload".into()],
+        })
+    }
+
+    /// Reloads the config file for `trigger`. The file watch sees each change as several events (a rename is
+    /// three), and an editor's save may remove the file for a moment: for the watch, a missing file and a file
+    /// that is the config in force are no reload at all (not counted, not logged at info).
+    fn reload_as(&self, trigger: Trigger) -> Option<Outcome> {
+        let path = self.path.as_deref()?;
         let mut state = self.lock();
+        if trigger == Trigger::Watch && !path.exists() {
+            tracing::debug!(path = %path.display(), "the config file is gone for now; waiting for it to come back");
+            return None;
+        }
         let current = self.live.load();
-        let outcome = match self.prepare(&current) {
-            Ok(None) => Outcome::Unchanged { sha256: current.config.sha256.clone() },
+        let outcome = match self.prepare(path, &current, &state) {
+            Ok(None) if trigger == Trigger::Watch => return None,
+            Ok(None) => {
+                tracing::info!(sha256 = %current.config.sha256, "config reload: the file is the config in force");
+                Outcome::Unchanged { sha256: current.config.sha256.clone() }
+            }
             Ok(Some(prepared)) => self.apply(&mut state, &current, prepared),
             Err(problems) => {
                 for problem in &problems {
@@ -152,19 +176,13 @@ impl Reloader {
                 Outcome::Rejected { problems }
             }
         };
-        if let Outcome::Unchanged { .. } = &outcome {
-            tracing::info!(sha256 = %current.config.sha256, "config reload: the file is the config in force");
-        }
         self.metrics.config_reload(outcome.result());
-        outcome
+        Some(outcome)
     }
 
     /// The new snapshot, if the file holds a new config and every part of it works; none if it is the one in
     /// force.
-    fn prepare(&self, current: &Snapshot) -> Result<Option<Prepared>, Vec<String>> {
-        let Some(path) = &self.path else {
-            return Err(vec!["this gateway was started without a config file, so there is nothing to reload".into()]);
-        };
+    fn prepare(&self, path: &Path, current: &Snapshot, state: &State) -> Result<Option<Prepared>, Vec<String>> {
         let text = config::read_file(path).map_err(|e| vec![format!("{e:#}")])?;
         if config::sha256(&text) == current.config.sha256 {
             return Ok(None);
@@ -180,22 +198,24 @@ impl Reloader {
         } else {
             current.credential.clone()
         };
-        // The ledger is opened last, once nothing else can fail.
-        let ledger_changed = config.metering.ledger_path.as_deref() != current.ledger.as_ref().map(Ledger::path);
-        let snapshot = Snapshot::build(
-            config,
-            credential,
-            if ledger_changed { None } else { current.ledger.clone() },
-            Some(current),
-        )?;
-        let mut prepared = Prepared { snapshot, kept, new_writer: None, auth_changed };
-        if ledger_changed {
-            let (ledger, writer) =
-                open_ledger(&prepared.snapshot.config, &self.metrics).map_err(|e| vec![format!("{e:#}")])?;
-            prepared.snapshot.ledger = ledger;
-            prepared.new_writer = writer;
+        // The ledger in force, or one still finishing earlier requests' lines, is taken as it is: one writer per
+        // file. A new one is opened last, once nothing else can fail.
+        let path = config.metering.ledger_path.clone();
+        let running = path.as_deref().and_then(|path| {
+            current
+                .ledger
+                .clone()
+                .filter(|l| l.path() == path)
+                .or_else(|| state.writers.iter().filter(|w| w.path() == path).find_map(LedgerWriter::ledger))
+        });
+        let mut snapshot = Snapshot::build(config, credential, running, &self.metrics)?;
+        let mut new_writer = None;
+        if snapshot.ledger.is_none() && path.is_some() {
+            let (ledger, writer) = open_ledger(&snapshot.config, &self.metrics).map_err(|e| vec![format!("{e:#}")])?;
+            snapshot.ledger = ledger;
+            new_writer = writer;
         }
-        Ok(Some(prepared))
+        Ok(Some(Prepared { snapshot, kept, new_writer, auth_changed }))
     }
 
     /// Puts `prepared` in force.
@@ -204,15 +224,15 @@ impl Reloader {
         if auth_changed {
             state.key_watch = snapshot.credential.watch(&snapshot.config.upstream.auth, &self.metrics);
         }
-        if new_writer.is_some() || snapshot.ledger.is_none() {
-            if let Some(old) = std::mem::replace(&mut state.ledger, new_writer) {
-                state.retired.push(old.retire());
-            }
-        }
+        // Writers whose last requests have ended have stopped; a new one joins the rest.
+        state.writers.retain(|w| !w.is_finished());
+        state.writers.extend(new_writer);
         let changes = Changes::between(current, &snapshot);
         let sha256 = snapshot.config.sha256.clone();
+        let snapshot = Arc::new(snapshot);
+        // In force first, then exported: `/metrics` never shows a config before it serves.
+        self.live.0.store(snapshot.clone());
         self.metrics.publish(&snapshot.projects, &sha256);
-        self.live.0.store(Arc::new(snapshot));
         tracing::info!(
             sha256 = %sha256,
             keys_added = %changes.keys_added.join(", "),
@@ -248,15 +268,20 @@ impl Reloader {
     /// Writes out what every ledger holds and stops their writers, within `limit` (at shutdown, once every
     /// request has ended).
     pub async fn finish(&self, limit: Duration) {
-        let writers: Vec<LedgerWriter> = {
-            let mut state = self.lock();
-            let current = state.ledger.take();
-            state.retired.drain(..).chain(current).collect()
-        };
+        let writers: Vec<LedgerWriter> = std::mem::take(&mut self.lock().writers);
         for writer in writers {
             writer.finish(limit).await;
         }
     }
+}
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// SIGHUP, `POST /reload`, `mantlegate reload`.
+    Asked,
+    /// The file watch.
+    Watch,
 }
 
 /// A reload that is ready to be put in force.
@@ -293,8 +318,15 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<String> {
     new.server.listen = running.server.listen;
     keep("server.admin_listen", new.server.admin_listen != running.server.admin_listen);
     new.server.admin_listen = running.server.admin_listen;
-    keep("server.workers", new.server.workers != running.server.workers);
+    // "One per CPU" is one setting, however many CPUs the process may use now.
+    let (new_per_cpu, running_per_cpu) = (new.server.workers_per_cpu, running.server.workers_per_cpu);
+    keep(
+        "server.workers",
+        !(new_per_cpu && running_per_cpu)
+            && (new_per_cpu != running_per_cpu || new.server.workers != running.server.workers),
+    );
     new.server.workers = running.server.workers;
+    new.server.workers_per_cpu = running_per_cpu;
     keep("server.max_connections", new.server.max_connections != running.server.max_connections);
     new.server.max_connections = running.server.max_connections;
     let upstream_moved =

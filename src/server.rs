@@ -105,12 +105,16 @@ async fn start_with(path: Option<PathBuf>, config: Config, credential: Credentia
     let clients =
         (0..server.workers).map(|_| UpstreamClient::new(connector.clone(), &upstream)).collect::<Result<_, _>>()?;
     let traffic = start_workers(listener.into_std()?, clients, &server, &reloader, &metrics, &shutdown).await?;
-    let admin = axum::serve(admin, crate::admin::router(shutdown.clone(), metrics, reloader.clone()));
+    let admin = crate::admin::serve(
+        admin,
+        crate::admin::router(shutdown.clone(), metrics, reloader.clone()),
+        reloader.live().clone(),
+    );
 
     let task = tokio::spawn({
         let (shutdown, reloader) = (shutdown.clone(), reloader.clone());
         async move {
-            let admin = tokio::spawn(admin.into_future());
+            let admin = tokio::spawn(admin);
             let mut traffic = tokio::spawn(traffic);
             tokio::select! {
                 result = &mut traffic => log_exit(result),

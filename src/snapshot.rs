@@ -18,7 +18,7 @@ use crate::auth::KeyTable;
 use crate::config::{self, Config, Unattributed};
 use crate::endpoint::RouteTable;
 use crate::metering::ledger::Ledger;
-use crate::metering::metrics::ProjectSeries;
+use crate::metering::metrics::{Metrics, ProjectSeries};
 use crate::metering::prices::PriceTable;
 use crate::proxy::Credential;
 
@@ -39,7 +39,7 @@ pub struct Project {
     pub access_members: String,
     /// `"project":...,"project_id":...,"tags":{...}`, as the ledger line writes them.
     pub ledger_members: String,
-    /// Its metric series, carried over from snapshot to snapshot while the project keeps its name.
+    /// Its metric series: one per project name for as long as anything holds it (see [`Metrics::series`]).
     pub series: Arc<ProjectSeries>,
 }
 
@@ -124,13 +124,13 @@ fn members_of(object: &impl Serialize) -> String {
 }
 
 impl Snapshot {
-    /// Links `config`'s keys, projects and routes. A project that `previous` also had (by name) keeps its metric
-    /// series. Every project must have an id: a request can be attributed to any of them.
+    /// Links `config`'s keys, projects and routes, each project with the series `metrics` keeps under its name.
+    /// Every project must have an id: a request can be attributed to any of them.
     pub fn build(
         config: Config,
         credential: Credential,
         ledger: Option<Ledger>,
-        previous: Option<&Snapshot>,
+        metrics: &Metrics,
     ) -> Result<Self, Vec<String>> {
         let missing: Vec<&str> = config.projects.iter().filter(|p| p.id.is_none()).map(|p| p.name.as_str()).collect();
         if !missing.is_empty() {
@@ -143,7 +143,7 @@ impl Snapshot {
         let projects: Vec<Arc<Project>> = config
             .projects
             .iter()
-            .filter_map(|p| match Self::link_project(p, previous) {
+            .filter_map(|p| match Self::link_project(p, metrics) {
                 Ok(project) => Some(Arc::new(project)),
                 Err(e) => {
                     problems.push(e);
@@ -195,13 +195,11 @@ impl Snapshot {
         })
     }
 
-    fn link_project(p: &config::Project, previous: Option<&Snapshot>) -> Result<Project, String> {
+    fn link_project(p: &config::Project, metrics: &Metrics) -> Result<Project, String> {
         let id = p.id.clone().unwrap_or_default();
         let id_header =
             HeaderValue::from_str(&id).map_err(|_| format!("project {:?}: id {id:?} is not a header value", p.name))?;
-        let series = previous
-            .and_then(|s| s.project(&p.name))
-            .map_or_else(|| Arc::new(ProjectSeries::new(&p.name)), |old| old.series.clone());
+        let series = metrics.series(&p.name);
         Ok(Project {
             access_members: members_of(&ProjectNames { project: &p.name, project_id: &id }),
             ledger_members: members_of(&ProjectFields { project: &p.name, project_id: &id, tags: &p.tags }),
@@ -229,10 +227,15 @@ impl Snapshot {
 pub(crate) mod tests {
     use super::*;
 
-    /// A snapshot of `toml` (with no upstream credential, ledger or predecessor).
-    pub(crate) fn snapshot(toml: &str) -> Snapshot {
+    /// A snapshot of `toml` (with no upstream credential or ledger), its series kept by `metrics`.
+    pub(crate) fn snapshot_in(toml: &str, metrics: &Metrics) -> Snapshot {
         let config = Config::from_toml(toml).unwrap_or_else(|e| panic!("{e:#}"));
-        Snapshot::build(config, Credential::Passthrough, None, None).unwrap_or_else(|e| panic!("{e:?}"))
+        Snapshot::build(config, Credential::Passthrough, None, metrics).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    /// A snapshot of `toml`, with metrics of its own.
+    pub(crate) fn snapshot(toml: &str) -> Snapshot {
+        snapshot_in(toml, &Metrics::new())
     }
 
     const CONFIG: &str = r#"
@@ -272,10 +275,9 @@ pub(crate) mod tests {
 
     #[test]
     fn a_project_keeps_its_series_across_snapshots_while_it_keeps_its_name() {
-        let first = snapshot(CONFIG);
-        let config = Config::from_toml(&CONFIG.replace("name = \"B\"", "name = \"C\"").replace("\"B\"", "\"C\""))
-            .expect("config");
-        let second = Snapshot::build(config, Credential::Passthrough, None, Some(&first)).expect("snapshot");
+        let metrics = Metrics::new();
+        let first = snapshot_in(CONFIG, &metrics);
+        let second = snapshot_in(&CONFIG.replace("name = \"B\"", "name = \"C\"").replace("\"B\"", "\"C\""), &metrics);
         let kept = |name: &str| {
             Arc::ptr_eq(&first.project(name).expect("first").series, &second.project(name).expect("second").series)
         };
@@ -286,7 +288,7 @@ pub(crate) mod tests {
     #[test]
     fn every_project_needs_an_id() {
         let config = Config::from_toml(&CONFIG.replace("id = \"proj_b\"\n", "")).expect("config");
-        let problems = Snapshot::build(config, Credential::Passthrough, None, None).expect_err("no id");
+        let problems = Snapshot::build(config, Credential::Passthrough, None, &Metrics::new()).expect_err("no id");
         assert_eq!(problems.len(), 1);
         assert!(problems[0].starts_with("projects without an id cannot receive traffic: B"), "{problems:?}");
     }

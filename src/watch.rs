@@ -61,22 +61,31 @@ enum Reaction {
     WatchEnded,
 }
 
-/// Reads follow what can bring a whole new key: a rename (the Kubernetes `..data` swap, an editor's save), a
-/// file closed after writing, a link made to a file that already exists (`ln -sf`, `ln`), and anything the
-/// watcher cannot describe (after its queue overflowed, say). A regular file just created is read once it is
-/// closed, not while it is still empty or half-written; writes in progress, attribute changes and the
-/// gateway's own reads (opens, closes without writing) are ignored. The key file itself removed is read too:
-/// the read fails, and is logged and counted as failed (the key in use stays).
+/// Reads follow what can bring a whole new version of the file, and only events that name it (or a `..` entry:
+/// how Kubernetes swaps a mounted volume's `..data`), so other files in the directory set nothing off: a rename
+/// (the `..data` swap, an editor's save), the file closed after writing, a link made to a file that already
+/// exists (`ln -sf`, `ln`), and anything the watcher cannot describe (after its queue overflowed, say). A
+/// regular file just created is read once it is closed, not while it is still empty or half-written; writes in
+/// progress, attribute changes and the gateway's own reads (opens, closes without writing) are ignored. The file
+/// itself removed is read too (the read fails, and the reader says what that means).
 fn reaction(event: &notify::Event, dir: &Path, file: &Path) -> Reaction {
+    if matches!(event.kind, EventKind::Remove(_)) && event.paths.iter().any(|p| p == dir) {
+        return Reaction::WatchEnded;
+    }
+    if matches!(event.kind, EventKind::Any | EventKind::Other) {
+        return Reaction::Read;
+    }
+    let volume_entry =
+        |p: &Path| p.parent() == Some(dir) && p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b".."));
+    if !event.paths.iter().any(|p| p == file || volume_entry(p)) {
+        return Reaction::Ignore;
+    }
     match event.kind {
         EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Any)
-        | EventKind::Access(AccessKind::Close(AccessMode::Write))
-        | EventKind::Any
-        | EventKind::Other => Reaction::Read,
+        | EventKind::Access(AccessKind::Close(AccessMode::Write)) => Reaction::Read,
         EventKind::Create(_) if event.paths.iter().any(|p| p.symlink_metadata().is_ok_and(|m| is_link(&m))) => {
             Reaction::Read
         }
-        EventKind::Remove(_) if event.paths.iter().any(|p| p == dir) => Reaction::WatchEnded,
         EventKind::Remove(_) if event.paths.iter().any(|p| p == file) => Reaction::Read,
         _ => Reaction::Ignore,
     }
@@ -99,15 +108,15 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("file"), "").expect("file");
-        std::os::unix::fs::symlink("file", dir.join("link")).expect("symlink");
+        std::os::unix::fs::symlink("file", dir.join("key")).expect("symlink");
         std::fs::hard_link(dir.join("file"), dir.join("hard")).expect("hard link");
         std::fs::write(dir.join("fresh"), "").expect("file");
         let event = |kind: EventKind, path: &str| notify::Event::new(kind).add_path(dir.join(path));
         let read = [
             event(EventKind::Modify(ModifyKind::Name(RenameMode::To)), "..data"),
+            event(EventKind::Modify(ModifyKind::Name(RenameMode::To)), "key"),
             event(EventKind::Access(AccessKind::Close(AccessMode::Write)), "key"),
-            event(EventKind::Create(CreateKind::File), "link"),
-            event(EventKind::Create(CreateKind::File), "hard"),
+            event(EventKind::Create(CreateKind::File), "key"),
             event(EventKind::Other, ""),
             event(EventKind::Remove(RemoveKind::File), "key"),
         ];
@@ -115,6 +124,8 @@ mod tests {
         for e in &read {
             assert_eq!(reaction(e, &dir, &key), Reaction::Read, "{e:?}");
         }
+        let hard = event(EventKind::Create(CreateKind::File), "hard");
+        assert_eq!(reaction(&hard, &dir, &dir.join("hard")), Reaction::Read);
         let ignored = [
             // Just created, still empty or half-written: read when it is closed.
             event(EventKind::Create(CreateKind::File), "fresh"),
@@ -126,6 +137,10 @@ mod tests {
             // Kubernetes removing the previous secret's directory after its swap.
             event(EventKind::Remove(RemoveKind::Folder), "..2026_11_27_10_00_00.1"),
             event(EventKind::Remove(RemoveKind::File), "other"),
+            // Other files in the directory: a ledger, an editor's backup, a log.
+            event(EventKind::Access(AccessKind::Close(AccessMode::Write)), "usage.jsonl"),
+            event(EventKind::Modify(ModifyKind::Name(RenameMode::From)), "key~"),
+            event(EventKind::Create(CreateKind::File), "hard"),
         ];
         for e in &ignored {
             assert_eq!(reaction(e, &dir, &key), Reaction::Ignore, "{e:?}");

@@ -81,7 +81,7 @@ fn chat(stream: bool, user: &str) -> String {
 /// Writes `text` as the gateway's config file and reloads it; it is in force once this returns. (The file watch
 /// may have reloaded it first, in which case the explicit reload finds it unchanged.)
 async fn reload_to(gw: &Gw, path: &std::path::Path, text: &str) {
-    std::fs::write(path, text).unwrap();
+    replace_file(path, text);
     let sha256 = mantlegate::config::sha256(text);
     match gw.reload().await {
         Outcome::Applied { sha256: sha } | Outcome::Unchanged { sha256: sha } if sha == sha256 => {}
@@ -266,13 +266,14 @@ async fn settings_only_a_restart_changes_keep_their_running_values_and_the_rest_
     let path = dir.join("gateway.toml");
     let gw = Gw::start_from_file(mock, opts(&ledger, 1.0), &path).await;
     let text = std::fs::read_to_string(&path).unwrap();
-    // A new listener (restart only) and a smaller body limit (at once).
+    // A new listener (restart only: the gateway goes on where it was, as the binary test's warning says) and a
+    // smaller body limit (at once).
     let text = text
         .replace("listen = \"127.0.0.1:0\"\nadmin_listen", "listen = \"127.0.0.1:1\"\nadmin_listen")
         .replace("max_body_bytes = 4096", "max_body_bytes = 64");
     reload_to(&gw, &path, &text).await;
     let res = gw.post("/v1/chat/completions", CHAT_KEY).body(chat(false, "")).send().await.unwrap();
-    assert_eq!(error_code(res).await, (413, "request_too_large".to_owned()), "still listening where it was");
+    assert_eq!(error_code(res).await, (413, "request_too_large".to_owned()));
 }
 
 /// Writes `text` over `path` as an atomic rename, as Kubernetes and editors do, so a reload never reads half a file.
@@ -361,10 +362,18 @@ async fn a_reload_storm_under_mixed_traffic_loses_no_request_and_writes_one_line
     let applied = "mantlegate_config_reloads_total{result=\"applied\"}";
     for i in 0..50 {
         replace_file(&path, if i % 2 == 0 { &b } else { &a });
+        let sha256 = mantlegate::config::sha256(if i % 2 == 0 { &b } else { &a });
         if i % 2 == 0 {
             kill(&child, "-HUP").await;
         } else {
-            client.post(format!("http://{admin}/reload")).send().await.unwrap();
+            // The file watch may have applied it first.
+            let res = client.post(format!("http://{admin}/reload")).send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            let outcome: Outcome = res.json().await.unwrap();
+            assert!(
+                outcome == Outcome::Applied { sha256: sha256.clone() } || outcome == Outcome::Unchanged { sha256 },
+                "{outcome:?}"
+            );
         }
         let deadline = tokio::time::Instant::now() + WAIT;
         while metric_value(&client, &admin, applied).await < f64::from(i + 1) {
@@ -387,6 +396,8 @@ async fn a_reload_storm_under_mixed_traffic_loses_no_request_and_writes_one_line
     let status = tokio::time::timeout(WAIT, child.wait()).await.expect("no exit after SIGTERM").unwrap();
     assert!(status.success(), "{status:?}");
     let log = tokio::time::timeout(WAIT, log).await.expect("the log never ended").unwrap();
+    let hangups = log.iter().filter(|l| l["message"] == "SIGHUP: reloading the config").count();
+    assert_eq!(hangups, 25, "every SIGHUP reloaded");
     let mut access: HashMap<String, usize> = HashMap::new();
     for line in log.iter().filter(|l| l["target"] == "mantlegate::access") {
         *access.entry(line["request_id"].as_str().unwrap().to_owned()).or_default() += 1;
@@ -460,7 +471,10 @@ async fn the_binary_reloads_on_a_configmap_swap_on_sighup_and_on_mantlegate_relo
     let v2 = v1
         .replace("tags = { Team = \"search\" }", "tags = { Team = \"discovery\" }")
         .replace("[[routes]]\nprefix = \"/search\"\nproject = \"Search\"\n", "")
-        .replace("listen = \"127.0.0.1:0\"\nadmin_listen", "listen = \"127.0.0.1:1\"\nadmin_listen")
+        .replace(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\nmax_connections = 9",
+        )
         .replace("[attribution]\n", "[attribution]\nunattributed = \"reroute\"\nreroute_to = \"Unattributed\"\n")
         + &format!("\n[[keys]]\nname = \"new-service\"\nsha256 = \"{}\"\nproject = \"Search\"\n", sha("new-key"));
     assert_eq!(models("new-key").await.unwrap().status(), 401);
@@ -472,7 +486,7 @@ async fn the_binary_reloads_on_a_configmap_swap_on_sighup_and_on_mantlegate_relo
     assert_eq!(reloaded["routes_removed"], "/search -> Search");
     assert_eq!(reloaded["level"], "INFO");
     let kept = served.wait_for("the restart-only warning", |v| v["level"] == "WARN").await;
-    assert_eq!(kept["settings"], "server.listen", "{kept}");
+    assert_eq!(kept["settings"], "server.listen, server.admin_listen, server.max_connections", "{kept}");
     assert_eq!(models("new-key").await.unwrap().status(), 200);
 
     // A warning logged while a request is served carries its request id, as the access line does.
@@ -491,7 +505,9 @@ async fn the_binary_reloads_on_a_configmap_swap_on_sighup_and_on_mantlegate_relo
 
     // SIGHUP with nothing new: the process lives on, and says so.
     served.signal("-HUP").await;
-    served.wait_for("the unchanged line", is("config reload: the file is the config in force")).await;
+    served.wait_for("the SIGHUP line", is("SIGHUP: reloading the config")).await;
+    let unchanged = served.wait_for("the unchanged line", |v| v["level"] != "DEBUG").await;
+    assert_eq!(unchanged["message"], "config reload: the file is the config in force", "{unchanged}");
     assert_eq!(models(CHAT_KEY).await.unwrap().status(), 200);
 
     // A broken version is refused, by the watch and by `mantlegate reload`, which lists every problem.
@@ -525,4 +541,117 @@ async fn the_binary_reloads_on_a_configmap_swap_on_sighup_and_on_mantlegate_relo
     assert!(metrics.contains("mantlegate_config_reloads_total{result=\"applied\"} 2"), "{metrics}");
     served.signal("-TERM").await;
     assert!(tokio::time::timeout(WAIT, served.child.wait()).await.unwrap().unwrap().success());
+}
+
+/// Reads the named thread count of process `pid`.
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|t| std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .count()
+}
+
+#[tokio::test]
+async fn a_moved_ledger_takes_new_requests_while_the_old_one_finishes_earlier_ones_with_one_writer_per_file() {
+    let (mock, mut held) = upstream().await;
+    let (dir, ledger_a) = fresh("ledger-move");
+    let ledger_b = dir.join("usage-b.jsonl");
+    let path = dir.join("conf").join("gateway.toml");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let a = config_text(mock.addr, &opts(&ledger_a, 1.0));
+    let b = a.replace(&ledger_a.display().to_string(), &ledger_b.display().to_string());
+    std::fs::write(&path, &a).unwrap();
+    let mut served = serve(&path, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+    let pid = served.child.id().unwrap();
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let url = format!("http://{}/v1/chat/completions", served.addr);
+    let post = |id: &'static str, user: &'static str| {
+        client.post(&url).bearer_auth(CHAT_KEY).header("x-request-id", id).body(chat(user == "hold", user)).send()
+    };
+    let first = format!("data: {{\"model\":\"{MODEL}\",\"choices\":[{{\"delta\":{{\"content\":\"Hi\"}}}}]}}\n\n");
+    let end = format!("data: {{\"model\":\"{MODEL}\",\"choices\":[],\"usage\":{USAGE}}}\n\ndata: [DONE]\n\n");
+
+    // A stream under the config writing to A.
+    let old = post("rid-a-held", "hold").await.unwrap();
+    let old_script = held.recv().await.unwrap();
+    old_script.tx.send(Bytes::from(first.clone())).await.unwrap();
+    let mut old = Box::pin(old.bytes_stream());
+    old.next().await.unwrap().unwrap();
+
+    // Moved to B: new requests go there; a stream held under B.
+    replace_file(&path, &b);
+    served.wait_for("the move to B", is("config reloaded; new requests use it")).await;
+    post("rid-b", "").await.unwrap().bytes().await.unwrap();
+    let held_b = post("rid-b-held", "hold").await.unwrap();
+    let b_script = held.recv().await.unwrap();
+    b_script.tx.send(Bytes::from(first.clone())).await.unwrap();
+    let mut held_b = Box::pin(held_b.bytes_stream());
+    held_b.next().await.unwrap().unwrap();
+    assert_eq!(threads_named(pid, "usage-ledger"), 2);
+
+    // Back to A while A's writer still finishes the first stream: it is taken up again, not opened twice.
+    replace_file(&path, &a);
+    served.wait_for("the move back to A", is("config reloaded; new requests use it")).await;
+    assert_eq!(threads_named(pid, "usage-ledger"), 2, "one writer per file");
+    post("rid-a-again", "").await.unwrap().bytes().await.unwrap();
+
+    // The held streams end; B's writer, with nothing left to write for, stops.
+    for (script, mut stream) in [(old_script, old), (b_script, held_b)] {
+        script.tx.send(Bytes::from(end.clone())).await.unwrap();
+        drop(script);
+        while let Some(chunk) = stream.next().await {
+            chunk.unwrap();
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while threads_named(pid, "usage-ledger") > 1 {
+        assert!(tokio::time::Instant::now() < deadline, "B's writer never stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    served.signal("-TERM").await;
+    assert!(tokio::time::timeout(WAIT, served.child.wait()).await.unwrap().unwrap().success());
+    let ids = |path: &std::path::Path| {
+        let mut ids: Vec<String> =
+            read_ledger(path).iter().map(|l| l["request_id"].as_str().unwrap().to_owned()).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&ledger_a), ["rid-a-again", "rid-a-held"]);
+    assert_eq!(ids(&ledger_b), ["rid-b", "rid-b-held"]);
+}
+
+#[tokio::test]
+async fn a_reload_to_a_new_upstream_key_file_uses_it_and_follows_its_changes() {
+    let (mock, _held) = upstream().await;
+    let (dir, ledger) = fresh("key-file");
+    let path = dir.join("gateway.toml");
+    let gw = Gw::start_from_file(mock, opts(&ledger, 1.0), &path).await;
+    let upstream_key = || async {
+        let res = gw.get("/v1/models", CHAT_KEY).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        gw.mock.next().await.header("authorization").unwrap().to_owned()
+    };
+    assert_eq!(upstream_key().await, format!("Bearer {UPSTREAM_KEY}"));
+
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    let key_file = secrets.join("api-key");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let with_file = text.replace(
+        "connect_timeout = \"2s\"",
+        &format!("connect_timeout = \"2s\"\napi_key_file = \"{}\"", key_file.display()),
+    );
+    // A key file that is not there refuses the reload; the key in use stays.
+    replace_file(&path, &with_file);
+    let Outcome::Rejected { problems } = gw.reload().await else { panic!("accepted a missing key file") };
+    assert!(problems[0].starts_with("upstream.api_key_file: cannot read"), "{problems:?}");
+    assert_eq!(upstream_key().await, format!("Bearer {UPSTREAM_KEY}"));
+
+    std::fs::write(&key_file, "key-from-file\n").unwrap();
+    reload_to(&gw, &path, &with_file).await;
+    assert_eq!(upstream_key().await, "Bearer key-from-file");
+    // The new file is watched from now on.
+    replace_file(&key_file, "key-rotated\n");
+    gw.metric_line("mantlegate_upstream_key_reloads_total{result=\"changed\"} 1").await;
+    assert_eq!(upstream_key().await, "Bearer key-rotated");
 }

@@ -122,7 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Reload { admin, config } => {
             let admin = match admin {
                 Some(admin) => admin,
-                None => Config::load(&config::resolve_path(config))?.server.admin_listen.to_string(),
+                None => config::admin_listen(&config::resolve_path(config))?,
             };
             runtime()?.block_on(reload::run(&admin))
         }

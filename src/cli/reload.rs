@@ -46,9 +46,12 @@ fn plural(n: usize) -> &'static str {
 async fn ask(admin: &str) -> anyhow::Result<Outcome> {
     // An unspecified address (a listener on all interfaces) is reached on loopback.
     let addr = admin.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:");
-    let tcp = tokio::net::TcpStream::connect(&addr)
-        .await
-        .with_context(|| format!("cannot reach the gateway's admin listener at {addr}"))?;
+    let tcp = tokio::net::TcpStream::connect(&addr).await.with_context(|| {
+        format!(
+            "cannot reach the gateway's admin listener at {addr} (a changed server.admin_listen takes effect \
+                 only at a restart: give the running one with --admin)"
+        )
+    })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(connection);
     let request = http::Request::post("/reload").header(http::header::HOST, &addr).body(Empty::<bytes::Bytes>::new())?;

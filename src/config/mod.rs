@@ -79,6 +79,8 @@ pub struct Server {
     pub max_connections: Option<usize>,
     /// Traffic threads, each with its own event loop and upstream connections.
     pub workers: usize,
+    /// Whether `workers` is "one per CPU" (configured as 0).
+    pub workers_per_cpu: bool,
 }
 
 /// `[upstream]`, validated.
@@ -247,6 +249,18 @@ impl Config {
     pub fn project(&self, name: &str) -> Option<&Project> {
         self.projects.iter().find(|p| p.name == name)
     }
+}
+
+/// `server.admin_listen` as the file at `path` (and the environment) sets it, read without checking the rest, for
+/// `mantlegate reload` to find a running gateway whose file may have changed since.
+pub fn admin_listen(path: &Path) -> anyhow::Result<String> {
+    let text = read_file(path)?;
+    let read = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .add_source(config::Environment::with_prefix("MANTLEGATE").separator("__"))
+        .build()
+        .map_err(|e| anyhow::anyhow!("reading {}: {}", path.display(), without_source_lines(&e.to_string())))?;
+    Ok(read.get_string("server.admin_listen").unwrap_or_else(|_| RawConfig::default().server.admin_listen))
 }
 
 /// The SHA-256 of a config file's text, in hex.

@@ -71,6 +71,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             Some(0) | None => std::thread::available_parallelism().map_or(1, usize::from),
             Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         },
+        workers_per_cpu: matches!(workers, Some(0) | None),
     };
     if workers.is_some_and(|n| n > MAX_WORKERS as u64) {
         errs.push("server.workers", format!("{} is more than {MAX_WORKERS}", server.workers));

@@ -6,9 +6,10 @@
 //! (`mantlegate_ledger_dropped_total`), and the metrics still have them. The file is rotated at UTC midnight:
 //! `usage.jsonl` becomes `usage.YYYY-MM-DD.jsonl`.
 //!
-//! A reload that moves the ledger opens the new one beside the old, which is retired: requests that began under
-//! the old config still write their lines to it, and its writer stops once the last of them has (when every
-//! [`Ledger`] handle is gone), after a last pass.
+//! A reload that moves the ledger opens the new one beside the old: requests that began under the old config
+//! still write their lines to it, and its writer stops once the last of them has (when every [`Ledger`] handle
+//! is gone), after a last pass. A reload back to a path whose writer is still running gets that writer's ledger
+//! again ([`LedgerWriter::ledger`]), so one file never has two writers.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -16,7 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
@@ -60,7 +61,12 @@ struct Shared {
 
 /// The request side of the ledger.
 #[derive(Debug, Clone)]
-pub struct Ledger {
+pub struct Ledger(Arc<Handle>);
+
+/// What every clone of a [`Ledger`] shares; the writer stops once the last is gone (its channel then has no
+/// sender).
+#[derive(Debug)]
+struct Handle {
     path: PathBuf,
     shared: Arc<Shared>,
     wake: SyncSender<Msg>,
@@ -69,32 +75,39 @@ pub struct Ledger {
 /// The writer thread.
 #[derive(Debug)]
 pub struct LedgerWriter {
-    /// Gone once retired: the writer then stops when the last [`Ledger`] handle is dropped.
-    tx: Option<SyncSender<Msg>>,
+    path: PathBuf,
+    ledger: Weak<Handle>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl LedgerWriter {
-    /// Writes out every line appended so far and stops the writer, waiting at most `limit`. A retired writer is
-    /// waited for until its last requests have ended.
+    /// The file it writes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its ledger, while anything (the config in force, or a request that began under an earlier one) holds it.
+    pub fn ledger(&self) -> Option<Ledger> {
+        self.ledger.upgrade().map(Ledger)
+    }
+
+    /// Whether the writer has stopped (every handle gone, and the last lines written).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Writes out every line appended so far and stops the writer, waiting at most `limit`.
     pub async fn finish(self, limit: Duration) {
-        let Self { tx, thread } = self;
+        let Self { ledger, thread, .. } = self;
         let join = tokio::task::spawn_blocking(move || {
-            if let Some(tx) = tx {
-                let _ = tx.send(Msg::Close);
+            if let Some(handle) = ledger.upgrade() {
+                let _ = handle.wake.send(Msg::Close);
             }
             thread.join()
         });
         if tokio::time::timeout(limit, join).await.is_err() {
             tracing::warn!("usage ledger writer did not finish in time; some lines may be lost");
         }
-    }
-
-    /// Lets the writer stop once the last [`Ledger`] handle is gone (its last requests have ended), after writing
-    /// what they appended.
-    pub fn retire(mut self) -> Self {
-        self.tx = None;
-        self
     }
 }
 
@@ -117,21 +130,23 @@ impl Ledger {
                 move || write_loop(&path, file, &rx, &shared)
             })
             .map_err(|e| anyhow::anyhow!("starting the ledger writer: {e}"))?;
-        Ok((Self { path: path.to_owned(), shared, wake: tx.clone() }, LedgerWriter { tx: Some(tx), thread }))
+        let handle = Arc::new(Handle { path: path.to_owned(), shared, wake: tx });
+        let writer = LedgerWriter { path: path.to_owned(), ledger: Arc::downgrade(&handle), thread };
+        Ok((Self(handle), writer))
     }
 
     /// Where it writes.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.0.path
     }
 
     /// Appends the line `write` puts at the end of the buffer it is given (without a newline), without
     /// waiting. The line is written straight into this thread's pending buffer: no allocation, no copy.
     pub fn append_with(&self, write: impl FnOnce(&mut String)) {
-        let slot = match self.shared.pending.get() {
+        let slot = match self.0.shared.pending.get() {
             Some(slot) => slot,
             None => {
-                let slot = self.shared.pending.get_or_default();
+                let slot = self.0.shared.pending.get_or_default();
                 // Pairs with the writer's fence: either its last pass sees this new buffer, or this thread sees
                 // `closed` (without both fences each side could miss the other's write).
                 fence(Ordering::SeqCst);
@@ -139,28 +154,28 @@ impl Ledger {
             }
         };
         let mut pending = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.shared.closed.load(Ordering::Acquire) {
-            self.shared.dropped.inc();
+        if self.0.shared.closed.load(Ordering::Acquire) {
+            self.0.shared.dropped.inc();
             return;
         }
         let start = pending.len();
         write(&mut pending);
         if pending.len() >= MAX_PENDING {
             pending.truncate(start);
-            self.shared.dropped.inc();
+            self.0.shared.dropped.inc();
             return;
         }
         pending.push('\n');
         drop(pending);
         if start == 0 {
             // Full means a wake-up is already queued; gone means the writer stopped, and `closed` says so.
-            let _ = self.wake.try_send(Msg::Wake);
+            let _ = self.0.wake.try_send(Msg::Wake);
         }
     }
 
     /// Lines dropped because the writer was behind or had stopped, or because writing them failed.
     pub fn dropped(&self) -> u64 {
-        self.shared.dropped.get()
+        self.0.shared.dropped.get()
     }
 }
 
@@ -430,21 +445,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_retired_ledger_takes_lines_until_its_last_handle_is_gone_and_then_stops() {
+    async fn a_ledger_takes_lines_until_its_last_handle_is_gone_and_then_stops() {
         let path = fresh_ledger_path("retired");
         let (ledger, writer) = Ledger::open(&path, Counter::default()).expect("open");
-        let writer = writer.retire();
-        // A request that began under the old config ends after the reload.
+        // A reload moved away from it; a request that began under the old config ends after the reload.
         append(&ledger, "{\"n\":1}");
         let late = ledger.clone();
         drop(ledger);
         append(&late, "{\"n\":2}");
-        let finished = tokio::spawn(writer.finish(Duration::from_secs(10)));
-        // Still running: a handle is left.
-        tokio::task::yield_now().await;
-        assert!(!finished.is_finished());
-        drop(late);
-        tokio::time::timeout(Duration::from_secs(10), finished).await.expect("the writer stopped").expect("join");
+        // Still running, and its ledger can be had again while a handle is left.
+        assert!(!writer.is_finished());
+        let again = writer.ledger().expect("a handle is left");
+        assert_eq!(again.path(), path);
+        drop((late, again));
+        assert!(writer.ledger().is_none());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !writer.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "the writer never stopped");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        writer.finish(Duration::from_secs(10)).await;
         assert_eq!(std::fs::read_to_string(&path).expect("ledger"), "{\"n\":1}\n{\"n\":2}\n");
     }
 

@@ -8,8 +8,9 @@
 //! the tags in force. Within a project, the series of an endpoint, status, model or reason are made on first use
 //! and found again without a lock (a copy-on-write list read through one atomic load).
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
@@ -17,7 +18,6 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -35,11 +35,6 @@ struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ShaLabels {
-    sha256: String,
 }
 
 type CostCounter = Counter<f64, AtomicU64>;
@@ -194,11 +189,22 @@ impl ProjectSeries {
     }
 }
 
-/// The series `/metrics` exports per project: those of the projects in force, and of requests with none.
+/// The series `/metrics` exports per project: those of the projects in force, and of requests with none; and
+/// the config in force's hash, published with them in one store.
 #[derive(Debug)]
 struct ProjectsExport {
-    current: ArcSwap<Vec<Arc<Project>>>,
+    current: ArcSwap<Exported>,
     none: Arc<ProjectSeries>,
+    /// Each project name's series, while anything holds them: a project removed by a reload and added back by
+    /// the next keeps its counts (and takes the counts of requests still running under the config between).
+    series: Mutex<HashMap<String, Weak<ProjectSeries>>>,
+}
+
+/// What a config in force exports.
+#[derive(Debug, Default)]
+struct Exported {
+    projects: Vec<Arc<Project>>,
+    sha256: String,
 }
 
 /// Every metric the gateway exports.
@@ -209,7 +215,6 @@ pub struct Metrics {
     ledger_dropped: Counter,
     key_reloads: Family<ResultLabels, Counter>,
     config_reloads: Family<ResultLabels, Counter>,
-    config_info: Family<ShaLabels, Gauge>,
     projects: Arc<ProjectsExport>,
 }
 
@@ -243,19 +248,31 @@ impl Metrics {
             "Config reloads: applied, rejected (the config in force stays) or unchanged",
             config_reloads.clone(),
         );
-        let config_info = Family::<ShaLabels, Gauge>::default();
-        registry.register("config_info", "The SHA-256 of the config file in force", config_info.clone());
-        let projects = Arc::new(ProjectsExport { current: ArcSwap::default(), none: Arc::new(ProjectSeries::new("")) });
+        let projects = Arc::new(ProjectsExport {
+            current: ArcSwap::default(),
+            none: Arc::new(ProjectSeries::new("")),
+            series: Mutex::default(),
+        });
         registry.register_collector(Box::new(projects.clone()));
-        Self { registry, unattributed, ledger_dropped, key_reloads, config_reloads, config_info, projects }
+        Self { registry, unattributed, ledger_dropped, key_reloads, config_reloads, projects }
     }
 
-    /// From now on, exports the series and tags of `projects` (a snapshot's, as it comes into force) and of
-    /// the config whose file hashes to `sha256`.
+    /// The series of the project named `name`: the same ones for as long as anything holds them.
+    pub fn series(&self, name: &str) -> Arc<ProjectSeries> {
+        let mut series = self.projects.series.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = series.get(name).and_then(Weak::upgrade) {
+            return held;
+        }
+        series.retain(|_, s| s.strong_count() > 0);
+        let made = Arc::new(ProjectSeries::new(name));
+        series.insert(name.to_owned(), Arc::downgrade(&made));
+        made
+    }
+
+    /// From now on, exports the series and tags of `projects` (a snapshot's, once it is in force) and of the
+    /// config whose file hashes to `sha256`.
     pub fn publish(&self, projects: &[Arc<Project>], sha256: &str) {
-        self.projects.current.store(Arc::new(projects.to_vec()));
-        self.config_info.clear();
-        self.config_info.get_or_create(&ShaLabels { sha256: sha256.to_owned() }).set(1);
+        self.projects.current.store(Arc::new(Exported { projects: projects.to_vec(), sha256: sha256.to_owned() }));
     }
 
     /// The counter of ledger lines dropped, for the ledger to count on.
@@ -342,6 +359,8 @@ const UNMETERED: Descriptor = Descriptor {
            (encoded, no_usage, incomplete)",
     kind: MetricType::Counter,
 };
+const CONFIG_INFO: Descriptor =
+    Descriptor { name: "config_info", help: "The SHA-256 of the config file in force", kind: MetricType::Gauge };
 const PROJECT_INFO: Descriptor = Descriptor {
     name: "project_info",
     help: "Configured projects and their cost allocation tags",
@@ -350,7 +369,8 @@ const PROJECT_INFO: Descriptor = Descriptor {
 
 impl Collector for ProjectsExport {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let current = self.current.load();
+        let exported = self.current.load();
+        let current = &exported.projects;
         let all: Vec<&ProjectSeries> = current.iter().map(|p| &*p.series).chain([&*self.none]).collect();
         let mut family =
             |d: &Descriptor, each: &dyn Fn(&mut prometheus_client::encoding::MetricEncoder<'_>) -> std::fmt::Result| {
@@ -426,6 +446,12 @@ impl Collector for ProjectsExport {
             }
             Ok(())
         })?;
+        family(&CONFIG_INFO, &|m| {
+            if !exported.sha256.is_empty() {
+                m.encode_family(&[("sha256", exported.sha256.as_str())])?.encode_gauge(&1i64)?;
+            }
+            Ok(())
+        })?;
         family(&PROJECT_INFO, &|m| {
             for p in current.iter() {
                 let mut labels = vec![("project".to_owned(), p.name.clone()), ("project_id".to_owned(), p.id.clone())];
@@ -454,7 +480,6 @@ pub(crate) fn tag_label(tag: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::tests::snapshot;
 
     const CONFIG: &str = "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nauth = \"passthrough\"\n[callers]\nauth = \"none\"\n\
          [[projects]]\nname = \"P\"\nid = \"proj_p\"\ntags = { Team = \"t\" }\n\
@@ -496,8 +521,8 @@ mod tests {
 
     #[test]
     fn repeated_requests_count_on_the_same_series_whichever_path_counts_them() {
-        let snapshot = Arc::new(snapshot(CONFIG));
         let metrics = Metrics::new();
+        let snapshot = Arc::new(crate::snapshot::tests::snapshot_in(CONFIG, &metrics));
         metrics.publish(&snapshot.projects, "abc");
         let usage = Usage { input: 10, output: 3, cached_input: 0, reasoning: 0 };
         // 10 input tokens at 25,000 USD per 1M: 0.25 USD a request, for the priced models only. A response
@@ -535,17 +560,13 @@ mod tests {
 
     #[test]
     fn only_the_projects_in_force_are_exported_and_a_kept_project_keeps_its_counts() {
-        let first = Arc::new(snapshot(CONFIG));
         let metrics = Metrics::new();
+        let first = Arc::new(crate::snapshot::tests::snapshot_in(CONFIG, &metrics));
         metrics.publish(&first.projects, "one");
         metrics.record(&record(&first, 200, Some("m"), None));
         // Retagged, and a project added: P's series carry over, its info shows the new tags at once.
         let retagged = CONFIG.replace("Team = \"t\"", "Team = \"u\"") + "[[projects]]\nname = \"Q\"\nid = \"proj_q\"\n";
-        let config = crate::Config::from_toml(&retagged).expect("config");
-        let second = Arc::new(
-            crate::snapshot::Snapshot::build(config, crate::proxy::Credential::Passthrough, None, Some(&first))
-                .expect("snapshot"),
-        );
+        let second = Arc::new(crate::snapshot::tests::snapshot_in(&retagged, &metrics));
         metrics.publish(&second.projects, "two");
         metrics.record(&record(&second, 200, Some("m"), None));
         // A request that began under the first snapshot and ends now still counts on P.
@@ -561,14 +582,20 @@ mod tests {
         }
         assert!(!text.contains("Team=\"t\"") && !text.contains("sha256=\"one\""), "{text}");
         // P removed: none of its series are exported any more.
-        let config = crate::Config::from_toml(&CONFIG.replace("name = \"P\"", "name = \"R\"")).expect("config");
-        let third =
-            crate::snapshot::Snapshot::build(config, crate::proxy::Credential::Passthrough, None, Some(&second))
-                .expect("snapshot");
+        let third = crate::snapshot::tests::snapshot_in(&CONFIG.replace("name = \"P\"", "name = \"R\""), &metrics);
         metrics.publish(&third.projects, "three");
         let text = metrics.encode();
         assert!(!text.contains("project=\"P\""), "{text}");
         assert!(text.contains(r#"mantlegate_project_info{project="R",project_id="proj_p",Team="t"} 1"#), "{text}");
+        // Back again while requests of the earlier configs still run: its counts carry on from where they were.
+        let fourth = crate::snapshot::tests::snapshot_in(CONFIG, &metrics);
+        metrics.publish(&fourth.projects, "four");
+        metrics.record(&record(&first, 200, Some("m"), None));
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"mantlegate_requests_total{project="P",route="chat.completions",status="200"} 4"#),
+            "{text}"
+        );
     }
 
     #[test]

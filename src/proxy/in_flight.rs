@@ -169,8 +169,11 @@ impl InFlight {
         let model = self.model.take().or_else(|| self.tap.as_ref().and_then(UsageTap::model).map(str::to_owned));
         // A stream is complete only if it reached its protocol's end, not merely the end of the connection.
         let complete = self.body_ended && self.tap.as_ref().is_none_or(UsageTap::finished);
+        // Dropped while unwinding: the gateway failed, whatever the caller did.
+        let failed = std::thread::panicking();
         let incomplete_reason = match (self.stream_error.take(), self.body_ended, complete) {
             (Some(e), _, _) => Some(e),
+            (None, false, _) if failed => Some("the gateway failed while serving it".to_owned()),
             (None, false, _) if self.worker.closing.load(Ordering::Acquire) => {
                 Some("the gateway shut down before the response ended".to_owned())
             }
@@ -197,7 +200,7 @@ impl InFlight {
             project: self.project.take(),
             model,
             stream: self.stream,
-            status: self.status.map_or(499, |s| s.as_u16()),
+            status: self.status.map_or(if failed { 500 } else { 499 }, |s| s.as_u16()),
             error: self.error,
             forwarded: self.forwarded,
             usage,

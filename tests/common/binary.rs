@@ -80,7 +80,19 @@ impl Served {
 /// Starts `mantlegate serve` and waits for its "listening" log line, which names the bound addresses.
 pub async fn serve(config: &std::path::Path, env: &[(&str, &str)]) -> Served {
     let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--config"]).arg(config).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    cmd.args(["serve", "--config"]).arg(config);
+    serve_command(cmd, env).await
+}
+
+/// [`serve`], with at most `nofile` file descriptors.
+pub async fn serve_with_nofile(config: &std::path::Path, env: &[(&str, &str)], nofile: u32) -> Served {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &format!("ulimit -n {nofile} && exec \"$0\" serve --config \"$1\""), BIN]).arg(config);
+    serve_command(cmd, env).await
+}
+
+async fn serve_command(mut cmd: Command, env: &[(&str, &str)]) -> Served {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
     cmd.env_remove("MANTLEGATE_LOG").env_remove("RUST_LOG");
     for (k, v) in env {
         cmd.env(k, v);

@@ -1,0 +1,81 @@
+//! The admin listener's bounds: what reaches the admin port (probes, scrapes, or anything that can open a
+//! connection to it) cannot hold connections for ever, cannot take every file descriptor, and so cannot starve
+//! traffic; and `POST /reload` is for the operator only.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::binary::*;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The process's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[tokio::test]
+async fn idle_and_half_sent_admin_connections_are_capped_and_closed_and_traffic_is_served() {
+    let mock = Mock::ok_json().await;
+    let dir = temp_dir("admin-bounds");
+    let config = dir.join("gateway.toml");
+    let opts = Opts { server: "header_read_timeout = \"500ms\"\nworkers = 1", ..Opts::default() };
+    std::fs::write(&config, config_text(mock.addr, &opts)).unwrap();
+    // 128 descriptors: without a cap, the admin connections below would take every one left.
+    let served = serve_with_nofile(&config, &[("MANTLE_API_KEY", UPSTREAM_KEY)], 128).await;
+    let pid = served.child.id().unwrap();
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let models = || client.get(format!("http://{}/v1/models", served.addr)).bearer_auth(CHAT_KEY).send();
+    assert_eq!(models().await.unwrap().status(), 200);
+    let baseline = open_fds(pid);
+
+    // 150 connections to the admin port: half send nothing, half half a request head.
+    let mut held = Vec::new();
+    for i in 0..150 {
+        let mut conn = tokio::net::TcpStream::connect(&served.admin).await.unwrap();
+        if i % 2 == 1 {
+            conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        }
+        held.push(conn);
+    }
+    // Traffic is served all the while, on a connection of its own.
+    let res = reqwest::Client::new().get(format!("http://{}/v1/models", served.addr)).bearer_auth(CHAT_KEY).send();
+    assert_eq!(res.await.unwrap().status(), 200);
+    // The cap's worth of admin connections, and the traffic request's own connection and the one upstream.
+    assert!(
+        open_fds(pid) <= baseline + mantlegate::admin::MAX_CONNECTIONS + 2,
+        "{} descriptors open, {baseline} before",
+        open_fds(pid)
+    );
+
+    // Every one of them is closed by the gateway: past the cap at once, the rest after the head timeout.
+    for mut conn in held {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(WAIT, conn.read(&mut buf)).await.expect("an admin connection held open");
+        // Closed with nothing sent, or with hyper's 408 to a half-sent head.
+        assert!(matches!(read, Ok(0) | Err(_)) || buf.starts_with(b"HTTP/1.1 408"), "{read:?}");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while open_fds(pid) > baseline + 2 {
+        assert!(tokio::time::Instant::now() < deadline, "{} descriptors open, {baseline} before", open_fds(pid));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(client.get(format!("http://{}/healthz", served.admin)).send().await.unwrap().status(), 200);
+    assert_eq!(models().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn reload_is_a_post_from_this_host() {
+    let mock = Mock::ok_json().await;
+    let dir = temp_dir("admin-reload");
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, config_text(mock.addr, &Opts::default())).unwrap();
+    let served = serve(&config, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/reload", served.admin);
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 405);
+    let res = client.post(&url).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let outcome: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(outcome["result"], "unchanged");
+}
