@@ -31,6 +31,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// `server.header_read_timeout` is).
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest request head the admin listener reads: probes and scrapes send small ones.
+const MAX_HEAD: usize = 16 * 1024;
+
 /// Serves `router` on `listener` within the admin listener's bounds, until the task is aborted.
 pub async fn serve(listener: TcpListener, router: Router, live: Arc<Live>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -49,7 +52,10 @@ pub async fn serve(listener: TcpListener, router: Router, live: Arc<Live>) {
         };
         let server = live.load().config.server.clone();
         let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new()).header_read_timeout(server.header_read_timeout.min(HEAD_TIMEOUT));
+        http.timer(TokioTimer::new())
+            .header_read_timeout(server.header_read_timeout.min(HEAD_TIMEOUT))
+            .max_buf_size(MAX_HEAD)
+            .max_header_size(MAX_HEAD);
         let io = TokioIo::new(SendTimeout::new(tcp, server.send_timeout));
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {

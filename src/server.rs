@@ -230,6 +230,9 @@ async fn serve_traffic(listener: TcpListener, worker: Arc<Worker>, cap: Option<A
     // three) and hyper keeps no buffer list, ~5% fewer instructions per SSE response. The copy is bounded by
     // `CONNECTION_BUFFER`.
     http.writev(false).max_buf_size(crate::proxy::CONNECTION_BUFFER).timer(TokioTimer::new());
+    // A head of more than 64 KiB, request line to blank line, gets 431: exactly, where the buffer bound alone
+    // let one read more through. (More than 100 header fields get 431 too: hyper's default, kept.)
+    http.max_header_size(crate::proxy::CONNECTION_BUFFER);
     let mut header_read_timeout = std::time::Duration::ZERO;
     let drain = Arc::new(ConnectionDrain::default());
     let mut connections = tokio::task::JoinSet::new();
