@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::live::{Live, Outcome, Reloader};
 use crate::metering::metrics::Metrics;
+use crate::proxy::upstream_auth::UpstreamAuth;
 use crate::send_timeout::SendTimeout;
 use crate::shutdown::Shutdown;
 
@@ -82,10 +83,15 @@ fn is_local(peer: SocketAddr) -> bool {
 
 /// `/healthz` (the process is up), `/readyz` (it takes traffic; 503 while draining, 200 through reloads),
 /// `/metrics`, and `POST /reload` (re-reads the config file, as SIGHUP does, and says what happened).
-pub fn router(shutdown: Shutdown, metrics: Arc<Metrics>, reloader: Arc<Reloader>) -> Router {
+pub fn router(
+    shutdown: Shutdown,
+    upstream_auth: Arc<UpstreamAuth>,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz).with_state(shutdown))
+        .route("/readyz", get(readyz).with_state((shutdown, upstream_auth)))
         .route("/metrics", get(metrics_text).with_state(metrics))
         .route("/reload", post(reload).with_state(reloader))
 }
@@ -94,8 +100,24 @@ async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse 
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
 }
 
-async fn readyz(State(shutdown): State<Shutdown>) -> (StatusCode, &'static str) {
-    if shutdown.is_draining() { (StatusCode::SERVICE_UNAVAILABLE, "draining\n") } else { (StatusCode::OK, "ready\n") }
+/// Ready unless draining. While upstream refuses the gateway's credential the answer stays 200 (every replica
+/// has the same credential: taking them all out of service would only turn a clear 502 into refused
+/// connections), and says so, for whoever looks.
+async fn readyz(State((shutdown, upstream_auth)): State<(Shutdown, Arc<UpstreamAuth>)>) -> (StatusCode, String) {
+    if shutdown.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+    }
+    match upstream_auth.failing_since() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some((when, status)) => (
+            StatusCode::OK,
+            format!(
+                "ready\nwarning: upstream refused the gateway's credential ({status}) at {}, and has accepted no \
+                 request since\n",
+                humantime::format_rfc3339_seconds(when)
+            ),
+        ),
+    }
 }
 
 /// 200 with the outcome when the config in force is the file's (applied or unchanged), 422 when the file was

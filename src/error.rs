@@ -54,6 +54,12 @@ pub enum GatewayError {
     /// The upstream did not answer in time.
     #[error("the upstream did not respond in time")]
     UpstreamTimeout,
+    /// The upstream refused the gateway's own credential (401 or 403): callers' keys never reach upstream, so
+    /// this is always the gateway's configuration, never the caller's key.
+    #[error(
+        "the upstream refused the gateway's own credential; this is not about your key: the gateway's operator must fix it"
+    )]
+    UpstreamAuthFailed,
 }
 
 impl GatewayError {
@@ -66,7 +72,7 @@ impl GatewayError {
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnreachable | Self::UpstreamAuthFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -84,6 +90,7 @@ impl GatewayError {
             Self::ShuttingDown => "shutting_down",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamAuthFailed => "upstream_auth_failed",
         }
     }
 
@@ -96,7 +103,7 @@ impl GatewayError {
             Self::RequestTooLarge(_) => "request_too_large",
             Self::InvalidRequest(_) => "invalid_request_error",
             Self::ShuttingDown => "overloaded_error",
-            Self::UpstreamUnreachable | Self::UpstreamTimeout => "api_error",
+            Self::UpstreamUnreachable | Self::UpstreamTimeout | Self::UpstreamAuthFailed => "api_error",
         }
     }
 

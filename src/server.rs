@@ -25,6 +25,7 @@ use crate::live::{Outcome, Reloader};
 use crate::metering::ledger::LedgerSink;
 use crate::metering::metrics::Metrics;
 use crate::proxy::access_log::AccessLines;
+use crate::proxy::upstream_auth::UpstreamAuth;
 use crate::proxy::{Credential, UpstreamClient, Worker};
 use crate::record::Sinks;
 use crate::send_timeout::SendTimeout;
@@ -102,12 +103,14 @@ async fn start_with(path: Option<PathBuf>, config: Config, credential: Credentia
     let shutdown = Shutdown::default();
     let metrics = Arc::new(Metrics::new());
     let reloader = Reloader::start(path, config, credential, metrics.clone())?;
+    let upstream_auth = Arc::new(UpstreamAuth::new(metrics.upstream_auth_failures()));
     let clients =
         (0..server.workers).map(|_| UpstreamClient::new(connector.clone(), &upstream)).collect::<Result<_, _>>()?;
-    let traffic = start_workers(listener.into_std()?, clients, &server, &reloader, &metrics, &shutdown).await?;
+    let traffic =
+        start_workers(listener.into_std()?, clients, &server, &reloader, &metrics, &upstream_auth, &shutdown).await?;
     let admin = crate::admin::serve(
         admin,
-        crate::admin::router(shutdown.clone(), metrics, reloader.clone()),
+        crate::admin::router(shutdown.clone(), upstream_auth, metrics, reloader.clone()),
         reloader.live().clone(),
     );
 
@@ -151,6 +154,7 @@ async fn start_workers(
     server: &crate::config::Server,
     reloader: &Arc<Reloader>,
     metrics: &Arc<Metrics>,
+    upstream_auth: &Arc<UpstreamAuth>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
     let connections = server.max_connections.map(|n| Arc::new(Semaphore::new(n)));
@@ -175,6 +179,7 @@ async fn start_workers(
             client,
             sinks: Sinks::new(vec![metrics.clone(), Arc::new(LedgerSink), access.clone()]),
             shutdown: shutdown.child(),
+            upstream_auth: upstream_auth.clone(),
             closing: AtomicBool::new(false),
         });
         prepared.push((runtime, listener, worker, access));

@@ -563,3 +563,72 @@ async fn serve_reaches_an_https_upstream_it_trusts_and_refuses_one_it_does_not()
     }
     assert_eq!(mock.hits(), 1);
 }
+
+#[tokio::test]
+async fn a_refused_gateway_credential_is_logged_once_per_burst_and_check_can_probe_for_it() {
+    let key_ok = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mock = Mock::start({
+        let key_ok = key_ok.clone();
+        move |seen| {
+            let ok = key_ok.load(std::sync::atomic::Ordering::SeqCst)
+                && seen.header("authorization") == Some(&format!("Bearer {UPSTREAM_KEY}"));
+            async move {
+                if ok {
+                    json_response(http::StatusCode::OK, r#"{"object":"list","data":[]}"#)
+                } else {
+                    json_response(
+                        http::StatusCode::UNAUTHORIZED,
+                        r#"{"error":{"message":"bad key sk-123","code":"invalid_api_key"}}"#,
+                    )
+                }
+            }
+        }
+    })
+    .await;
+    let dir = temp_dir("upstream-auth");
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, config_text(mock.addr, &Opts::default())).unwrap();
+
+    let probe = || async {
+        Command::new(BIN)
+            .args(["check", "--probe-upstream", "--config"])
+            .arg(&config_path)
+            .env("MANTLE_API_KEY", UPSTREAM_KEY)
+            .output()
+            .await
+            .unwrap()
+    };
+    let out = probe().await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused the gateway's credential (GET /v1/models: 401 Unauthorized)"), "{err}");
+
+    let mut served = serve(&config_path, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+    let client = reqwest::Client::new();
+    for id in ["rid-refused-1", "rid-refused-2", "rid-refused-3"] {
+        let res = client
+            .get(format!("http://{}/v1/models", served.addr))
+            .bearer_auth(CHAT_KEY)
+            .header("x-request-id", id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 502);
+    }
+    sigterm(&served.child).await;
+    assert!(tokio::time::timeout(WAIT, served.child.wait()).await.unwrap().unwrap().success());
+    served.rest().await;
+    let errors: Vec<&serde_json::Value> = served.seen.iter().filter(|l| l["level"] == "ERROR").collect();
+    assert_eq!(errors.len(), 1, "one line for the burst: {errors:?}");
+    assert_eq!(errors[0]["upstream_status"], 401);
+    assert_eq!(errors[0]["upstream_code"], "invalid_api_key");
+    assert_eq!(errors[0]["span"]["request_id"], "rid-refused-1");
+    assert!(!errors[0].to_string().contains("sk-123"), "upstream's message is not logged: {}", errors[0]);
+    let access: Vec<&serde_json::Value> = served.seen.iter().filter(|l| l["target"] == "mantlegate::access").collect();
+    assert!(access.iter().all(|l| l["status"] == 502 && l["error"] == "upstream_auth_failed"), "{access:?}");
+
+    key_ok.store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = probe().await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("accepts the gateway's credential (GET /v1/models: 200 OK)"));
+}

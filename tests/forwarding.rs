@@ -1150,3 +1150,59 @@ async fn past_max_connections_a_caller_waits_until_a_connection_closes() {
     );
     assert_eq!(gw.mock.hits(), 2);
 }
+
+#[tokio::test]
+async fn upstream_refusing_the_gateways_credential_is_the_gateways_error_not_the_callers() {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // An upstream whose answer the test sets: 401 as for a wrong or expired key, 403, or 200.
+    let status = std::sync::Arc::new(AtomicU16::new(401));
+    let mock = Mock::start({
+        let status = status.clone();
+        move |_| {
+            let status = StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap();
+            async move {
+                let body = r#"{"error":{"message":"Incorrect API key provided: upstr***key","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+                json_response(status, if status.is_success() { r#"{"ok":true}"# } else { body })
+            }
+        }
+    })
+    .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let ready = || async { gw.client.get(format!("http://{}/readyz", gw.admin)).send().await.unwrap() };
+    for refusal in [401, 403] {
+        status.store(refusal, Ordering::SeqCst);
+        let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "upstream_auth_failed", "{refusal}: {body}");
+        assert_eq!(body["error"]["type"], "api_error");
+        assert!(!body.to_string().contains("invalid_api_key"), "the caller's SDK must not blame its own key");
+    }
+    gw.metric_line("mantlegate_upstream_auth_failures_total 2").await;
+    // Ready all the same (every replica has the same credential), and saying so.
+    let res = ready().await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(text.contains("upstream refused the gateway's credential (403)"), "{text}");
+    // Accepted again: the warning goes.
+    status.store(200, Ordering::SeqCst);
+    assert_eq!(gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap().status(), 200);
+    assert_eq!(ready().await.text().await.unwrap(), "ready\n");
+
+    // With the caller's own credential passed through, a refusal is the caller's, and passes through unchanged.
+    let mock =
+        Mock::start(|_| async { json_response(StatusCode::UNAUTHORIZED, r#"{"error":{"code":"invalid_api_key"}}"#) })
+            .await;
+    let gw = Gw::start(
+        mock,
+        Opts {
+            callers: "none",
+            keys: false,
+            upstream: "auth = \"passthrough\"",
+            credential: Some(mantlegate::proxy::Credential::Passthrough),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let res = gw.post("/chatbot/v1/chat/completions", "callers-own-key").body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(error_code(res).await, (401, "invalid_api_key".into()));
+}

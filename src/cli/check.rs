@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use crate::config::{CallerAuth, Config, Unattributed, UpstreamAuth};
 
-/// Runs the check, printing the report to stdout and problems to stderr.
-pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
+/// Runs the check, printing the report to stdout and problems to stderr; with `probe`, also asks upstream whether
+/// it accepts the gateway's credential.
+pub fn run(path: &Path, probe: bool) -> anyhow::Result<ExitCode> {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
@@ -21,7 +22,55 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     print!("{}", report(path, &config));
+    if probe {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        match runtime.block_on(probe_upstream(&config)) {
+            Ok(said) => println!("\nupstream: {said}"),
+            Err(e) => {
+                eprintln!("upstream: {e:#}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One `GET /v1/models` upstream with the gateway's credential (and the first project's id): what upstream
+/// said, or why it is a problem.
+async fn probe_upstream(config: &Config) -> anyhow::Result<String> {
+    use crate::proxy::{Credential, UpstreamClient, body, headers};
+    let credential = Credential::read(&config.upstream.auth)?;
+    if let Credential::Passthrough = credential {
+        return Ok("passthrough: the gateway has no credential of its own to probe".into());
+    }
+    let u = &config.upstream;
+    let client = UpstreamClient::new(crate::proxy::client::connector(u)?, u)?;
+    let project = config.projects.iter().find_map(|p| p.id.as_deref()).unwrap_or("default");
+    let mut request = http::Request::get("/v1/models").body(body::whole(bytes::Bytes::new()))?;
+    let project_header = http::HeaderValue::from_str(project)?;
+    let request_id = http::HeaderValue::from_static("mantlegate-check");
+    headers::to_upstream(
+        request.headers_mut(),
+        crate::endpoint::Api::OpenAi,
+        &project_header,
+        &credential,
+        &request_id,
+    );
+    let response = tokio::time::timeout(u.response_timeout, client.request(request, u.connect_timeout))
+        .await
+        .map_err(|_| anyhow::anyhow!("{} did not answer within {:?}", u.authority, u.response_timeout))?
+        .map_err(|e| {
+            anyhow::anyhow!("{} could not be reached: {}", u.authority, crate::proxy::access_log::error_chain(&*e))
+        })?;
+    let status = response.status();
+    match status.as_u16() {
+        200..=299 => Ok(format!("{} accepts the gateway's credential (GET /v1/models: {status})", u.authority)),
+        401 | 403 => anyhow::bail!(
+            "{} refused the gateway's credential (GET /v1/models: {status}): check upstream.api_key_env / api_key_file",
+            u.authority
+        ),
+        _ => anyhow::bail!("{} answered GET /v1/models with {status} (project {project})", u.authority),
+    }
 }
 
 /// The check report.

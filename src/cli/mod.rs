@@ -32,6 +32,9 @@ enum Command {
         /// Config file (default: $MANTLEGATE_CONFIG, else config/mantlegate.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also ask upstream whether it accepts the gateway's credential (one `GET /v1/models`).
+        #[arg(long)]
+        probe_upstream: bool,
     },
     /// Make a running gateway reload its config file (as SIGHUP does), and say what happened.
     Reload {
@@ -118,7 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             runtime()?.block_on(crate::server::run(path, config))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Check { config } => check::run(&config::resolve_path(config)),
+        Command::Check { config, probe_upstream } => check::run(&config::resolve_path(config), probe_upstream),
         Command::Reload { admin, config } => {
             let admin = match admin {
                 Some(admin) => admin,

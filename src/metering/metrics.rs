@@ -215,6 +215,7 @@ pub struct Metrics {
     ledger_dropped: Counter,
     key_reloads: Family<ResultLabels, Counter>,
     config_reloads: Family<ResultLabels, Counter>,
+    upstream_auth_failures: Counter,
     projects: Arc<ProjectsExport>,
 }
 
@@ -248,13 +249,19 @@ impl Metrics {
             "Config reloads: applied, rejected (the config in force stays) or unchanged",
             config_reloads.clone(),
         );
+        let upstream_auth_failures = Counter::default();
+        registry.register(
+            "upstream_auth_failures",
+            "Upstream answers that refused the gateway's own credential (401 or 403); callers got 502 upstream_auth_failed",
+            upstream_auth_failures.clone(),
+        );
         let projects = Arc::new(ProjectsExport {
             current: ArcSwap::default(),
             none: Arc::new(ProjectSeries::new("")),
             series: Mutex::default(),
         });
         registry.register_collector(Box::new(projects.clone()));
-        Self { registry, unattributed, ledger_dropped, key_reloads, config_reloads, projects }
+        Self { registry, unattributed, ledger_dropped, key_reloads, config_reloads, upstream_auth_failures, projects }
     }
 
     /// The series of the project named `name`: the same ones for as long as anything holds them.
@@ -273,6 +280,11 @@ impl Metrics {
     /// config whose file hashes to `sha256`.
     pub fn publish(&self, projects: &[Arc<Project>], sha256: &str) {
         self.projects.current.store(Arc::new(Exported { projects: projects.to_vec(), sha256: sha256.to_owned() }));
+    }
+
+    /// The counter of upstream refusals of the gateway's credential.
+    pub fn upstream_auth_failures(&self) -> Counter {
+        self.upstream_auth_failures.clone()
     }
 
     /// The counter of ledger lines dropped, for the ledger to count on.

@@ -15,6 +15,7 @@ pub mod client;
 pub mod credential;
 pub mod headers;
 pub mod in_flight;
+pub mod upstream_auth;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub struct Worker {
     pub sinks: Sinks,
     /// This thread's view of the shutdown switch.
     pub shutdown: Shutdown,
+    /// Whether upstream accepts the gateway's credential, shared by every thread.
+    pub upstream_auth: Arc<upstream_auth::UpstreamAuth>,
     /// Set once the shutdown grace is over and this thread closes what is still open: a response cut from then
     /// on was cut by the gateway, and its record says so rather than blaming the caller.
     pub closing: AtomicBool,
@@ -133,7 +136,14 @@ async fn forward(
             });
             Err(GatewayError::UpstreamUnreachable)
         }
+        Ok(Ok((Ok(response), _)))
+            if matches!(response.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+                && !matches!(snapshot.credential, Credential::Passthrough) =>
+        {
+            Err(upstream_refused(worker, response, record).await)
+        }
         Ok(Ok((Ok(response), usage_injected))) => {
+            worker.upstream_auth.accepted();
             Ok(Forwarded { response, endpoint: admitted.endpoint, usage_injected })
         }
         Ok(Ok((Err(e), _))) => Err(upstream_error(&*e, snapshot, record)),
@@ -246,6 +256,45 @@ fn upstream_uri(path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
     }
     .map_err(|_| GatewayError::UnknownRoute)?;
     Ok(Uri::from(path_and_query))
+}
+
+/// How much of upstream's refusal is read, and for how long, to say in the log what it said.
+const REFUSAL_READ: (u64, std::time::Duration) = (16 * 1024, std::time::Duration::from_secs(5));
+
+/// Upstream refused the gateway's own credential: counted, logged once per burst with what upstream said (its
+/// error's code, never its message, which may quote the key), and answered as the gateway's fault.
+async fn upstream_refused(
+    worker: &Worker,
+    response: Response<client::UpstreamBody>,
+    record: &mut InFlight,
+) -> GatewayError {
+    let status = response.status().as_u16();
+    if let Some(unlogged) = worker.upstream_auth.refused(status) {
+        let (limit, within) = REFUSAL_READ;
+        let body = tokio::time::timeout(within, body::read(response.into_body(), limit)).await;
+        let code = body.ok().and_then(Result::ok).map(|b| upstream_error_code(&b)).unwrap_or_default();
+        record.span().in_scope(|| {
+            tracing::error!(
+                upstream_status = status,
+                upstream_code = %code,
+                unlogged_since_last = unlogged,
+                "upstream refused the gateway's own credential: check upstream.api_key_env / api_key_file \
+                 (callers get 502 upstream_auth_failed)"
+            );
+        });
+    }
+    GatewayError::UpstreamAuthFailed
+}
+
+/// The code of an error body, as OpenAI (`error.code`, else `error.type`) or AWS (`__type`, `code`) shape it;
+/// kept to a short id.
+fn upstream_error_code(body: &[u8]) -> String {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let code = [&value["error"]["code"], &value["error"]["type"], &value["__type"], &value["code"], &value["type"]]
+        .into_iter()
+        .find_map(|v| v.as_str())
+        .unwrap_or("");
+    code.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '#')).take(64).collect()
 }
 
 /// The gateway's answer to an exchange with upstream that failed before its response head.
