@@ -1,11 +1,26 @@
 //! `mantlegate keys new`: a fresh key, shown once, and the stanza that stores only its hash.
 
 use crate::auth::{generate_key, hash_key};
-use crate::config::check_name;
+use crate::config::{Config, check_name};
 
 /// `text` as a TOML basic string: JSON's escapes are a subset of TOML's.
 fn toml_string(text: &str) -> String {
     serde_json::Value::from(text).to_string()
+}
+
+/// Whether a key named `name` for `project` fits `config`: the project is one of its projects, and no key has
+/// the name already.
+pub fn check_against(config: &Config, name: &str, project: Option<&str>) -> Result<(), String> {
+    if config.keys.iter().any(|k| k.name == name) {
+        return Err(format!("a key named {name:?} is already configured"));
+    }
+    match project {
+        Some(project) if config.project(project).is_none() => {
+            let names: Vec<&str> = config.projects.iter().map(|p| p.name.as_str()).collect();
+            Err(format!("no project named {project:?} (the projects are: {})", names.join(", ")))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The text `keys new` prints.
@@ -37,6 +52,20 @@ pub fn new_key(name: &str, project: Option<&str>) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_key_is_checked_against_the_config_when_given_one() {
+        let config = Config::from_toml(
+            "[callers]\nauth = \"none\"\n[[projects]]\nname = \"A\"\nid = \"proj_a\"\n[[projects]]\nname = \"B\"\nid = \"proj_b\"",
+        )
+        .expect("config");
+        assert_eq!(check_against(&config, "k", Some("A")), Ok(()));
+        assert_eq!(check_against(&config, "k", None), Ok(()));
+        assert_eq!(
+            check_against(&config, "k", Some("Typo")),
+            Err("no project named \"Typo\" (the projects are: A, B)".into())
+        );
+    }
 
     #[test]
     fn stanza_holds_the_hash_of_the_printed_key() {

@@ -97,6 +97,9 @@ enum KeysCommand {
         /// The project the key's requests belong to.
         #[arg(long)]
         project: Option<String>,
+        /// A config to check the key against: the project must be one of its projects, and the name new.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -129,7 +132,11 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             };
             runtime()?.block_on(reload::run(&admin))
         }
-        Command::Keys { command: KeysCommand::New { name, project } } => {
+        Command::Keys { command: KeysCommand::New { name, project, config } } => {
+            if let Some(path) = config {
+                keys::check_against(&Config::load(&path)?, &name, project.as_deref())
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            }
             print!("{}", keys::new_key(&name, project.as_deref())?);
             Ok(std::process::ExitCode::SUCCESS)
         }

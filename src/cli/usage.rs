@@ -170,6 +170,23 @@ pub fn ledger_files(path: &Path) -> Vec<PathBuf> {
     rotated
 }
 
+/// A sum of costs to the ledger's own precision (1e-12 USD), without the floating-point residue of adding them.
+fn exact_usd(cost: f64) -> f64 {
+    (cost * 1e12).round() / 1e12 + 0.0
+}
+
+/// A cost for people: four decimals, or two significant digits past the zeros of a smaller amount (0.0000132),
+/// so that small spend never reads as zero.
+fn usd(cost: f64) -> String {
+    let cost = exact_usd(cost);
+    if cost == 0.0 || cost.abs() >= 0.01 {
+        return format!("{cost:.4}");
+    }
+    let decimals = (2 - cost.abs().log10().floor() as i32).clamp(4, 12) as usize;
+    let text = format!("{cost:.decimals$}");
+    text.trim_end_matches('0').to_owned()
+}
+
 /// Renders rows as `table`, `csv` or `json`.
 pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<String> {
     let mut out = String::new();
@@ -184,14 +201,14 @@ pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<
             for r in rows {
                 let _ = writeln!(
                     out,
-                    "{},{},{},{},{},{},{:.6},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{}",
                     csv_field(&r.group),
                     r.requests,
                     r.input_tokens,
                     r.output_tokens,
                     r.cached_input_tokens,
                     r.reasoning_tokens,
-                    r.cost_usd,
+                    exact_usd(r.cost_usd),
                     r.unpriced_requests,
                     r.incomplete_requests,
                     r.unmetered_requests
@@ -210,7 +227,7 @@ pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<
                     r.output_tokens.to_string(),
                     r.cached_input_tokens.to_string(),
                     r.reasoning_tokens.to_string(),
-                    format!("{:.4}", r.cost_usd),
+                    usd(r.cost_usd),
                     r.unpriced_requests.to_string(),
                 ]);
             }
@@ -230,8 +247,12 @@ pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<
                 out.push_str(line.trim_end());
                 out.push('\n');
             }
-            let _ =
-                writeln!(out, "\ntotal: {total:.4} USD over {} requests", rows.iter().map(|r| r.requests).sum::<u64>());
+            let _ = writeln!(
+                out,
+                "\ntotal: {} USD over {} requests",
+                usd(total),
+                rows.iter().map(|r| r.requests).sum::<u64>()
+            );
             let unmetered: u64 = rows.iter().map(|r| r.unmetered_requests).sum();
             if unmetered > 0 {
                 let requests = if unmetered == 1 { "request was" } else { "requests were" };
@@ -290,6 +311,22 @@ pub fn run(ledger: &Path, group_by: &str, since: Option<&str>, format: &str) -> 
 pub const SINCE_HELP: &str = "only requests this recent (e.g. 7d, 12h); default: the whole ledger";
 
 #[cfg(test)]
+mod cost_tests {
+    use super::*;
+
+    #[test]
+    fn small_spend_never_reads_as_zero() {
+        assert_eq!(usd(0.0), "0.0000");
+        assert_eq!(usd(1.75), "1.7500");
+        assert_eq!(usd(0.0123), "0.0123");
+        assert_eq!(usd(0.0000132), "0.0000132");
+        assert_eq!(usd(0.000_000_15), "0.00000015");
+        assert_eq!(usd(0.004_567_89), "0.00457");
+        assert_eq!(exact_usd(0.1 + 0.2), 0.3);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -323,7 +360,7 @@ mod tests {
         assert_eq!(rows.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), ["B", "C"]);
         let csv = render(&rows, &GroupBy::Project, "csv").expect("csv");
         assert!(csv.starts_with("project,requests,"));
-        assert!(csv.contains("\nB,1,1,1,0,0,0.250000,0,0,0\n"), "{csv}");
+        assert!(csv.contains("\nB,1,1,1,0,0,0.25,0,0,0\n"), "{csv}");
         assert!(render(&rows, &GroupBy::Project, "xml").is_err());
     }
 
@@ -336,7 +373,7 @@ mod tests {
         let (rows, _) = aggregate(lines.into_iter(), &GroupBy::Project, None);
         assert_eq!((rows[0].requests, rows[0].unmetered_requests, rows[0].unpriced_requests), (2, 1, 0));
         let csv = render(&rows, &GroupBy::Project, "csv").expect("csv");
-        assert!(csv.contains("\nA,2,10,5,0,0,1.000000,0,0,1\n"), "{csv}");
+        assert!(csv.contains("\nA,2,10,5,0,0,1,0,0,1\n"), "{csv}");
         let table = render(&rows, &GroupBy::Project, "table").expect("table");
         assert!(table.contains("(1 request was answered but not fully metered"), "{table}");
         let (rows, _) = aggregate(
@@ -363,7 +400,7 @@ mod tests {
         }
         std::fs::write(&ledger, text).expect("write");
         let out = run(&ledger, "Team", None, "csv").expect("report");
-        assert!(out.contains(&format!("\nchat,3,{},11,0,0,2.000000,1,0,0\n", u64::MAX)), "{out}");
+        assert!(out.contains(&format!("\nchat,3,{},11,0,0,2,1,0,0\n", u64::MAX)), "{out}");
         assert!(out.contains("(1 unreadable ledger lines skipped)"), "{out}");
         let out = run(&ledger, "team", None, "csv").expect("report");
         assert!(out.contains("(no ledger line carries the tag \"team\"; tag names are case-sensitive)"), "{out}");
