@@ -135,9 +135,10 @@ impl Attributor {
                 ));
             }
             Requested::Project(asked) => {
-                return match self.by_name_or_id.get(asked).filter(|p| allowed(p)) {
-                    Some(project) => Ok(Attribution { project, source: Source::Header }),
-                    None => Err(GatewayError::ProjectNotAllowed(truncate(asked))),
+                return match self.by_name_or_id.get(asked) {
+                    Some(project) if allowed(project) => Ok(Attribution { project, source: Source::Header }),
+                    Some(_) => Err(GatewayError::ProjectNotAllowed(format!("{asked:?}"))),
+                    None => Err(GatewayError::ProjectNotAllowed(shown(asked))),
                 };
             }
             Requested::Nothing => {}
@@ -146,7 +147,7 @@ impl Attributor {
             return if allowed(project) {
                 Ok(Attribution { project, source: Source::Route })
             } else {
-                Err(GatewayError::ProjectNotAllowed(project.name.clone()))
+                Err(GatewayError::ProjectNotAllowed(format!("{:?}", project.name)))
             };
         }
         if let Some(project) = key.and_then(|k| k.project.as_ref()) {
@@ -162,11 +163,17 @@ impl Attributor {
     }
 }
 
-/// Caller-supplied text echoed in an error is kept short.
-fn truncate(s: &str) -> String {
-    match s.char_indices().nth(64) {
-        Some((at, _)) => format!("{}...", &s[..at]),
-        None => s.to_owned(),
+/// What the caller asked for, as an error may echo it when it names no configured project: only if it has a
+/// project id's shape. Anything else (a key pasted into the project header, say) is not sent back.
+fn shown(asked: &str) -> String {
+    let id_shaped = asked.len() <= 64
+        && asked.strip_prefix("proj_").is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    if id_shaped {
+        format!("{asked:?}")
+    } else {
+        "(not shown: neither a configured project nor a project id)".to_owned()
     }
 }
 
@@ -241,10 +248,21 @@ mod tests {
         let s = setup("");
         let a = &s.attributor;
         let chat = key(&s, "chat");
-        for asked in ["proj_search", "Search", "proj_unknown", "chat-prod", "proj_chat ", "\u{fffd}"] {
+        // Configured projects and project ids are named; anything else (a pasted key) is not echoed.
+        let hidden = "(not shown: neither a configured project nor a project id)";
+        for (asked, said) in [
+            ("proj_search", "\"proj_search\""),
+            ("Search", "\"Search\""),
+            ("proj_unknown", "\"proj_unknown\""),
+            ("chat-prod", hidden),
+            ("proj_chat ", hidden),
+            ("\u{fffd}", hidden),
+            ("mg_0123456789abcdef", hidden),
+            (&format!("proj_{}", "a".repeat(60)), hidden),
+        ] {
             assert_eq!(
                 named(a.resolve(chat, Requested::Project(asked), None)),
-                Err(GatewayError::ProjectNotAllowed(asked.into())),
+                Err(GatewayError::ProjectNotAllowed(said.into())),
                 "{asked}"
             );
         }
@@ -267,11 +285,11 @@ mod tests {
         assert_eq!(named(a.resolve(key(&s, "chat"), Requested::Nothing, project(&s, DEV))), ok(DEV, Source::Route));
         assert_eq!(
             named(a.resolve(key(&s, "chat"), Requested::Nothing, project(&s, SEARCH))),
-            Err(GatewayError::ProjectNotAllowed("Search".into()))
+            Err(GatewayError::ProjectNotAllowed("\"Search\"".into()))
         );
         assert_eq!(
             named(a.resolve(key(&s, "floating"), Requested::Nothing, project(&s, SEARCH))),
-            Err(GatewayError::ProjectNotAllowed("Search".into()))
+            Err(GatewayError::ProjectNotAllowed("\"Search\"".into()))
         );
     }
 
@@ -293,7 +311,7 @@ mod tests {
         // Rerouting never widens what a key may ask for.
         assert_eq!(
             named(a.resolve(key(&s, "floating"), Requested::Project("Search"), None)),
-            Err(GatewayError::ProjectNotAllowed("Search".into()))
+            Err(GatewayError::ProjectNotAllowed("\"Search\"".into()))
         );
     }
 
@@ -306,7 +324,7 @@ mod tests {
         assert_eq!(named(a.resolve(None, Requested::Nothing, None)), Err(GatewayError::ProjectRequired));
         assert_eq!(
             named(a.resolve(None, Requested::Project("proj_other"), None)),
-            Err(GatewayError::ProjectNotAllowed("proj_other".into()))
+            Err(GatewayError::ProjectNotAllowed("\"proj_other\"".into()))
         );
     }
 

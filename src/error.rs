@@ -18,8 +18,9 @@ pub enum GatewayError {
     /// No gateway key, or one that is not configured.
     #[error("missing or unknown API key: send a gateway key as `Authorization: Bearer` or `x-api-key`")]
     InvalidApiKey,
-    /// The caller asked for a project its key may not use.
-    #[error("project {0:?} is not allowed for this caller")]
+    /// The caller asked for a project its key may not use: named (quoted) if it is a configured project or has a
+    /// project id's shape, else said not to be shown.
+    #[error("project {0} is not allowed for this caller")]
     ProjectNotAllowed(String),
     /// Nothing attributes the request and the policy rejects unattributed traffic.
     #[error("this request is not attributed to any project: use a key, route or OpenAI-Project header that names one")]

@@ -1206,3 +1206,16 @@ async fn upstream_refusing_the_gateways_credential_is_the_gateways_error_not_the
     let res = gw.post("/chatbot/v1/chat/completions", "callers-own-key").body(CHAT_BODY).send().await.unwrap();
     assert_eq!(error_code(res).await, (401, "invalid_api_key".into()));
 }
+
+#[tokio::test]
+async fn a_key_pasted_into_the_query_never_reaches_upstream_and_the_rest_of_the_query_does() {
+    let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
+    let path = "/chatbot/v1/responses/resp_1?include=a&api_key=PASTED-SECRET&X-Amz-Signature=sig&stream=true";
+    let res = gw.get(path, CHAT_KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = gw.mock.next().await;
+    assert_eq!(seen.uri.to_string(), "/v1/responses/resp_1?include=a&stream=true");
+    let res = gw.get("/v1/models?key=PASTED-SECRET", CHAT_KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(gw.mock.next().await.uri.to_string(), "/v1/models");
+}

@@ -56,7 +56,7 @@ async fn probe_upstream(config: &Config) -> anyhow::Result<String> {
         &credential,
         &request_id,
     );
-    let response = tokio::time::timeout(u.response_timeout, client.request(request, u.connect_timeout))
+    let response = tokio::time::timeout(u.response_timeout, client.request(request, u))
         .await
         .map_err(|_| anyhow::anyhow!("{} did not answer within {:?}", u.authority, u.response_timeout))?
         .map_err(|e| {

@@ -100,6 +100,8 @@ pub struct Upstream {
     pub response_timeout: Duration,
     /// Longest silence inside a response body.
     pub idle_timeout: Duration,
+    /// How long an upstream connection is kept idle for the next request.
+    pub pool_idle_timeout: Duration,
 }
 
 /// How the gateway authenticates to bedrock-mantle.

@@ -183,6 +183,8 @@ pub struct RawUpstream {
     pub response_timeout: String,
     /// Longest silence inside a streamed response body.
     pub idle_timeout: String,
+    /// How long an idle upstream connection is kept for the next request.
+    pub pool_idle_timeout: String,
 }
 
 impl Default for RawUpstream {
@@ -196,6 +198,7 @@ impl Default for RawUpstream {
             connect_timeout: "5s".into(),
             response_timeout: "300s".into(),
             idle_timeout: "120s".into(),
+            pool_idle_timeout: "50s".into(),
         }
     }
 }

@@ -266,6 +266,7 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
         connect_timeout: parse_duration(errs, "upstream.connect_timeout", &u.connect_timeout, false),
         response_timeout: parse_duration(errs, "upstream.response_timeout", &u.response_timeout, false),
         idle_timeout: parse_duration(errs, "upstream.idle_timeout", &u.idle_timeout, false),
+        pool_idle_timeout: parse_duration(errs, "upstream.pool_idle_timeout", &u.pool_idle_timeout, false),
     }
 }
 

@@ -44,8 +44,9 @@ pub type Connector = HttpsConnector<HttpConnector>;
 /// An error reaching upstream or exchanging a request with it.
 pub type Error = Box<dyn StdError + Send + Sync>;
 
-/// How long an idle connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often the tender looks for idle connections past `upstream.pool_idle_timeout` (it also wakes whenever
+/// upstream closes one).
+const SWEEP: Duration = Duration::from_secs(5);
 
 /// Idle connections kept per traffic thread.
 const MAX_IDLE: usize = 256;
@@ -96,26 +97,26 @@ pub struct UpstreamClient {
 }
 
 /// A thread's idle connections, oldest first: each is put back after its last use, so they are in the
-/// order they fell idle. Those idle longer than [`IDLE_TIMEOUT`] are closed whenever one is taken or put
-/// back, and by the thread's tender ([`UpstreamClient::tend_idle`]), which also closes each one upstream
-/// closes, as it happens.
+/// order they fell idle. Those idle longer than `timeout` (`upstream.pool_idle_timeout`, as the last request
+/// to take one saw it) are closed whenever one is taken or put back, and by the thread's tender
+/// ([`UpstreamClient::tend_idle`]), which also closes each one upstream closes, as it happens.
 #[derive(Debug)]
 struct IdlePool<T> {
     entries: Vec<(T, Instant)>,
     /// Wakes the tender. An idle connection is left registered with it, so upstream closing the
     /// connection (or sending anything at all on it) wakes the tender.
     tender: Option<Waker>,
-}
-
-impl<T> Default for IdlePool<T> {
-    fn default() -> Self {
-        Self { entries: Vec::new(), tender: None }
-    }
+    timeout: Duration,
 }
 
 impl<T> IdlePool<T> {
-    /// The most recently idle entry.
-    fn take(&mut self, now: Instant) -> Option<T> {
+    fn new(timeout: Duration) -> Self {
+        Self { entries: Vec::new(), tender: None, timeout }
+    }
+
+    /// The most recently idle entry, with idle connections now kept for `timeout`.
+    fn take(&mut self, now: Instant, timeout: Duration) -> Option<T> {
+        self.timeout = timeout;
         self.evict(now);
         self.entries.pop().map(|(conn, _)| conn)
     }
@@ -130,7 +131,7 @@ impl<T> IdlePool<T> {
 
     fn evict(&mut self, now: Instant) {
         // One subtraction, then plain comparisons (the entries are in the order they went idle).
-        let Some(cutoff) = now.checked_sub(IDLE_TIMEOUT) else { return };
+        let Some(cutoff) = now.checked_sub(self.timeout) else { return };
         let expired = self.entries.partition_point(|(_, since)| *since <= cutoff);
         self.entries.drain(..expired);
     }
@@ -164,23 +165,22 @@ impl UpstreamClient {
             .authority(upstream.authority.clone())
             .path_and_query("/")
             .build()?;
-        Ok(Self { connector, origin, host: host_header(upstream)?, idle: Arc::default() })
+        let idle = Arc::new(Mutex::new(IdlePool::new(upstream.pool_idle_timeout)));
+        Ok(Self { connector, origin, host: host_header(upstream)?, idle })
     }
 
     /// Sends `req` (its URI in origin form, `/path?query`) with upstream's `Host`, and returns the response head,
     /// with a body that drives the connection until it ends and then returns the connection to the pool. A new
-    /// connection (TCP and TLS) may take up to `connect_timeout`.
-    pub async fn request(
-        &self,
-        req: Request<Outgoing>,
-        connect_timeout: Duration,
-    ) -> Result<Response<UpstreamBody>, Error> {
+    /// connection (TCP and TLS) may take up to `upstream.connect_timeout`, and idle ones are kept for
+    /// `upstream.pool_idle_timeout`.
+    pub async fn request(&self, req: Request<Outgoing>, upstream: &Upstream) -> Result<Response<UpstreamBody>, Error> {
+        let connect_timeout = upstream.connect_timeout;
         let (mut parts, body) = req.into_parts();
         // Replaces the caller's, which named the gateway.
         parts.headers.insert(http::header::HOST, self.host.clone());
         let uploaded = Arc::new(AtomicBool::new(body.is_end_stream()));
         let req = Request::from_parts(parts, Uploading { inner: Box::pin(body), uploaded: uploaded.clone() });
-        let (mut conn, pooled) = match self.take_idle().await {
+        let (mut conn, pooled) = match self.take_idle(upstream.pool_idle_timeout).await {
             Some(conn) => (conn, true),
             None => (self.connect(connect_timeout).await?, false),
         };
@@ -221,9 +221,9 @@ impl UpstreamClient {
     }
 
     /// The most recently used idle connection that is still open.
-    async fn take_idle(&self) -> Option<Conn> {
+    async fn take_idle(&self, timeout: Duration) -> Option<Conn> {
         loop {
-            let mut conn = self.idle.lock().unwrap_or_else(PoisonError::into_inner).take(Instant::now())?;
+            let mut conn = self.idle.lock().unwrap_or_else(PoisonError::into_inner).take(Instant::now(), timeout)?;
             // Lets hyper see what happened while it sat idle: a close from upstream ends the driver.
             poll_fn(|cx| {
                 conn.drive(cx);
@@ -237,10 +237,10 @@ impl UpstreamClient {
     }
 
     /// Looks after this thread's idle connections for as long as it runs (it never ends by itself): closes
-    /// each one as upstream closes it, and each one idle past [`IDLE_TIMEOUT`]. Without it, a connection
+    /// each one as upstream closes it, and each one idle past `upstream.pool_idle_timeout`. Without it, a connection
     /// upstream closed would wait in the pool, half closed, until a request next looked at it.
     pub async fn tend_idle(&self) {
-        let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+        let mut tick = tokio::time::interval(SWEEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll_fn(|cx| {
             // Every poll sweeps, whoever woke it: a tick, or an idle connection's socket.
@@ -449,17 +449,23 @@ mod tests {
 
     #[test]
     fn the_idle_pool_gives_the_newest_and_closes_the_expired() {
+        const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
         let start = Instant::now();
-        let mut pool = IdlePool::default();
+        let mut pool = IdlePool::new(IDLE_TIMEOUT);
         pool.put(1, start);
         pool.put(2, start + Duration::from_secs(30));
         pool.put(3, start + Duration::from_secs(60));
-        assert_eq!(pool.take(start + Duration::from_secs(61)), Some(3));
+        assert_eq!(pool.take(start + Duration::from_secs(61), IDLE_TIMEOUT), Some(3));
         // 1 has been idle for IDLE_TIMEOUT: putting 4 back closes it; 2 stays.
         pool.put(4, start + IDLE_TIMEOUT);
         assert_eq!(pool.entries.iter().map(|(c, _)| *c).collect::<Vec<_>>(), [2, 4]);
-        assert_eq!(pool.take(start + IDLE_TIMEOUT + Duration::from_secs(30)), Some(4));
-        assert_eq!(pool.take(start + IDLE_TIMEOUT + Duration::from_secs(30)), None, "2 expired");
+        assert_eq!(pool.take(start + IDLE_TIMEOUT + Duration::from_secs(30), IDLE_TIMEOUT), Some(4));
+        assert_eq!(pool.take(start + IDLE_TIMEOUT + Duration::from_secs(30), IDLE_TIMEOUT), None, "2 expired");
+        // A shorter timeout (a reload) applies from the next take.
+        pool.put(5, start);
+        pool.put(6, start + Duration::from_secs(100));
+        assert_eq!(pool.take(start + Duration::from_secs(101), Duration::from_secs(50)), Some(6));
+        assert!(pool.entries.is_empty(), "5, idle 101 s, is past 50 s");
         for i in 0..MAX_IDLE + 5 {
             pool.put(i, start);
         }

@@ -123,6 +123,50 @@ fn is_underscore_spelling(name: &str) -> bool {
         })
 }
 
+/// The caller's query without the parameters that carry a credential (`api_key`, `key`, `token`,
+/// `access_token`, SigV4's `X-Amz-*`, ...: names compared without case, `-` as `_`, percent escapes decoded), so
+/// that a key pasted into a URL never reaches AWS; none when it holds none. The rest is kept as sent.
+pub fn query_without_credentials(query: &str) -> Option<String> {
+    let params: Vec<&str> = query.split('&').collect();
+    let kept: Vec<&str> =
+        params.iter().copied().filter(|p| !is_credential_param(p.split('=').next().unwrap_or(""))).collect();
+    (kept.len() != params.len()).then(|| kept.join("&"))
+}
+
+fn is_credential_param(name: &str) -> bool {
+    const NAMES: [&str; 12] = [
+        "api_key",
+        "apikey",
+        "key",
+        "access_token",
+        "token",
+        "auth",
+        "authorization",
+        "x_api_key",
+        "openai_api_key",
+        "anthropic_api_key",
+        "api_token",
+        "bearer",
+    ];
+    let mut decoded = Vec::with_capacity(name.len());
+    let mut bytes = name.bytes();
+    while let Some(b) = bytes.next() {
+        let hex = |b: Option<u8>| b.and_then(|b| char::from(b).to_digit(16));
+        match b {
+            b'%' => match (hex(bytes.next()), hex(bytes.next())) {
+                (Some(hi), Some(lo)) => decoded.push((hi * 16 + lo) as u8),
+                _ => decoded.push(b'%'),
+            },
+            b'+' => decoded.push(b' '),
+            b => decoded.push(b),
+        }
+    }
+    let name: String =
+        decoded.iter().map(|b| if *b == b'-' { '_' } else { char::from(b.to_ascii_lowercase()) }).collect();
+    let name = name.trim();
+    NAMES.contains(&name) || name.starts_with("x_amz_")
+}
+
 /// The caller's request id if it is a sane one, else a fresh UUID (version 4, from a thread-local generator
 /// seeded from the OS: unique, not secret).
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -252,6 +296,18 @@ mod tests {
         h.insert("content-length", HeaderValue::from_static("5"));
         to_caller(&mut h, StatusCode::NOT_MODIFIED, &HeaderValue::from_static("rid-1"));
         assert!(!h.contains_key("content-length"), "nor does a 304 here");
+    }
+
+    #[test]
+    fn credentials_in_the_query_never_go_upstream() {
+        let q = query_without_credentials;
+        assert_eq!(q("include=a&starting_after=3"), None);
+        assert_eq!(q("include=a&api_key=SECRET"), Some("include=a".into()));
+        assert_eq!(q("API-KEY=SECRET&x=1&Token=t&x=2"), Some("x=1&x=2".into()));
+        assert_eq!(q("api%5Fkey=SECRET&key"), Some(String::new()));
+        assert_eq!(q("X-Amz-Signature=s&X-Amz-Credential=c&stream=true"), Some("stream=true".into()));
+        assert_eq!(q("access_token=t"), Some(String::new()));
+        assert_eq!(q("keys=1&monkey=2"), None, "only whole names");
     }
 
     #[test]

@@ -120,7 +120,7 @@ async fn forward(
         let exchange = std::pin::pin!(async {
             let (body, usage_injected) = request_body(snapshot, &mut parts.headers, body, &admitted, record).await?;
             let request = upstream_request(parts, body, &admitted, snapshot, record.request_id())?;
-            let response = worker.client.request(request, upstream.connect_timeout).await;
+            let response = worker.client.request(request, upstream).await;
             Ok::<_, GatewayError>((response, usage_injected))
         });
         tokio::time::timeout(upstream.response_timeout, exchange).await
@@ -238,11 +238,16 @@ fn upstream_request(
         // preference, and the caller still gets a valid (uncompressed) response.
         parts.headers.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
-    // Most requests go upstream with the path they came with: then their parsed target (origin form, no
+    // Most requests go upstream with the target they came with: then their parsed target (origin form, no
     // authority) is reused as it is.
-    if parts.uri.authority().is_some() || admitted.prefix_len > 0 {
+    let cleaned = parts.uri.query().and_then(headers::query_without_credentials);
+    if parts.uri.authority().is_some() || admitted.prefix_len > 0 || cleaned.is_some() {
         let path = &parts.uri.path()[admitted.prefix_len..];
-        parts.uri = upstream_uri(path, parts.uri.query())?;
+        let query = match &cleaned {
+            Some(cleaned) => Some(cleaned.as_str()).filter(|q| !q.is_empty()),
+            None => parts.uri.query(),
+        };
+        parts.uri = upstream_uri(path, query)?;
     }
     parts.version = Version::HTTP_11;
     Ok(Request::from_parts(parts, body))
