@@ -235,12 +235,12 @@ def fault_client(url: str, stop: threading.Event, results: dict):
                     outcome = "expected" if res.status == 200 and b"[DONE]" not in data else "unexpected"
                 except http.client.IncompleteRead:
                     outcome = "expected"
-        except http.client.RemoteDisconnected:
-            # A stream cut before its first event: hyper has no body byte to send its head with, and closes.
-            outcome = "expected" if fault == "cut" else "unexpected RemoteDisconnected"
             else:
                 res.read()
                 outcome = "expected" if res.status == expected[fault] else f"unexpected {res.status}"
+        except http.client.RemoteDisconnected:
+            # A stream cut before its first event: hyper has no body byte to send its head with, and closes.
+            outcome = "expected" if fault == "cut" else "unexpected RemoteDisconnected"
         except Exception as e:  # noqa: BLE001 - any other failure is the finding
             outcome = f"unexpected {type(e).__name__}"
         finally:
