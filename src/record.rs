@@ -107,7 +107,8 @@ impl Sinks {
                 match tokio::runtime::Handle::try_current() {
                     Ok(runtime) => drop(self.followups.spawn_on(followup, &runtime)),
                     Err(_) => {
-                        tracing::warn!(request_id = ?record.request_id, "no runtime left for a record's follow-up")
+                        let request_id = record.request_id.to_str().unwrap_or("-");
+                        tracing::warn!(request_id, "no runtime left for a record's follow-up");
                     }
                 }
             }
