@@ -771,17 +771,22 @@ fn shuffled<T: Clone + std::fmt::Debug + 'static>(
     (Just(members).prop_shuffle(), Just(with)).prop_map(|(members, with)| (Obj(members), with))
 }
 
-/// Members a chat chunk may open with. `"choices"` only ever appears as the chunk's own top-level member: the
-/// tap tells the usage-only chunk by the first `"choices"` in its text, so a nested `"choices":[]` before the
-/// top-level one makes it hide a chunk with content, and a nested non-empty one (or a string `"choices"`) makes
-/// it show the usage-only chunk. No upstream chunk has that shape.
+/// Members a chat chunk may open with, among them decoys that spell `"choices"` where it is not the chunk's
+/// own member (nested, empty or not, or as a string): the usage-only chunk is told by its top-level `choices`
+/// alone (an early tap went by the first `"choices"` in the text, and hid a chunk with content).
 fn chat_head() -> impl Strategy<Value = Vec<(&'static str, Json)>> {
-    (option::of(text()), option::of(MODEL), any::<bool>()).prop_map(|(id, model, object)| {
+    (option::of(text()), option::of(MODEL), any::<bool>(), 0..4u8).prop_map(|(id, model, object, decoy)| {
         let mut members = Vec::new();
         members.extend(id.map(|id| ("id", Str(id))));
         members.extend(model.map(|m| ("model", Str(m))));
         if object {
             members.push(("object", Str("chat.completion.chunk".into())));
+        }
+        match decoy {
+            1 => members.push(("x", Obj(vec![("choices", Arr(vec![]))]))),
+            2 => members.push(("x", Obj(vec![("choices", Arr(vec![Num(1)]))]))),
+            3 => members.push(("note", Str("choices".into()))),
+            _ => {}
         }
         members
     })
