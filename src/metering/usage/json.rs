@@ -44,8 +44,6 @@ pub(super) enum Member {
     LastUsage,
     /// The first `"model"` member.
     FirstModel,
-    /// The first `"choices"` member.
-    FirstChoices,
     /// The first `"type"` member.
     FirstType,
 }
@@ -64,7 +62,6 @@ pub(super) fn member<'a, T: Deserialize<'a>>(body: &'a [u8], which: Member) -> O
     let (at, key) = match which {
         Member::LastUsage => (last_usage_key(body)?, USAGE_KEY),
         Member::FirstModel => (n.model.find(body)?, n.model.needle()),
-        Member::FirstChoices => (n.choices.find(body)?, n.choices.needle()),
         Member::FirstType => (n.kind.find(body)?, n.kind.needle()),
     };
     member_at(body, at, key)

@@ -75,7 +75,6 @@ impl Dialect {
 struct Needles {
     usage: Finder<'static>,
     model: Finder<'static>,
-    choices: Finder<'static>,
     kind: Finder<'static>,
     completed: Finder<'static>,
     incomplete: Finder<'static>,
@@ -89,7 +88,6 @@ struct Needles {
 static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     usage: Finder::new(USAGE_KEY),
     model: Finder::new(b"\"model\""),
-    choices: Finder::new(b"\"choices\""),
     kind: Finder::new(b"\"type\""),
     completed: Finder::new(b"response.completed"),
     incomplete: Finder::new(b"response.incomplete"),
