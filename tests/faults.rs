@@ -74,14 +74,8 @@ async fn rig(name: &str) -> Rig {
 }
 
 async fn rig_in_front_of(name: &str, upstream: Arc<RawUpstream>, addr: std::net::SocketAddr) -> Rig {
-    let dir = temp_dir(&format!("faults-{name}"));
-    let ledger = dir.join("usage.jsonl");
-    let _ = std::fs::remove_file(&ledger);
-    let extra = format!("\n[metering]\nledger_path = \"{}\"\n", ledger.display());
-    let opts = Opts { server: SERVER, upstream: UPSTREAM, extra, ..Opts::default() };
-    let config = dir.join("gateway.toml");
-    std::fs::write(&config, config_text(addr, &opts)).unwrap();
-    let gw = serve(&config, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await.watched();
+    let opts = Opts { server: SERVER, upstream: UPSTREAM, ..Opts::default() };
+    let (gw, ledger) = serve_metered(&format!("faults-{name}"), addr, opts).await;
     let mut rig = Rig { upstream, gw, ledger, fds: 0 };
     if addr == rig.upstream.addr {
         let warm = rig.call("rid-warm", "none", CHAT_BODY).await;
@@ -125,8 +119,7 @@ impl Rig {
     async fn finish(self) -> (Vec<Value>, Vec<Value>) {
         self.gw.back_to(self.fds).await;
         let log = self.gw.stop().await;
-        let ledger = std::fs::read_to_string(&self.ledger).unwrap_or_default();
-        (log, ledger.lines().map(|l| serde_json::from_str(l).unwrap()).collect())
+        (log, read_ledger(&self.ledger))
     }
 }
 

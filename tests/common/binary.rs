@@ -123,6 +123,28 @@ pub async fn sigterm(child: &Child) {
     assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
 }
 
+/// `serve` of the standard test config with `opts`, in front of `upstream`, with a fresh ledger and the upstream
+/// key in its environment; watched. Returns the gateway and its ledger's path.
+pub async fn serve_metered(
+    name: &str,
+    upstream: std::net::SocketAddr,
+    opts: super::Opts,
+) -> (Watched, std::path::PathBuf) {
+    let dir = temp_dir(name);
+    let ledger = dir.join("usage.jsonl");
+    let _ = std::fs::remove_file(&ledger);
+    let extra = format!("{}\n[metering]\nledger_path = \"{}\"\n", opts.extra, ledger.display());
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, super::config_text(upstream, &super::Opts { extra, ..opts })).unwrap();
+    (serve(&config, &[("MANTLE_API_KEY", super::UPSTREAM_KEY)]).await.watched(), ledger)
+}
+
+/// The lines of the ledger at `path` (none if it was never written).
+pub fn read_ledger(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 /// A running `serve` whose log a task of its own reads as it comes (so the pipe never fills) into a list the
 /// test can look at while it runs, and whose descriptors and memory the test can read from /proc.
 pub struct Watched {
