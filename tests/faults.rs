@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::binary::*;
-use common::raw_upstream::{Act, RawUpstream, Then, header, huge_head, ok_json, sse};
+use common::raw_upstream::{Act, RawUpstream, Then, head_of, header, ok_json, sse};
 use common::*;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -38,13 +38,17 @@ const PARTIAL_BODY: &str =
 /// The upstream's script: the request's `x-fault` header (passed on by the gateway like any other) names the
 /// fault; without one, a whole chat completion.
 fn script(head: &str) -> Act {
-    match header(head, "x-fault").unwrap_or_default() {
+    let fault = header(head, "x-fault").unwrap_or_default();
+    // `head-N`: a response head of N bytes, and then a close (a whole response is kept alive otherwise).
+    if let Some(len) = fault.strip_prefix("head-") {
+        return Act::new(head_of(len.parse().unwrap()), Then::Close);
+    }
+    match fault {
         "close-silently" => Act::new("", Then::Close),
         "reset-mid-head" => Act::new("HTTP/1.1 200 OK\r\ncontent-type: appli", Then::Reset),
         "hang" => Act::new("", Then::Hold),
         "garbage" => Act::new(&b"\x00\x01\x02\x03 this is not HTTP \xff\xfe\r\n\r\n"[..], Then::Hold),
         "bad-status" => Act::new("HTTP/1.1 2OO OK\r\ncontent-length: 0\r\n\r\n", Then::Hold),
-        "huge-head" => Act::new(huge_head(1 << 20), Then::Hold),
         // Held until the test resets it, once the caller has what came before.
         "body-then-reset" => Act::new(PARTIAL_BODY, Then::Hold),
         "stream-then-reset" => Act::new(sse(&events()), Then::Hold),
@@ -221,7 +225,34 @@ async fn an_upstream_whose_status_line_is_garbled_is_a_502() {
 
 #[tokio::test]
 async fn an_upstream_response_head_of_a_mebibyte_is_a_502() {
-    before_the_head("huge-head", "huge-head", 502, "upstream_unreachable").await;
+    before_the_head("huge-head", "head-1048576", 502, "upstream_unreachable").await;
+}
+
+/// README: "an upstream response head larger than that [the 64 KiB connection buffer] is a 502".
+const HEAD_LIMIT: usize = 64 * 1024;
+
+#[tokio::test]
+async fn an_upstream_response_head_of_exactly_64_kib_is_passed_on() {
+    let rig = rig("head-64k").await;
+    let answer = rig.call("rid-head", &format!("head-{HEAD_LIMIT}"), CHAT_BODY).await;
+    assert_eq!((answer.status, answer.text().as_str()), (200, "{}"), "{}", answer.head);
+    let sent = String::from_utf8(head_of(HEAD_LIMIT)).unwrap();
+    assert_eq!(answer.header("x-big"), header(&sent, "x-big"), "upstream's header, whole");
+    rig.upstream.hung_up("rid-head").await;
+    let (log, ledger) = rig.finish().await;
+    assert_eq!(one_access_line(&log, "rid-head")["status"], 200);
+    assert_eq!(ledger_lines(&ledger, "rid-head").len(), 1);
+}
+
+#[tokio::test]
+#[ignore = "defect: an upstream response head of 65,537 to 114,688 bytes is passed on or refused depending on how \
+            its bytes arrive (hyper checks its 64 KiB buffer bound only before each read); README says 502"]
+async fn an_upstream_response_head_over_64_kib_is_a_502() {
+    let rig = rig("head-over").await;
+    for len in [HEAD_LIMIT + 1, 70_000, 100_000, 112 * 1024] {
+        let answer = rig.call(&format!("rid-head-{len}"), &format!("head-{len}"), CHAT_BODY).await;
+        assert_eq!((answer.status, answer.error_code().as_str()), (502, "upstream_unreachable"), "{len}");
+    }
 }
 
 #[tokio::test]
@@ -345,7 +376,7 @@ async fn round(rig: &Rig, round: usize) -> Vec<(String, bool)> {
         ("bad-status", CHAT_BODY, 502, false),
         ("stream-closed", STREAM_BODY, 200, true),
         ("stream-held", STREAM_BODY, 200, true),
-        ("huge-head", CHAT_BODY, 502, false),
+        ("head-1048576", CHAT_BODY, 502, false),
     ];
     let calls = faults.iter().map(|(fault, body, status, billed)| async move {
         let id = format!("rid-{round}-{fault}");

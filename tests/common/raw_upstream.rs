@@ -53,10 +53,11 @@ pub fn sse(events: &[String]) -> Vec<u8> {
     bytes
 }
 
-/// A `200` head with one extra header `len` bytes long, and a two-byte body.
-pub fn huge_head(len: usize) -> Vec<u8> {
-    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2";
-    format!("{head}\r\nx-big: {}\r\n\r\n{{}}", "a".repeat(len)).into_bytes()
+/// A `200` head of exactly `len` bytes (status line to the blank line that ends it, padded by one header), and
+/// a two-byte body.
+pub fn head_of(len: usize) -> Vec<u8> {
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nx-big: ";
+    format!("{head}{}\r\n\r\n{{}}", "a".repeat(len - head.len() - 4)).into_bytes()
 }
 
 /// One connection, as the upstream saw it.
