@@ -122,3 +122,151 @@ pub async fn sigterm(child: &Child) {
     let pid = child.id().unwrap().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
 }
+
+/// `serve` of the standard test config with `opts`, in front of `upstream`, with a fresh ledger and the upstream
+/// key in its environment; watched. Returns the gateway and its ledger's path.
+pub async fn serve_metered(
+    name: &str,
+    upstream: std::net::SocketAddr,
+    opts: super::Opts,
+) -> (Watched, std::path::PathBuf) {
+    let dir = temp_dir(name);
+    let ledger = dir.join("usage.jsonl");
+    let _ = std::fs::remove_file(&ledger);
+    let extra = format!("{}\n[metering]\nledger_path = \"{}\"\n", opts.extra, ledger.display());
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, super::config_text(upstream, &super::Opts { extra, ..opts })).unwrap();
+    (serve(&config, &[("MANTLE_API_KEY", super::UPSTREAM_KEY)]).await.watched(), ledger)
+}
+
+/// The lines of the ledger at `path` (none if it was never written).
+pub fn read_ledger(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A running `serve` whose log a task of its own reads as it comes (so the pipe never fills) into a list the
+/// test can look at while it runs, and whose descriptors and memory the test can read from /proc.
+pub struct Watched {
+    pub child: Child,
+    pub addr: String,
+    pub pid: u32,
+    log: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    reader: tokio::task::JoinHandle<()>,
+    /// Its descriptors as it started listening, with no connection open.
+    started: Fds,
+}
+
+impl Served {
+    /// Hands the log over to a reader task.
+    pub fn watched(self) -> Watched {
+        let Self { child, mut lines, seen, addr, .. } = self;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(seen));
+        let reader = tokio::spawn({
+            let log = log.clone();
+            async move {
+                while let Some(line) = lines.next_line().await.unwrap() {
+                    log.lock().unwrap().push(serde_json::from_str(&line).expect("every log line is JSON"));
+                }
+            }
+        });
+        let pid = child.id().unwrap();
+        Watched { child, addr, pid, log, reader, started: Fds::of(pid) }
+    }
+}
+
+impl Watched {
+    /// Every log line so far.
+    pub fn log(&self) -> Vec<serde_json::Value> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The access lines of request `id` so far.
+    pub fn access_lines(&self, id: &str) -> Vec<serde_json::Value> {
+        access_lines(&self.log(), id)
+    }
+
+    /// Request `id`'s access line, once it has been written.
+    pub async fn access_line(&self, id: &str) -> serde_json::Value {
+        super::eventually(&format!("no access line for {id}"), || self.access_lines(id).into_iter().next()).await
+    }
+
+    /// Stops the gateway (SIGTERM), and returns every line it logged once it has exited.
+    pub async fn stop(mut self) -> Vec<serde_json::Value> {
+        sigterm(&self.child).await;
+        let status = tokio::time::timeout(WAIT, self.child.wait()).await.expect("no exit after SIGTERM").unwrap();
+        assert!(status.success(), "{status:?}");
+        tokio::time::timeout(WAIT, &mut self.reader).await.expect("the log never ended").unwrap();
+        self.log()
+    }
+
+    /// The gateway's open file descriptors.
+    pub fn fds(&self) -> Fds {
+        Fds::of(self.pid)
+    }
+
+    /// The gateway's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+        line.trim().trim_end_matches("kB").trim().parse().unwrap()
+    }
+
+    /// The gateway's descriptor count once it has no connection open (every caller and upstream connection
+    /// closed), for a baseline.
+    pub async fn quiet_fds(&self) -> usize {
+        super::eventually("the gateway kept connections open", || {
+            let fds = self.fds();
+            fds.new_sockets(&self.started).is_empty().then_some(fds.count)
+        })
+        .await
+    }
+
+    /// Waits until the gateway holds no more descriptors than `baseline`, and no connection; fails, listing
+    /// what it still holds, after [`WAIT`].
+    pub async fn back_to(&self, baseline: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let fds = self.fds();
+            if fds.new_sockets(&self.started).is_empty() && fds.count <= baseline {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "descriptors not back to {baseline}: {fds:#?}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// The access lines (target `mantlegate::access`) of request `id` in `log`.
+pub fn access_lines(log: &[serde_json::Value], id: &str) -> Vec<serde_json::Value> {
+    log.iter().filter(|l| l["target"] == "mantlegate::access" && l["request_id"] == id).cloned().collect()
+}
+
+/// A process's open file descriptors.
+#[derive(Debug)]
+pub struct Fds {
+    /// How many.
+    pub count: usize,
+    /// Where each leads (`socket:[inode]` for a socket).
+    pub targets: Vec<String>,
+}
+
+impl Fds {
+    pub fn of(pid: u32) -> Self {
+        let mut targets = Vec::new();
+        // Descriptors may close while they are listed.
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+            if let Ok(target) = std::fs::read_link(entry.path()) {
+                targets.push(target.display().to_string());
+            }
+        }
+        Self { count: targets.len(), targets }
+    }
+
+    /// The sockets among them that `earlier` did not have: on a gateway whose `earlier` was taken as it
+    /// started (its listeners, and no connection yet), the connections it has open.
+    pub fn new_sockets(&self, earlier: &Self) -> Vec<&str> {
+        let sockets = self.targets.iter().filter(|t| t.starts_with("socket:"));
+        sockets.filter(|t| !earlier.targets.contains(t)).map(String::as_str).collect()
+    }
+}

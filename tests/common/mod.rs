@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod binary;
+pub mod raw_upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,6 +33,19 @@ pub const FLOATING_KEY: &str = "caller-floating-key";
 
 /// Bound on every wait, so a broken feature fails a test instead of hanging it.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until `check` finds what it looks for, looking every few milliseconds (for a condition nothing
+/// announces: a file, a log line, a count in /proc); fails with `what` after [`WAIT`].
+pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(found) = check() {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
 
 /// What the mock upstream received.
 #[derive(Debug, Clone)]
@@ -463,4 +477,117 @@ pub fn raw_chat_request(key: &str) -> String {
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{CHAT_BODY}",
         CHAT_BODY.len()
     )
+}
+
+/// What a caller got on a connection of its own: everything read until the gateway closed it.
+#[derive(Debug)]
+pub struct Answer {
+    /// 0 if nothing that looks like a status line came.
+    pub status: u16,
+    /// The response head, status line included, without the blank line.
+    pub head: String,
+    /// The body as it came (still chunked, if it was).
+    pub body: Vec<u8>,
+    /// The connection ended in an error (a reset) rather than a clean close.
+    pub reset: bool,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        raw_upstream::header(&self.head, name)
+    }
+
+    /// The body, its chunked framing taken off.
+    pub fn decoded(&self) -> Vec<u8> {
+        if !self.header("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
+            return self.body.clone();
+        }
+        let (mut out, mut rest) = (Vec::new(), &self.body[..]);
+        while let Some(line) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..line]).unwrap().trim(), 16).unwrap();
+            rest = &rest[line + 2..];
+            let take = size.min(rest.len());
+            out.extend_from_slice(&rest[..take]);
+            rest = rest.get(take + 2..).unwrap_or_default();
+            if size == 0 {
+                break;
+            }
+        }
+        out
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.decoded()).into_owned()
+    }
+
+    /// Whether the body came whole, as its framing says: its `content-length`, or chunks up to the last.
+    pub fn whole(&self) -> bool {
+        match self.header("content-length") {
+            Some(len) => self.body.len() == len.parse::<usize>().unwrap(),
+            None => self.body.ends_with(b"0\r\n\r\n"),
+        }
+    }
+
+    /// `error.code` of an OpenAI-shaped error body.
+    pub fn error_code(&self) -> String {
+        let body: serde_json::Value = serde_json::from_slice(&self.decoded()).unwrap_or_default();
+        body["error"]["code"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// Sends `request` on a new connection and reads until the gateway closes it (so the request should say
+/// `connection: close`, or be one the gateway closes the connection after).
+pub async fn exchange(addr: &str, request: &[u8]) -> Answer {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The gateway may answer, and close, before it has read everything (a refusal).
+    let _ = tcp.write_all(request).await;
+    read_answer(&mut tcp, Vec::new()).await
+}
+
+/// Reads from `tcp` until what has come (starting with `got`) contains `needle`; returns it all.
+pub async fn read_until(tcp: &mut tokio::net::TcpStream, mut got: Vec<u8>, needle: &[u8]) -> Vec<u8> {
+    let read = async {
+        while !got.windows(needle.len()).any(|w| w == needle) {
+            let mut chunk = [0u8; 16 * 1024];
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {:?} came: {}",
+                String::from_utf8_lossy(needle),
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.expect("never came");
+    got
+}
+
+/// Reads the rest of an answer (of which `got` has come) from `tcp`, until the gateway closes it.
+pub async fn read_answer(tcp: &mut tokio::net::TcpStream, mut got: Vec<u8>) -> Answer {
+    let mut reset = false;
+    let read = async {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match tcp.read(&mut chunk).await {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(_) => {
+                    reset = true;
+                    break;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.expect("the gateway never closed the connection");
+    let split = got.windows(4).position(|w| w == b"\r\n\r\n");
+    let (head, body) = match split {
+        Some(at) => (String::from_utf8_lossy(&got[..at]).into_owned(), got[at + 4..].to_vec()),
+        None => (String::from_utf8_lossy(&got).into_owned(), Vec::new()),
+    };
+    let status = match head.strip_prefix("HTTP/1.1 ") {
+        Some(rest) => rest.get(..3).and_then(|s| s.parse().ok()).unwrap_or(0),
+        None => 0,
+    };
+    Answer { status, head, body, reset }
 }
