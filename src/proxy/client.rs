@@ -262,7 +262,13 @@ impl UpstreamClient {
             let mut connector = self.connector.clone();
             poll_fn(|cx| connector.poll_ready(cx)).await?;
             let io = connector.call(self.origin.clone()).await?;
-            let (sender, driver) = http1::Builder::new().max_buf_size(CONNECTION_BUFFER).handshake(io).await?;
+            // An answer whose head is over 64 KiB is refused exactly (a 502), where the buffer bound alone let one
+            // read more through, depending on how the bytes arrived.
+            let (sender, driver) = http1::Builder::new()
+                .max_buf_size(CONNECTION_BUFFER)
+                .max_header_size(CONNECTION_BUFFER)
+                .handshake(io)
+                .await?;
             Ok::<_, Error>(Conn { sender, driver: Some(Box::new(driver)) })
         });
         match tokio::time::timeout(timeout, connecting).await {
