@@ -301,6 +301,10 @@ pin_project_lite::pin_project! {
         idle_timeout: Duration,
         record: InFlight,
         done: bool,
+        // Upstream's body failed: given to hyper on the next poll, not this one. hyper closes the connection on
+        // a body's error without writing what it holds, so an error returned at once, right behind the first
+        // bytes, would leave the caller without the head and those bytes. One poll later, hyper has written them.
+        failed: Option<axum::BoxError>,
     }
 }
 
@@ -312,7 +316,7 @@ fn after(from: Instant, timeout: Duration) -> Instant {
 impl<B> Observed<B> {
     /// Wraps `inner`; silence longer than `idle_timeout` ends the body with an error.
     pub fn new(inner: B, idle_timeout: Duration, record: InFlight) -> Self {
-        Self { inner, idle: None, last_frame: Instant::now(), idle_timeout, record, done: false }
+        Self { inner, idle: None, last_frame: Instant::now(), idle_timeout, record, done: false, failed: None }
     }
 }
 
@@ -331,6 +335,10 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
+        if let Some(e) = this.failed.take() {
+            *this.done = true;
+            return Poll::Ready(Some(Err(e)));
+        }
         if *this.done {
             return Poll::Ready(None);
         }
@@ -387,7 +395,9 @@ where
                 Poll::Ready(Some(Err(e))) => {
                     let e = e.into();
                     this.record.stream_error(&*e);
-                    Poll::Ready(Some(Err(e)))
+                    *this.failed = Some(e);
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
                 }
                 Poll::Ready(None) => {
                     *this.done = true;
