@@ -39,9 +39,13 @@ pub enum GatewayError {
     /// The request body exceeds `server.max_body_bytes`.
     #[error("request body is larger than the limit of {0} bytes")]
     RequestTooLarge(u64),
-    /// The body could not be read as the JSON the route needs.
+    /// The body could not be read as the JSON the route needs, or the request is not well-formed.
     #[error("{0}")]
     InvalidRequest(String),
+    /// The request body is in a transfer coding the gateway cannot decode (`gzip, chunked`): forwarded without it,
+    /// upstream would read the coded bytes as the body (RFC 9112 section 6.1: 501).
+    #[error("transfer coding {0:?} is not supported: send the body chunked, or with a Content-Length")]
+    UnsupportedTransferCoding(String),
 
     // The gateway's state.
     /// The gateway is draining for shutdown.
@@ -72,6 +76,7 @@ impl GatewayError {
             Self::UnknownRoute => StatusCode::NOT_FOUND,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable | Self::UpstreamAuthFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -88,6 +93,7 @@ impl GatewayError {
             Self::UnknownRoute => "unknown_route",
             Self::RequestTooLarge(_) => "request_too_large",
             Self::InvalidRequest(_) => "invalid_request",
+            Self::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
             Self::ShuttingDown => "shutting_down",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -102,7 +108,7 @@ impl GatewayError {
             Self::ProjectNotAllowed(_) | Self::ProjectRequired | Self::ModelNotAllowed { .. } => "permission_error",
             Self::UnknownRoute => "not_found_error",
             Self::RequestTooLarge(_) => "request_too_large",
-            Self::InvalidRequest(_) => "invalid_request_error",
+            Self::InvalidRequest(_) | Self::UnsupportedTransferCoding(_) => "invalid_request_error",
             Self::ShuttingDown => "overloaded_error",
             Self::UpstreamUnreachable | Self::UpstreamTimeout | Self::UpstreamAuthFailed => "api_error",
         }

@@ -150,12 +150,14 @@ async fn forward(
     }
 }
 
-/// Request filter: which endpoint, who is calling, which project, each recorded as it is learned.
+/// Request filter: a well-formed request (one `Host`, a body the gateway can pass on), then which endpoint, who
+/// is calling, which project, each recorded as it is learned.
 fn request_filter<'s>(
     snapshot: &'s Snapshot,
     parts: &Parts,
     record: &mut InFlight,
 ) -> Result<Admitted<'s>, GatewayError> {
+    well_formed(parts)?;
     let path = parts.uri.path();
     let matched = snapshot.routes.classify(&parts.method, path)?;
     record.routed(matched.endpoint);
@@ -173,6 +175,22 @@ fn request_filter<'s>(
         project: attribution.project,
         prefix_len: path.len() - matched.upstream_path.len(),
     })
+}
+
+/// What hyper leaves to the server to refuse (RFC 9112): an HTTP/1.1 request without exactly one `Host` (section
+/// 3.2: 400), and a transfer coding other than `chunked` (section 6.1: 501; hyper takes the last coding,
+/// `chunked`, and would have the gateway forward the rest of the coding's bytes as the body).
+fn well_formed(parts: &Parts) -> Result<(), GatewayError> {
+    if parts.version == Version::HTTP_11 && parts.headers.get_all(http::header::HOST).iter().count() != 1 {
+        return Err(GatewayError::InvalidRequest("an HTTP/1.1 request carries exactly one Host header".into()));
+    }
+    for value in parts.headers.get_all(http::header::TRANSFER_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        if let Some(coding) = text.split(',').map(str::trim).find(|c| !c.eq_ignore_ascii_case("chunked")) {
+            return Err(GatewayError::UnsupportedTransferCoding(coding.chars().take(32).collect()));
+        }
+    }
+    Ok(())
 }
 
 /// The body to send upstream, and whether the gateway asked for stream usage on the caller's behalf. The
