@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use super::json::{Member, member, usage_mentions};
+use super::json::{Member, member, top_level_member, usage_mentions};
 use super::{CachedDetails, LineSeen, ReasoningDetails, Usage, UsageTap, counted};
 
 impl UsageTap {
@@ -25,23 +25,25 @@ impl UsageTap {
             self.model = member::<String>(data, Member::FirstModel);
         }
         // The usage chunk: its usage, read from its `usage` member alone as in a JSON body (should that not
-        // work, from the whole chunk parsed). Whether it is the usage-only chunk to hide is decided on the whole
-        // chunk parsed, never on a member found by its text: hiding a chunk that carries content would lose it.
-        // (It is one chunk per stream, and parsed only where the gateway hides it.)
+        // work, from the whole chunk parsed). Whether it is the usage-only chunk to hide is told by its top-level
+        // `choices`, never by the first `"choices"` in its text: hiding a chunk that carries content would lose it.
         if usage.object {
-            let chunk = self.strip_usage.then(|| serde_json::from_slice::<ChatBody>(data).ok()).flatten();
-            seen.usage_only =
-                chunk.as_ref().is_some_and(|c| c.usage.is_some() && c.choices.as_ref().is_some_and(Vec::is_empty));
             if let Some(u) = member::<ChatUsage>(data, Member::LastUsage) {
                 if counting {
                     self.usage = u.counted().or(self.usage);
                 }
-            } else if let Some(chunk) = chunk.or_else(|| serde_json::from_slice::<ChatBody>(data).ok()) {
+                seen.usage_only = self.strip_usage
+                    && top_level_member::<Vec<serde::de::IgnoredAny>>(data, b"\"choices\"")
+                        .is_some_and(|choices| choices.is_empty());
+            } else if let Ok(chunk) = serde_json::from_slice::<ChatBody>(data) {
                 if counting {
                     self.model = self.model.take().or(chunk.model);
-                    if let Some(u) = chunk.usage {
+                }
+                if let Some(u) = chunk.usage {
+                    if counting {
                         self.usage = u.counted().or(self.usage);
                     }
+                    seen.usage_only = chunk.choices.is_some_and(|c| c.is_empty());
                 }
             }
         }

@@ -67,6 +67,43 @@ pub(super) fn member<'a, T: Deserialize<'a>>(body: &'a [u8], which: Member) -> O
     member_at(body, at, key)
 }
 
+/// The value of the top-level member named `key` (quoted) of the JSON object `body`: the text is walked once,
+/// minding strings (with their escapes) and nesting, so a key of a nested object, or a string that spells the
+/// key, never matches. For decisions a member found by its text alone could get wrong: whether a chat chunk is
+/// the usage-only one, which the gateway hides (a nested `"choices":[]` must not hide a chunk with content).
+pub(super) fn top_level_member<'a, T: Deserialize<'a>>(body: &'a [u8], key: &[u8]) -> Option<T> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
+        match b {
+            b'"' => {
+                let start = i;
+                i += 1;
+                while let Some(&c) = body.get(i) {
+                    match c {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                // A key (not a value) of the object itself: a member's value follows its colon.
+                if depth == 1
+                    && body[start..].starts_with(key)
+                    && i == start + key.len() - 1
+                    && body.get(i + 1..).is_some_and(|rest| rest.trim_ascii_start().starts_with(b":"))
+                {
+                    return member_at(body, start, key);
+                }
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// The last `"usage"` member of `body` whose value parses as a `T`, looking back past those that do not.
 pub(super) fn last_member_that_parses<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Option<T> {
     let mut end = body.len();
@@ -91,6 +128,18 @@ fn member_at<'a, T: Deserialize<'a>>(body: &'a [u8], at: usize, key: &[u8]) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_top_level_member_is_found_only_at_the_top_level() {
+        let choices = |body: &str| top_level_member::<Vec<u8>>(body.as_bytes(), b"\"choices\"");
+        assert_eq!(choices(r#"{"choices":[1]}"#), Some(vec![1]));
+        assert_eq!(choices(r#"{"x":{"choices":[]},"choices":[2]}"#), Some(vec![2]));
+        assert_eq!(choices(r#"{"id":"choices","choices":[3]}"#), Some(vec![3]));
+        assert_eq!(choices(r#"{"id":"a\"choices\":[]","choices" : [4]}"#), Some(vec![4]));
+        assert_eq!(choices(r#"{"x":[{"choices":[]}]}"#), None);
+        assert_eq!(choices(r#"{"note":"\\","choices":[5]}"#), Some(vec![5]));
+        assert_eq!(choices(r#"{"choices""#), None);
+    }
 
     #[test]
     fn the_last_usage_key_is_found_wherever_it_is() {
