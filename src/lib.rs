@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod attribution;
 pub mod auth;
+pub mod aws;
 pub mod cli;
 pub mod config;
 pub mod demo;

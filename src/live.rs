@@ -77,6 +77,8 @@ pub struct Reloader {
     path: Option<PathBuf>,
     live: Arc<Live>,
     metrics: Arc<Metrics>,
+    /// Where a reload that changes the upstream credential fetches the new one (reloads run off the async threads).
+    runtime: tokio::runtime::Handle,
     state: Mutex<State>,
 }
 
@@ -94,7 +96,7 @@ struct State {
 
 impl Reloader {
     /// Puts `config` in force: opens its ledger, starts watching its key file and (if `path` is given) the config
-    /// file itself.
+    /// file itself. Called on the runtime, which later reloads use to fetch a new upstream credential.
     pub fn start(
         path: Option<PathBuf>,
         config: Config,
@@ -108,7 +110,13 @@ impl Reloader {
         let key_watch = snapshot.credential.watch(&snapshot.config.upstream.auth, &metrics);
         metrics.publish(&snapshot.projects, &snapshot.config.sha256);
         let state = State { writers: writer.into_iter().collect(), key_watch, ..State::default() };
-        let reloader = Arc::new(Self { path, live: Arc::new(Live::new(snapshot)), metrics, state: Mutex::new(state) });
+        let reloader = Arc::new(Self {
+            path,
+            live: Arc::new(Live::new(snapshot)),
+            metrics,
+            runtime: tokio::runtime::Handle::current(),
+            state: Mutex::new(state),
+        });
         if let Some(path) = &reloader.path {
             let watched = FileWatch::start(path, "config file", {
                 let reloader = Arc::downgrade(&reloader);
@@ -144,7 +152,8 @@ impl Reloader {
     }
 
     /// Reloads the config file, as asked (SIGHUP, `POST /reload`, `mantlegate reload`): puts it in force if it is
-    /// new and valid, and logs and counts what happened.
+    /// new and valid, and logs and counts what happened. It blocks (reading files, and fetching AWS credentials
+    /// when the upstream credential changes): call it off the async threads, as [`Self::reload_blocking`] does.
     pub fn reload(&self) -> Outcome {
         self.reload_as(Trigger::Asked).unwrap_or_else(|| Outcome::Rejected {
             problems: vec!["this gateway was started without a config file, so there is nothing to reload".into()],
@@ -192,9 +201,11 @@ impl Reloader {
             Err(e) => vec![format!("{e:#}")],
         })?;
         let kept = keep_restart_only(&mut config, &current.config);
-        let auth_changed = config.upstream.auth != current.config.upstream.auth;
+        let (new, old) = (&config.upstream, &current.config.upstream);
+        let auth_changed = new.auth != old.auth || (new.auth.is_aws() && new.region != old.region);
         let credential = if auth_changed {
-            Credential::read(&config.upstream.auth).map_err(|e| vec![format!("{e:#}")])?
+            // AWS credentials are fetched (from STS, say) before the reload is put in force, or refused with it.
+            self.runtime.block_on(Credential::connect(new, &self.metrics)).map_err(|e| vec![format!("{e:#}")])?
         } else {
             current.credential.clone()
         };

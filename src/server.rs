@@ -71,23 +71,35 @@ impl Running {
     }
 }
 
-/// Reads the gateway's upstream credential as configured.
-pub fn credential(config: &Config) -> anyhow::Result<Credential> {
-    Credential::read(&config.upstream.auth)
+/// The gateway's upstream credential as configured, ready to use (its key read, or AWS credentials fetched), its
+/// refreshes counted on `metrics`.
+pub async fn credential(config: &Config, metrics: &Metrics) -> anyhow::Result<Credential> {
+    Credential::connect(&config.upstream, metrics).await
 }
 
-/// Binds both listeners and starts serving `config`, which never changes (there is no file to reload).
-pub async fn start(config: Config, credential: Credential) -> anyhow::Result<Running> {
-    start_with(None, config, credential).await
+/// Binds both listeners and starts serving `config`, which never changes (there is no file to reload), with
+/// `credential` upstream and `metrics` exported.
+pub async fn start(config: Config, credential: Credential, metrics: Arc<Metrics>) -> anyhow::Result<Running> {
+    start_with(None, config, credential, metrics).await
 }
 
 /// Binds both listeners and starts serving `config`, loaded from the file at `path`, which is reloaded when it
 /// changes (and on [`Running::reload`]).
-pub async fn start_from(path: PathBuf, config: Config, credential: Credential) -> anyhow::Result<Running> {
-    start_with(Some(path), config, credential).await
+pub async fn start_from(
+    path: PathBuf,
+    config: Config,
+    credential: Credential,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Running> {
+    start_with(Some(path), config, credential, metrics).await
 }
 
-async fn start_with(path: Option<PathBuf>, config: Config, credential: Credential) -> anyhow::Result<Running> {
+async fn start_with(
+    path: Option<PathBuf>,
+    config: Config,
+    credential: Credential,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("server.listen: cannot bind {}", config.server.listen))?;
@@ -101,7 +113,6 @@ async fn start_with(path: Option<PathBuf>, config: Config, credential: Credentia
     let upstream = config.upstream.clone();
 
     let shutdown = Shutdown::default();
-    let metrics = Arc::new(Metrics::new());
     let reloader = Reloader::start(path, config, credential, metrics.clone())?;
     let upstream_auth = Arc::new(UpstreamAuth::new(metrics.upstream_auth_failures()));
     let clients =
@@ -333,11 +344,13 @@ where
 /// `mantlegate serve`: starts, reloads the config on SIGHUP (and when its file changes), and stops gracefully
 /// on SIGTERM or Ctrl-C.
 pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
-    let credential = credential(&config)?;
+    let metrics = Arc::new(Metrics::new());
+    let credential = credential(&config, &metrics).await.context("upstream credential")?;
+    tracing::info!(credential = %credential.describe(&config.upstream), "upstream credential ready");
     let signal = crate::shutdown::signal();
     // Listened for from before the gateway starts: SIGHUP's default action would end the process.
     let mut hangup = crate::shutdown::hangup()?;
-    let running = start_from(path, config, credential).await?;
+    let running = start_from(path, config, credential, metrics).await?;
     let shutdown = running.shutdown.clone();
     let reloads = tokio::spawn({
         let reloader = running.reloader.clone();

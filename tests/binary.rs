@@ -420,7 +420,7 @@ async fn keys_new_prints_a_key_whose_stanza_lets_it_in() {
     let config = mantlegate::Config::from_toml(&config).unwrap();
     let credential =
         mantlegate::proxy::Credential::api_key(&mantlegate::config::Secret::new(UPSTREAM_KEY.into())).unwrap();
-    let running = mantlegate::server::start(config, credential).await.unwrap();
+    let running = mantlegate::server::start(config, credential, Default::default()).await.unwrap();
     let res = reqwest::Client::new()
         .get(format!("http://{}/v1/models", running.addr))
         .bearer_auth(&key)

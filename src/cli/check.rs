@@ -22,9 +22,20 @@ pub fn run(path: &Path, probe: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     print!("{}", report(path, &config));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // The credential as `serve` would get it: the key read, or AWS credentials fetched from the chain. Only a
+    // warning when missing, as configs are checked where their secrets are not (CI, a laptop).
+    let credential = runtime.block_on(crate::server::credential(&config, &crate::metering::metrics::Metrics::new()));
+    match &credential {
+        Ok(credential) => println!("\ncredential: {}", credential.describe(&config.upstream)),
+        Err(e) => println!("\nwarning: {e:#} (needed by `serve`)"),
+    }
     if probe {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        match runtime.block_on(probe_upstream(&config)) {
+        let probed = match credential {
+            Ok(credential) => runtime.block_on(probe_upstream(&config, &credential)),
+            Err(e) => Err(e),
+        };
+        match probed {
             Ok(said) => println!("\nupstream: {said}"),
             Err(e) => {
                 eprintln!("upstream: {e:#}");
@@ -37,9 +48,8 @@ pub fn run(path: &Path, probe: bool) -> anyhow::Result<ExitCode> {
 
 /// One `GET /v1/models` upstream with the gateway's credential (and the first project's id): what upstream
 /// said, or why it is a problem.
-async fn probe_upstream(config: &Config) -> anyhow::Result<String> {
+async fn probe_upstream(config: &Config, credential: &crate::proxy::Credential) -> anyhow::Result<String> {
     use crate::proxy::{Credential, UpstreamClient, body, headers};
-    let credential = Credential::read(&config.upstream.auth)?;
     if let Credential::Passthrough = credential {
         return Ok("passthrough: the gateway has no credential of its own to probe".into());
     }
@@ -49,13 +59,10 @@ async fn probe_upstream(config: &Config) -> anyhow::Result<String> {
     let mut request = http::Request::get("/v1/models").body(body::whole(bytes::Bytes::new()))?;
     let project_header = http::HeaderValue::from_str(project)?;
     let request_id = http::HeaderValue::from_static("mantlegate-check");
-    headers::to_upstream(
-        request.headers_mut(),
-        crate::endpoint::Api::OpenAi,
-        &project_header,
-        &credential,
-        &request_id,
-    );
+    headers::to_upstream(request.headers_mut(), crate::endpoint::Api::OpenAi, &project_header, credential, &request_id);
+    if let Credential::SigV4(signer) = credential {
+        signer.sign(&http::Method::GET, "/v1/models", request.headers_mut(), b"")?;
+    }
     let response = tokio::time::timeout(u.response_timeout, client.request(request, u))
         .await
         .map_err(|_| anyhow::anyhow!("{} did not answer within {:?}", u.authority, u.response_timeout))?
@@ -66,8 +73,9 @@ async fn probe_upstream(config: &Config) -> anyhow::Result<String> {
     match status.as_u16() {
         200..=299 => Ok(format!("{} accepts the gateway's credential (GET /v1/models: {status})", u.authority)),
         401 | 403 => anyhow::bail!(
-            "{} refused the gateway's credential (GET /v1/models: {status}): check upstream.api_key_env / api_key_file",
-            u.authority
+            "{} refused the gateway's credential (GET /v1/models: {status}): {}",
+            u.authority,
+            credential.refusal_hint()
         ),
         _ => anyhow::bail!("{} answered GET /v1/models with {status} (project {project})", u.authority),
     }
@@ -78,8 +86,11 @@ pub fn report(path: &Path, config: &Config) -> String {
     let mut out = String::new();
     let u = &config.upstream;
     let _ = writeln!(out, "{}: valid (sha256 {})", path.display(), config.sha256);
+    let region = u.region.as_deref().unwrap_or("");
     let auth = match &u.auth {
         UpstreamAuth::ApiKey(source) => format!("api_key from {source}"),
+        UpstreamAuth::SigV4 => format!("sigv4 for {region}, AWS credentials from the standard chain"),
+        UpstreamAuth::AwsToken => format!("aws_token for {region}, AWS credentials from the standard chain"),
         UpstreamAuth::Passthrough => "passthrough (the caller's own credential)".into(),
     };
     let _ = writeln!(out, "upstream: {}://{} ({auth})", u.scheme, u.authority);
@@ -137,11 +148,6 @@ pub fn report(path: &Path, config: &Config) -> String {
             unprovisioned.join(", "),
             if unprovisioned.len() == 1 { "s" } else { "ve" }
         );
-    }
-    if let UpstreamAuth::ApiKey(source) = &u.auth {
-        if let Err(e) = source.read() {
-            let _ = writeln!(out, "\nwarning: {e:#} (needed by `serve`)");
-        }
     }
     out
 }

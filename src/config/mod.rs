@@ -92,7 +92,8 @@ pub struct Upstream {
     pub authority: Authority,
     /// The gateway's own credential.
     pub auth: UpstreamAuth,
-    /// AWS region, kept for SigV4.
+    /// The AWS region requests are signed for (`upstream.region`, else the one the host names); set whenever
+    /// `auth` uses AWS credentials.
     pub region: Option<String>,
     /// Longest wait for a connection.
     pub connect_timeout: Duration,
@@ -104,13 +105,36 @@ pub struct Upstream {
     pub pool_idle_timeout: Duration,
 }
 
+impl Upstream {
+    /// `Host` for the upstream: its host, and its port unless that is the scheme's default.
+    pub fn host_header(&self) -> anyhow::Result<http::HeaderValue> {
+        let authority = &self.authority;
+        let default_port = if self.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
+        Ok(match authority.port_u16() {
+            Some(port) if port != default_port => http::HeaderValue::from_str(&format!("{}:{port}", authority.host()))?,
+            _ => http::HeaderValue::from_str(authority.host())?,
+        })
+    }
+}
+
 /// How the gateway authenticates to bedrock-mantle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamAuth {
     /// A Bedrock API key sent as `Authorization: Bearer`.
     ApiKey(KeySource),
+    /// Each request signed with AWS Signature Version 4 (service `bedrock-mantle`), credentials from the AWS chain.
+    SigV4,
+    /// Short-term Bedrock API keys, minted from the AWS chain's credentials and renewed before they expire.
+    AwsToken,
     /// The caller's own `Authorization` / `x-api-key` is forwarded (only with `callers.auth = "none"`).
     Passthrough,
+}
+
+impl UpstreamAuth {
+    /// Whether the credential comes from the AWS credential chain.
+    pub fn is_aws(&self) -> bool {
+        matches!(self, Self::SigV4 | Self::AwsToken)
+    }
 }
 
 /// Where the Bedrock API key is read from.

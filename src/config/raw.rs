@@ -169,13 +169,13 @@ impl Default for RawServer {
 pub struct RawUpstream {
     /// Scheme and authority of bedrock-mantle, no path.
     pub base_url: String,
-    /// `api_key`, `sigv4` or `passthrough`.
+    /// `api_key`, `sigv4`, `aws_token` or `passthrough`.
     pub auth: String,
     /// Environment variable holding the Bedrock API key (`auth = "api_key"`).
     pub api_key_env: Option<String>,
     /// File holding the Bedrock API key (`auth = "api_key"`); takes precedence over `api_key_env`.
     pub api_key_file: Option<String>,
-    /// AWS region, for SigV4.
+    /// AWS region, for `sigv4` and `aws_token` (else the one the host names).
     pub region: Option<String>,
     /// Longest wait for the TCP (and TLS) connection.
     pub connect_timeout: String,

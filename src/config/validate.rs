@@ -248,21 +248,33 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
             }
             UpstreamAuth::Passthrough
         }
-        "sigv4" => {
-            errs.push("upstream.auth", "\"sigv4\" is not supported yet; use \"api_key\" or \"passthrough\"");
-            UpstreamAuth::Passthrough
-        }
+        "sigv4" => UpstreamAuth::SigV4,
+        "aws_token" => UpstreamAuth::AwsToken,
         other => {
-            errs.push("upstream.auth", format!("{other:?} is not one of \"api_key\", \"sigv4\", \"passthrough\""));
+            errs.push(
+                "upstream.auth",
+                format!("{other:?} is not one of \"api_key\", \"sigv4\", \"aws_token\", \"passthrough\""),
+            );
             UpstreamAuth::Passthrough
         }
+    };
+    if u.auth != "api_key" {
+        for (name, set) in [("upstream.api_key_env", &u.api_key_env), ("upstream.api_key_file", &u.api_key_file)] {
+            if set.is_some() {
+                errs.push(name, format!("applies only to auth = \"api_key\" (this config has auth = {:?})", u.auth));
+            }
+        }
+    }
+    let region = match &authority {
+        Some(authority) if auth.is_aws() => aws_region(errs, u.region.as_deref(), authority, &u.auth),
+        _ => u.region.clone().filter(|r| !r.is_empty()),
     };
 
     Upstream {
         scheme,
         authority: authority.unwrap_or_else(|| http::uri::Authority::from_static("invalid")),
         auth,
-        region: u.region.clone().filter(|r| !r.is_empty()),
+        region,
         connect_timeout: parse_duration(errs, "upstream.connect_timeout", &u.connect_timeout, false),
         response_timeout: parse_duration(errs, "upstream.response_timeout", &u.response_timeout, false),
         idle_timeout: parse_duration(errs, "upstream.idle_timeout", &u.idle_timeout, false),
@@ -472,6 +484,67 @@ fn validate_taxonomy(errs: &mut Errors, taxonomy: &Taxonomy) {
 }
 
 /// Whether `name` can be an environment variable's name.
+/// The region requests are signed for with AWS credentials: `upstream.region`, which must agree with the region
+/// the host names (`bedrock-mantle.<region>.api.aws`, or a VPC endpoint's `....bedrock-mantle.<region>.vpce.
+/// amazonaws.com`), else that region; one of the two is needed.
+fn aws_region(errs: &mut Errors, configured: Option<&str>, authority: &http::uri::Authority, auth: &str) -> Option<String> {
+    let named = region_of_host(authority.host());
+    match (configured.filter(|r| !r.is_empty()), named) {
+        (Some(region), _) if !is_region(region) => {
+            errs.push("upstream.region", "is not an AWS region name (like us-east-1)");
+            None
+        }
+        (Some(region), Some(named)) if region != named => {
+            errs.push(
+                "upstream.region",
+                format!(
+                    "{region:?} is not the region upstream.base_url names ({named:?}): bedrock-mantle refuses a \
+                     signature made for another region"
+                ),
+            );
+            None
+        }
+        (Some(region), _) => Some(region.to_owned()),
+        (None, Some(named)) => Some(named.to_owned()),
+        (None, None) => {
+            errs.push(
+                "upstream.region",
+                format!(
+                    "must be set: auth = {auth:?} signs for a region, and the host of upstream.base_url ({}) names none",
+                    authority.host()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// The region in a bedrock-mantle host name, if it names one.
+fn region_of_host(host: &str) -> Option<&str> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let labels: Vec<&str> = host.split('.').collect();
+    let region = match labels.as_slice() {
+        [service, region, "api", "aws"] if service.starts_with("bedrock-mantle") => region,
+        [.., "bedrock-mantle", region, "vpce", "amazonaws", "com"] => region,
+        _ => return None,
+    };
+    is_region(region).then_some(*region)
+}
+
+/// Whether `name` has an AWS region's shape (`us-east-1`, `eu-central-2`, `us-gov-west-1`).
+fn is_region(name: &str) -> bool {
+    let mut parts = name.split('-');
+    let first = parts.next().unwrap_or("");
+    let last = parts.next_back().unwrap_or("");
+    name.len() <= 32
+        && first.len() == 2
+        && first.bytes().all(|b| b.is_ascii_lowercase())
+        && !last.is_empty()
+        && last.bytes().all(|b| b.is_ascii_digit())
+        && parts.clone().count() >= 1
+        && parts.all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+}
+
 fn is_env_name(name: &str) -> bool {
     name.len() <= 64
         && !name.starts_with(|c: char| c.is_ascii_digit())
@@ -649,12 +722,56 @@ mod tests {
     }
 
     #[test]
-    fn sigv4_is_refused_clearly() {
-        let errs = errors(&format!("[upstream]\nauth = \"sigv4\"\n{BASE}"));
+    fn aws_auth_signs_for_the_region_the_host_names() {
+        let config = |upstream: &str| crate::Config::from_toml(&format!("[upstream]\n{upstream}\n{BASE}"));
+        let sigv4 = config("auth = \"sigv4\"").expect("the default host names us-east-1");
+        assert_eq!((sigv4.upstream.auth, sigv4.upstream.region.as_deref()), (UpstreamAuth::SigV4, Some("us-east-1")));
+        let token = config("auth = \"aws_token\"\nbase_url = \"https://bedrock-mantle.eu-west-1.api.aws\"\nregion = \"eu-west-1\"")
+            .expect("agreeing region");
+        assert_eq!((token.upstream.auth, token.upstream.region.as_deref()), (UpstreamAuth::AwsToken, Some("eu-west-1")));
+        let vpce = config(
+            "auth = \"sigv4\"\nbase_url = \"https://vpce-0a1b-x2y3.bedrock-mantle.ap-southeast-2.vpce.amazonaws.com\"",
+        )
+        .expect("a VPC endpoint names its region");
+        assert_eq!(vpce.upstream.region.as_deref(), Some("ap-southeast-2"));
+        let local = config("auth = \"sigv4\"\nbase_url = \"http://127.0.0.1:9000\"\nregion = \"us-west-2\"").expect("local");
+        assert_eq!(local.upstream.region.as_deref(), Some("us-west-2"));
+
         assert_eq!(
-            errs,
-            vec!["upstream.auth: \"sigv4\" is not supported yet; use \"api_key\" or \"passthrough\"".to_string()]
+            errors(&format!("[upstream]\nauth = \"sigv4\"\nregion = \"us-west-2\"\n{BASE}")),
+            ["upstream.region: \"us-west-2\" is not the region upstream.base_url names (\"us-east-1\"): bedrock-mantle \
+              refuses a signature made for another region"]
         );
+        assert_eq!(
+            errors(&format!("[upstream]\nauth = \"aws_token\"\nbase_url = \"http://127.0.0.1:9000\"\n{BASE}")),
+            ["upstream.region: must be set: auth = \"aws_token\" signs for a region, and the host of \
+              upstream.base_url (127.0.0.1) names none"]
+        );
+        assert_eq!(
+            errors(&format!("[upstream]\nauth = \"sigv4\"\nregion = \"ABSK-not-a-region\"\n{BASE}")),
+            ["upstream.region: is not an AWS region name (like us-east-1)"]
+        );
+        assert_eq!(
+            errors(&format!("[upstream]\nauth = \"sigv4\"\napi_key_env = \"KEY\"\n{BASE}")),
+            ["upstream.api_key_env: applies only to auth = \"api_key\" (this config has auth = \"sigv4\")"]
+        );
+        // With a static key the region is not used, and not checked.
+        assert!(config("region = \"us-west-2\"").is_ok());
+    }
+
+    #[test]
+    fn region_shapes() {
+        for region in ["us-east-1", "eu-central-2", "us-gov-west-1", "ap-southeast-5"] {
+            assert!(is_region(region), "{region}");
+        }
+        for not in ["", "us", "us-east", "US-EAST-1", "us-east-x", "us--1", "useast-1", "us-east-1-", "-us-east-1"] {
+            assert!(!is_region(not), "{not}");
+        }
+        assert_eq!(region_of_host("bedrock-mantle.us-east-1.api.aws"), Some("us-east-1"));
+        assert_eq!(region_of_host("bedrock-mantle.us-east-1.api.aws."), Some("us-east-1"));
+        assert_eq!(region_of_host("bedrock-mantle-fips.us-gov-west-1.api.aws"), Some("us-gov-west-1"));
+        assert_eq!(region_of_host("mantle.example.com"), None);
+        assert_eq!(region_of_host("bedrock-mantle.api.aws"), None);
     }
 
     #[test]

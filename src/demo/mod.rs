@@ -89,7 +89,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result
 
     let credential = Credential::api_key(&Secret::new(UPSTREAM_KEY.into()))?;
     let signal = crate::shutdown::signal();
-    let running = crate::server::start(config, credential)
+    let running = crate::server::start(config, credential, Default::default())
         .await
         .context("starting the gateway (is something else on that port? try --listen 127.0.0.1:0)")?;
     println!("{}", instructions(running.addr, running.admin_addr, stub_addr));

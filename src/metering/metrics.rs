@@ -18,6 +18,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -216,7 +217,29 @@ pub struct Metrics {
     key_reloads: Family<ResultLabels, Counter>,
     config_reloads: Family<ResultLabels, Counter>,
     upstream_auth_failures: Counter,
+    aws_credentials: AwsCredentialMetrics,
     projects: Arc<ProjectsExport>,
+}
+
+/// What the AWS credential refresher reports: each fetch's result, and when the credentials in hand expire.
+#[derive(Debug, Clone, Default)]
+pub struct AwsCredentialMetrics {
+    refreshes: Family<ResultLabels, Counter>,
+    expiry: Gauge,
+}
+
+impl AwsCredentialMetrics {
+    /// Credentials were fetched; they expire at `expiry` (if ever).
+    pub fn refreshed(&self, expiry: Option<std::time::SystemTime>) {
+        self.refreshes.get_or_create(&ResultLabels { result: "ok" }).inc();
+        let at = expiry.and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        self.expiry.set(i64::try_from(at).unwrap_or(i64::MAX));
+    }
+
+    /// A fetch failed; the credentials in hand stay.
+    pub fn failed(&self) {
+        self.refreshes.get_or_create(&ResultLabels { result: "failed" }).inc();
+    }
 }
 
 impl Default for Metrics {
@@ -255,13 +278,33 @@ impl Metrics {
             "Upstream answers that refused the gateway's own credential (401 or 403); callers got 502 upstream_auth_failed",
             upstream_auth_failures.clone(),
         );
+        let aws_credentials = AwsCredentialMetrics::default();
+        registry.register(
+            "aws_credential_refreshes",
+            "Fetches of AWS credentials from the chain (upstream.auth sigv4 or aws_token), by result",
+            aws_credentials.refreshes.clone(),
+        );
+        registry.register(
+            "aws_credential_expiry_timestamp_seconds",
+            "When the AWS credentials in hand expire (Unix time; 0 if they do not, or none are used)",
+            aws_credentials.expiry.clone(),
+        );
         let projects = Arc::new(ProjectsExport {
             current: ArcSwap::default(),
             none: Arc::new(ProjectSeries::new("")),
             series: Mutex::default(),
         });
         registry.register_collector(Box::new(projects.clone()));
-        Self { registry, unattributed, ledger_dropped, key_reloads, config_reloads, upstream_auth_failures, projects }
+        Self {
+            registry,
+            unattributed,
+            ledger_dropped,
+            key_reloads,
+            config_reloads,
+            upstream_auth_failures,
+            aws_credentials,
+            projects,
+        }
     }
 
     /// The series of the project named `name`: the same ones for as long as anything holds them.
@@ -285,6 +328,11 @@ impl Metrics {
     /// The counter of upstream refusals of the gateway's credential.
     pub fn upstream_auth_failures(&self) -> Counter {
         self.upstream_auth_failures.clone()
+    }
+
+    /// What the AWS credential refresher reports to.
+    pub fn aws_credentials(&self) -> AwsCredentialMetrics {
+        self.aws_credentials.clone()
     }
 
     /// The counter of ledger lines dropped, for the ledger to count on.

@@ -166,7 +166,7 @@ impl UpstreamClient {
             .path_and_query("/")
             .build()?;
         let idle = Arc::new(Mutex::new(IdlePool::new(upstream.pool_idle_timeout)));
-        Ok(Self { connector, origin, host: host_header(upstream)?, idle })
+        Ok(Self { connector, origin, host: upstream.host_header()?, idle })
     }
 
     /// Sends `req` (its URI in origin form, `/path?query`) with upstream's `Host`, and returns the response head,
@@ -282,16 +282,6 @@ impl UpstreamClient {
 #[derive(Debug, thiserror::Error)]
 #[error("no connection to upstream within {0:?}")]
 pub struct ConnectTimeout(Duration);
-
-/// `Host` for the upstream: its host, and its port unless that is the scheme's default.
-fn host_header(upstream: &Upstream) -> anyhow::Result<HeaderValue> {
-    let authority = &upstream.authority;
-    let default_port = if upstream.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
-    Ok(match authority.port_u16() {
-        Some(port) if port != default_port => HeaderValue::from_str(&format!("{}:{port}", authority.host()))?,
-        _ => HeaderValue::from_str(authority.host())?,
-    })
-}
 
 impl Conn {
     /// Sends the request and drives the connection until the response head arrives.
@@ -485,7 +475,7 @@ mod tests {
                 "[upstream]\nbase_url = \"{url}\"\n[callers]\nauth = \"none\"\n[[projects]]\nname = \"A\"\nid = \"proj_a\"\ntags = {{}}"
             ))
             .expect("valid");
-            host_header(&config.upstream).expect("host")
+            config.upstream.host_header().expect("host")
         };
         assert_eq!(host("https://bedrock-mantle.us-east-1.api.aws"), "bedrock-mantle.us-east-1.api.aws");
         assert_eq!(host("https://mantle.example:443"), "mantle.example");

@@ -40,10 +40,8 @@ pub fn to_upstream(
     credential: &Credential,
     request_id: &HeaderValue,
 ) {
-    let key = match credential {
-        Credential::ApiKey(key) => Some(key.headers()),
-        Credential::Passthrough => None,
-    };
+    let key = credential.bearer();
+    let replaces = credential.replaces_callers();
     let project_header = match api {
         Api::OpenAi => &OPENAI_PROJECT,
         Api::Anthropic => &ANTHROPIC_WORKSPACE,
@@ -60,7 +58,7 @@ pub fn to_upstream(
                 || name == header::EXPECT
                 || name == OPENAI_ORGANIZATION
                 || PROJECT_HEADERS.contains(name)
-                || (key.is_some() && name == X_API_KEY)
+                || (replaces && is_caller_credential(name))
                 || is_underscore_spelling(name.as_str()))
     });
     if let Some(key) = key {
@@ -112,11 +110,23 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
+/// A header that carries the caller's own credential: its key, or what an AWS client signs with (`x-amz-date`,
+/// `x-amz-security-token`, ...), none of which may reach AWS beside the gateway's own.
+fn is_caller_credential(name: &HeaderName) -> bool {
+    name == header::AUTHORIZATION || name == X_API_KEY || name.as_str().starts_with("x-amz-")
+}
+
 /// A header that identifies the caller to AWS, spelled with `_` for `-` (`openai_project`): some servers and
 /// proxies treat the two alike, so these never pass either.
 fn is_underscore_spelling(name: &str) -> bool {
-    const GUARDED: [&str; 5] =
-        ["openai-project", "anthropic-workspace-id", "openai-organization", "authorization", "x-api-key"];
+    const GUARDED: [&str; 6] = [
+        "openai-project",
+        "anthropic-workspace-id",
+        "openai-organization",
+        "authorization",
+        "x-api-key",
+        "x-amz-security-token",
+    ];
     name.contains('_')
         && GUARDED.iter().any(|g| {
             g.len() == name.len() && g.bytes().zip(name.bytes()).all(|(g, n)| g == n || (g == b'-' && n == b'_'))

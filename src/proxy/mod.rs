@@ -71,6 +71,14 @@ struct Admitted<'s> {
     prefix_len: usize,
 }
 
+/// A request body on its way upstream.
+enum Upload {
+    /// The caller's, forwarded as it arrives.
+    Streamed(body::Outgoing),
+    /// Read whole by the gateway (and perhaps rewritten): these are the bytes sent.
+    Whole(bytes::Bytes),
+}
+
 /// A request upstream answered.
 struct Forwarded {
     response: Response<client::UpstreamBody>,
@@ -138,7 +146,7 @@ async fn forward(
         }
         Ok(Ok((Ok(response), _)))
             if matches!(response.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
-                && !matches!(snapshot.credential, Credential::Passthrough) =>
+                && snapshot.credential.replaces_callers() =>
         {
             Err(upstream_refused(worker, response, record).await)
         }
@@ -194,24 +202,28 @@ fn well_formed(parts: &Parts) -> Result<(), GatewayError> {
 }
 
 /// The body to send upstream, and whether the gateway asked for stream usage on the caller's behalf. The
-/// body is read whole only when the gateway needs what it says: the model, for a project's allowlist, or
-/// the stream flag, to have a chat stream report its usage for metering.
+/// body is read whole only when the gateway needs what it says (the model, for a project's allowlist, or the
+/// stream flag, to have a chat stream report its usage for metering) or signs it (SigV4 hashes the body).
 async fn request_body(
     snapshot: &Snapshot,
     headers: &mut http::HeaderMap,
     body: body::CallerIncoming,
     admitted: &Admitted<'_>,
     record: &mut InFlight,
-) -> Result<(body::Outgoing, bool), GatewayError> {
+) -> Result<(Upload, bool), GatewayError> {
     let limit = snapshot.config.server.max_body_bytes;
     body::check_declared_length(headers, limit)?;
     let (endpoint, project) = (admitted.endpoint, admitted.project);
     let check_model = endpoint.has_model() && !project.models.is_empty();
     let meter_stream = snapshot.config.metering.enabled && endpoint == Endpoint::ChatCompletions;
-    if !check_model && !meter_stream {
-        return Ok((body::streamed(body, limit), false));
+    let signs = matches!(snapshot.credential, Credential::SigV4(_));
+    if !check_model && !meter_stream && !signs {
+        return Ok((Upload::Streamed(body::streamed(body, limit)), false));
     }
     let bytes = body::read(body, limit).await?;
+    if !check_model && !meter_stream {
+        return Ok((Upload::Whole(bytes), false));
+    }
     let facts = if check_model || body::may_stream(&bytes) {
         off_thread_if_large(&bytes, body::facts_of).await?
     } else {
@@ -230,16 +242,16 @@ async fn request_body(
     record.model(facts.model.filter(|m| is_model_id(m)));
     if meter_stream && facts.stream && !facts.include_usage {
         headers.remove(http::header::CONTENT_LENGTH);
-        return Ok((body::whole(off_thread_if_large(&bytes, body::with_include_usage).await?), true));
+        return Ok((Upload::Whole(off_thread_if_large(&bytes, body::with_include_usage).await?), true));
     }
-    Ok((body::whole(bytes), false))
+    Ok((Upload::Whole(bytes), false))
 }
 
 /// Upstream request filter: the caller's request as upstream gets it: the gateway's credential and the
-/// resolved project instead of the caller's, the route prefix removed, HTTP/1.1.
+/// resolved project instead of the caller's, the route prefix removed, HTTP/1.1; with SigV4, signed last, as sent.
 fn upstream_request(
     mut parts: Parts,
-    body: body::Outgoing,
+    upload: Upload,
     admitted: &Admitted<'_>,
     snapshot: &Snapshot,
     request_id: &HeaderValue,
@@ -268,6 +280,19 @@ fn upstream_request(
         parts.uri = upstream_uri(path, query)?;
     }
     parts.version = Version::HTTP_11;
+    let body = match upload {
+        Upload::Whole(bytes) => {
+            if let Credential::SigV4(signer) = &snapshot.credential {
+                let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+                if let Err(e) = signer.sign(&parts.method, target, &mut parts.headers, &bytes) {
+                    tracing::error!(error = %format!("{e:#}"), "the request could not be signed");
+                    return Err(GatewayError::UpstreamUnreachable);
+                }
+            }
+            body::whole(bytes)
+        }
+        Upload::Streamed(body) => body,
+    };
     Ok(Request::from_parts(parts, body))
 }
 
@@ -301,8 +326,8 @@ async fn upstream_refused(
                 upstream_status = status,
                 upstream_code = %code,
                 unlogged_since_last = unlogged,
-                "upstream refused the gateway's own credential: check upstream.api_key_env / api_key_file \
-                 (callers get 502 upstream_auth_failed)"
+                hint = worker.live.load().credential.refusal_hint(),
+                "upstream refused the gateway's own credential (callers get 502 upstream_auth_failed)"
             );
         });
     }

@@ -366,14 +366,15 @@ impl Gw {
     pub async fn start(mock: Arc<Mock>, opts: Opts) -> Self {
         let upstream = opts.upstream_addr.unwrap_or(mock.addr);
         let config = Config::from_toml(&config_text(upstream, &opts)).unwrap();
+        let metrics = Arc::new(mantlegate::metering::metrics::Metrics::new());
         let credential = match &opts.credential {
             Some(credential) => credential.clone(),
             None if matches!(config.upstream.auth, UpstreamAuth::ApiKey(KeySource::File(_))) => {
-                mantlegate::server::credential(&config).unwrap()
+                mantlegate::server::credential(&config, &metrics).await.unwrap()
             }
             None => Credential::api_key(&Secret::new(UPSTREAM_KEY.into())).unwrap(),
         };
-        let running = mantlegate::server::start(config, credential).await.unwrap();
+        let running = mantlegate::server::start(config, credential, metrics).await.unwrap();
         Self {
             mock,
             addr: running.addr,
@@ -390,7 +391,8 @@ impl Gw {
         let config = Config::load(path).unwrap();
         let credential =
             opts.credential.clone().unwrap_or_else(|| Credential::api_key(&Secret::new(UPSTREAM_KEY.into())).unwrap());
-        let running = mantlegate::server::start_from(path.to_owned(), config, credential).await.unwrap();
+        let running =
+            mantlegate::server::start_from(path.to_owned(), config, credential, Default::default()).await.unwrap();
         Self {
             mock,
             addr: running.addr,

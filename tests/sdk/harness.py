@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +112,57 @@ class Gateway:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def gateway_binary() -> Path:
+    """$MANTLEGATE_BIN, else target/release/mantlegate (scripts/sdk-tests builds it)."""
+    binary = Path(os.environ.get("MANTLEGATE_BIN") or ROOT / "target" / "release" / "mantlegate")
+    if not binary.is_file():
+        pytest.fail(f"gateway binary {binary} not found: run scripts/sdk-tests (it builds it)")
+    return binary
+
+
+def start_gateway(request, workdir: Path, config: str, env: dict[str, str]) -> Gateway:
+    """Runs `mantlegate serve` on `config` (written to `workdir`) with exactly `env` (plus info logs), and waits for
+    it to listen; it is stopped when `request` (a fixture's) finishes, even if the test fails."""
+    config_path = workdir / "mantlegate.toml"
+    config_path.write_text(config)
+    log_path = workdir / "gateway.log"
+    proc = subprocess.Popen(
+        [str(gateway_binary()), "serve", "--config", str(config_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**env, "MANTLEGATE_LOG": "info"},
+        cwd=workdir,
+    )
+    # Registered before anything can fail, so the process never outlives the fixture.
+    request.addfinalizer(lambda: stop_process(proc))
+
+    # One thread drains the gateway's output for its whole life (a full pipe would block it), keeps it in a log
+    # file, and hands over the "listening" line.
+    listening: queue.Queue = queue.Queue()
+
+    def drain() -> None:
+        with open(log_path, "w", encoding="utf-8", errors="replace") as log:
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", errors="replace")
+                log.write(line)
+                log.flush()
+                record = log_record(line)
+                if record and record.get("message") == "mantlegate listening":
+                    listening.put(record)
+        listening.put(None)  # output closed: the process is gone
+
+    threading.Thread(target=drain, name="gateway-log", daemon=True).start()
+    try:
+        record = listening.get(timeout=START_TIMEOUT)
+    except queue.Empty:
+        record = None
+    if record is None:
+        stop_process(proc)
+        pytest.fail(f"the gateway did not start listening (exit {proc.poll()}):\n{log_path.read_text(errors='replace')}")
+    return Gateway(f"http://{record['addr']}", f"http://{record['admin_addr']}", proc, log_path)
 
 
 def log_record(line: str) -> dict | None:

@@ -64,7 +64,11 @@ class Scripted:
 
 
 class MockUpstream:
-    def __init__(self) -> None:
+    """`verify`, if given, judges each request's credential as AWS would: a reason to refuse it (answered 403 as AWS
+    answers a bad signature, with the reason's code), or None to serve it."""
+
+    def __init__(self, verify=None) -> None:
+        self.verify = verify
         self._lock = threading.Lock()
         self._seen: list[Seen] = []
         self._scripted: list[Scripted] = []
@@ -218,6 +222,12 @@ def _make_handler(mock: MockUpstream):
             body = self._read_body()
             headers = [(k.lower(), v) for k, v in self.headers.items()]
             seen = Seen(self.command, self.path, headers, body)
+            refusal = mock.verify(seen) if mock.verify else None
+            if refusal is not None:
+                code, message = refusal
+                mock._record(seen)
+                self._json(403, {"__type": code, "message": f"mock upstream: {message}"}, {"x-amzn-errortype": code})
+                return
             scripted = mock._record(seen)
             if scripted is not None:
                 self._json(scripted.status, scripted.body, scripted.headers)

@@ -1,0 +1,251 @@
+"""The gateway's AWS credentials, checked against implementations no one here wrote: every SigV4 signature it sends
+equals botocore's for the same credentials, time, request and headers; every short-term key equals the one
+aws-bedrock-token-generator makes from the same credentials at the same time; and EKS IRSA runs end to end, a web
+identity token exchanged at STS (moto, in this process) for credentials that the gateway refreshes before they
+expire, each request judged by a mock upstream that checks signatures and keys as AWS does."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import time
+from unittest import mock
+
+import httpx
+import pytest
+from moto.server import ThreadedMotoServer
+from moto.sts.models import STSBackend, sts_backends
+
+import aws
+from aws import REGION, SESSION, STATIC, Creds
+from harness import gateway_binary, log_record, start_gateway
+from mock_upstream import MockUpstream, Seen
+
+ACCOUNT = "123456789012"
+ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/mantlegate-gateway"
+
+
+@pytest.fixture
+def mock_upstream(request):
+    """A mock upstream of its own for each test (its `verify` set by the test)."""
+    upstream = MockUpstream().start()
+    request.addfinalizer(upstream.stop)
+    return upstream
+
+
+def run_gateway(request, tmp_path, upstream, auth: str, env: dict[str, str]):
+    return start_gateway(request, tmp_path, aws.config_text(upstream.url, auth), aws.gateway_env(tmp_path, **env))
+
+
+def send_variety(gw) -> None:
+    """Requests of every shape the gateway signs: JSON and chunked bodies, queries in any order, escaped paths,
+    spaced and repeated headers, the caller's own credentials and AWS headers (which never reach upstream)."""
+    with httpx.Client(base_url=gw.url, timeout=20) as client:
+        chat = {"model": "openai.gpt-oss-120b", "messages": [{"role": "user", "content": "héllo ✓"}]}
+        responses = [
+            client.post(
+                "/v1/chat/completions",
+                json=chat,
+                headers=[("X-Note", "spaced    out\tinside"), ("X-Twice", "a"), ("X-Twice", "b"), ("OpenAI-Project", "Other")],
+            ),
+            client.post(
+                "/v1/chat/completions",
+                content=iter([b'{"model": "openai.gpt-oss-20b", ', b'"messages": [], "stream": false}']),
+                headers={"content-type": "application/json"},
+            ),
+            client.get("/v1/models?b=2&a=1&a=0&empty=&sp%20ace=x%2Fy"),
+            client.get("/v1/responses/resp_a%2Fb%20c"),
+            client.delete("/v1/responses/resp_gone"),
+            client.post(
+                "/anthropic/v1/messages",
+                json={"model": "anthropic.claude", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+                headers={
+                    "x-api-key": "caller-key",
+                    "authorization": "AWS4-HMAC-SHA256 Credential=CALLER/20260101/us-east-1/bedrock-mantle/aws4_request",
+                    "x-amz-security-token": "caller-token",
+                    "x-amz-date": "20200101T000000Z",
+                    "anthropic-version": "2023-06-01",
+                },
+            ),
+        ]
+    for response in responses:
+        assert response.status_code == 200, (response.request.url, response.status_code, response.text)
+
+
+@pytest.mark.parametrize("creds", [STATIC, SESSION], ids=["static", "session"])
+def test_sigv4_signatures_equal_botocores(request, tmp_path, mock_upstream, creds: Creds):
+    mock_upstream.verify = lambda seen: aws.check_signature(seen, {creds.access_key: creds}.get)
+    gw = run_gateway(request, tmp_path, mock_upstream, "sigv4", aws.static_env(creds))
+    send_variety(gw)
+    seen = mock_upstream.requests()
+    assert len(seen) == 6
+    for s in seen:
+        # botocore signs every header it is given but its own exclusions (user-agent, expect, ...): given every
+        # header upstream received, it must sign exactly what the gateway signed, to the same signature.
+        on_the_wire = [(n, v) for n, v in s.headers if n != "authorization"]
+        assert aws.botocore_authorization(s, creds, on_the_wire) == s.header("authorization"), s.target
+        auth = aws.parse_authorization(s.header("authorization"))
+        assert "openai-project" in auth.signed_headers or "anthropic-workspace-id" in auth.signed_headers
+        assert s.header("x-amz-security-token") == creds.token
+        for value in ("caller-key", "caller-token", "CALLER", "20200101T000000Z"):
+            assert all(value not in v for _, v in s.headers), f"the caller's {value} reached upstream"
+    assert seen[0].header("openai-project") == "proj_other"
+    assert seen[0].header_all("x-twice") == ["a", "b"]
+    assert seen[1].header("content-length") == str(len(seen[1].body)), "a chunked upload goes with its length"
+    assert seen[5].header("anthropic-workspace-id") == "proj_workload" and seen[5].header("x-api-key") is None
+
+
+def test_a_wrong_signature_is_refused(request, tmp_path, mock_upstream):
+    """The mock refuses what AWS would: here the gateway signs with the wrong secret (502 upstream_auth_failed to
+    the caller), and a good signature stops matching once anything it covers changes."""
+    mock_upstream.verify = lambda seen: aws.check_signature(seen, {STATIC.access_key: STATIC}.get)
+    wrong = Creds(STATIC.access_key, "not-the-secret")
+    gw = run_gateway(request, tmp_path, mock_upstream, "sigv4", aws.static_env(wrong))
+    with httpx.Client(base_url=gw.url, timeout=20) as client:
+        response = client.get("/v1/models")
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["code"] == "upstream_auth_failed"
+
+    lookup = {STATIC.access_key: STATIC}.get
+    gw_good = run_gateway(request, tmp_path / "good", mock_upstream, "sigv4", aws.static_env(STATIC))
+    mock_upstream.reset()
+    with httpx.Client(base_url=gw_good.url, timeout=20) as client:
+        assert client.post("/v1/chat/completions", json={"model": "m", "messages": []}).status_code == 200
+    good = mock_upstream.only_request()
+    assert aws.check_signature(good, lookup) is None
+    tampered = [
+        Seen(good.method, good.target, good.headers, good.body + b" "),
+        Seen(good.method, good.target + "?x=1", good.headers, good.body),
+        Seen(good.method, good.target, [(n, "proj_x" if n == "openai-project" else v) for n, v in good.headers], good.body),
+        Seen(good.method, good.target, good.headers + [("x-amz-extra", "1")], good.body),
+    ]
+    for seen in tampered:
+        assert aws.check_signature(seen, lookup) is not None, seen
+
+
+@pytest.mark.parametrize("creds", [STATIC, SESSION], ids=["static", "session"])
+def test_short_term_keys_equal_the_token_generators(request, tmp_path, mock_upstream, creds: Creds):
+    mock_upstream.verify = lambda seen: aws.check_token(seen, {creds.access_key: creds}.get)
+    gw = run_gateway(request, tmp_path, mock_upstream, "aws_token", aws.static_env(creds))
+    with httpx.Client(base_url=gw.url, timeout=20) as client:
+        assert client.post("/v1/chat/completions", json={"model": "m", "messages": []}).status_code == 200
+        message = {"model": "m", "max_tokens": 5, "messages": []}
+        assert client.post("/anthropic/v1/messages", json=message, headers={"anthropic-version": "2023-06-01"}).status_code == 200
+    chat, messages = mock_upstream.requests()
+    params = aws.token_params(chat.header("authorization"))
+    # Credentials that do not expire give a key of the longest life, twelve hours.
+    assert params["X-Amz-Expires"] == "43200"
+    expected = aws.generator_token(creds, REGION, params["X-Amz-Date"], 43200)
+    assert chat.header("authorization") == f"Bearer {expected}"
+    assert messages.header("x-api-key") == expected and messages.header("authorization") == f"Bearer {expected}"
+    assert chat.header("x-amz-date") is None, "a short-term key is a bearer key: nothing is signed per request"
+
+
+# --- EKS IRSA, end to end -------------------------------------------------------------------------------------------
+
+# Sessions this short make the gateway refresh within seconds (halfway to expiry); AWS's shortest is 15 minutes,
+# which it would refresh five minutes ahead.
+SESSION_SECONDS = 20
+
+
+@pytest.fixture
+def sts(request):
+    """STS on loopback (moto's server, in this process), handing out SESSION_SECONDS sessions for web identities;
+    gives its URL and a lookup of the credentials it issued."""
+    original = STSBackend.assume_role_with_web_identity
+
+    def short(self, **kwargs):
+        kwargs["duration"] = SESSION_SECONDS
+        return original(self, **kwargs)
+
+    patch = mock.patch.object(STSBackend, "assume_role_with_web_identity", short)
+    patch.start()
+    request.addfinalizer(patch.stop)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    request.addfinalizer(server.stop)
+    host, port = server.get_host_and_port()
+
+    def lookup(access_key: str) -> Creds | None:
+        role = sts_backends[ACCOUNT]["aws"].get_assumed_role_from_access_key(access_key)
+        if role is None:
+            return None
+        return Creds(role.access_key_id, role.secret_access_key, role.session_token, role.expiration.replace(tzinfo=None))
+
+    return f"http://{host}:{port}", lookup
+
+
+def irsa_env(tmp_path, sts_url: str) -> dict[str, str]:
+    """What EKS puts in a pod whose service account is annotated with a role: a projected token file and the role."""
+    token = tmp_path / "eks.amazonaws.com" / "serviceaccount" / "token"
+    token.parent.mkdir(parents=True)
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6YWk6bWFudGxlZ2F0ZSJ9.c2ln")
+    return {
+        "AWS_ROLE_ARN": ROLE_ARN,
+        "AWS_WEB_IDENTITY_TOKEN_FILE": str(token),
+        "AWS_REGION": REGION,
+        "AWS_ENDPOINT_URL_STS": sts_url,
+    }
+
+
+@pytest.mark.parametrize("auth", ["sigv4", "aws_token"])
+def test_irsa_credentials_are_fetched_and_refreshed(request, tmp_path, mock_upstream, sts, auth):
+    sts_url, lookup = sts
+    check = aws.check_signature if auth == "sigv4" else aws.check_token
+    mock_upstream.verify = lambda seen: check(seen, lookup)
+    env = irsa_env(tmp_path, sts_url)
+    gw = run_gateway(request, tmp_path, mock_upstream, auth, env)
+
+    # Requests go on, each verified, until the gateway has moved to a second set of credentials: without a refresh
+    # the first set expires and the mock refuses (ExpiredTokenException), failing the request.
+    keys: list[str] = []
+    deadline = time.monotonic() + 4 * SESSION_SECONDS
+    with httpx.Client(base_url=gw.url, timeout=20) as client:
+        while len(set(keys)) < 2:
+            assert time.monotonic() < deadline, f"no refresh within {4 * SESSION_SECONDS} s: keys {set(keys)}"
+            response = client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+            assert response.status_code == 200, response.text
+            seen = mock_upstream.requests()[-1]
+            if auth == "sigv4":
+                keys.append(aws.parse_authorization(seen.header("authorization")).access_key)
+            else:
+                keys.append(aws.token_params(seen.header("authorization"))["X-Amz-Credential"].split("/")[0])
+            time.sleep(0.25)  # pacing the traffic, not waiting for anything
+    assert all(lookup(k) is not None for k in keys), "every key was one STS issued"
+    refreshed = [r for r in map(log_record, gw.log_path.read_text().splitlines()) if r and r.get("message") == "AWS credentials refreshed"]
+    assert refreshed and "web identity" in refreshed[0]["source"], refreshed
+
+    # `check` names the source and never the secret.
+    config = tmp_path / "mantlegate.toml"
+    out = subprocess.run(
+        [str(gateway_binary()), "check", "--config", str(config)],
+        env=aws.gateway_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "a web identity token (AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN: EKS IRSA)" in out.stdout, out.stdout
+    issued = lookup(keys[-1])
+    assert issued.secret not in out.stdout + out.stderr and issued.token not in out.stdout + out.stderr
+
+
+def test_serve_refuses_to_start_without_credentials(tmp_path, mock_upstream):
+    config = tmp_path / "mantlegate.toml"
+    config.write_text(aws.config_text(mock_upstream.url, "sigv4"))
+    env = aws.gateway_env(tmp_path)
+    served = subprocess.run(
+        [str(gateway_binary()), "serve", "--config", str(config)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert served.returncode != 0
+    said = served.stdout + served.stderr
+    assert "no AWS credentials" in said and "AWS_WEB_IDENTITY_TOKEN_FILE" in said, said
+    assert "mantlegate listening" not in said
+
+    # `check` says the same, as a warning: configs are checked where their secrets are not.
+    checked = subprocess.run(
+        [str(gateway_binary()), "check", "--config", str(config)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: no AWS credentials" in checked.stdout, checked.stdout
+    assert mock_upstream.requests() == []
