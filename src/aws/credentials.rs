@@ -68,6 +68,13 @@ impl AwsCredentials {
         Ok(Self(Arc::new(Shared { current, _refresher: stop.drop_guard() })))
     }
 
+    /// `credentials`, never refreshed: for tests.
+    #[cfg(test)]
+    pub(crate) fn fixed(credentials: Credentials) -> Self {
+        let current = Arc::new(ArcSwap::from_pointee(Current::new(credentials)));
+        Self(Arc::new(Shared { current, _refresher: CancellationToken::new().drop_guard() }))
+    }
+
     /// The credentials in hand.
     pub fn current(&self) -> Guard<Arc<Current>> {
         self.0.current.load()

@@ -59,7 +59,9 @@ pub fn mint(current: &Current, region: &str, now: SystemTime, lifetime: Duration
         "POST",
         format!("https://{HOST}/?Action=CallWithBearerToken"),
         [("host", HOST)].into_iter(),
-        SignableBody::UnsignedPayload,
+        // The empty body's hash, as botocore's query signer (under the Python generator) puts in the canonical
+        // request: not `UNSIGNED-PAYLOAD`, which S3's presigned URLs use.
+        SignableBody::Bytes(&[]),
     )?;
     let (instructions, _signature) = sign(request, &params)?.into_parts();
     let signed = instructions.params();
@@ -134,5 +136,37 @@ impl Minted {
         let key = mint(current, region, now, lifetime)?;
         let renew_at = now + refresh_in(Some(now + lifetime), now).unwrap_or(lifetime);
         Ok(Self { headers: KeyHeaders::new(&key)?, renew_at, from: current.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_credential_types::Credentials;
+
+    use super::*;
+    use crate::aws::credentials::AwsCredentials;
+
+    /// The keys the gateway mints equal those `aws-bedrock-token-generator` (1.1) printed for the same credentials
+    /// (tests/sdk/aws.py's) at 2026-12-02T12:26:06Z; the SDK suite checks the same against it live.
+    #[test]
+    fn keys_equal_the_token_generators() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_214_366);
+        let key = |credentials: Credentials, region: &str, lifetime: u64| {
+            let credentials = AwsCredentials::fixed(credentials);
+            mint(&credentials.current(), region, at, Duration::from_secs(lifetime)).expect("mints").expose().to_owned()
+        };
+        let static_ =
+            Credentials::new("AKIDMANTLEGATETEST01", "mantlegate/test+secret/0123456789abcdefghij", None, None, "t");
+        assert_eq!(
+            key(static_, "us-west-2", 43_200),
+            "bedrock-api-key-YmVkcm9jay5hbWF6b25hd3MuY29tLz9BY3Rpb249Q2FsbFdpdGhCZWFyZXJUb2tlbiZYLUFtei1BbGdvcml0aG09QVdTNC1ITUFDLVNIQTI1NiZYLUFtei1DcmVkZW50aWFsPUFLSURNQU5UTEVHQVRFVEVTVDAxJTJGMjAyNjEyMDIlMkZ1cy13ZXN0LTIlMkZiZWRyb2NrJTJGYXdzNF9yZXF1ZXN0JlgtQW16LURhdGU9MjAyNjEyMDJUMTIyNjA2WiZYLUFtei1FeHBpcmVzPTQzMjAwJlgtQW16LVNpZ25lZEhlYWRlcnM9aG9zdCZYLUFtei1TaWduYXR1cmU9ZmU2OTc2NzZmYTFjZTc2N2ZiNjJkYTExN2FlMzAyYTc4MWQzZWNmOWMxZGU4OWQzMDU3YjY3OGM0NzZjMjZkYiZWZXJzaW9uPTE="
+        );
+        let token = Some("IQoJb3JpZ2luX2VjE/session+token==".to_owned());
+        let session =
+            Credentials::new("ASIAMANTLEGATETEST02", "mantlegate/session+secret/abcdefghij0123", token, None, "t");
+        assert_eq!(
+            key(session, "eu-central-1", 900),
+            "bedrock-api-key-YmVkcm9jay5hbWF6b25hd3MuY29tLz9BY3Rpb249Q2FsbFdpdGhCZWFyZXJUb2tlbiZYLUFtei1BbGdvcml0aG09QVdTNC1ITUFDLVNIQTI1NiZYLUFtei1DcmVkZW50aWFsPUFTSUFNQU5UTEVHQVRFVEVTVDAyJTJGMjAyNjEyMDIlMkZldS1jZW50cmFsLTElMkZiZWRyb2NrJTJGYXdzNF9yZXF1ZXN0JlgtQW16LURhdGU9MjAyNjEyMDJUMTIyNjA2WiZYLUFtei1FeHBpcmVzPTkwMCZYLUFtei1TaWduZWRIZWFkZXJzPWhvc3QmWC1BbXotU2VjdXJpdHktVG9rZW49SVFvSmIzSnBaMmx1WDJWakUlMkZzZXNzaW9uJTJCdG9rZW4lM0QlM0QmWC1BbXotU2lnbmF0dXJlPWViNDNjYWQwYjE5NDg3Zjc3MTZkZTdiZWM3YmFkYTg2MGY2MTBhZGI0NGUyYzFlM2U1OTFiM2JiNTA2ZTU5ZmEmVmVyc2lvbj0x"
+        );
     }
 }

@@ -49,7 +49,7 @@ def gateway_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     instance metadata off (it is not on loopback), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MANTLEGATE", "AWS_")) and k != "RUST_LOG"}
     home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
     env.update(
         HOME=str(home),
         AWS_CONFIG_FILE=str(home / "no-config"),
