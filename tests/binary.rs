@@ -284,7 +284,7 @@ async fn serve_refuses_to_start_without_what_it_needs() {
         (
             "sigv4",
             base.replace("connect_timeout = \"2s\"", "connect_timeout = \"2s\"\nauth = \"sigv4\""),
-            "\"sigv4\" is not supported yet",
+            "upstream.region: must be set: auth = \"sigv4\" signs for a region",
         ),
         (
             "no-env",

@@ -13,6 +13,7 @@ use aws_config::provider_config::ProviderConfig;
 use aws_credential_types::Credentials;
 use aws_credential_types::credential_feature::AwsCredentialFeature;
 use aws_credential_types::provider::ProvideCredentials as _;
+use aws_credential_types::provider::error::CredentialsError;
 use aws_smithy_http_client::tls;
 use aws_smithy_runtime_api::client::identity::Identity;
 use aws_smithy_types::error::display::DisplayErrorContext;
@@ -117,6 +118,8 @@ async fn chain(region: &str) -> DefaultCredentialsChain {
 async fn fetch(chain: &DefaultCredentialsChain) -> anyhow::Result<Credentials> {
     match tokio::time::timeout(FETCH_LIMIT, chain.provide_credentials()).await {
         Ok(Ok(credentials)) => Ok(credentials),
+        Ok(Err(CredentialsError::CredentialsNotLoaded(_))) => anyhow::bail!("none of them has any"),
+        // A source that has some but failed to give them (an STS refusal, say): its whole story.
         Ok(Err(e)) => Err(anyhow::anyhow!("{}", DisplayErrorContext(&e))),
         Err(_) => anyhow::bail!("the AWS credential chain did not answer within {FETCH_LIMIT:?}"),
     }
