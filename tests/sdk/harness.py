@@ -10,6 +10,7 @@ import queue
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,16 @@ class Gateway:
     proc: subprocess.Popen
     log_path: Path
 
+    def wait_for_log(self, message: str, timeout: float = 20.0) -> dict:
+        """The first log record whose message is `message`, once the gateway has written it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in map(log_record, self.log_path.read_text(errors="replace").splitlines()):
+                if record and record.get("message") == message:
+                    return record
+            time.sleep(0.05)  # polls the log file: the gateway announces nothing else
+        pytest.fail(f"the gateway never logged {message!r}:\n{self.log_tail()}")
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -122,19 +133,34 @@ def gateway_binary() -> Path:
     return binary
 
 
-def start_gateway(request, workdir: Path, config: str, env: dict[str, str]) -> Gateway:
-    """Runs `mantlegate serve` on `config` (written to `workdir`) with exactly `env` (plus info logs), and waits for
-    it to listen; it is stopped when `request` (a fixture's) finishes, even if the test fails."""
-    config_path = workdir / "mantlegate.toml"
-    config_path.write_text(config)
-    log_path = workdir / "gateway.log"
+def start_gateway(
+    request,
+    workdir: Path,
+    config: str | None,
+    env: dict[str, str],
+    *,
+    binary: Path | None = None,
+    user: int | None = None,
+    log_path: Path | None = None,
+) -> Gateway:
+    """Runs `mantlegate serve` on `config` (written to `workdir`; None: the config the environment names) with
+    exactly `env` (plus info logs), in `workdir`, as `user` (uid and gid) if given, and waits for it to listen; it
+    is stopped when `request` (a fixture's) finishes, even if the test fails."""
+    argv = [str(binary or gateway_binary()), "serve"]
+    if config is not None:
+        config_path = workdir / "mantlegate.toml"
+        config_path.write_text(config)
+        argv += ["--config", str(config_path)]
+    log_path = log_path or workdir / "gateway.log"
+    as_user = {} if user is None else {"user": user, "group": user, "extra_groups": []}
     proc = subprocess.Popen(
-        [str(gateway_binary()), "serve", "--config", str(config_path)],
+        argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**env, "MANTLEGATE_LOG": "info"},
         cwd=workdir,
+        **as_user,
     )
     # Registered before anything can fail, so the process never outlives the fixture.
     request.addfinalizer(lambda: stop_process(proc))

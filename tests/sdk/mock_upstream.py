@@ -73,6 +73,9 @@ class MockUpstream:
         self._seen: list[Seen] = []
         self._scripted: list[Scripted] = []
         self.gzip = False  # compress answers for requests that send Accept-Encoding: gzip
+        # If set, each stream stops after its first event until the gate opens (and `streaming` is set).
+        self.stream_gate: threading.Event | None = None
+        self.streaming = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         # Handler threads may sit in keep-alive reads on the gateway's pooled connections: never join them.
         self._server.daemon_threads = True
@@ -207,9 +210,12 @@ def _make_handler(mock: MockUpstream):
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw))
                     self.wfile.flush()
 
-            for name, data in events:
+            for i, (name, data) in enumerate(events):
                 raw = ((f"event: {name}\n" if name else "") + f"data: {data}\n\n").encode()
                 chunk(compressor.compress(raw) + compressor.flush(zlib.Z_SYNC_FLUSH) if compressor else raw)
+                if i == 0 and mock.stream_gate is not None:
+                    mock.streaming.set()
+                    mock.stream_gate.wait(timeout=30)
             if compressor:
                 chunk(compressor.flush())
             self.wfile.write(b"0\r\n\r\n")
