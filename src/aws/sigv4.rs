@@ -74,7 +74,8 @@ impl Signer {
         let (added, _) = instructions.into_parts();
         for header in added {
             let mut value = HeaderValue::try_from(header.value())?;
-            value.set_sensitive(header.sensitive() || header.name() == AUTHORIZATION || header.name() == SECURITY_TOKEN);
+            value
+                .set_sensitive(header.sensitive() || header.name() == AUTHORIZATION || header.name() == SECURITY_TOKEN);
             headers.insert(header.name(), value);
         }
         Ok(())

@@ -487,7 +487,12 @@ fn validate_taxonomy(errs: &mut Errors, taxonomy: &Taxonomy) {
 /// The region requests are signed for with AWS credentials: `upstream.region`, which must agree with the region
 /// the host names (`bedrock-mantle.<region>.api.aws`, or a VPC endpoint's `....bedrock-mantle.<region>.vpce.
 /// amazonaws.com`), else that region; one of the two is needed.
-fn aws_region(errs: &mut Errors, configured: Option<&str>, authority: &http::uri::Authority, auth: &str) -> Option<String> {
+fn aws_region(
+    errs: &mut Errors,
+    configured: Option<&str>,
+    authority: &http::uri::Authority,
+    auth: &str,
+) -> Option<String> {
     let named = region_of_host(authority.host());
     match (configured.filter(|r| !r.is_empty()), named) {
         (Some(region), _) if !is_region(region) => {
@@ -726,21 +731,29 @@ mod tests {
         let config = |upstream: &str| crate::Config::from_toml(&format!("[upstream]\n{upstream}\n{BASE}"));
         let sigv4 = config("auth = \"sigv4\"").expect("the default host names us-east-1");
         assert_eq!((sigv4.upstream.auth, sigv4.upstream.region.as_deref()), (UpstreamAuth::SigV4, Some("us-east-1")));
-        let token = config("auth = \"aws_token\"\nbase_url = \"https://bedrock-mantle.eu-west-1.api.aws\"\nregion = \"eu-west-1\"")
-            .expect("agreeing region");
-        assert_eq!((token.upstream.auth, token.upstream.region.as_deref()), (UpstreamAuth::AwsToken, Some("eu-west-1")));
+        let token = config(
+            "auth = \"aws_token\"\nbase_url = \"https://bedrock-mantle.eu-west-1.api.aws\"\nregion = \"eu-west-1\"",
+        )
+        .expect("agreeing region");
+        assert_eq!(
+            (token.upstream.auth, token.upstream.region.as_deref()),
+            (UpstreamAuth::AwsToken, Some("eu-west-1"))
+        );
         let vpce = config(
             "auth = \"sigv4\"\nbase_url = \"https://vpce-0a1b-x2y3.bedrock-mantle.ap-southeast-2.vpce.amazonaws.com\"",
         )
         .expect("a VPC endpoint names its region");
         assert_eq!(vpce.upstream.region.as_deref(), Some("ap-southeast-2"));
-        let local = config("auth = \"sigv4\"\nbase_url = \"http://127.0.0.1:9000\"\nregion = \"us-west-2\"").expect("local");
+        let local =
+            config("auth = \"sigv4\"\nbase_url = \"http://127.0.0.1:9000\"\nregion = \"us-west-2\"").expect("local");
         assert_eq!(local.upstream.region.as_deref(), Some("us-west-2"));
 
         assert_eq!(
             errors(&format!("[upstream]\nauth = \"sigv4\"\nregion = \"us-west-2\"\n{BASE}")),
-            ["upstream.region: \"us-west-2\" is not the region upstream.base_url names (\"us-east-1\"): bedrock-mantle \
-              refuses a signature made for another region"]
+            [
+                "upstream.region: \"us-west-2\" is not the region upstream.base_url names (\"us-east-1\"): bedrock-mantle \
+              refuses a signature made for another region"
+            ]
         );
         assert_eq!(
             errors(&format!("[upstream]\nauth = \"aws_token\"\nbase_url = \"http://127.0.0.1:9000\"\n{BASE}")),

@@ -11,9 +11,9 @@ use http::HeaderValue;
 
 use anyhow::Context as _;
 
+use crate::aws::AwsCredentials;
 use crate::aws::sigv4::Signer;
 use crate::aws::token::{AwsToken, Minted};
-use crate::aws::AwsCredentials;
 use crate::config::{KeySource, Secret, Upstream, UpstreamAuth};
 use crate::metering::metrics::Metrics;
 use crate::watch::FileWatch;
