@@ -59,8 +59,8 @@ pub enum GatewayError {
     /// The upstream did not answer in time.
     #[error("the upstream did not respond in time")]
     UpstreamTimeout,
-    /// The upstream refused the gateway's own credential (401 or 403): callers' keys never reach upstream, so
-    /// this is always the gateway's configuration, never the caller's key.
+    /// The upstream refused the gateway's own credential (a 401, or a 403 whose code says so): callers' keys never
+    /// reach upstream, so this is always the gateway's configuration, never the caller's key.
     #[error(
         "the upstream refused the gateway's own credential; this is not about your key: the gateway's operator must fix it"
     )]

@@ -25,12 +25,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Rejects a request whose declared length is over the cap before a byte of it is read.
 pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), GatewayError> {
-    let declared =
-        headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    match declared {
+    match declared_length(headers) {
         Some(len) if len > limit => Err(GatewayError::RequestTooLarge(limit)),
         _ => Ok(()),
     }
+}
+
+/// The body length a message's `Content-Length` declares, if it declares one.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
 }
 
 /// A request body on its way upstream: the caller's, streamed, or one the gateway read whole (and may have
