@@ -114,6 +114,26 @@ impl GatewayError {
         }
     }
 
+    /// Whether retrying the same request could help. OpenAI's SDKs retry 5xx answers unless told otherwise by
+    /// `x-should-retry: false`, which is sent where a retry cannot succeed: a refused gateway credential stays
+    /// refused until the operator fixes it, and retrying would only multiply the refusals.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::UpstreamAuthFailed => false,
+            Self::InvalidApiKey
+            | Self::ProjectNotAllowed(_)
+            | Self::ProjectRequired
+            | Self::ModelNotAllowed { .. }
+            | Self::UnknownRoute
+            | Self::RequestTooLarge(_)
+            | Self::InvalidRequest(_)
+            | Self::UnsupportedTransferCoding(_)
+            | Self::ShuttingDown
+            | Self::UpstreamUnreachable
+            | Self::UpstreamTimeout => true,
+        }
+    }
+
     /// The error body: OpenAI's `{"error": {...}}`, with Anthropic's top-level `"type": "error"` beside it so
     /// that both SDK families parse it.
     pub fn body(&self) -> String {
@@ -134,6 +154,9 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let mut res = (self.status(), self.body()).into_response();
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if !self.retryable() {
+            res.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         res
     }
 }
@@ -151,5 +174,17 @@ mod tests {
         assert_eq!(v["error"]["param"], serde_json::Value::Null);
         assert_eq!(v["error"]["message"], "model \"m\" is not allowed for project \"P\"");
         assert_eq!(e.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn a_refused_gateway_credential_tells_sdks_not_to_retry() {
+        let res = GatewayError::UpstreamAuthFailed.into_response();
+        assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(res.headers().get("x-should-retry").map(HeaderValue::as_bytes), Some(&b"false"[..]));
+        // Worth a retry: no header, and the SDK's own policy applies.
+        for retryable in [GatewayError::UpstreamUnreachable, GatewayError::UpstreamTimeout, GatewayError::ShuttingDown]
+        {
+            assert!(!retryable.into_response().headers().contains_key("x-should-retry"));
+        }
     }
 }

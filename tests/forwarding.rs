@@ -1172,6 +1172,7 @@ async fn upstream_refusing_the_gateways_credential_is_the_gateways_error_not_the
     for refusal in [401, 403] {
         status.store(refusal, Ordering::SeqCst);
         let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+        assert_eq!(res.headers()["x-should-retry"], "false", "SDKs must not retry a refused credential");
         let body: serde_json::Value = res.json().await.unwrap();
         assert_eq!(body["error"]["code"], "upstream_auth_failed", "{refusal}: {body}");
         assert_eq!(body["error"]["type"], "api_error");
