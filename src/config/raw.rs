@@ -61,7 +61,7 @@ impl<'de> Deserialize<'de> for Whole {
                 let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
                 Ok(match s.parse() {
                     Ok(n) if digits => Whole::Number(n),
-                    _ => Whole::Not(format!("{s:?}")),
+                    _ => Whole::Not(super::validate::shown(s)),
                 })
             }
         }
