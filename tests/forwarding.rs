@@ -1350,4 +1350,10 @@ async fn a_key_pasted_into_the_query_never_reaches_upstream_and_the_rest_of_the_
     let res = gw.get("/v1/models?key=PASTED-SECRET", CHAT_KEY).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(gw.mock.next().await.uri.to_string(), "/v1/models");
+    // Other spellings, `;` as the separator, and a gateway key under any name.
+    let gateway_key = format!("mg_{}", "0123456789abcdef".repeat(4));
+    let path = format!("/v1/models?limit=2;apiKey=PASTED-SECRET;api_key[]=PASTED-SECRET&note={gateway_key}&order=asc");
+    let res = gw.get(&path, CHAT_KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(gw.mock.next().await.uri.to_string(), "/v1/models?limit=2&order=asc");
 }
