@@ -18,10 +18,11 @@ pub enum GatewayError {
     /// No gateway key, or one that is not configured.
     #[error("missing or unknown API key: send a gateway key as `Authorization: Bearer` or `x-api-key`")]
     InvalidApiKey,
-    /// The caller asked for a project its key may not use: named (quoted) if it is a configured project or has a
-    /// project id's shape, else said not to be shown.
-    #[error("project {0} is not allowed for this caller")]
-    ProjectNotAllowed(String),
+    /// The caller asked for a project its key may not use: what it sent, if that has a project id's shape; else
+    /// none, and the message does not quote it (a key pasted into the project header is never sent back, nor is the
+    /// name of a configured project the caller may not use).
+    #[error("{} is not allowed for this caller", shown_project(.0.as_deref()))]
+    ProjectNotAllowed(Option<String>),
     /// Nothing attributes the request and the policy rejects unattributed traffic.
     #[error("this request is not attributed to any project: use a key, route or OpenAI-Project header that names one")]
     ProjectRequired,
@@ -65,6 +66,14 @@ pub enum GatewayError {
         "the upstream refused the gateway's own credential; this is not about your key: the gateway's operator must fix it"
     )]
     UpstreamAuthFailed,
+}
+
+/// The project a `project_not_allowed` message names.
+fn shown_project(id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!("project {id:?}"),
+        None => "the project the request names".to_owned(),
+    }
 }
 
 impl GatewayError {
