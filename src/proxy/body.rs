@@ -1,5 +1,6 @@
-//! Bodies in both directions. Request bodies stream through under the `max_body_bytes` cap, except where
-//! the gateway must read the JSON to learn the model; then they are read whole, still under the cap.
+//! Bodies in both directions. Request bodies stream through under the `max_body_bytes` cap, except where the
+//! gateway must read or sign them (the model for a project's allowlist, a chat request's stream flag for metering,
+//! the SigV4 body hash); then they are read whole, still under the cap.
 //! Response bodies pass through [`Observed`], which forwards each frame the moment it arrives, ends a stream
 //! that falls silent for longer than `idle_timeout`, and tells the request's [`InFlight`] record of its first
 //! byte and its end.
@@ -304,9 +305,12 @@ pin_project_lite::pin_project! {
         idle_timeout: Duration,
         record: InFlight,
         done: bool,
-        // Upstream's body failed: given to hyper on the next poll, not this one. hyper closes the connection on
-        // a body's error without writing what it holds, so an error returned at once, right behind the first
-        // bytes, would leave the caller without the head and those bytes. One poll later, hyper has written them.
+        // Upstream's body failed: the record is told at once, but hyper gets the error only on the next poll.
+        // hyper drops the connection on a body's error without flushing its write buffer, so an error returned
+        // at once, right behind the first bytes, would lose the head and the frames still buffered. Instead this
+        // poll wakes the task and returns `Pending`, on which hyper flushes what it holds before polling again
+        // (in the same turn or the next) and getting the error. Only what the caller's socket takes in that
+        // flush is saved: from a caller that is not reading, the rest is lost all the same.
         failed: Option<axum::BoxError>,
     }
 }
