@@ -722,7 +722,7 @@ mod tests {
             errs,
             [
                 "server.max_connections: -1 is not a whole number",
-                "server.workers: 2 is not a whole number",
+                "server.workers: 2.0 is not a whole number",
                 "server.max_body_bytes: 1.5 is not a whole number",
             ]
         );
