@@ -185,18 +185,31 @@ fn request_filter<'s>(
     })
 }
 
-/// What hyper leaves to the server to refuse (RFC 9112): an HTTP/1.1 request without exactly one `Host` (section
-/// 3.2: 400), and a transfer coding other than `chunked` (section 6.1: 501; hyper takes the last coding,
-/// `chunked`, and would have the gateway forward the rest of the coding's bytes as the body).
+/// What hyper leaves to the server to refuse (RFC 9112): more than one `Host` in any request, or none in an
+/// HTTP/1.1 one (section 3.2: 400); `chunked` applied more than once (section 6.1: 400, as hyper refuses a
+/// coding list it cannot read); and a transfer coding other than `chunked` (section 6.1: 501; hyper takes the last
+/// coding, `chunked`, and would have the gateway forward the rest of the coding's bytes as the body). A
+/// `Transfer-Encoding` list is read across every field line, and its empty elements (`chunked, ,`) are no coding
+/// (RFC 9110 section 5.6.1).
 fn well_formed(parts: &Parts) -> Result<(), GatewayError> {
-    if parts.version == Version::HTTP_11 && parts.headers.get_all(http::header::HOST).iter().count() != 1 {
-        return Err(GatewayError::InvalidRequest("an HTTP/1.1 request carries exactly one Host header".into()));
+    let hosts = parts.headers.get_all(http::header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) {
+        return Err(GatewayError::InvalidRequest(
+            "a request carries one Host header (an HTTP/1.1 request exactly one)".into(),
+        ));
     }
+    let mut chunked = 0;
     for value in parts.headers.get_all(http::header::TRANSFER_ENCODING) {
         let text = String::from_utf8_lossy(value.as_bytes());
-        if let Some(coding) = text.split(',').map(str::trim).find(|c| !c.eq_ignore_ascii_case("chunked")) {
-            return Err(GatewayError::UnsupportedTransferCoding(coding.chars().take(32).collect()));
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(GatewayError::UnsupportedTransferCoding(coding.chars().take(32).collect()));
+            }
+            chunked += 1;
         }
+    }
+    if chunked > 1 {
+        return Err(GatewayError::InvalidRequest("the chunked transfer coding is applied once at most".into()));
     }
     Ok(())
 }
