@@ -1,8 +1,8 @@
 //! The admin listener: liveness, readiness, metrics and reloads, never on the traffic port. It faces probes and
 //! Prometheus, and in a pod whatever else reaches the pod, so it has bounds of its own: at most
 //! [`MAX_CONNECTIONS`] connections (one more is accepted and closed at once, so the file descriptors it can take
-//! are bounded and traffic never starves for them), a head timeout that also closes idle keep-alive
-//! connections, and the traffic listener's send timeout. `POST /reload` is answered only to callers on the
+//! are bounded and traffic never starves for them), one request per connection (closed after its response, so
+//! none is held idle), a head timeout, and the traffic listener's send timeout. `POST /reload` is answered only to callers on the
 //! same host.
 
 use std::net::SocketAddr;
@@ -53,7 +53,10 @@ pub async fn serve(listener: TcpListener, router: Router, live: Arc<Live>) {
         };
         let server = live.load().config.server.clone();
         let mut http = hyper::server::conn::http1::Builder::new();
+        // One request per connection: probes and scrapes open a connection each time anyway, and a connection
+        // closed after its response cannot be held idle.
         http.timer(TokioTimer::new())
+            .keep_alive(false)
             .header_read_timeout(server.header_read_timeout.min(HEAD_TIMEOUT))
             .max_buf_size(MAX_HEAD)
             .max_header_size(MAX_HEAD);

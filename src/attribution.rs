@@ -135,10 +135,11 @@ impl Attributor {
                 ));
             }
             Requested::Project(asked) => {
+                // Refused the same way whether or not the project is configured: the answer says nothing of
+                // the projects the caller may not use.
                 return match self.by_name_or_id.get(asked) {
                     Some(project) if allowed(project) => Ok(Attribution { project, source: Source::Header }),
-                    Some(_) => Err(GatewayError::ProjectNotAllowed(format!("{asked:?}"))),
-                    None => Err(GatewayError::ProjectNotAllowed(shown(asked))),
+                    _ => Err(GatewayError::ProjectNotAllowed(id_shaped(asked))),
                 };
             }
             Requested::Nothing => {}
@@ -147,7 +148,7 @@ impl Attributor {
             return if allowed(project) {
                 Ok(Attribution { project, source: Source::Route })
             } else {
-                Err(GatewayError::ProjectNotAllowed(format!("{:?}", project.name)))
+                Err(GatewayError::ProjectNotAllowed(None))
             };
         }
         if let Some(project) = key.and_then(|k| k.project.as_ref()) {
@@ -163,18 +164,15 @@ impl Attributor {
     }
 }
 
-/// What the caller asked for, as an error may echo it when it names no configured project: only if it has a
-/// project id's shape. Anything else (a key pasted into the project header, say) is not sent back.
-fn shown(asked: &str) -> String {
-    let id_shaped = asked.len() <= 64
+/// What the caller asked for, as a refusal may echo it: only if it has a project id's shape (`proj_` and at most 59
+/// letters, digits, `_` or `-`). Anything else (a key pasted into the project header, a project's name) is not
+/// sent back.
+fn id_shaped(asked: &str) -> Option<String> {
+    let shaped = asked.len() <= 64
         && asked.strip_prefix("proj_").is_some_and(|rest| {
             !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         });
-    if id_shaped {
-        format!("{asked:?}")
-    } else {
-        "(not shown: neither a configured project nor a project id)".to_owned()
-    }
+    shaped.then(|| asked.to_owned())
 }
 
 #[cfg(test)]
@@ -248,23 +246,29 @@ mod tests {
         let s = setup("");
         let a = &s.attributor;
         let chat = key(&s, "chat");
-        // Configured projects and project ids are named; anything else (a pasted key) is not echoed.
-        let hidden = "(not shown: neither a configured project nor a project id)";
+        // Only what has a project id's shape is named; anything else (a configured project's name, a pasted key)
+        // is not echoed.
         for (asked, said) in [
-            ("proj_search", "\"proj_search\""),
-            ("Search", "\"Search\""),
-            ("proj_unknown", "\"proj_unknown\""),
-            ("chat-prod", hidden),
-            ("proj_chat ", hidden),
-            ("\u{fffd}", hidden),
-            ("mg_0123456789abcdef", hidden),
-            (&format!("proj_{}", "a".repeat(60)), hidden),
+            ("proj_search", Some("proj_search")),
+            ("proj_unknown", Some("proj_unknown")),
+            ("Search", None),
+            ("Unattributed", None),
+            ("chat-prod", None),
+            ("proj_chat ", None),
+            ("\u{fffd}", None),
+            ("mg_0123456789abcdef", None),
+            ("proj_a.b", None),
+            (&format!("proj_{}", "a".repeat(60)), None),
         ] {
-            assert_eq!(
-                named(a.resolve(chat, Requested::Project(asked), None)),
-                Err(GatewayError::ProjectNotAllowed(said.into())),
-                "{asked}"
-            );
+            let refused = named(a.resolve(chat, Requested::Project(asked), None));
+            assert_eq!(refused, Err(GatewayError::ProjectNotAllowed(said.map(str::to_owned))), "{asked}");
+            let message = refused.expect_err("refused").to_string();
+            match said {
+                Some(id) => assert_eq!(message, format!("project \"{id}\" is not allowed for this caller")),
+                None => {
+                    assert_eq!(message, "the project the request names is not allowed for this caller");
+                }
+            }
         }
     }
 
@@ -285,11 +289,11 @@ mod tests {
         assert_eq!(named(a.resolve(key(&s, "chat"), Requested::Nothing, project(&s, DEV))), ok(DEV, Source::Route));
         assert_eq!(
             named(a.resolve(key(&s, "chat"), Requested::Nothing, project(&s, SEARCH))),
-            Err(GatewayError::ProjectNotAllowed("\"Search\"".into()))
+            Err(GatewayError::ProjectNotAllowed(None))
         );
         assert_eq!(
             named(a.resolve(key(&s, "floating"), Requested::Nothing, project(&s, SEARCH))),
-            Err(GatewayError::ProjectNotAllowed("\"Search\"".into()))
+            Err(GatewayError::ProjectNotAllowed(None))
         );
     }
 
@@ -311,7 +315,7 @@ mod tests {
         // Rerouting never widens what a key may ask for.
         assert_eq!(
             named(a.resolve(key(&s, "floating"), Requested::Project("Search"), None)),
-            Err(GatewayError::ProjectNotAllowed("\"Search\"".into()))
+            Err(GatewayError::ProjectNotAllowed(None))
         );
     }
 
@@ -324,7 +328,7 @@ mod tests {
         assert_eq!(named(a.resolve(None, Requested::Nothing, None)), Err(GatewayError::ProjectRequired));
         assert_eq!(
             named(a.resolve(None, Requested::Project("proj_other"), None)),
-            Err(GatewayError::ProjectNotAllowed("\"proj_other\"".into()))
+            Err(GatewayError::ProjectNotAllowed(Some("proj_other".into())))
         );
     }
 

@@ -18,10 +18,11 @@ pub enum GatewayError {
     /// No gateway key, or one that is not configured.
     #[error("missing or unknown API key: send a gateway key as `Authorization: Bearer` or `x-api-key`")]
     InvalidApiKey,
-    /// The caller asked for a project its key may not use: named (quoted) if it is a configured project or has a
-    /// project id's shape, else said not to be shown.
-    #[error("project {0} is not allowed for this caller")]
-    ProjectNotAllowed(String),
+    /// The caller asked for a project its key may not use: what it sent, if that has a project id's shape; else
+    /// none, and the message does not quote it (a key pasted into the project header is never sent back, nor is the
+    /// name of a configured project the caller may not use).
+    #[error("{} is not allowed for this caller", shown_project(.0.as_deref()))]
+    ProjectNotAllowed(Option<String>),
     /// Nothing attributes the request and the policy rejects unattributed traffic.
     #[error("this request is not attributed to any project: use a key, route or OpenAI-Project header that names one")]
     ProjectRequired,
@@ -59,12 +60,20 @@ pub enum GatewayError {
     /// The upstream did not answer in time.
     #[error("the upstream did not respond in time")]
     UpstreamTimeout,
-    /// The upstream refused the gateway's own credential (401 or 403): callers' keys never reach upstream, so
-    /// this is always the gateway's configuration, never the caller's key.
+    /// The upstream refused the gateway's own credential (a 401, or a 403 whose code says so): callers' keys never
+    /// reach upstream, so this is always the gateway's configuration, never the caller's key.
     #[error(
         "the upstream refused the gateway's own credential; this is not about your key: the gateway's operator must fix it"
     )]
     UpstreamAuthFailed,
+}
+
+/// The project a `project_not_allowed` message names.
+fn shown_project(id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!("project {id:?}"),
+        None => "the project the request names".to_owned(),
+    }
 }
 
 impl GatewayError {
@@ -114,6 +123,26 @@ impl GatewayError {
         }
     }
 
+    /// Whether retrying the same request could help. OpenAI's SDKs retry 5xx answers unless told otherwise by
+    /// `x-should-retry: false`, which is sent where a retry cannot succeed: a refused gateway credential stays
+    /// refused until the operator fixes it, and retrying would only multiply the refusals.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::UpstreamAuthFailed => false,
+            Self::InvalidApiKey
+            | Self::ProjectNotAllowed(_)
+            | Self::ProjectRequired
+            | Self::ModelNotAllowed { .. }
+            | Self::UnknownRoute
+            | Self::RequestTooLarge(_)
+            | Self::InvalidRequest(_)
+            | Self::UnsupportedTransferCoding(_)
+            | Self::ShuttingDown
+            | Self::UpstreamUnreachable
+            | Self::UpstreamTimeout => true,
+        }
+    }
+
     /// The error body: OpenAI's `{"error": {...}}`, with Anthropic's top-level `"type": "error"` beside it so
     /// that both SDK families parse it.
     pub fn body(&self) -> String {
@@ -134,6 +163,9 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let mut res = (self.status(), self.body()).into_response();
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if !self.retryable() {
+            res.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         res
     }
 }
@@ -151,5 +183,17 @@ mod tests {
         assert_eq!(v["error"]["param"], serde_json::Value::Null);
         assert_eq!(v["error"]["message"], "model \"m\" is not allowed for project \"P\"");
         assert_eq!(e.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn a_refused_gateway_credential_tells_sdks_not_to_retry() {
+        let res = GatewayError::UpstreamAuthFailed.into_response();
+        assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(res.headers().get("x-should-retry").map(HeaderValue::as_bytes), Some(&b"false"[..]));
+        // Worth a retry: no header, and the SDK's own policy applies.
+        for retryable in [GatewayError::UpstreamUnreachable, GatewayError::UpstreamTimeout, GatewayError::ShuttingDown]
+        {
+            assert!(!retryable.into_response().headers().contains_key("x-should-retry"));
+        }
     }
 }

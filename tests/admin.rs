@@ -79,3 +79,19 @@ async fn reload_is_a_post_from_this_host() {
     let outcome: serde_json::Value = res.json().await.unwrap();
     assert_eq!(outcome["result"], "unchanged");
 }
+
+#[tokio::test]
+async fn an_admin_connection_serves_one_request_and_is_closed() {
+    let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    // Two requests at once on one connection: the first is answered, and the connection closed after it.
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, conn.read_to_end(&mut answer)).await.expect("the connection was held open").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 200 ") && answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+}

@@ -123,9 +123,12 @@ async fn route_prefix_selects_the_project_and_is_stripped() {
     // The floating key has no project, but a route gives it none it may use either.
     let res = gw.post("/chatbot/v1/chat/completions", FLOATING_KEY).body(CHAT_BODY).send().await.unwrap();
     assert_eq!(error_code(res).await, (403, "project_not_allowed".into()));
-    // A key may not use another team's route.
+    // A key may not use another team's route, and is not told the name of the project behind it.
     let res = gw.get("/search/openai/v1/models", CHAT_KEY).send().await.unwrap();
-    assert_eq!(error_code(res).await, (403, "project_not_allowed".into()));
+    assert_eq!(res.status(), 403);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "project_not_allowed");
+    assert_eq!(body["error"]["message"], "the project the request names is not allowed for this caller");
     // A header the key is allowed beats the route.
     let res =
         gw.post("/chatbot/v1/chat/completions", CHAT_KEY).header("OpenAI-Project", "Chat-Dev").body(CHAT_BODY).send();

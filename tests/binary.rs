@@ -615,17 +615,39 @@ async fn a_refused_gateway_credential_is_logged_once_per_burst_and_check_can_pro
             .unwrap();
         assert_eq!(res.status(), 502);
     }
+    // Upstream takes the key again, and then refuses it again: a new burst, logged at once.
+    let models = |id: &'static str| {
+        client.get(format!("http://{}/v1/models", served.addr)).bearer_auth(CHAT_KEY).header("x-request-id", id).send()
+    };
+    key_ok.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(models("rid-accepted").await.unwrap().status(), 200);
+    key_ok.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(models("rid-refused-again").await.unwrap().status(), 502);
     sigterm(&served.child).await;
     assert!(tokio::time::timeout(WAIT, served.child.wait()).await.unwrap().unwrap().success());
     served.rest().await;
     let errors: Vec<&serde_json::Value> = served.seen.iter().filter(|l| l["level"] == "ERROR").collect();
-    assert_eq!(errors.len(), 1, "one line for the burst: {errors:?}");
+    assert_eq!(errors.len(), 2, "one line for each burst: {errors:?}");
     assert_eq!(errors[0]["upstream_status"], 401);
     assert_eq!(errors[0]["upstream_code"], "invalid_api_key");
     assert_eq!(errors[0]["span"]["request_id"], "rid-refused-1");
+    assert_eq!(errors[1]["span"]["request_id"], "rid-refused-again");
     assert!(!errors[0].to_string().contains("sk-123"), "upstream's message is not logged: {}", errors[0]);
+    let recovered: Vec<&serde_json::Value> = served
+        .seen
+        .iter()
+        .filter(|l| l["message"].as_str().is_some_and(|m| m.contains("accepts the gateway's credential again")))
+        .collect();
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    assert_eq!((recovered[0]["level"].as_str(), recovered[0]["unlogged_refusals"].as_u64()), (Some("INFO"), Some(2)));
     let access: Vec<&serde_json::Value> = served.seen.iter().filter(|l| l["target"] == "mantlegate::access").collect();
-    assert!(access.iter().all(|l| l["status"] == 502 && l["error"] == "upstream_auth_failed"), "{access:?}");
+    assert!(
+        access
+            .iter()
+            .filter(|l| l["request_id"] != "rid-accepted")
+            .all(|l| l["status"] == 502 && l["error"] == "upstream_auth_failed"),
+        "{access:?}"
+    );
 
     key_ok.store(true, std::sync::atomic::Ordering::SeqCst);
     let out = probe().await;

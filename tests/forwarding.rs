@@ -1172,6 +1172,7 @@ async fn upstream_refusing_the_gateways_credential_is_the_gateways_error_not_the
     for refusal in [401, 403] {
         status.store(refusal, Ordering::SeqCst);
         let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+        assert_eq!(res.headers()["x-should-retry"], "false", "SDKs must not retry a refused credential");
         let body: serde_json::Value = res.json().await.unwrap();
         assert_eq!(body["error"]["code"], "upstream_auth_failed", "{refusal}: {body}");
         assert_eq!(body["error"]["type"], "api_error");
@@ -1207,6 +1208,137 @@ async fn upstream_refusing_the_gateways_credential_is_the_gateways_error_not_the
     assert_eq!(error_code(res).await, (401, "invalid_api_key".into()));
 }
 
+/// An upstream 403: what upstream says in it, and what the caller must get.
+struct Forbidden {
+    errortype: Option<&'static str>,
+    body: &'static str,
+    credential: bool,
+}
+
+#[tokio::test]
+async fn a_403_is_the_gateways_credential_refused_only_when_its_code_says_so() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const CASES: &[Forbidden] = &[
+        Forbidden {
+            errortype: None,
+            body: r#"{"error":{"message":"bad key","code":"invalid_api_key"}}"#,
+            credential: true,
+        },
+        Forbidden {
+            errortype: None,
+            body: r#"{"type":"error","error":{"type":"authentication_error"}}"#,
+            credential: true,
+        },
+        Forbidden {
+            errortype: Some("UnrecognizedClientException:http://internal.amazon.com/coral/com.amazon.coral.service/"),
+            body: r#"{"message":"The security token included in the request is invalid."}"#,
+            credential: true,
+        },
+        Forbidden {
+            errortype: None,
+            body: r#"{"__type":"com.amazon.coral.service#ExpiredTokenException"}"#,
+            credential: true,
+        },
+        Forbidden {
+            errortype: None,
+            body: r#"{"message":"no","__type":"InvalidSignatureException"}"#,
+            credential: true,
+        },
+        Forbidden { errortype: Some("MissingAuthenticationTokenException"), body: "", credential: true },
+        // What the credential may do, not the credential itself: upstream's answer to the caller, unchanged.
+        Forbidden {
+            errortype: None,
+            body: r#"{"error":{"message":"You don't have access to the model with the specified model ID.","type":"permission_error","code":"AccessDeniedException"}}"#,
+            credential: false,
+        },
+        Forbidden {
+            errortype: Some("AccessDeniedException:http://internal.amazon.com/coral/com.amazon.coral.service/"),
+            body: r#"{"Message":"User is not authorized to perform: bedrock:InvokeModel"}"#,
+            credential: false,
+        },
+        Forbidden { errortype: None, body: "forbidden, in plain text", credential: false },
+    ];
+    let case = std::sync::Arc::new(AtomicUsize::new(0));
+    let mock = Mock::start({
+        let case = case.clone();
+        move |_| {
+            let case = &CASES[case.load(Ordering::SeqCst)];
+            let mut res = (StatusCode::FORBIDDEN, case.body).into_response();
+            if let Some(errortype) = case.errortype {
+                res.headers_mut().insert("x-amzn-errortype", errortype.parse().unwrap());
+            }
+            res.headers_mut().insert("x-upstream-own", "kept".parse().unwrap());
+            async move { res }
+        }
+    })
+    .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let mut refusals = 0;
+    for (i, expected) in CASES.iter().enumerate() {
+        case.store(i, Ordering::SeqCst);
+        let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+        if expected.credential {
+            refusals += 1;
+            assert_eq!(res.status(), 502, "{}", expected.body);
+            let body: serde_json::Value = res.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "upstream_auth_failed", "{}", expected.body);
+        } else {
+            assert_eq!(res.status(), 403, "{}", expected.body);
+            assert_eq!(res.headers()["x-upstream-own"], "kept");
+            assert_eq!(res.headers().get("x-amzn-errortype").map(|v| v.to_str().unwrap()), expected.errortype);
+            assert_eq!(res.text().await.unwrap(), expected.body, "passed on as upstream sent it");
+        }
+    }
+    gw.metric_line(&format!("mantlegate_upstream_auth_failures_total {refusals}")).await;
+
+    // With the caller's own credential passed through, every 403 is the caller's.
+    case.store(0, Ordering::SeqCst);
+    let mock_addr = gw.mock.addr;
+    let gw = Gw::start(
+        Mock::ok_json().await,
+        Opts {
+            callers: "none",
+            keys: false,
+            upstream: "auth = \"passthrough\"",
+            credential: Some(mantlegate::proxy::Credential::Passthrough),
+            upstream_addr: Some(mock_addr),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let res = gw.post("/chatbot/v1/chat/completions", "callers-own-key").body(CHAT_BODY).send().await.unwrap();
+    assert_eq!(error_code(res).await, (403, "invalid_api_key".into()));
+}
+
+#[tokio::test]
+async fn only_answers_that_show_the_credential_accepted_clear_the_refusal() {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    let status = std::sync::Arc::new(AtomicU16::new(401));
+    let mock = Mock::start({
+        let status = status.clone();
+        move |_| {
+            let status = StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap();
+            async move { json_response(status, r#"{"error":{"code":"some_code"}}"#) }
+        }
+    })
+    .await;
+    let gw = Gw::start(mock, Opts::default()).await;
+    let readyz =
+        || async { gw.client.get(format!("http://{}/readyz", gw.admin)).send().await.unwrap().text().await.unwrap() };
+    assert_eq!(gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap().status(), 502);
+    // A throttle, an outage, or a 403 that is not about the credential: nothing said about the credential.
+    for said_nothing in [429, 500, 503, 403] {
+        status.store(said_nothing, Ordering::SeqCst);
+        let res = gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), said_nothing);
+        assert!(readyz().await.contains("upstream refused the gateway's credential (401)"), "after {said_nothing}");
+    }
+    // A caller's error comes only past authentication.
+    status.store(404, Ordering::SeqCst);
+    assert_eq!(gw.post("/v1/chat/completions", CHAT_KEY).body(CHAT_BODY).send().await.unwrap().status(), 404);
+    assert_eq!(readyz().await, "ready\n");
+}
+
 #[tokio::test]
 async fn a_key_pasted_into_the_query_never_reaches_upstream_and_the_rest_of_the_query_does() {
     let gw = Gw::start(Mock::ok_json().await, Opts::default()).await;
@@ -1218,4 +1350,10 @@ async fn a_key_pasted_into_the_query_never_reaches_upstream_and_the_rest_of_the_
     let res = gw.get("/v1/models?key=PASTED-SECRET", CHAT_KEY).send().await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(gw.mock.next().await.uri.to_string(), "/v1/models");
+    // Other spellings, `;` as the separator, and a gateway key under any name.
+    let gateway_key = format!("mg_{}", "0123456789abcdef".repeat(4));
+    let path = format!("/v1/models?limit=2;apiKey=PASTED-SECRET;api_key[]=PASTED-SECRET&note={gateway_key}&order=asc");
+    let res = gw.get(&path, CHAT_KEY).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(gw.mock.next().await.uri.to_string(), "/v1/models?limit=2&order=asc");
 }

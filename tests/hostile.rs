@@ -177,8 +177,8 @@ async fn conflicting_and_malformed_framing_is_refused_or_read_one_way_and_never_
     for (id, framing) in [
         ("rid-cl-te", "content-length: 4\r\ntransfer-encoding: chunked\r\n"),
         ("rid-te-cl", "transfer-encoding: chunked\r\ncontent-length: 40\r\n"),
-        // Chunked named twice is still chunked once, as the last coding.
-        ("rid-te-te", "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n"),
+        // Empty list elements are no coding.
+        ("rid-te-empty", "transfer-encoding: , chunked\r\n"),
     ] {
         let (_, conn) = rig.check(id, &post(id, framing, &format!("{chunked_hello}{smuggled}")), Forwarded).await;
         let conn = conn.unwrap();
@@ -187,6 +187,14 @@ async fn conflicting_and_malformed_framing_is_refused_or_read_one_way_and_never_
         assert_eq!((conn.requests.len(), body_upstream(&conn)), (1, chunked_hello.to_owned()), "{head}");
     }
     rig.sent("rid-smuggled", Unseen);
+    // Chunked applied twice, in one field line or two, is malformed: refused, never read one way or the other.
+    for (id, framing) in [
+        ("rid-te-te", "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n"),
+        ("rid-te-list", "transfer-encoding: chunked, chunked\r\n"),
+        ("rid-te-list-empty", "transfer-encoding: chunked, , chunked\r\n"),
+    ] {
+        rig.check(id, &post(id, framing, chunked_hello), Refused(400, "invalid_request")).await;
+    }
 
     let cases: &[(&str, &str, &str, Outcome)] = &[
         ("rid-two-lengths", "content-length: 5\r\ncontent-length: 6\r\n", "hello!", Unparsed(400)),
@@ -249,11 +257,19 @@ async fn a_transfer_coding_the_gateway_cannot_decode_is_refused_not_forwarded() 
 #[tokio::test]
 async fn a_request_without_exactly_one_host_is_refused() {
     let rig = rig("host").await;
-    for (id, hosts) in [("rid-no-host", ""), ("rid-two-hosts", "host: a\r\nhost: b\r\n")] {
+    for (id, version, hosts) in [
+        ("rid-no-host", "1.1", ""),
+        ("rid-two-hosts", "1.1", "host: a\r\nhost: b\r\n"),
+        ("rid-two-same-hosts", "1.1", "host: a\r\nhost: a\r\n"),
+        // HTTP/1.0 may leave Host out, but not send two.
+        ("rid-two-hosts-http10", "1.0", "host: a\r\nhost: b\r\n"),
+    ] {
         let bytes =
-            format!("GET /v1/models HTTP/1.1\r\n{hosts}x-request-id: {id}\r\n{}connection: close\r\n\r\n", key());
+            format!("GET /v1/models HTTP/{version}\r\n{hosts}x-request-id: {id}\r\n{}connection: close\r\n\r\n", key());
         rig.check(id, bytes.as_bytes(), Refused(400, "invalid_request")).await;
     }
+    let http10 = format!("GET /v1/models HTTP/1.0\r\nx-request-id: rid-no-host-http10\r\n{}\r\n", key());
+    rig.check("rid-no-host-http10", http10.as_bytes(), Forwarded).await;
     rig.finish().await;
 }
 

@@ -70,8 +70,24 @@ async fn probe_upstream(config: &Config, credential: &crate::proxy::Credential) 
             anyhow::anyhow!("{} could not be reached: {}", u.authority, crate::proxy::access_log::error_chain(&*e))
         })?;
     let status = response.status();
+    // A 403 refuses the credential only when its code says so (as the proxy judges it): else it is about what the
+    // credential may do.
+    let forbidden_code = if status == http::StatusCode::FORBIDDEN {
+        let (parts, body) = response.into_parts();
+        let body = body::read(body, 16 * 1024).await.unwrap_or_default();
+        let codes = crate::proxy::error_codes(&parts.headers, &body);
+        Some(crate::proxy::credential_code(&codes).ok_or_else(|| codes.first().cloned().unwrap_or_default()))
+    } else {
+        None
+    };
     match status.as_u16() {
         200..=299 => Ok(format!("{} accepts the gateway's credential (GET /v1/models: {status})", u.authority)),
+        403 if matches!(forbidden_code, Some(Err(_))) => anyhow::bail!(
+            "{} answered GET /v1/models with {status} (code {:?}), which is not a refusal of the credential: it \
+             may lack a permission (project {project})",
+            u.authority,
+            forbidden_code.and_then(Result::err).unwrap_or_default()
+        ),
         401 | 403 => anyhow::bail!(
             "{} refused the gateway's credential (GET /v1/models: {status}): {}",
             u.authority,

@@ -244,13 +244,13 @@ impl Config {
         if env {
             builder = builder.add_source(config::Environment::with_prefix("MANTLEGATE").separator("__"));
         }
-        let mut root = builder.build().map_err(|e| anyhow::anyhow!(without_source_lines(&e.to_string())))?.cache;
+        let mut root = builder.build().map_err(|e| anyhow::anyhow!(shown_error(&e.to_string())))?.cache;
         // Unknown keys are named and dropped first, so they hide none of the other problems.
         let mut problems = schema::remove_unknown(&mut root);
         let raw: RawConfig = match root.try_deserialize() {
             Ok(raw) => raw,
             Err(e) => {
-                problems.push(without_source_lines(&e.to_string()));
+                problems.push(shown_error(&e.to_string()));
                 return Err(ConfigErrors(problems).into());
             }
         };
@@ -285,7 +285,7 @@ pub fn admin_listen(path: &Path) -> anyhow::Result<String> {
         .add_source(config::File::from_str(&text, config::FileFormat::Toml))
         .add_source(config::Environment::with_prefix("MANTLEGATE").separator("__"))
         .build()
-        .map_err(|e| anyhow::anyhow!("reading {}: {}", path.display(), without_source_lines(&e.to_string())))?;
+        .map_err(|e| anyhow::anyhow!("reading {}: {}", path.display(), shown_error(&e.to_string())))?;
     Ok(read.get_string("server.admin_listen").unwrap_or_else(|_| RawConfig::default().server.admin_listen))
 }
 
@@ -365,6 +365,41 @@ impl fmt::Display for KeySource {
     }
 }
 
+/// A config error from the `config` crate or the TOML parser as it may be shown: [`without_source_lines`] and
+/// [`without_quoted_strings`].
+fn shown_error(error: &str) -> String {
+    without_quoted_strings(&without_source_lines(error))
+}
+
+/// serde's and the `config` crate's type errors quote the string they got (`invalid type: string "sk-...",
+/// expected a boolean`), which may be a key put in the wrong setting: each `string "..."` becomes `a string`.
+fn without_quoted_strings(error: &str) -> String {
+    let mut out = String::with_capacity(error.len());
+    let mut rest = error;
+    while let Some(at) = rest.find("string \"") {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        // The quoted text is Rust's `{:?}` of the string: it ends at the first quote not escaped.
+        let quoted = &rest[at + "string \"".len()..];
+        let mut end = quoted.len();
+        let mut escaped = false;
+        for (i, c) in quoted.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        rest = &quoted[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A TOML error without the source lines it quotes (`2 | base_url = "https://user:secret@...`): the line at
 /// fault may hold a credential. The line and column it names, and what is wrong, are kept.
 fn without_source_lines(error: &str) -> String {
@@ -390,6 +425,23 @@ mod tests {
         assert_eq!(
             without_source_lines("at line 2, column 3\n  |\n2 | a = \"x\n  |   ^\nexpected `\"`"),
             "at line 2, column 3: expected `\"`"
+        );
+    }
+
+    #[test]
+    fn a_type_error_never_quotes_the_string_it_got() {
+        for text in [
+            "[metering]\nenabled = \"sk-hunter2\"\n",
+            "[[prices]]\nmodel = \"m\"\ninput = \"sk-hun\\\"ter2\"\noutput = 1.0\n",
+            "[server]\nlisten = \"0.0.0.0:1\"\n[taxonomy]\nrequired_tags = \"sk-hunter2\"\n",
+        ] {
+            let error = Config::from_toml(text).map(|_| ()).expect_err("wrong type").to_string();
+            assert!(!error.contains("hunter2") && !error.contains("ter2"), "{error}");
+            assert!(error.contains("a string"), "{error}");
+        }
+        assert_eq!(
+            without_quoted_strings(r#"invalid type: string "a\"b", expected a boolean; string "c""#),
+            "invalid type: a string, expected a boolean; a string"
         );
     }
 }

@@ -50,8 +50,9 @@ impl<'de> Deserialize<'de> for Whole {
             fn visit_i64<E>(self, n: i64) -> Result<Whole, E> {
                 Ok(u64::try_from(n).map_or_else(|_| Whole::Not(n.to_string()), Whole::Number))
             }
+            // `{:?}`, so that 2.0 shows as written, not as the whole number 2 it is not.
             fn visit_f64<E>(self, n: f64) -> Result<Whole, E> {
-                Ok(Whole::Not(n.to_string()))
+                Ok(Whole::Not(format!("{n:?}")))
             }
             fn visit_bool<E>(self, b: bool) -> Result<Whole, E> {
                 Ok(Whole::Not(b.to_string()))
@@ -61,7 +62,7 @@ impl<'de> Deserialize<'de> for Whole {
                 let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
                 Ok(match s.parse() {
                     Ok(n) if digits => Whole::Number(n),
-                    _ => Whole::Not(format!("{s:?}")),
+                    _ => Whole::Not(super::validate::shown(s)),
                 })
             }
         }

@@ -93,7 +93,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         "keys" => CallerAuth::Keys,
         "none" => CallerAuth::None,
         other => {
-            errs.push("callers.auth", format!("{other:?} is not one of \"keys\", \"none\""));
+            errs.push("callers.auth", format!("{} is not one of \"keys\", \"none\"", shown(other)));
             CallerAuth::Keys
         }
     };
@@ -127,7 +127,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
         "reroute" => lookup(&mut errs, "attribution.reroute_to", &raw.attribution.reroute_to)
             .map_or(Unattributed::Reject, Unattributed::Reroute),
         other => {
-            errs.push("attribution.unattributed", format!("{other:?} is not one of \"reject\", \"reroute\""));
+            errs.push("attribution.unattributed", format!("{} is not one of \"reject\", \"reroute\"", shown(other)));
             Unattributed::Reject
         }
     };
@@ -176,31 +176,31 @@ fn shown_url(url: &str) -> String {
 fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) -> Upstream {
     let u = &raw.upstream;
     // Echoed in errors, so without any credentials it carries (which are themselves refused below).
-    let shown = shown_url(&u.base_url);
+    let url = shown_url(&u.base_url);
     let (scheme, authority) = match u.base_url.parse::<Uri>() {
         Ok(uri) => {
             let scheme = uri.scheme().filter(|s| matches!(s.as_str(), "http" | "https")).cloned();
             if scheme.is_none() {
-                errs.push("upstream.base_url", format!("{shown:?} must start with https:// or http://"));
+                errs.push("upstream.base_url", format!("{url:?} must start with https:// or http://"));
             }
             if u.base_url.contains(['?', '#']) {
                 errs.push(
                     "upstream.base_url",
                     format!(
-                        "{shown:?} must have no query or fragment: the gateway's upstream key goes in \
+                        "{url:?} must have no query or fragment: the gateway's upstream key goes in \
                          upstream.api_key_env or upstream.api_key_file, never in the URL"
                     ),
                 );
             } else if !matches!(uri.path(), "" | "/") {
                 errs.push(
                     "upstream.base_url",
-                    format!("{shown:?} must have no path: the caller's /v1, /openai/v1 or /anthropic/v1 path is kept"),
+                    format!("{url:?} must have no path: the caller's /v1, /openai/v1 or /anthropic/v1 path is kept"),
                 );
             }
             (scheme.unwrap_or(http::uri::Scheme::HTTPS), uri.authority().cloned())
         }
         Err(e) => {
-            errs.push("upstream.base_url", format!("{shown:?} is not a URL: {e}"));
+            errs.push("upstream.base_url", format!("{url:?} is not a URL: {e}"));
             (http::uri::Scheme::HTTPS, None)
         }
     };
@@ -209,7 +209,7 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
         errs.push("upstream.base_url", "must not carry credentials");
     }
     if authority.is_none() && errs.0.iter().all(|e| !e.starts_with("upstream.base_url")) {
-        errs.push("upstream.base_url", format!("{shown:?} has no host"));
+        errs.push("upstream.base_url", format!("{url:?} has no host"));
     }
 
     let auth = match u.auth.as_str() {
@@ -222,13 +222,22 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
                 errs.push("upstream.api_key_file", "must not be empty");
                 UpstreamAuth::Passthrough
             }
+            // Not echoed: a key pasted where its file's path belongs.
+            (_, Some(file)) if looks_like_key(file, &['/', '\\']) => {
+                errs.push(
+                    "upstream.api_key_file",
+                    "looks like a key, not a path (the value is not shown): it must be the path of the file that \
+                     holds the key, never the key itself",
+                );
+                UpstreamAuth::Passthrough
+            }
             (_, Some(file)) => UpstreamAuth::ApiKey(KeySource::File(PathBuf::from(file))),
             (Some(env), None) if env.is_empty() => {
                 errs.push("upstream.api_key_env", "must not be empty");
                 UpstreamAuth::Passthrough
             }
             // Not echoed: a value that is no variable name may be the key itself, put here by mistake.
-            (Some(env), None) if !is_env_name(env) => {
+            (Some(env), None) if !is_env_name(env) || looks_like_key(env, &['_']) => {
                 errs.push(
                     "upstream.api_key_env",
                     "is not an environment variable name (letters, digits and _, at most 64): it names the \
@@ -253,7 +262,7 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
         other => {
             errs.push(
                 "upstream.auth",
-                format!("{other:?} is not one of \"api_key\", \"sigv4\", \"aws_token\", \"passthrough\""),
+                format!("{} is not one of \"api_key\", \"sigv4\", \"aws_token\", \"passthrough\"", shown(other)),
             );
             UpstreamAuth::Passthrough
         }
@@ -261,7 +270,10 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
     if u.auth != "api_key" {
         for (name, set) in [("upstream.api_key_env", &u.api_key_env), ("upstream.api_key_file", &u.api_key_file)] {
             if set.is_some() {
-                errs.push(name, format!("applies only to auth = \"api_key\" (this config has auth = {:?})", u.auth));
+                errs.push(
+                    name,
+                    format!("applies only to auth = \"api_key\" (this config has auth = {})", shown(&u.auth)),
+                );
             }
         }
     }
@@ -483,7 +495,6 @@ fn validate_taxonomy(errs: &mut Errors, taxonomy: &Taxonomy) {
     }
 }
 
-/// Whether `name` can be an environment variable's name.
 /// The region requests are signed for with AWS credentials: `upstream.region`, which must agree with the region
 /// the host names (`bedrock-mantle.<region>.api.aws`, or a VPC endpoint's `....bedrock-mantle.<region>.vpce.
 /// amazonaws.com`), else that region; one of the two is needed.
@@ -550,10 +561,31 @@ fn is_region(name: &str) -> bool {
         && parts.all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
 }
 
+/// Whether `name` can be an environment variable's name.
 fn is_env_name(name: &str) -> bool {
     name.len() <= 64
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Whether `value`, given where a name or path belongs, looks like a key itself: it starts as keys do (OpenAI's
+/// `sk-`, Bedrock's `ABSK` and short-term `bedrock-api-key-`, a gateway key's `mg_` and hex digits), or it is long
+/// and holds none of the `separators` such a name or path would have (`/` in a path, `_` in a variable name).
+fn looks_like_key(value: &str, separators: &[char]) -> bool {
+    let gateway_key =
+        value.strip_prefix("mg_").is_some_and(|rest| rest.len() >= 16 && rest.bytes().all(|b| b.is_ascii_hexdigit()));
+    gateway_key
+        || ["sk-", "ABSK", "bedrock-api-key-"].iter().any(|p| value.starts_with(p))
+        || (value.len() >= 32 && !value.contains(separators))
+}
+
+/// `value` as an error may show it: quoted if it is a short word (letters, digits, `_ - . : [ ]`) and no key;
+/// otherwise (a key pasted into the wrong setting, say) not at all.
+pub(super) fn shown(value: &str) -> String {
+    let word = !value.is_empty()
+        && value.len() <= 40
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:[]".contains(&b));
+    if word && !looks_like_key(value, &[]) { format!("{value:?}") } else { "the value given".to_owned() }
 }
 
 fn check_prefix(prefix: &str) -> Result<(), &'static str> {
@@ -592,7 +624,7 @@ fn whole(errs: &mut Errors, key: &str, value: &super::raw::Whole) -> Option<u64>
 
 fn parse_addr(errs: &mut Errors, key: &str, value: &str) -> std::net::SocketAddr {
     value.parse().unwrap_or_else(|e| {
-        errs.push(key, format!("{value:?} is not an address like 0.0.0.0:8080: {e}"));
+        errs.push(key, format!("{} is not an address like 0.0.0.0:8080: {e}", shown(value)));
         std::net::SocketAddr::from(([127, 0, 0, 1], 0))
     })
 }
@@ -605,12 +637,15 @@ fn parse_duration(errs: &mut Errors, key: &str, value: &str, zero_ok: bool) -> D
         }
         // hyper adds `header_read_timeout` to the clock itself, which panics past what an `Instant` can hold.
         Ok(d) if std::time::Instant::now().checked_add(d).is_none() => {
-            errs.push(key, format!("{value:?} is too long"));
+            errs.push(key, format!("{} is too long", shown(value)));
             Duration::from_secs(1)
         }
         Ok(d) => d,
+        // humantime's message quotes the part it could not read: shown only with the value.
         Err(e) => {
-            errs.push(key, format!("{value:?} is not a duration like \"30s\" or \"5m\": {e}"));
+            let shown = shown(value);
+            let why = if shown.starts_with('"') { format!(": {e}") } else { String::new() };
+            errs.push(key, format!("{shown} is not a duration like \"30s\" or \"5m\"{why}"));
             Duration::from_secs(1)
         }
     }
@@ -687,7 +722,7 @@ mod tests {
             errs,
             [
                 "server.max_connections: -1 is not a whole number",
-                "server.workers: 2 is not a whole number",
+                "server.workers: 2.0 is not a whole number",
                 "server.max_body_bytes: 1.5 is not a whole number",
             ]
         );
@@ -876,6 +911,68 @@ mod tests {
         assert!(errs[0].starts_with("upstream.api_key_env: is not an environment variable name"), "{errs:?}");
         assert!(!errs[0].contains("ABSK"), "{errs:?}");
         assert!(errors(&format!("[upstream]\napi_key_env = \"MY_KEY_2\"\n{BASE}")).is_empty());
+    }
+
+    #[test]
+    fn a_key_given_for_the_key_file_or_variable_is_refused_and_never_echoed() {
+        let gateway_key = format!("mg_{}", "0123456789abcdef".repeat(4));
+        for (setting, value) in [
+            ("api_key_file", "sk-proj-hunter2abc"),
+            ("api_key_file", "ABSKQmVkcm9ja0FQSUtleS1hunter2"),
+            ("api_key_file", "bedrock-api-key-YmVkcm9ja2h1bnter2"),
+            ("api_key_file", gateway_key.as_str()),
+            ("api_key_file", "Qm9ja0FQSUtleS1hYmNkZWZnaGlqa2hunter2xtbm9w"),
+            // Shaped like a variable name, but a key all the same.
+            ("api_key_env", "ABSKQmVkcm9ja0FQSUtleShunter2"),
+            ("api_key_env", "Qm9ja0FQSUtleS1hYmNkZWZnaGlqa2hunter2xtbm9w"),
+        ] {
+            let errs = errors(&format!("[upstream]\n{setting} = \"{value}\"\n{BASE}"));
+            assert_eq!(errs.len(), 1, "{value}: {errs:?}");
+            assert!(errs[0].starts_with(&format!("upstream.{setting}: ")), "{errs:?}");
+            assert!(errs[0].contains("never the key itself"), "{errs:?}");
+            assert!(!errs[0].contains("hunter2") && !errs[0].contains("0123456789abcdef"), "{errs:?}");
+        }
+        for (setting, value) in [
+            ("api_key_file", "/var/run/secrets/mantle/api-key"),
+            ("api_key_file", "api-key"),
+            ("api_key_file", "/var/run/secrets/a-rather-long-directory-name/and-a-long-file-name"),
+            ("api_key_env", "MANTLE_API_KEY"),
+            ("api_key_env", "A_RATHER_LONG_NAME_FOR_THE_VARIABLE_WITH_THE_KEY"),
+        ] {
+            assert_eq!(
+                errors(&format!("[upstream]\n{setting} = \"{value}\"\n{BASE}")),
+                Vec::<String>::new(),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_value_that_is_no_word_is_not_echoed_in_errors() {
+        for (section, setting) in [
+            ("callers", "auth"),
+            ("upstream", "auth"),
+            ("attribution", "unattributed"),
+            ("server", "listen"),
+            ("server", "admin_listen"),
+            ("server", "shutdown_grace"),
+            ("upstream", "idle_timeout"),
+            ("server", "max_body_bytes"),
+        ] {
+            for secret in ["sk-hunter2", "ABSKhunter2", "Bearer hunter2", "hunter2/hunter2=="] {
+                let errs = errors(&format!("[{section}]\n{setting} = \"{secret}\"\n{BASE}"));
+                let line = errs.iter().find(|e| e.starts_with(&format!("{section}.{setting}: "))).expect("an error");
+                assert!(line.contains("the value given"), "{line}");
+                assert!(errs.iter().all(|e| !e.contains("hunter2")), "{errs:?}");
+            }
+        }
+        // A plain word is named, so a typo can be seen.
+        let errs = errors(&format!("[callers]\nauth = \"key\"\n{BASE}"));
+        assert_eq!(errs, ["callers.auth: \"key\" is not one of \"keys\", \"none\""]);
+        let errs = errors(&format!("[server]\nlisten = \"0.0.0.0:80800\"\n{BASE}"));
+        assert!(errs[0].starts_with("server.listen: \"0.0.0.0:80800\" is not an address"), "{errs:?}");
+        let errs = errors(&format!("[upstream]\nidle_timeout = \"5x\"\n{BASE}"));
+        assert!(errs[0].starts_with("upstream.idle_timeout: \"5x\" is not a duration"), "{errs:?}");
     }
 
     #[test]

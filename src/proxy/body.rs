@@ -1,5 +1,6 @@
-//! Bodies in both directions. Request bodies stream through under the `max_body_bytes` cap, except where
-//! the gateway must read the JSON to learn the model; then they are read whole, still under the cap.
+//! Bodies in both directions. Request bodies stream through under the `max_body_bytes` cap, except where the
+//! gateway must read or sign them (the model for a project's allowlist, a chat request's stream flag for metering,
+//! the SigV4 body hash); then they are read whole, still under the cap.
 //! Response bodies pass through [`Observed`], which forwards each frame the moment it arrives, ends a stream
 //! that falls silent for longer than `idle_timeout`, and tells the request's [`InFlight`] record of its first
 //! byte and its end.
@@ -25,12 +26,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Rejects a request whose declared length is over the cap before a byte of it is read.
 pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), GatewayError> {
-    let declared =
-        headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    match declared {
+    match declared_length(headers) {
         Some(len) if len > limit => Err(GatewayError::RequestTooLarge(limit)),
         _ => Ok(()),
     }
+}
+
+/// The body length a message's `Content-Length` declares, if it declares one.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
 }
 
 /// A request body on its way upstream: the caller's, streamed, or one the gateway read whole (and may have
@@ -301,9 +305,12 @@ pin_project_lite::pin_project! {
         idle_timeout: Duration,
         record: InFlight,
         done: bool,
-        // Upstream's body failed: given to hyper on the next poll, not this one. hyper closes the connection on
-        // a body's error without writing what it holds, so an error returned at once, right behind the first
-        // bytes, would leave the caller without the head and those bytes. One poll later, hyper has written them.
+        // Upstream's body failed: the record is told at once, but hyper gets the error only on the next poll.
+        // hyper drops the connection on a body's error without flushing its write buffer, so an error returned
+        // at once, right behind the first bytes, would lose the head and the frames still buffered. Instead this
+        // poll wakes the task and returns `Pending`, on which hyper flushes what it holds before polling again
+        // (in the same turn or the next) and getting the error. Only what the caller's socket takes in that
+        // flush is saved: from a caller that is not reading, the rest is lost all the same.
         failed: Option<axum::BoxError>,
     }
 }

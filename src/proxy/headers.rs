@@ -133,48 +133,102 @@ fn is_underscore_spelling(name: &str) -> bool {
         })
 }
 
-/// The caller's query without the parameters that carry a credential (`api_key`, `key`, `token`,
-/// `access_token`, SigV4's `X-Amz-*`, ...: names compared without case, `-` as `_`, percent escapes decoded), so
-/// that a key pasted into a URL never reaches AWS; none when it holds none. The rest is kept as sent.
+/// The caller's query without the parameters that carry a credential, so that a key pasted into a URL never
+/// reaches AWS; none when it holds none. The rest is kept as sent, separators (`&` or `;`) included. A parameter
+/// carries a credential when its name is one that does ([`CREDENTIAL_PARAMS`]: compared after percent-decoding,
+/// without case, without `-`, `_` and `.`, and without a `[...]` suffix, so `apiKey`, `API-KEY`, `api_key[]` and
+/// `api%5Fkey` are all `api_key`; and SigV4's `X-Amz-*`), or when its name or value holds a gateway key
+/// (`mg_` and 64 hex digits).
 pub fn query_without_credentials(query: &str) -> Option<String> {
-    let params: Vec<&str> = query.split('&').collect();
-    let kept: Vec<&str> =
-        params.iter().copied().filter(|p| !is_credential_param(p.split('=').next().unwrap_or(""))).collect();
-    (kept.len() != params.len()).then(|| kept.join("&"))
+    let mut kept = String::with_capacity(query.len());
+    let (mut dropped, mut any_kept) = (false, false);
+    // The separator after the previous parameter, which goes before the next one kept.
+    let mut separator = None;
+    for piece in query.split_inclusive(['&', ';']) {
+        let (param, after) = match piece.strip_suffix(['&', ';']) {
+            Some(param) => (param, piece[param.len()..].chars().next()),
+            None => (piece, None),
+        };
+        if carries_credential(param) {
+            dropped = true;
+        } else {
+            if any_kept {
+                kept.extend(separator);
+            }
+            kept.push_str(param);
+            any_kept = true;
+        }
+        separator = after;
+    }
+    dropped.then_some(kept)
 }
 
-fn is_credential_param(name: &str) -> bool {
-    const NAMES: [&str; 12] = [
-        "api_key",
-        "apikey",
-        "key",
-        "access_token",
-        "token",
-        "auth",
-        "authorization",
-        "x_api_key",
-        "openai_api_key",
-        "anthropic_api_key",
-        "api_token",
-        "bearer",
-    ];
-    let mut decoded = Vec::with_capacity(name.len());
-    let mut bytes = name.bytes();
+/// Parameter names that carry a credential, as [`query_without_credentials`] compares them.
+const CREDENTIAL_PARAMS: [&str; 17] = [
+    "apikey",
+    "key",
+    "accesstoken",
+    "token",
+    "auth",
+    "authorization",
+    "xapikey",
+    "openaiapikey",
+    "anthropicapikey",
+    "apitoken",
+    "bearer",
+    "sessiontoken",
+    "securitytoken",
+    "idtoken",
+    "clientsecret",
+    "secret",
+    "password",
+];
+
+fn carries_credential(param: &str) -> bool {
+    let (name, value) = param.split_once('=').unwrap_or((param, ""));
+    let name = percent_decoded(name);
+    let bare: String = name
+        .split(|&b| b == b'[')
+        .next()
+        .unwrap_or_default()
+        .iter()
+        .filter(|b| !matches!(b, b'-' | b'_' | b'.' | b' '))
+        .map(|b| char::from(b.to_ascii_lowercase()))
+        .collect();
+    CREDENTIAL_PARAMS.contains(&bare.as_str())
+        || bare.starts_with("xamz")
+        || holds_gateway_key(&name)
+        || holds_gateway_key(&percent_decoded(value))
+}
+
+/// `text` with its percent escapes decoded and `+` read as a space, as a server reading a query would.
+fn percent_decoded(text: &str) -> Vec<u8> {
+    let mut decoded = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
     while let Some(b) = bytes.next() {
         let hex = |b: Option<u8>| b.and_then(|b| char::from(b).to_digit(16));
         match b {
-            b'%' => match (hex(bytes.next()), hex(bytes.next())) {
-                (Some(hi), Some(lo)) => decoded.push((hi * 16 + lo) as u8),
-                _ => decoded.push(b'%'),
-            },
+            b'%' => {
+                let (hi, lo) = (bytes.clone().next(), bytes.clone().nth(1));
+                match (hex(hi), hex(lo)) {
+                    (Some(hi), Some(lo)) => {
+                        decoded.push((hi * 16 + lo) as u8);
+                        bytes.nth(1);
+                    }
+                    _ => decoded.push(b'%'),
+                }
+            }
             b'+' => decoded.push(b' '),
             b => decoded.push(b),
         }
     }
-    let name: String =
-        decoded.iter().map(|b| if *b == b'-' { '_' } else { char::from(b.to_ascii_lowercase()) }).collect();
-    let name = name.trim();
-    NAMES.contains(&name) || name.starts_with("x_amz_")
+    decoded
+}
+
+/// Whether `bytes` hold a gateway key: `mg_` and 64 hex digits.
+fn holds_gateway_key(bytes: &[u8]) -> bool {
+    const HEX: usize = 64;
+    bytes.windows(3 + HEX).any(|w| w.starts_with(b"mg_") && w[3..].iter().all(u8::is_ascii_hexdigit))
 }
 
 /// The caller's request id if it is a sane one, else a fresh UUID (version 4, from a thread-local generator
@@ -318,6 +372,56 @@ mod tests {
         assert_eq!(q("X-Amz-Signature=s&X-Amz-Credential=c&stream=true"), Some("stream=true".into()));
         assert_eq!(q("access_token=t"), Some(String::new()));
         assert_eq!(q("keys=1&monkey=2"), None, "only whole names");
+        assert_eq!(q("include[]=a&limit=2;order=asc"), None);
+    }
+
+    #[test]
+    fn credential_parameters_are_found_however_they_are_spelled() {
+        let q = query_without_credentials;
+        for name in [
+            "apiKey",
+            "ApiKey",
+            "api-key",
+            "api.key",
+            "accessToken",
+            "access-token",
+            "x-api-key",
+            "X_API_KEY",
+            "Authorization",
+            "x-amz-signature",
+            "X-AMZ-CREDENTIAL",
+            "X-Amz-Security-Token",
+            "api_key[0]",
+            "api_key[]",
+            "apiKey%5B%5D",
+            "token[value]",
+            "%61pi_key",
+        ] {
+            assert_eq!(q(&format!("a=1&{name}=SECRET&b=2")), Some("a=1&b=2".into()), "{name}");
+            assert_eq!(q(&format!("{name}=SECRET")), Some(String::new()), "{name}");
+        }
+    }
+
+    #[test]
+    fn semicolons_separate_parameters_too_and_are_kept() {
+        let q = query_without_credentials;
+        assert_eq!(q("a=1;api_key=SECRET;b=2"), Some("a=1;b=2".into()));
+        assert_eq!(q("api_key=SECRET;b=2&c=3"), Some("b=2&c=3".into()));
+        assert_eq!(q("a=1&b=2;token=SECRET"), Some("a=1&b=2".into()));
+        assert_eq!(q("a=1;key=SECRET&b=2"), Some("a=1&b=2".into()));
+    }
+
+    #[test]
+    fn a_gateway_key_in_any_parameter_never_goes_upstream() {
+        let key = format!("mg_{}", "0123456789abcdef".repeat(4));
+        let q = query_without_credentials;
+        assert_eq!(q(&format!("a=1&note={key}&b=2")), Some("a=1&b=2".into()));
+        assert_eq!(q(&format!("a=1&x=Bearer%20{key}")), Some("a=1".into()));
+        assert_eq!(q(&format!("{key}&b=2")), Some("b=2".into()));
+        assert_eq!(q(&format!("{}=1&b=2", key.replace('_', "%5F"))), Some("b=2".into()));
+        // Not a gateway key: too short, or not hex.
+        assert_eq!(q(&format!("a={}", &key[..40])), None);
+        assert_eq!(q(&format!("a={}", key.replace('a', "g"))), None);
     }
 
     #[test]

@@ -60,7 +60,11 @@ pub struct Worker {
 
 /// A response body: upstream's, observed on its way through, or the gateway's own answer. Upstream's is boxed
 /// all the same: hyper moves the response several times on its way out, and the observed body is large.
-pub type ResponseBody = Either<Pin<Box<body::Observed<client::UpstreamBody>>>, Body>;
+pub type ResponseBody = Either<Pin<Box<body::Observed<UpstreamAnswer>>>, Body>;
+
+/// Upstream's response body as the caller gets it: as it arrives, or as the gateway read it (a 403 read to
+/// learn whether it refused the gateway's credential, and passed on when it did not).
+pub type UpstreamAnswer = Either<client::UpstreamBody, http_body_util::Full<bytes::Bytes>>;
 
 /// A request the request filter let through: where it goes.
 struct Admitted<'s> {
@@ -81,7 +85,7 @@ enum Upload {
 
 /// A request upstream answered.
 struct Forwarded {
-    response: Response<client::UpstreamBody>,
+    response: Response<UpstreamAnswer>,
     endpoint: Endpoint,
     /// The gateway asked for stream usage the client did not ask for.
     usage_injected: bool,
@@ -121,6 +125,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let admitted = request_filter(snapshot, &parts, record)?;
     let upstream = &snapshot.config.upstream;
+    let started = tokio::time::Instant::now();
     // Reading the caller's body (when it is read whole) and waiting for upstream's response head share one
     // deadline, so a caller that trickles its body cannot hold a request open longer than upstream may.
     // Pinned where it is built: the exchange is large, and moved into the timeout it would be copied.
@@ -144,14 +149,9 @@ async fn forward(
             });
             Err(GatewayError::UpstreamUnreachable)
         }
-        Ok(Ok((Ok(response), _)))
-            if matches!(response.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
-                && snapshot.credential.replaces_callers() =>
-        {
-            Err(upstream_refused(worker, response, record).await)
-        }
         Ok(Ok((Ok(response), usage_injected))) => {
-            worker.upstream_auth.accepted();
+            let remaining = upstream.response_timeout.saturating_sub(started.elapsed());
+            let response = credential_filter(worker, snapshot, response, remaining, record).await?;
             Ok(Forwarded { response, endpoint: admitted.endpoint, usage_injected })
         }
         Ok(Ok((Err(e), _))) => Err(upstream_error(&*e, snapshot, record)),
@@ -185,18 +185,31 @@ fn request_filter<'s>(
     })
 }
 
-/// What hyper leaves to the server to refuse (RFC 9112): an HTTP/1.1 request without exactly one `Host` (section
-/// 3.2: 400), and a transfer coding other than `chunked` (section 6.1: 501; hyper takes the last coding,
-/// `chunked`, and would have the gateway forward the rest of the coding's bytes as the body).
+/// What hyper leaves to the server to refuse (RFC 9112): more than one `Host` in any request, or none in an
+/// HTTP/1.1 one (section 3.2: 400); `chunked` applied more than once (section 6.1: 400, as hyper refuses a
+/// coding list it cannot read); and a transfer coding other than `chunked` (section 6.1: 501; hyper takes the last
+/// coding, `chunked`, and would have the gateway forward the rest of the coding's bytes as the body). A
+/// `Transfer-Encoding` list is read across every field line, and its empty elements (`chunked, ,`) are no coding
+/// (RFC 9110 section 5.6.1).
 fn well_formed(parts: &Parts) -> Result<(), GatewayError> {
-    if parts.version == Version::HTTP_11 && parts.headers.get_all(http::header::HOST).iter().count() != 1 {
-        return Err(GatewayError::InvalidRequest("an HTTP/1.1 request carries exactly one Host header".into()));
+    let hosts = parts.headers.get_all(http::header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) {
+        return Err(GatewayError::InvalidRequest(
+            "a request carries one Host header (an HTTP/1.1 request exactly one)".into(),
+        ));
     }
+    let mut chunked = 0;
     for value in parts.headers.get_all(http::header::TRANSFER_ENCODING) {
         let text = String::from_utf8_lossy(value.as_bytes());
-        if let Some(coding) = text.split(',').map(str::trim).find(|c| !c.eq_ignore_ascii_case("chunked")) {
-            return Err(GatewayError::UnsupportedTransferCoding(coding.chars().take(32).collect()));
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(GatewayError::UnsupportedTransferCoding(coding.chars().take(32).collect()));
+            }
+            chunked += 1;
         }
+    }
+    if chunked > 1 {
+        return Err(GatewayError::InvalidRequest("the chunked transfer coding is applied once at most".into()));
     }
     Ok(())
 }
@@ -306,43 +319,136 @@ fn upstream_uri(path: &str, query: Option<&str>) -> Result<Uri, GatewayError> {
     Ok(Uri::from(path_and_query))
 }
 
-/// How much of upstream's refusal is read, and for how long, to say in the log what it said.
+/// How much of an upstream 401 or 403 body the gateway reads (they are small), and for how long at most for a
+/// 401, whose body is read only for the log.
 const REFUSAL_READ: (u64, std::time::Duration) = (16 * 1024, std::time::Duration::from_secs(5));
 
-/// Upstream refused the gateway's own credential: counted, logged once per burst with what upstream said (its
-/// error's code, never its message, which may quote the key), and answered as the gateway's fault.
-async fn upstream_refused(
+/// Upstream's answer, judged for what it says of the gateway's own credential. With the caller's own credential
+/// passed through, a refusal is about the caller's and passes through. Otherwise a 401 is always the gateway's
+/// credential refused; a 403 is only when its error code says so (a permission error, such as a model the
+/// account may not use, is upstream's answer to the request, and passes through unchanged), so its body is read,
+/// within `remaining` of the request's deadline, and sent on as read when it passes through.
+async fn credential_filter(
     worker: &Worker,
+    snapshot: &Snapshot,
     response: Response<client::UpstreamBody>,
+    remaining: std::time::Duration,
     record: &mut InFlight,
-) -> GatewayError {
-    let status = response.status().as_u16();
-    if let Some(unlogged) = worker.upstream_auth.refused(status) {
-        let (limit, within) = REFUSAL_READ;
-        let body = tokio::time::timeout(within, body::read(response.into_body(), limit)).await;
-        let code = body.ok().and_then(Result::ok).map(|b| upstream_error_code(&b)).unwrap_or_default();
-        record.span().in_scope(|| {
-            tracing::error!(
-                upstream_status = status,
-                upstream_code = %code,
-                unlogged_since_last = unlogged,
-                hint = worker.live.load().credential.refusal_hint(),
-                "upstream refused the gateway's own credential (callers get 502 upstream_auth_failed)"
-            );
-        });
+) -> Result<Response<UpstreamAnswer>, GatewayError> {
+    let status = response.status();
+    if upstream_auth::shows_acceptance(status) {
+        worker.upstream_auth.accepted();
+    }
+    if !snapshot.credential.replaces_callers() || !matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        return Ok(response.map(Either::Left));
+    }
+    let (limit, log_within) = REFUSAL_READ;
+    if status == StatusCode::UNAUTHORIZED {
+        if let Some(unlogged) = worker.upstream_auth.refused(status.as_u16()) {
+            let (parts, body) = response.into_parts();
+            let read = tokio::time::timeout(remaining.min(log_within), body::read(body, limit)).await;
+            let code = read.ok().and_then(Result::ok).map(|b| error_codes(&parts.headers, &b)).unwrap_or_default();
+            log_refusal(worker, record, status, code.first().map_or("", String::as_str), unlogged);
+        }
+        return Err(GatewayError::UpstreamAuthFailed);
+    }
+    // A 403 too large to read whole is judged by its header alone.
+    if body::declared_length(response.headers()).is_some_and(|n| n > limit) {
+        return match credential_code(&error_codes(response.headers(), b"")) {
+            Some(code) => Err(refused_403(worker, record, &code)),
+            None => Ok(response.map(Either::Left)),
+        };
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = match tokio::time::timeout(remaining, body::read(body, limit)).await {
+        Err(_) => return Err(GatewayError::UpstreamTimeout),
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            record.span().in_scope(|| {
+                tracing::warn!(
+                    upstream_status = status.as_u16(),
+                    error = %e,
+                    limit,
+                    "upstream's 403 body could not be read whole"
+                );
+            });
+            return Err(GatewayError::UpstreamUnreachable);
+        }
+    };
+    match credential_code(&error_codes(&parts.headers, &bytes)) {
+        Some(code) => Err(refused_403(worker, record, &code)),
+        None => Ok(Response::from_parts(parts, Either::Right(http_body_util::Full::new(bytes)))),
+    }
+}
+
+/// A 403 whose code says upstream refused the gateway's credential: counted, and logged if it is the first of a
+/// burst.
+fn refused_403(worker: &Worker, record: &mut InFlight, code: &str) -> GatewayError {
+    if let Some(unlogged) = worker.upstream_auth.refused(StatusCode::FORBIDDEN.as_u16()) {
+        log_refusal(worker, record, StatusCode::FORBIDDEN, code, unlogged);
     }
     GatewayError::UpstreamAuthFailed
 }
 
-/// The code of an error body, as OpenAI (`error.code`, else `error.type`) or AWS (`__type`, `code`) shape it;
-/// kept to a short id.
-fn upstream_error_code(body: &[u8]) -> String {
-    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let code = [&value["error"]["code"], &value["error"]["type"], &value["__type"], &value["code"], &value["type"]]
-        .into_iter()
-        .find_map(|v| v.as_str())
-        .unwrap_or("");
-    code.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '#')).take(64).collect()
+/// The error line for the first refusal of a burst, with what upstream said (its error's code, never its
+/// message, which may quote the key).
+fn log_refusal(worker: &Worker, record: &mut InFlight, status: StatusCode, code: &str, unlogged: u64) {
+    record.span().in_scope(|| {
+        tracing::error!(
+            upstream_status = status.as_u16(),
+            upstream_code = %code,
+            unlogged_since_last = unlogged,
+            hint = worker.live.load().credential.refusal_hint(),
+            "upstream refused the gateway's own credential (callers get 502 upstream_auth_failed)"
+        );
+    });
+}
+
+/// The error codes that say upstream did not accept the credential itself (OpenAI's, Anthropic's, and AWS's
+/// for a key, a signature or a token it does not take), as opposed to what the credential may do
+/// (`AccessDeniedException`, a model permission error).
+const CREDENTIAL_CODES: [&str; 11] = [
+    "invalid_api_key",
+    "authentication_error",
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+    "IncompleteSignature",
+    "InvalidClientTokenId",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "MissingAuthenticationToken",
+    "MissingAuthenticationTokenException",
+];
+
+/// The first of `codes` that says the credential itself was refused.
+pub fn credential_code(codes: &[String]) -> Option<String> {
+    codes.iter().find(|code| CREDENTIAL_CODES.iter().any(|c| c.eq_ignore_ascii_case(code))).cloned()
+}
+
+/// The error codes an upstream error gives, most specific first, each kept to a short id: AWS's
+/// `x-amzn-errortype` header (`UnrecognizedClientException:http://...`, the part before `:`), then the body's,
+/// as OpenAI (`error.code`, `error.type`) or AWS (`__type`, `com.amazon.coral.service#ExpiredTokenException`:
+/// the part after `#`; `code`) shape it.
+pub fn error_codes(headers: &http::HeaderMap, body: &[u8]) -> Vec<String> {
+    let short = |code: &str| -> String {
+        code.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')).take(64).collect()
+    };
+    let mut codes = Vec::new();
+    for value in headers.get_all("x-amzn-errortype") {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        codes.push(short(text.split(':').next().unwrap_or("")));
+    }
+    if !body.is_empty() {
+        let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        for v in [&value["error"]["code"], &value["error"]["type"], &value["__type"], &value["code"], &value["type"]] {
+            if let Some(code) = v.as_str() {
+                codes.push(short(code.rsplit('#').next().unwrap_or("")));
+            }
+        }
+    }
+    codes.retain(|c| !c.is_empty());
+    codes
 }
 
 /// The gateway's answer to an exchange with upstream that failed before its response head.

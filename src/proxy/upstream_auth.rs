@@ -1,8 +1,9 @@
 //! Whether upstream accepts the gateway's own credential. A caller's key never reaches upstream, so an upstream
-//! 401 or 403 (with the gateway's key, not a caller's passed through) is always the gateway's problem: callers
-//! get 502 `upstream_auth_failed` instead of an error their SDK would blame on their own key, each refusal is
-//! counted (`mantlegate_upstream_auth_failures_total`), the operator gets one error line per burst (not one per
-//! request), and `/readyz` says so while no request has been accepted since.
+//! refusal of the credential (with the gateway's key, not a caller's passed through: a 401, or a 403 whose code
+//! says so, as `proxy` judges it) is always the gateway's problem: callers get 502 `upstream_auth_failed`
+//! instead of an error their SDK would blame on their own key, each refusal is counted
+//! (`mantlegate_upstream_auth_failures_total`), the operator gets one error line per burst (not one per request),
+//! and `/readyz` says so until upstream shows it accepts the credential again ([`shows_acceptance`]).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,11 +54,16 @@ impl UpstreamAuth {
         Some(std::mem::take(&mut state.since_logged))
     }
 
-    /// Upstream answered a request without refusing the credential.
+    /// Upstream answered a request in a way that shows it accepted the credential (see [`shows_acceptance`]).
+    /// After refusals, says so once, and ends the burst: the next refusal is logged again, however soon.
     pub fn accepted(&self) {
         // A load per request, a store only after a refusal: the line stays shared between threads.
         if self.failing.load(Ordering::Acquire) && self.failing.swap(false, Ordering::AcqRel) {
-            tracing::info!("upstream accepts the gateway's credential again");
+            let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            state.logged = None;
+            let unlogged = std::mem::take(&mut state.since_logged);
+            drop(state);
+            tracing::info!(unlogged_refusals = unlogged, "upstream accepts the gateway's credential again");
         }
     }
 
@@ -68,6 +74,18 @@ impl UpstreamAuth {
         }
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last
     }
+}
+
+/// Whether an upstream answer with `status` shows that upstream accepted the gateway's credential: a success, or
+/// a caller's error (400, 404, 413, ...), which upstream gives only after authentication. 401 and 403 may be
+/// refusals, and a 429 or a 5xx can come before authentication (a throttle, an outage), so they say nothing.
+pub fn shows_acceptance(status: http::StatusCode) -> bool {
+    status.is_success()
+        || (status.is_client_error()
+            && !matches!(
+                status,
+                http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN | http::StatusCode::TOO_MANY_REQUESTS
+            ))
 }
 
 #[cfg(test)]
@@ -89,5 +107,27 @@ mod tests {
         assert_eq!(auth.refused(401), Some(2));
         auth.accepted();
         assert_eq!(auth.failing_since(), None);
+    }
+
+    #[test]
+    fn an_acceptance_ends_the_burst_so_the_next_refusal_is_logged_again() {
+        let auth = UpstreamAuth::new(Counter::default());
+        assert_eq!(auth.refused(401), Some(0));
+        assert_eq!(auth.refused(401), None);
+        auth.accepted();
+        // Well within a minute of the first line, but a new burst.
+        assert_eq!(auth.refused(403), Some(0), "the first refusal after an acceptance is logged");
+        assert_eq!(auth.refused(403), None);
+    }
+
+    #[test]
+    fn only_answers_that_show_the_credential_was_accepted_count() {
+        let accepts = |code: u16| shows_acceptance(http::StatusCode::from_u16(code).expect("status"));
+        for code in [200, 201, 204, 400, 404, 409, 413, 422] {
+            assert!(accepts(code), "{code}");
+        }
+        for code in [401, 403, 429, 500, 502, 503, 504, 101, 304] {
+            assert!(!accepts(code), "{code}");
+        }
     }
 }

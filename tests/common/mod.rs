@@ -587,7 +587,8 @@ pub async fn read_answer(tcp: &mut tokio::net::TcpStream, mut got: Vec<u8>) -> A
         Some(at) => (String::from_utf8_lossy(&got[..at]).into_owned(), got[at + 4..].to_vec()),
         None => (String::from_utf8_lossy(&got).into_owned(), Vec::new()),
     };
-    let status = match head.strip_prefix("HTTP/1.1 ") {
+    // hyper answers an HTTP/1.0 request in HTTP/1.0.
+    let status = match head.strip_prefix("HTTP/1.1 ").or_else(|| head.strip_prefix("HTTP/1.0 ")) {
         Some(rest) => rest.get(..3).and_then(|s| s.parse().ok()).unwrap_or(0),
         None => 0,
     };

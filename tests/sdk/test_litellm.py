@@ -71,7 +71,7 @@ def test_litellm_forbidden_project(gateway, upstream):
 
     err = info.value
     assert err.status_code == 403
-    assert 'project "Search" is not allowed' in err.message
+    assert "the project the request names is not allowed" in err.message
     assert err.response.json()["error"]["code"] == "project_not_allowed"
     assert upstream.requests() == []
 
