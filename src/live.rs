@@ -345,6 +345,11 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<String> {
     keep("upstream.base_url", upstream_moved);
     new.upstream.scheme = running.upstream.scheme.clone();
     new.upstream.authority = running.upstream.authority.clone();
+    if upstream_moved {
+        // Requests are signed for the region of the host they still go to, not the new host's.
+        keep("upstream.region", new.upstream.region != running.upstream.region);
+        new.upstream.region = running.upstream.region.clone();
+    }
     kept
 }
 
@@ -487,5 +492,23 @@ mod tests {
         );
         // What can change in place does.
         assert_eq!((new.server.max_body_bytes, new.upstream.response_timeout), (10, Duration::from_secs(1)));
+    }
+
+    /// A new host's region goes with the host: kept until a restart, or requests would be signed for one region
+    /// and sent to another.
+    #[test]
+    fn a_region_that_follows_a_kept_base_url_is_kept_with_it() {
+        let host = |region: &str| {
+            format!("[upstream]\nbase_url = \"https://bedrock-mantle.{region}.api.aws\"\nauth = \"sigv4\"\n")
+        };
+        let running = Config::from_toml(&format!("{}{CONFIG}", host("us-east-1"))).expect("config");
+        let mut new = Config::from_toml(&format!("{}{CONFIG}", host("us-west-2"))).expect("config");
+        assert_eq!(new.upstream.region.as_deref(), Some("us-west-2"));
+        let kept = keep_restart_only(&mut new, &running);
+        assert_eq!(kept, ["upstream.base_url", "upstream.region"]);
+        assert_eq!(
+            (&new.upstream.authority, new.upstream.region.as_deref()),
+            (&running.upstream.authority, Some("us-east-1"))
+        );
     }
 }

@@ -77,13 +77,14 @@ impl Signer {
             .settings(self.settings.clone())
             .build()?
             .into();
-        // Some values go unsigned, as AWS allows for any header but `host` and `x-amz-*` (which the gateway alone
-        // sets): one that is not text (obs-text bytes) cannot be signed, and one holding a tab is canonicalized
-        // differently by the SDKs (botocore folds it into a space, the Rust SDK keeps it), so AWS's reading of it
-        // cannot be known.
-        let signed = headers.iter().filter_map(|(name, value)| {
-            let value = value.to_str().ok().filter(|value| !value.contains('\t'))?;
-            Some((name.as_str(), value))
+        // Some headers go unsigned, as AWS allows for any but `host` and `x-amz-*` (which the gateway alone sets):
+        // one with a value that is not text (obs-text bytes) cannot be signed, and one with a value holding a tab
+        // is canonicalized differently by the SDKs (botocore folds it into a space, the Rust SDK keeps it), so
+        // AWS's reading of it cannot be known. A repeated header goes unsigned whole if any of its values does:
+        // AWS joins them all into one signed value.
+        let signable = |value: &HeaderValue| value.to_str().is_ok_and(|text| !text.contains('\t'));
+        let signed = headers.keys().filter(|name| headers.get_all(*name).iter().all(signable)).flat_map(|name| {
+            headers.get_all(name).iter().filter_map(move |value| Some((name.as_str(), value.to_str().ok()?)))
         });
         let uri = format!("https://{}{path_and_query}", self.host.to_str().unwrap_or_default());
         let request = SignableRequest::new(method.as_str(), uri, signed, SignableBody::Bytes(body))?;
@@ -125,6 +126,10 @@ mod tests {
             headers.insert("x-spaced", HeaderValue::from_static("a   b"));
             headers.insert("user-agent", HeaderValue::from_static("left/unsigned"));
             headers.insert("x-tabbed", HeaderValue::from_static("a\tb"));
+            headers.append("x-tabbed-twice", HeaderValue::from_static("plain"));
+            headers.append("x-tabbed-twice", HeaderValue::from_static("a\tb"));
+            headers.append("x-binary", HeaderValue::from_static("plain"));
+            headers.append("x-binary", HeaderValue::from_bytes(b"caf\xe9").expect("obs-text"));
             let at = SystemTime::UNIX_EPOCH + Duration::from_secs(AT);
             signer.sign_at(&Method::POST, "/v1/chat/completions?b=2&a=1", &mut headers, body, at).expect("signs");
             assert!(headers["authorization"].is_sensitive());

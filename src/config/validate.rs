@@ -521,7 +521,7 @@ fn aws_region(
             None
         }
         (Some(region), _) => Some(region.to_owned()),
-        (None, Some(named)) => Some(named.to_owned()),
+        (None, Some(named)) => Some(named),
         (None, None) => {
             errs.push(
                 "upstream.region",
@@ -536,15 +536,16 @@ fn aws_region(
 }
 
 /// The region in a bedrock-mantle host name, if it names one.
-fn region_of_host(host: &str) -> Option<&str> {
-    let host = host.strip_suffix('.').unwrap_or(host);
-    let labels: Vec<&str> = host.split('.').collect();
+fn region_of_host(host: &str) -> Option<String> {
+    // Host names are case-insensitive.
+    let host = host.to_ascii_lowercase();
+    let labels: Vec<&str> = host.strip_suffix('.').unwrap_or(&host).split('.').collect();
     let region = match labels.as_slice() {
-        [service, region, "api", "aws"] if service.starts_with("bedrock-mantle") => region,
+        ["bedrock-mantle" | "bedrock-mantle-fips", region, "api", "aws"] => region,
         [.., "bedrock-mantle", region, "vpce", "amazonaws", "com"] => region,
         _ => return None,
     };
-    is_region(region).then_some(*region)
+    is_region(region).then(|| (*region).to_owned())
 }
 
 /// Whether `name` has an AWS region's shape (`us-east-1`, `eu-central-2`, `us-gov-west-1`).
@@ -815,9 +816,11 @@ mod tests {
         for not in ["", "us", "us-east", "US-EAST-1", "us-east-x", "us--1", "useast-1", "us-east-1-", "-us-east-1"] {
             assert!(!is_region(not), "{not}");
         }
-        assert_eq!(region_of_host("bedrock-mantle.us-east-1.api.aws"), Some("us-east-1"));
-        assert_eq!(region_of_host("bedrock-mantle.us-east-1.api.aws."), Some("us-east-1"));
-        assert_eq!(region_of_host("bedrock-mantle-fips.us-gov-west-1.api.aws"), Some("us-gov-west-1"));
+        assert_eq!(region_of_host("bedrock-mantle.us-east-1.api.aws").as_deref(), Some("us-east-1"));
+        assert_eq!(region_of_host("bedrock-mantle.us-east-1.api.aws.").as_deref(), Some("us-east-1"));
+        assert_eq!(region_of_host("bedrock-mantle-fips.us-gov-west-1.api.aws").as_deref(), Some("us-gov-west-1"));
+        assert_eq!(region_of_host("Bedrock-Mantle.US-WEST-2.api.aws").as_deref(), Some("us-west-2"));
+        assert_eq!(region_of_host("bedrock-mantlefoo.us-east-1.api.aws"), None);
         assert_eq!(region_of_host("mantle.example.com"), None);
         assert_eq!(region_of_host("bedrock-mantle.api.aws"), None);
     }

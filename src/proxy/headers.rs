@@ -116,21 +116,15 @@ fn is_caller_credential(name: &HeaderName) -> bool {
     name == header::AUTHORIZATION || name == X_API_KEY || name.as_str().starts_with("x-amz-")
 }
 
-/// A header that identifies the caller to AWS, spelled with `_` for `-` (`openai_project`): some servers and
-/// proxies treat the two alike, so these never pass either.
+/// A header that identifies the caller to AWS, spelled with `_` for `-` (`openai_project`, `x_amz_date`): some
+/// servers and proxies treat the two alike, so these never pass either.
 fn is_underscore_spelling(name: &str) -> bool {
-    const GUARDED: [&str; 6] = [
-        "openai-project",
-        "anthropic-workspace-id",
-        "openai-organization",
-        "authorization",
-        "x-api-key",
-        "x-amz-security-token",
-    ];
-    name.contains('_')
-        && GUARDED.iter().any(|g| {
-            g.len() == name.len() && g.bytes().zip(name.bytes()).all(|(g, n)| g == n || (g == b'-' && n == b'_'))
-        })
+    const GUARDED: [&str; 5] =
+        ["openai-project", "anthropic-workspace-id", "openai-organization", "authorization", "x-api-key"];
+    let same = |guarded: &str, n: usize| {
+        name.len() >= n && guarded.bytes().zip(name.bytes()).take(n).all(|(g, n)| g == n || (g == b'-' && n == b'_'))
+    };
+    name.contains('_') && (GUARDED.iter().any(|g| g.len() == name.len() && same(g, g.len())) || same("x-amz-", 6))
 }
 
 /// The caller's query without the parameters that carry a credential, so that a key pasted into a URL never
@@ -274,6 +268,8 @@ mod tests {
             ("openai_project", "proj_evil"),
             ("x_api_key", "caller-key"),
             ("anthropic_workspace_id", "proj_evil"),
+            ("x_amz_date", "20200101T000000Z"),
+            ("x-amz_security_token", "caller-token"),
         ] {
             h.append(k, HeaderValue::from_static(v));
         }
@@ -307,6 +303,8 @@ mod tests {
             "openai_project",
             "x_api_key",
             "anthropic_workspace_id",
+            "x_amz_date",
+            "x-amz_security_token",
         ] {
             assert!(!h.contains_key(gone), "{gone} must not reach upstream");
         }

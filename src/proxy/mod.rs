@@ -293,18 +293,22 @@ fn upstream_request(
         parts.uri = upstream_uri(path, query)?;
     }
     parts.version = Version::HTTP_11;
-    let body = match upload {
-        Upload::Whole(bytes) => {
-            if let Credential::SigV4(signer) = &snapshot.credential {
-                let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-                if let Err(e) = signer.sign(&parts.method, target, &mut parts.headers, &bytes) {
-                    tracing::error!(error = %format!("{e:#}"), "the request could not be signed");
-                    return Err(GatewayError::UpstreamUnreachable);
-                }
+    let body = match (upload, &snapshot.credential) {
+        (Upload::Whole(bytes), Credential::SigV4(signer)) => {
+            let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+            if let Err(e) = signer.sign(&parts.method, target, &mut parts.headers, &bytes) {
+                tracing::error!(error = %format!("{e:#}"), "the request could not be signed");
+                return Err(GatewayError::UpstreamUnreachable);
             }
             body::whole(bytes)
         }
-        Upload::Streamed(body) => body,
+        // `request_body` reads every body whole for SigV4: an unsigned request never goes upstream.
+        (Upload::Streamed(_), Credential::SigV4(_)) => {
+            tracing::error!("a streamed body cannot be signed");
+            return Err(GatewayError::UpstreamUnreachable);
+        }
+        (Upload::Whole(bytes), _) => body::whole(bytes),
+        (Upload::Streamed(body), _) => body,
     };
     Ok(Request::from_parts(parts, body))
 }
