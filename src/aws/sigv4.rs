@@ -10,6 +10,7 @@ use aws_sigv4::http_request::{PayloadChecksumKind, SignableBody, SignableRequest
 use aws_sigv4::sign::v4;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use super::credentials::AwsCredentials;
 
@@ -17,6 +18,23 @@ use super::credentials::AwsCredentials;
 pub const SERVICE: &str = "bedrock-mantle";
 
 const SECURITY_TOKEN: HeaderName = HeaderName::from_static("x-amz-security-token");
+
+/// What a query component keeps unescaped in a canonical request: RFC 3986's unreserved characters.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// The query a signature can cover exactly, if `query` is not already it. The signer reads a query as a form
+/// (`+` a space, a bad escape replaced) and escapes each name and value anew; AWS does the same to the query it
+/// receives. Where the two spellings differ (`q=a+b`, `x=%7e`, `a=b:c`, `a=%FF`), what is signed and what AWS
+/// canonicalizes could differ, so the request is sent with the signer's spelling instead: its parameters in
+/// their order, each escaped as the canonical request escapes it.
+pub fn canonical_query(query: &str) -> Option<String> {
+    let escape = |text: &str| utf8_percent_encode(text, UNRESERVED).to_string();
+    let canonical = form_urlencoded::parse(query.as_bytes())
+        .map(|(name, value)| format!("{}={}", escape(&name), escape(&value)))
+        .collect::<Vec<_>>()
+        .join("&");
+    (canonical != query).then_some(canonical)
+}
 
 /// Signs requests for upstream.
 pub struct Signer {
@@ -42,7 +60,8 @@ impl Signer {
 
     /// Signs the request `method` `path_and_query` with `headers` and `body`, adding `x-amz-date`,
     /// `x-amz-content-sha256`, `x-amz-security-token` (for temporary credentials) and `authorization` to
-    /// `headers`; `Host` and `Content-Length` are set first, as they will be sent, so that they are signed.
+    /// `headers`; `Host` and `Content-Length` are set first, as they will be sent, so that they are signed. The
+    /// query must be its [`canonical_query`].
     pub fn sign(
         &self,
         method: &Method,
@@ -107,6 +126,24 @@ mod tests {
     use aws_credential_types::Credentials;
 
     use super::*;
+
+    #[test]
+    fn queries_are_sent_as_they_are_signed() {
+        for canonical in ["", "a=1", "b=2&a=1&a=0&empty=&sp%20ace=x%2Fy", "limit=20&after=resp_a.b-c_d~e"] {
+            assert_eq!(canonical_query(canonical), None, "{canonical}");
+        }
+        let cases = [
+            ("q=a+b", "q=a%20b"),
+            ("x=%7e&y=%2f", "x=~&y=%2F"),
+            ("a=b:c,d[0]", "a=b%3Ac%2Cd%5B0%5D"),
+            ("flag&a=1&&b", "flag=&a=1&b="),
+            ("a=%FF", "a=%EF%BF%BD"),
+        ];
+        for (query, sent) in cases {
+            assert_eq!(canonical_query(query).as_deref(), Some(sent), "{query}");
+            assert_eq!(canonical_query(sent), None, "{sent} is its own canonical form");
+        }
+    }
 
     /// 2026-12-02T12:26:06Z.
     const AT: u64 = 1_796_214_366;

@@ -295,6 +295,9 @@ fn upstream_request(
     parts.version = Version::HTTP_11;
     let body = match (upload, &snapshot.credential) {
         (Upload::Whole(bytes), Credential::SigV4(signer)) => {
+            if let Some(query) = parts.uri.query().and_then(crate::aws::sigv4::canonical_query) {
+                parts.uri = upstream_uri(parts.uri.path(), Some(query.as_str()).filter(|q| !q.is_empty()))?;
+            }
             let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
             if let Err(e) = signer.sign(&parts.method, target, &mut parts.headers, &bytes) {
                 tracing::error!(error = %format!("{e:#}"), "the request could not be signed");

@@ -7,9 +7,13 @@ expire, each request judged by a mock upstream that checks signatures and keys a
 from __future__ import annotations
 
 import datetime
+import json
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from unittest import mock
+from urllib.parse import parse_qsl, quote
 
 import httpx
 import pytest
@@ -35,6 +39,11 @@ def mock_upstream(request):
 
 def run_gateway(request, tmp_path, upstream, auth: str, env: dict[str, str]):
     return start_gateway(request, tmp_path, aws.config_text(upstream.url, auth), aws.gateway_env(tmp_path, **env))
+
+
+ODD_QUERY = "q=a+b&x=%7e&r=b:c,d&flag&bad=%FF"
+# ODD_QUERY as the canonical request spells it: read as a form, each name and value escaped but for A-Za-z0-9-_.~
+CANONICAL_ODD_QUERY = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in parse_qsl(ODD_QUERY, keep_blank_values=True))
 
 
 def send_variety(gw) -> None:
@@ -67,6 +76,8 @@ def send_variety(gw) -> None:
                     "anthropic-version": "2023-06-01",
                 },
             ),
+            # Spellings a signer and AWS could read differently: sent as they are signed.
+            client.get(f"/v1/models?{ODD_QUERY}"),
         ]
     for response in responses:
         assert response.status_code == 200, (response.request.url, response.status_code, response.text)
@@ -78,7 +89,7 @@ def test_sigv4_signatures_equal_botocores(request, tmp_path, mock_upstream, cred
     gw = run_gateway(request, tmp_path, mock_upstream, "sigv4", aws.static_env(creds))
     send_variety(gw)
     seen = mock_upstream.requests()
-    assert len(seen) == 6
+    assert len(seen) == 7
     for s in seen:
         # botocore signs every header it is given but its own exclusions (user-agent, expect, ...): given every
         # header upstream received, but those holding a tab (which the SDKs canonicalize differently, so the
@@ -96,6 +107,7 @@ def test_sigv4_signatures_equal_botocores(request, tmp_path, mock_upstream, cred
     assert seen[0].header_all("x-twice") == ["a", "b"]
     assert seen[1].header("content-length") == str(len(seen[1].body)), "a chunked upload goes with its length"
     assert seen[5].header("anthropic-workspace-id") == "proj_workload" and seen[5].header("x-api-key") is None
+    assert seen[6].target == f"/v1/models?{CANONICAL_ODD_QUERY}", seen[6].target
 
 
 def test_a_wrong_signature_is_refused(request, tmp_path, mock_upstream):
@@ -252,3 +264,77 @@ def test_serve_refuses_to_start_without_credentials(tmp_path, mock_upstream):
     assert checked.returncode == 0, checked.stderr
     assert "warning: no AWS credentials" in checked.stdout, checked.stdout
     assert mock_upstream.requests() == []
+
+
+class ContainerCredentials:
+    """The container credentials endpoint as the EKS Pod Identity agent and ECS serve it, on loopback: each fetch
+    hands out new credentials living SESSION_SECONDS, to callers presenting the pod's token."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.issued: dict[str, Creds] = {}
+        self.refused = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format, *args):  # noqa: A002 - quiet
+                pass
+
+            def do_GET(self):
+                if self.headers.get("Authorization") != outer.token:
+                    outer.refused += 1
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                n = len(outer.issued)
+                expiry = datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0) + datetime.timedelta(
+                    seconds=SESSION_SECONDS
+                )
+                creds = Creds(f"ASIAPODIDENTITY{n:05d}", f"pod/identity+secret/{n}", f"pod-identity-token-{n}", expiry)
+                outer.issued[creds.access_key] = creds
+                body = json.dumps(
+                    {
+                        "AccessKeyId": creds.access_key,
+                        "SecretAccessKey": creds.secret,
+                        "Token": creds.token,
+                        "AccountId": ACCOUNT,
+                        "Expiration": expiry.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/v1/credentials"
+
+
+def test_pod_identity_credentials_are_fetched_with_the_pods_token_and_refreshed(request, tmp_path, mock_upstream):
+    endpoint = ContainerCredentials("pod-identity-agent-token")
+    request.addfinalizer(endpoint.server.shutdown)
+    mock_upstream.verify = lambda seen: aws.check_signature(seen, endpoint.issued.get)
+    token_file = tmp_path / "eks-pod-identity-token"
+    token_file.write_text(endpoint.token)
+    env = {"AWS_CONTAINER_CREDENTIALS_FULL_URI": endpoint.url, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": str(token_file)}
+    gw = run_gateway(request, tmp_path, mock_upstream, "sigv4", env)
+
+    used: list[str] = []
+    deadline = time.monotonic() + 4 * SESSION_SECONDS
+    with httpx.Client(base_url=gw.url, timeout=20) as client:
+        while len(set(used)) < 2:
+            assert time.monotonic() < deadline, f"no refresh within {4 * SESSION_SECONDS} s: keys {set(used)}"
+            response = client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+            assert response.status_code == 200, response.text
+            used.append(aws.parse_authorization(mock_upstream.requests()[-1].header("authorization")).access_key)
+            time.sleep(0.25)  # pacing the traffic, not waiting for anything
+    assert endpoint.refused == 0
+    refreshed = [r for r in map(log_record, gw.log_path.read_text().splitlines()) if r and r.get("message") == "AWS credentials refreshed"]
+    assert refreshed and "container credentials endpoint" in refreshed[0]["source"], refreshed

@@ -284,7 +284,9 @@ def test_forbidden_project(gateway, upstream, base, asked):
         client.chat.completions.create(model=MODEL, messages=MESSAGES)
 
     assert_error(info.value, status=403, code="project_not_allowed", type_="permission_error")
-    assert asked in info.value.message
+    # An id is quoted back; a name never is (a configured project's name is not the caller's to learn, and what
+    # a caller sends as one may be a pasted key).
+    assert (asked in info.value.message) == asked.startswith("proj_"), info.value.message
     assert upstream.requests() == []
 
 
