@@ -4,7 +4,7 @@
 //! refreshed in the background before they expire, so a request only ever reads the credentials in hand.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use arc_swap::{ArcSwap, Guard};
@@ -17,6 +17,7 @@ use aws_credential_types::provider::error::CredentialsError;
 use aws_smithy_http_client::tls;
 use aws_smithy_runtime_api::client::identity::Identity;
 use aws_smithy_types::error::display::DisplayErrorContext;
+use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::metering::metrics::AwsCredentialMetrics;
@@ -34,12 +35,18 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// about a second each), this bounds them all.
 const FETCH_LIMIT: Duration = Duration::from_secs(30);
 
+/// The soonest credentials are fetched again, ahead of their time, after the last fetch: however many requests
+/// are refused, the chain (STS, say) is asked at most this often.
+const EARLY_FETCH_MIN: Duration = Duration::from_secs(5);
+
 /// Credentials from the AWS chain, kept fresh. Clones share them; the refresh stops when the last clone is gone.
 #[derive(Clone)]
 pub struct AwsCredentials(Arc<Shared>);
 
 struct Shared {
     current: Arc<ArcSwap<Current>>,
+    /// Wakes the refresher ahead of its time: upstream refused the credentials, or they are past their expiry.
+    fetch_now: Arc<Notify>,
     _refresher: DropGuard,
 }
 
@@ -64,21 +71,34 @@ impl AwsCredentials {
         metrics.refreshed(credentials.expiry());
         let first = refresh_in(credentials.expiry(), SystemTime::now());
         let current = Arc::new(ArcSwap::from_pointee(Current::new(credentials)));
-        let stop = CancellationToken::new();
-        tokio::spawn(refresh(chain, current.clone(), metrics, stop.clone(), first));
-        Ok(Self(Arc::new(Shared { current, _refresher: stop.drop_guard() })))
+        let (stop, fetch_now) = (CancellationToken::new(), Arc::new(Notify::new()));
+        let refresher = Refresher { chain, current: current.clone(), metrics, fetch_now: fetch_now.clone() };
+        tokio::spawn(refresher.run(stop.clone(), first));
+        Ok(Self(Arc::new(Shared { current, fetch_now, _refresher: stop.drop_guard() })))
     }
 
     /// `credentials`, never refreshed: for tests.
     #[cfg(test)]
     pub(crate) fn fixed(credentials: Credentials) -> Self {
         let current = Arc::new(ArcSwap::from_pointee(Current::new(credentials)));
-        Self(Arc::new(Shared { current, _refresher: CancellationToken::new().drop_guard() }))
+        let fetch_now = Arc::new(Notify::new());
+        Self(Arc::new(Shared { current, fetch_now, _refresher: CancellationToken::new().drop_guard() }))
     }
 
-    /// The credentials in hand.
+    /// The credentials in hand. Ones past their expiry (the refresh was late: the machine was suspended, or
+    /// the chain failed until now) are still given, and new ones fetched at once.
     pub fn current(&self) -> Guard<Arc<Current>> {
-        self.0.current.load()
+        let current = self.0.current.load();
+        if current.credentials.expiry().is_some_and(|at| at <= SystemTime::now()) {
+            self.0.fetch_now.notify_one();
+        }
+        current
+    }
+
+    /// Upstream refused these credentials (revoked, say, or their role's trust changed): fetch new ones now,
+    /// rather than at their scheduled refresh, which may be an hour away.
+    pub fn refused(&self) {
+        self.0.fetch_now.notify_one();
     }
 
     /// Where the credentials in hand came from, their access key's last four characters and when they expire:
@@ -125,44 +145,65 @@ async fn fetch(chain: &DefaultCredentialsChain) -> anyhow::Result<Credentials> {
     }
 }
 
-/// Refreshes the credentials in `current` whenever `wait` says, until `stop`.
-async fn refresh(
+/// The background refresh of one set of credentials.
+struct Refresher {
     chain: DefaultCredentialsChain,
     current: Arc<ArcSwap<Current>>,
     metrics: AwsCredentialMetrics,
-    stop: CancellationToken,
-    mut wait: Option<Duration>,
-) {
-    let mut retry = RETRY_MIN;
-    // Credentials that never expire (static keys in the environment or a profile) are never refreshed.
-    while let Some(pause) = wait {
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = stop.cancelled() => return,
-        }
-        match fetch(&chain).await {
-            Ok(credentials) => {
-                metrics.refreshed(credentials.expiry());
-                wait = refresh_in(credentials.expiry(), SystemTime::now());
-                retry = RETRY_MIN;
-                tracing::info!(
-                    source = source(&credentials),
-                    expiry = ?credentials.expiry().map(humantime::format_rfc3339_seconds),
-                    "AWS credentials refreshed"
-                );
-                current.store(Arc::new(Current::new(credentials)));
+    fetch_now: Arc<Notify>,
+}
+
+impl Refresher {
+    /// Refreshes the credentials in `current` when `wait` says, or sooner when woken (at most every
+    /// [`EARLY_FETCH_MIN`]), until `stop`. Credentials that never expire (static keys in the environment or a
+    /// profile) are fetched again only when woken.
+    async fn run(self, stop: CancellationToken, mut wait: Option<Duration>) {
+        let mut retry = RETRY_MIN;
+        let mut fetched = Instant::now();
+        loop {
+            let scheduled = async {
+                match wait {
+                    Some(pause) => tokio::time::sleep(pause).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = scheduled => {}
+                () = self.fetch_now.notified() => {
+                    let soonest = fetched + EARLY_FETCH_MIN;
+                    tokio::select! {
+                        () = tokio::time::sleep_until(soonest.into()) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    tracing::warn!("fetching new AWS credentials ahead of time: upstream refused the ones in hand, or they expired");
+                }
+                () = stop.cancelled() => return,
             }
-            Err(e) => {
-                metrics.failed();
-                let held = current.load().credentials.expiry();
-                tracing::warn!(
-                    error = %format!("{e:#}"),
-                    retry_in = ?retry,
-                    held_expiry = ?held.map(humantime::format_rfc3339_seconds),
-                    "refreshing the AWS credentials failed; the ones in hand stay in use until they expire"
-                );
-                wait = Some(retry);
-                retry = (retry * 2).min(RETRY_MAX);
+            fetched = Instant::now();
+            match fetch(&self.chain).await {
+                Ok(credentials) => {
+                    self.metrics.refreshed(credentials.expiry());
+                    wait = refresh_in(credentials.expiry(), SystemTime::now());
+                    retry = RETRY_MIN;
+                    tracing::info!(
+                        source = source(&credentials),
+                        expiry = ?credentials.expiry().map(humantime::format_rfc3339_seconds),
+                        "AWS credentials refreshed"
+                    );
+                    self.current.store(Arc::new(Current::new(credentials)));
+                }
+                Err(e) => {
+                    self.metrics.failed();
+                    let held = self.current.load().credentials.expiry();
+                    tracing::warn!(
+                        error = %format!("{e:#}"),
+                        retry_in = ?retry,
+                        held_expiry = ?held.map(humantime::format_rfc3339_seconds),
+                        "refreshing the AWS credentials failed; the ones in hand stay in use until they expire"
+                    );
+                    wait = Some(retry);
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
             }
         }
     }

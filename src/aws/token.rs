@@ -9,6 +9,7 @@
 //! providers renew), or made from credentials that have since been refreshed, mints the next one itself.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, Guard};
@@ -83,13 +84,16 @@ pub struct AwsToken {
     credentials: AwsCredentials,
     region: String,
     minted: ArcSwap<Minted>,
+    /// Upstream refused the key in hand: the next request mints another.
+    refused: AtomicBool,
 }
 
 /// A key in hand.
 pub struct Minted {
     /// The key, as headers.
     pub headers: KeyHeaders,
-    /// When the next one is due.
+    /// When it was minted, and when the next one is due.
+    minted_at: SystemTime,
     renew_at: SystemTime,
     /// The credentials it was made from.
     from: Arc<Current>,
@@ -99,7 +103,7 @@ impl AwsToken {
     /// Mints the first key from `credentials`.
     pub fn new(credentials: AwsCredentials, region: String) -> anyhow::Result<Self> {
         let first = Minted::new(&credentials.current(), &region, SystemTime::now())?;
-        Ok(Self { credentials, region, minted: ArcSwap::from_pointee(first) })
+        Ok(Self { credentials, region, minted: ArcSwap::from_pointee(first), refused: AtomicBool::new(false) })
     }
 
     /// The credentials keys are minted from.
@@ -107,18 +111,27 @@ impl AwsToken {
         &self.credentials
     }
 
-    /// The key to send now: the one in hand, or a new one if it is due for renewal or its credentials have been
-    /// refreshed since.
+    /// Upstream refused the key in hand: the next request mints another, from credentials fetched anew.
+    pub fn refused(&self) {
+        self.refused.store(true, Ordering::Relaxed);
+        self.credentials.refused();
+    }
+
+    /// The key to send now: the one in hand, or a new one if it is due for renewal, its credentials have been
+    /// refreshed since, upstream refused it, or the clock has gone back past its minting (its date would be in
+    /// the future).
     pub fn key(&self) -> Guard<Arc<Minted>> {
         let minted = self.minted.load();
         let current = self.credentials.current();
         let now = SystemTime::now();
-        if now < minted.renew_at && Arc::ptr_eq(&minted.from, &current) {
+        let refused = self.refused.load(Ordering::Relaxed);
+        if (minted.minted_at..minted.renew_at).contains(&now) && Arc::ptr_eq(&minted.from, &current) && !refused {
             return minted;
         }
         match Minted::new(&current, &self.region, now) {
             Ok(next) => {
                 self.minted.store(Arc::new(next));
+                self.refused.store(false, Ordering::Relaxed);
                 self.minted.load()
             }
             Err(e) => {
@@ -135,7 +148,7 @@ impl Minted {
         let lifetime = left.map_or(MAX_LIFETIME, |left| left.min(MAX_LIFETIME));
         let key = mint(current, region, now, lifetime)?;
         let renew_at = now + refresh_in(Some(now + lifetime), now).unwrap_or(lifetime);
-        Ok(Self { headers: KeyHeaders::new(&key)?, renew_at, from: current.clone() })
+        Ok(Self { headers: KeyHeaders::new(&key)?, minted_at: now, renew_at, from: current.clone() })
     }
 }
 

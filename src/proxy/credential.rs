@@ -97,6 +97,16 @@ impl Credential {
         }
     }
 
+    /// Upstream refused this credential: AWS credentials are fetched anew soon (and a short-term key minted
+    /// anew); a static key can only be replaced by its operator.
+    pub fn refused(&self) {
+        match self {
+            Self::SigV4(signer) => signer.credentials().refused(),
+            Self::AwsToken(token) => token.refused(),
+            Self::ApiKey(_) | Self::Passthrough => {}
+        }
+    }
+
     /// Whether the gateway presents a credential of its own, in place of the caller's.
     pub fn replaces_callers(&self) -> bool {
         !matches!(self, Self::Passthrough)

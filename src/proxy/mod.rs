@@ -351,6 +351,7 @@ async fn credential_filter(
     }
     let (limit, log_within) = REFUSAL_READ;
     if status == StatusCode::UNAUTHORIZED {
+        snapshot.credential.refused();
         if let Some(unlogged) = worker.upstream_auth.refused(status.as_u16()) {
             let (parts, body) = response.into_parts();
             let read = tokio::time::timeout(remaining.min(log_within), body::read(body, limit)).await;
@@ -362,7 +363,7 @@ async fn credential_filter(
     // A 403 too large to read whole is judged by its header alone.
     if body::declared_length(response.headers()).is_some_and(|n| n > limit) {
         return match credential_code(&error_codes(response.headers(), b"")) {
-            Some(code) => Err(refused_403(worker, record, &code)),
+            Some(code) => Err(refused_403(worker, snapshot, record, &code)),
             None => Ok(response.map(Either::Left)),
         };
     }
@@ -383,14 +384,15 @@ async fn credential_filter(
         }
     };
     match credential_code(&error_codes(&parts.headers, &bytes)) {
-        Some(code) => Err(refused_403(worker, record, &code)),
+        Some(code) => Err(refused_403(worker, snapshot, record, &code)),
         None => Ok(Response::from_parts(parts, Either::Right(http_body_util::Full::new(bytes)))),
     }
 }
 
 /// A 403 whose code says upstream refused the gateway's credential: counted, and logged if it is the first of a
 /// burst.
-fn refused_403(worker: &Worker, record: &mut InFlight, code: &str) -> GatewayError {
+fn refused_403(worker: &Worker, snapshot: &Snapshot, record: &mut InFlight, code: &str) -> GatewayError {
+    snapshot.credential.refused();
     if let Some(unlogged) = worker.upstream_auth.refused(StatusCode::FORBIDDEN.as_u16()) {
         log_refusal(worker, record, StatusCode::FORBIDDEN, code, unlogged);
     }

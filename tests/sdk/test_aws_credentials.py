@@ -167,10 +167,14 @@ SESSION_SECONDS = 20
 def sts(request):
     """STS on loopback (moto's server, in this process), handing out SESSION_SECONDS sessions for web identities;
     gives its URL and a lookup of the credentials it issued."""
+    return start_sts(request, SESSION_SECONDS)
+
+
+def start_sts(request, session_seconds: int):
     original = STSBackend.assume_role_with_web_identity
 
     def short(self, **kwargs):
-        kwargs["duration"] = SESSION_SECONDS
+        kwargs["duration"] = session_seconds
         return original(self, **kwargs)
 
     patch = mock.patch.object(STSBackend, "assume_role_with_web_identity", short)
@@ -338,3 +342,44 @@ def test_pod_identity_credentials_are_fetched_with_the_pods_token_and_refreshed(
     assert endpoint.refused == 0
     refreshed = [r for r in map(log_record, gw.log_path.read_text().splitlines()) if r and r.get("message") == "AWS credentials refreshed"]
     assert refreshed and "container credentials endpoint" in refreshed[0]["source"], refreshed
+
+
+def access_key_of(seen: Seen, auth: str) -> str:
+    if auth == "sigv4":
+        return aws.parse_authorization(seen.header("authorization")).access_key
+    return aws.token_params(seen.header("authorization"))["X-Amz-Credential"].split("/")[0]
+
+
+@pytest.mark.parametrize("auth", ["sigv4", "aws_token"])
+def test_refused_credentials_are_replaced_at_once(request, tmp_path, mock_upstream, auth):
+    """Credentials revoked before their expiry (an hour away here) are replaced as soon as upstream refuses them,
+    not at their scheduled refresh."""
+    sts_url, lookup = start_sts(request, 3600)
+    check = aws.check_signature if auth == "sigv4" else aws.check_token
+    revoked: set[str] = set()
+
+    def verify(seen: Seen):
+        if access_key_of(seen, auth) in revoked:
+            return ("UnrecognizedClientException", "the security token included in the request is invalid")
+        return check(seen, lookup)
+
+    mock_upstream.verify = verify
+    gw = run_gateway(request, tmp_path, mock_upstream, auth, irsa_env(tmp_path, sts_url))
+    chat = {"model": "m", "messages": []}
+    with httpx.Client(base_url=gw.url, timeout=20) as client:
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        first = access_key_of(mock_upstream.requests()[-1], auth)
+        revoked.add(first)
+        refused = client.post("/v1/chat/completions", json=chat)
+        assert refused.status_code == 502 and refused.json()["error"]["code"] == "upstream_auth_failed"
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline, "the refused credentials were never replaced"
+            response = client.post("/v1/chat/completions", json=chat)
+            if response.status_code == 200:
+                break
+            assert response.json()["error"]["code"] == "upstream_auth_failed", response.text
+            time.sleep(0.25)  # pacing the traffic, not waiting for anything
+    replacement = access_key_of(mock_upstream.requests()[-1], auth)
+    assert replacement != first and lookup(replacement) is not None
+    gw.wait_for_log("fetching new AWS credentials ahead of time: upstream refused the ones in hand, or they expired")
