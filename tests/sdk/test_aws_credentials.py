@@ -231,6 +231,9 @@ def test_irsa_credentials_are_fetched_and_refreshed(request, tmp_path, mock_upst
                 keys.append(aws.token_params(seen.header("authorization"))["X-Amz-Credential"].split("/")[0])
             time.sleep(0.25)  # pacing the traffic, not waiting for anything
     assert all(lookup(k) is not None for k in keys), "every key was one STS issued"
+    log = gw.log_path.read_text()
+    for issued in map(lookup, set(keys)):
+        assert issued.secret not in log and issued.token not in log, "a secret in the gateway's log"
     refreshed = [r for r in map(log_record, gw.log_path.read_text().splitlines()) if r and r.get("message") == "AWS credentials refreshed"]
     assert refreshed and "web identity" in refreshed[0]["source"], refreshed
 
