@@ -386,3 +386,27 @@ def test_refused_credentials_are_replaced_at_once(request, tmp_path, mock_upstre
     replacement = access_key_of(mock_upstream.requests()[-1], auth)
     assert replacement != first and lookup(replacement) is not None
     gw.wait_for_log("fetching new AWS credentials ahead of time: upstream refused the ones in hand, or they expired")
+
+
+@pytest.mark.parametrize("auth", ["sigv4", "aws_token"])
+def test_check_probes_upstream_with_the_aws_credential(tmp_path, mock_upstream, auth):
+    check = aws.check_signature if auth == "sigv4" else aws.check_token
+    mock_upstream.verify = lambda seen: check(seen, {STATIC.access_key: STATIC}.get)
+    config = tmp_path / "mantlegate.toml"
+    config.write_text(aws.config_text(mock_upstream.url, auth))
+
+    def probe(creds: Creds) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(gateway_binary()), "check", "--probe-upstream", "--config", str(config)],
+            env=aws.gateway_env(tmp_path, **aws.static_env(creds)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    good = probe(STATIC)
+    assert good.returncode == 0 and "accepts the gateway's credential" in good.stdout, good.stdout + good.stderr
+    bad = probe(Creds(STATIC.access_key, "not-the-secret"))
+    assert bad.returncode == 1 and "refused the gateway's credential" in bad.stderr, bad.stdout + bad.stderr
+    assert "not-the-secret" not in bad.stdout + bad.stderr
+    assert [s.target for s in mock_upstream.requests()] == ["/v1/models", "/v1/models"]
