@@ -207,6 +207,21 @@ def irsa_env(tmp_path, sts_url: str) -> dict[str, str]:
     }
 
 
+def keys_until_refreshed(gw, upstream: MockUpstream, auth: str) -> list[str]:
+    """The access keys of requests sent, each verified, until the gateway has moved to a second set of credentials:
+    without a refresh the first set expires and the mock refuses (ExpiredTokenException), failing the request."""
+    keys: list[str] = []
+    deadline = time.monotonic() + 4 * SESSION_SECONDS
+    with httpx.Client(base_url=gw.url, timeout=20) as client:
+        while len(set(keys)) < 2:
+            assert time.monotonic() < deadline, f"no refresh within {4 * SESSION_SECONDS} s: keys {set(keys)}"
+            response = client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+            assert response.status_code == 200, response.text
+            keys.append(access_key_of(upstream.requests()[-1], auth))
+            time.sleep(0.25)  # pacing the traffic, not waiting for anything
+    return keys
+
+
 @pytest.mark.parametrize("auth", ["sigv4", "aws_token"])
 def test_irsa_credentials_are_fetched_and_refreshed(request, tmp_path, mock_upstream, sts, auth):
     sts_url, lookup = sts
@@ -215,21 +230,7 @@ def test_irsa_credentials_are_fetched_and_refreshed(request, tmp_path, mock_upst
     env = irsa_env(tmp_path, sts_url)
     gw = run_gateway(request, tmp_path, mock_upstream, auth, env)
 
-    # Requests go on, each verified, until the gateway has moved to a second set of credentials: without a refresh
-    # the first set expires and the mock refuses (ExpiredTokenException), failing the request.
-    keys: list[str] = []
-    deadline = time.monotonic() + 4 * SESSION_SECONDS
-    with httpx.Client(base_url=gw.url, timeout=20) as client:
-        while len(set(keys)) < 2:
-            assert time.monotonic() < deadline, f"no refresh within {4 * SESSION_SECONDS} s: keys {set(keys)}"
-            response = client.post("/v1/chat/completions", json={"model": "m", "messages": []})
-            assert response.status_code == 200, response.text
-            seen = mock_upstream.requests()[-1]
-            if auth == "sigv4":
-                keys.append(aws.parse_authorization(seen.header("authorization")).access_key)
-            else:
-                keys.append(aws.token_params(seen.header("authorization"))["X-Amz-Credential"].split("/")[0])
-            time.sleep(0.25)  # pacing the traffic, not waiting for anything
+    keys = keys_until_refreshed(gw, mock_upstream, auth)
     assert all(lookup(k) is not None for k in keys), "every key was one STS issued"
     log = gw.log_path.read_text()
     for issued in map(lookup, set(keys)):
@@ -333,15 +334,7 @@ def test_pod_identity_credentials_are_fetched_with_the_pods_token_and_refreshed(
     env = {"AWS_CONTAINER_CREDENTIALS_FULL_URI": endpoint.url, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": str(token_file)}
     gw = run_gateway(request, tmp_path, mock_upstream, "sigv4", env)
 
-    used: list[str] = []
-    deadline = time.monotonic() + 4 * SESSION_SECONDS
-    with httpx.Client(base_url=gw.url, timeout=20) as client:
-        while len(set(used)) < 2:
-            assert time.monotonic() < deadline, f"no refresh within {4 * SESSION_SECONDS} s: keys {set(used)}"
-            response = client.post("/v1/chat/completions", json={"model": "m", "messages": []})
-            assert response.status_code == 200, response.text
-            used.append(aws.parse_authorization(mock_upstream.requests()[-1].header("authorization")).access_key)
-            time.sleep(0.25)  # pacing the traffic, not waiting for anything
+    keys_until_refreshed(gw, mock_upstream, "sigv4")
     assert endpoint.refused == 0
     refreshed = [r for r in map(log_record, gw.log_path.read_text().splitlines()) if r and r.get("message") == "AWS credentials refreshed"]
     assert refreshed and "container credentials endpoint" in refreshed[0]["source"], refreshed
