@@ -16,7 +16,7 @@ use http::uri::{Authority, Scheme};
 
 pub use raw::RawConfig;
 pub use validate::ConfigErrors;
-pub(crate) use validate::check_name;
+pub(crate) use validate::{check_name, is_project_id};
 
 /// Where `serve` and `check` look when no `--config` is given and `MANTLEGATE_CONFIG` is unset.
 pub const DEFAULT_PATH: &str = "config/mantlegate.toml";
