@@ -11,6 +11,7 @@
 //! the pages never end.
 
 use std::collections::HashSet;
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -107,6 +108,13 @@ impl Operation {
     }
 }
 
+/// An answer, after however many attempts it took.
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+    attempts: u32,
+}
+
 /// A page of the list.
 #[derive(Deserialize)]
 struct Page {
@@ -185,7 +193,7 @@ impl ProjectsClient {
                 path.push_str("&after=");
                 path.push_str(after);
             }
-            let (_, body) = self.expect_ok(Operation::List, &path).await?;
+            let body = self.expect_ok(Operation::List, &path).await?;
             let page: Page = serde_json::from_slice(&body)
                 .with_context(|| format!("GET {path}: the answer is not a list of projects"))?;
             let last = page.data.last().map(|p| p.id.clone());
@@ -225,30 +233,33 @@ impl ProjectsClient {
             anyhow::bail!("{id:?} is not a project id");
         }
         let path = format!("{PROJECTS_PATH}/{id}");
-        let (status, body) = self.call(Operation::Get, &path).await?;
-        if status == StatusCode::NOT_FOUND {
+        let answer = self.call(Operation::Get, &path).await?;
+        if answer.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let body = self.check(Operation::Get, &path, status, &body)?;
+        let body = self.check(Operation::Get, &path, answer)?;
         let project = serde_json::from_slice(&body).with_context(|| format!("GET {path}: not a project"))?;
         Ok(Some(project))
     }
 
-    /// A call that must succeed.
-    async fn expect_ok(&self, operation: Operation, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
-        let (status, body) = self.call(operation, path).await?;
-        let body = self.check(operation, path, status, &body)?;
-        Ok((status, body))
+    /// The body of a call that must succeed.
+    async fn expect_ok(&self, operation: Operation, path: &str) -> anyhow::Result<Bytes> {
+        let answer = self.call(operation, path).await?;
+        self.check(operation, path, answer)
     }
 
     /// The body of a successful answer, or an error that says what failed and what to do about it.
-    fn check(&self, operation: Operation, path: &str, status: StatusCode, body: &Bytes) -> anyhow::Result<Bytes> {
+    fn check(&self, operation: Operation, path: &str, answer: Answer) -> anyhow::Result<Bytes> {
+        let Answer { status, body, attempts } = answer;
         if status.is_success() {
-            return Ok(body.clone());
+            return Ok(body);
         }
         let method = operation.method();
-        let said = upstream_message(body);
-        let codes = crate::proxy::error_codes(&http::HeaderMap::new(), body);
+        let mut said = upstream_message(&body);
+        if attempts > 1 {
+            let _ = write!(said, " (gave up after {attempts} attempts)");
+        }
+        let codes = crate::proxy::error_codes(&http::HeaderMap::new(), &body);
         match status {
             StatusCode::UNAUTHORIZED => {
                 anyhow::bail!(
@@ -273,25 +284,29 @@ impl ProjectsClient {
 
     /// One call, tried again on 429, 5xx and connection failures, as [`Retry`] allows: the last answer's status
     /// and body, or the last failure.
-    async fn call(&self, operation: Operation, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+    async fn call(&self, operation: Operation, path: &str) -> anyhow::Result<Answer> {
         let method = operation.method();
         let mut attempt = 1;
         loop {
             let outcome = self.send(&method, path).await;
             let retryable = match &outcome {
                 Ok((status, _)) => {
-                    tracing::info!(method = %method, path, status = status.as_u16(), attempt, "projects API call");
+                    tracing::info!(method = %method, path = %path, status = status.as_u16(), attempt, "projects API call");
                     *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
                 }
                 Err(e) => {
-                    tracing::warn!(method = %method, path, attempt, error = %format!("{e:#}"), "projects API call failed");
+                    tracing::warn!(method = %method, path = %path, attempt, error = %format!("{e:#}"), "projects API call failed");
                     true
                 }
             };
             if !retryable || attempt >= self.retry.attempts.max(1) {
-                return outcome.map_err(|e| {
-                    e.context(format!("{method} {path} ({}): failed after {attempt} attempts", operation.describe()))
-                });
+                return match outcome {
+                    Ok((status, body)) => Ok(Answer { status, body, attempts: attempt }),
+                    Err(e) => Err(e.context(format!(
+                        "{method} {path} ({}): gave up after {attempt} attempts",
+                        operation.describe()
+                    ))),
+                };
             }
             tokio::time::sleep(self.retry.delay(attempt)).await;
             attempt += 1;
