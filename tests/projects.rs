@@ -369,6 +369,7 @@ tags = { Team = "a", CostCenter = "CC-1" }
         "{}",
         ran.stdout
     );
+    assert!(ran.stderr.contains("error: 2 problem(s) no apply can fix"), "{}", ran.stderr);
     // Not in the list, so each was asked for by id.
     assert_eq!(
         api.calls(),

@@ -36,6 +36,9 @@ pub fn plan(path: &Path, format: Format, api_key_env: Option<&str>, options: Opt
         Format::Text => print!("{}", text(path, &config, &plan, listed)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
     }
+    if plan.problems() > 0 {
+        eprintln!("error: {} problem(s) no apply can fix (the `problem:` lines of the plan)", plan.problems());
+    }
     Ok(ExitCode::from(plan.exit_code()))
 }
 
