@@ -18,6 +18,7 @@ pub mod endpoint;
 pub mod error;
 pub mod live;
 pub mod metering;
+pub mod projects;
 pub mod proxy;
 pub mod record;
 pub mod send_timeout;

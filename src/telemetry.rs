@@ -11,19 +11,34 @@ pub use json_line::JsonLine;
 
 /// Installs the JSON subscriber; safe to call more than once (later calls do nothing).
 pub fn init() {
-    let filter = std::env::var("MANTLEGATE_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(true)
         .with_span_list(false)
-        .with_env_filter(filter)
+        .with_env_filter(filter())
         .with_writer(std::io::stdout)
         .try_init();
+}
+
+/// For a command whose stdout is its output (`projects plan`, `projects import`): plain lines on stderr, where
+/// they never mix with what is printed for a person or a program to read.
+pub fn init_stderr() {
+    let _ = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_target(false)
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// `MANTLEGATE_LOG`, else `RUST_LOG`, else `info`.
+fn filter() -> EnvFilter {
+    std::env::var("MANTLEGATE_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"))
 }
 
 /// A UTC timestamp in RFC 3339 with 6 fractional digits (`2026-11-26T08:20:19.114342Z`), as the log lines print

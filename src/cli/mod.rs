@@ -1,7 +1,8 @@
-//! The command line: `serve`, `check`, `reload`, `keys new`, `usage report`, `demo`.
+//! The command line: `serve`, `check`, `reload`, `keys new`, `projects plan|import`, `usage report`, `demo`.
 
 mod check;
 mod keys;
+mod projects;
 mod reload;
 mod usage;
 
@@ -50,6 +51,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Projects as code: the config's projects compared with those upstream.
+    Projects {
+        #[command(subcommand)]
+        command: ProjectsCommand,
+    },
     /// Report metered usage.
     Usage {
         #[command(subcommand)]
@@ -84,6 +90,41 @@ enum UsageCommand {
         /// `table`, `csv` or `json`.
         #[arg(long, default_value = "table")]
         format: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectsCommand {
+    /// Print what applying the config's projects would change upstream. Exit status: 0 nothing to do, 2 changes
+    /// pending, 1 an error or a problem no apply can fix (a configured id missing or archived upstream, a name
+    /// two upstream projects share).
+    Plan {
+        /// Config file (default: $MANTLEGATE_CONFIG, else config/mantlegate.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: projects::Format,
+        /// An environment variable holding a Bedrock API key for the Projects API (an admin key), used in place
+        /// of the `[upstream]` credential.
+        #[arg(long, value_name = "NAME")]
+        api_key_env: Option<String>,
+        /// Plan to remove tags upstream that the config does not list (by default they are reported and kept).
+        #[arg(long)]
+        remove_unlisted_tags: bool,
+        /// Plan to rename projects matched by id whose upstream name differs (by default it is reported).
+        #[arg(long)]
+        rename: bool,
+    },
+    /// Print `[[projects]]` stanzas for the upstream projects the config does not have, ready to paste; those
+    /// the config would refuse (the tag taxonomy, a name taken) are flagged with a `# FIX:` comment.
+    Import {
+        /// Config file (default: $MANTLEGATE_CONFIG, else config/mantlegate.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// An environment variable holding a Bedrock API key for the Projects API, used in place of the
+        /// `[upstream]` credential.
+        #[arg(long, value_name = "NAME")]
+        api_key_env: Option<String>,
     },
 }
 
@@ -139,6 +180,15 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
             print!("{}", keys::new_key(&name, project.as_deref())?);
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Projects {
+            command: ProjectsCommand::Plan { config, format, api_key_env, remove_unlisted_tags, rename },
+        } => {
+            let options = crate::projects::plan::Options { remove_unlisted_tags, rename };
+            projects::plan(&config::resolve_path(config), format, api_key_env.as_deref(), options)
+        }
+        Command::Projects { command: ProjectsCommand::Import { config, api_key_env } } => {
+            projects::import(&config::resolve_path(config), api_key_env.as_deref())
         }
         Command::Usage { command: UsageCommand::Report { ledger, config, group_by, since, format } } => {
             let ledger = match ledger {

@@ -16,7 +16,7 @@ use http::uri::{Authority, Scheme};
 
 pub use raw::RawConfig;
 pub use validate::ConfigErrors;
-pub(crate) use validate::check_name;
+pub(crate) use validate::{check_name, is_project_id};
 
 /// Where `serve` and `check` look when no `--config` is given and `MANTLEGATE_CONFIG` is unset.
 pub const DEFAULT_PATH: &str = "config/mantlegate.toml";
@@ -180,6 +180,28 @@ pub struct Taxonomy {
     pub required_tags: Vec<String>,
     /// Allowed values per tag.
     pub allowed_values: BTreeMap<String, Vec<String>>,
+}
+
+impl Taxonomy {
+    /// How `tags` break the taxonomy, as (tag, problem) pairs: a required tag missing or empty, a value not among
+    /// the allowed ones. Shared by config validation and by `projects import`, which flags upstream projects that
+    /// would not pass it.
+    pub fn violations(&self, tags: &BTreeMap<String, String>) -> Vec<(String, String)> {
+        let mut found = Vec::new();
+        for tag in &self.required_tags {
+            match tags.get(tag) {
+                None => found.push((tag.clone(), "missing".to_owned())),
+                Some(v) if v.trim().is_empty() => found.push((tag.clone(), "empty".to_owned())),
+                Some(_) => {}
+            }
+        }
+        for (tag, allowed) in &self.allowed_values {
+            if let Some(value) = tags.get(tag).filter(|v| !allowed.contains(v)) {
+                found.push((tag.clone(), format!("{value:?} is not one of {}", allowed.join(", "))));
+            }
+        }
+        found
+    }
 }
 
 /// A project requests can be attributed to.

@@ -321,17 +321,8 @@ fn validate_projects(errs: &mut Errors, raw: Vec<RawProject>, taxonomy: &Taxonom
                 errs.push(format!("{at}.id"), format!("{id:?} is also the id of projects[{j}]"));
             }
         }
-        for tag in &taxonomy.required_tags {
-            match p.tags.get(tag) {
-                None => errs.push(format!("{at}.tags.{tag}"), "missing"),
-                Some(v) if v.trim().is_empty() => errs.push(format!("{at}.tags.{tag}"), "empty"),
-                Some(_) => {}
-            }
-        }
-        for (tag, allowed) in &taxonomy.allowed_values {
-            if let Some(value) = p.tags.get(tag).filter(|v| !allowed.contains(v)) {
-                errs.push(format!("{at}.tags.{tag}"), format!("{value:?} is not one of {}", allowed.join(", ")));
-            }
+        for (tag, problem) in taxonomy.violations(&p.tags) {
+            errs.push(format!("{at}.tags.{tag}"), problem);
         }
         // Each tag is a label of the project's `mantlegate_project_info` series: two that make the same label
         // name would make Prometheus refuse the whole scrape.

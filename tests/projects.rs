@@ -1,0 +1,616 @@
+//! `mantlegate projects plan` and `import` against a mock Projects API: the real binary for what an operator sees
+//! (output, exit status, logs), the library's client for retries and endless pages with fast, injected limits.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use common::binary::{BIN, temp_dir};
+use common::{Mock, Seen};
+use http::StatusCode;
+use mantlegate::config::Secret;
+use mantlegate::projects::UpstreamProject;
+use mantlegate::projects::client::{Paging, ProjectsClient, Retry};
+use mantlegate::proxy::Credential;
+use tokio::process::Command;
+
+/// The key the mock accepts, in the environment variable the test configs name.
+const KEY: &str = "projects-admin-secret";
+const KEY_ENV: &str = "MANTLEGATE_TEST_PROJECTS_KEY";
+
+/// How the mock pages its list.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pages {
+    /// As OpenAI does: `after` honoured.
+    Honest,
+    /// `after` ignored: the first page again and again, always with more.
+    Repeating,
+    /// A page of new projects every time, always with more.
+    Endless,
+}
+
+/// What a request must carry to be let in.
+#[derive(Clone)]
+enum Expect {
+    Bearer(&'static str),
+    /// A SigV4 signature by this access key id.
+    SigV4(&'static str),
+}
+
+/// A mock Projects API: a paginated list (archived projects left out, as OpenAI's list does by default), get by
+/// id (archived ones included), statuses scripted ahead of the real answers, and a record of every call.
+struct Api {
+    listed: Vec<UpstreamProject>,
+    /// Only `get` finds these.
+    archived: Vec<UpstreamProject>,
+    page_size: usize,
+    pages: Pages,
+    expect: Expect,
+    /// Statuses answered, one per call, before any real answer.
+    fail_first: VecDeque<u16>,
+    /// `METHOD /path?query` of every call, in order.
+    calls: Vec<String>,
+    endless_next: usize,
+}
+
+struct MockApi {
+    mock: Arc<Mock>,
+    api: Arc<Mutex<Api>>,
+}
+
+impl MockApi {
+    async fn start(listed: Vec<UpstreamProject>) -> Self {
+        let api = Arc::new(Mutex::new(Api {
+            listed,
+            archived: Vec::new(),
+            page_size: 100,
+            pages: Pages::Honest,
+            expect: Expect::Bearer(KEY),
+            fail_first: VecDeque::new(),
+            calls: Vec::new(),
+            endless_next: 0,
+        }));
+        let state = api.clone();
+        let mock = Mock::start(move |seen| {
+            let answer = answer(&mut state.lock().unwrap(), &seen);
+            async move { answer }
+        })
+        .await;
+        Self { mock, api }
+    }
+
+    fn with(self, change: impl FnOnce(&mut Api)) -> Self {
+        change(&mut self.api.lock().unwrap());
+        self
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.api.lock().unwrap().calls.clone()
+    }
+}
+
+fn json(status: u16, body: serde_json::Value) -> Response {
+    let status = StatusCode::from_u16(status).unwrap();
+    (status, [(http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+fn error(status: u16, code: &str) -> Response {
+    json(status, serde_json::json!({"error": {"message": format!("mock says {code}"), "type": code, "code": code}}))
+}
+
+fn answer(api: &mut Api, seen: &Seen) -> Response {
+    api.calls.push(format!("{} {}", seen.method, seen.uri));
+    let authorization = seen.header("authorization").unwrap_or("");
+    let let_in = match &api.expect {
+        Expect::Bearer(key) => authorization == format!("Bearer {key}"),
+        Expect::SigV4(access_key) => {
+            authorization.starts_with(&format!("AWS4-HMAC-SHA256 Credential={access_key}/"))
+                && authorization.contains("/bedrock-mantle/aws4_request")
+                && seen.header("x-amz-content-sha256").is_some()
+        }
+    };
+    if !let_in {
+        return error(401, "invalid_api_key");
+    }
+    if let Some(status) = api.fail_first.pop_front() {
+        return error(status, if status == 403 { "AccessDeniedException" } else { "mock_failure" });
+    }
+    let query: BTreeMap<String, String> =
+        form_urlencoded::parse(seen.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
+    let path = seen.uri.path();
+    if seen.method != http::Method::GET {
+        return error(405, "method_not_allowed");
+    }
+    if path == "/v1/organization/projects" {
+        let limit = query.get("limit").and_then(|l| l.parse().ok()).unwrap_or(20).min(api.page_size);
+        let (page, has_more) = match api.pages {
+            Pages::Honest => {
+                let start = match query.get("after") {
+                    Some(after) => api.listed.iter().position(|p| &p.id == after).map_or(api.listed.len(), |i| i + 1),
+                    None => 0,
+                };
+                let end = (start + limit).min(api.listed.len());
+                (api.listed[start..end].to_vec(), end < api.listed.len())
+            }
+            Pages::Repeating => (api.listed[..limit.min(api.listed.len())].to_vec(), true),
+            Pages::Endless => {
+                let page = (0..limit)
+                    .map(|i| project(&format!("proj_gen{}", api.endless_next + i), "Generated", &[]))
+                    .collect();
+                api.endless_next += limit;
+                (page, true)
+            }
+        };
+        let (first_id, last_id) = (page.first().map(|p| p.id.clone()), page.last().map(|p| p.id.clone()));
+        return json(
+            200,
+            serde_json::json!({"object": "list", "data": page, "first_id": first_id, "last_id": last_id, "has_more": has_more}),
+        );
+    }
+    if let Some(id) = path.strip_prefix("/v1/organization/projects/") {
+        return match api.listed.iter().chain(&api.archived).find(|p| p.id == id) {
+            Some(p) => json(200, serde_json::to_value(p).unwrap()),
+            None => error(404, "not_found"),
+        };
+    }
+    error(404, "unknown_route")
+}
+
+fn project(id: &str, name: &str, tags: &[(&str, &str)]) -> UpstreamProject {
+    UpstreamProject {
+        id: id.into(),
+        name: name.into(),
+        status: "active".into(),
+        tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+/// Tags that satisfy the test taxonomy.
+const TEAM_A: &[(&str, &str)] = &[("Team", "a"), ("CostCenter", "CC-1")];
+
+/// A config whose upstream is the mock, with a taxonomy, and `projects` (TOML) appended.
+fn config(name: &str, mock: &MockApi, projects: &str) -> PathBuf {
+    let dir = temp_dir(&format!("projects-{name}"));
+    let path = dir.join("gateway.toml");
+    let text = format!(
+        r#"
+[upstream]
+base_url = "http://{addr}"
+auth = "api_key"
+api_key_env = "{KEY_ENV}"
+connect_timeout = "2s"
+response_timeout = "10s"
+
+[callers]
+auth = "none"
+
+[taxonomy]
+required_tags = ["Team", "CostCenter"]
+[taxonomy.allowed_values]
+Environment = ["Production", "Development"]
+{projects}
+"#,
+        addr = mock.mock.addr
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn mantlegate(args: &[&str], config: &Path, env: &[(&str, &str)]) -> Ran {
+    let mut command = Command::new(BIN);
+    command.args(args).arg("--config").arg(config).env(KEY_ENV, KEY).env_remove("MANTLEGATE_LOG");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), command.output()).await.expect("it ends").unwrap();
+    let ran = Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    };
+    assert!(!ran.stdout.contains(KEY) && !ran.stderr.contains(KEY), "the key leaked:\n{}\n{}", ran.stdout, ran.stderr);
+    ran
+}
+
+async fn plan(config: &Path, extra: &[&str]) -> Ran {
+    mantlegate(&[&["projects", "plan"], extra].concat(), config, &[]).await
+}
+
+#[tokio::test]
+async fn from_empty_every_project_is_to_be_created() {
+    let api = MockApi::start(vec![]).await;
+    let path = config(
+        "empty",
+        &api,
+        r#"
+[[projects]]
+name = "Chat"
+tags = { Team = "chat", CostCenter = "CC-1" }
+[[projects]]
+name = "Search"
+tags = { Team = "search", CostCenter = "CC-2" }
+"#,
+    );
+    let ran = plan(&path, &[]).await;
+    assert_eq!(ran.code, 2, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("+ Chat: create\n    with tags CostCenter=\"CC-1\" Team=\"chat\""), "{}", ran.stdout);
+    assert!(ran.stdout.contains("+ Search: create"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("2 to create, 0 to update, 0 unchanged, 0 blocked"), "{}", ran.stdout);
+    assert_eq!(api.calls(), ["GET /v1/organization/projects?limit=100"]);
+    // The configured credential, and every call logged on stderr (never the key: `mantlegate` checks).
+    assert_eq!(api.mock.next().await.header("authorization"), Some(format!("Bearer {KEY}").as_str()));
+    assert!(
+        ran.stderr.contains("projects API call method=GET path=/v1/organization/projects?limit=100 status=200"),
+        "{}",
+        ran.stderr
+    );
+}
+
+#[tokio::test]
+async fn when_upstream_matches_there_is_nothing_to_do() {
+    let api =
+        MockApi::start(vec![project("proj_chat", "Chat", TEAM_A), project("proj_search", "Search", TEAM_A)]).await;
+    let path = config(
+        "matches",
+        &api,
+        r#"
+[[projects]]
+name = "Chat"
+id = "proj_chat"
+tags = { Team = "a", CostCenter = "CC-1" }
+[[projects]]
+name = "Search"
+tags = { Team = "a", CostCenter = "CC-1" }
+"#,
+    );
+    let ran = plan(&path, &[]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("= Chat (proj_chat, matched by id): nothing to do"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("= Search (proj_search, matched by name): nothing to do"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("note: set id = \"proj_search\""), "{}", ran.stdout);
+    assert!(!ran.stdout.contains("not in the config"), "{}", ran.stdout);
+}
+
+#[tokio::test]
+async fn tag_drift_is_added_and_corrected_and_unlisted_tags_are_kept_unless_asked() {
+    let drifted = project("proj_chat", "Chat", &[("Team", "old"), ("Owner", "bob")]);
+    let api = MockApi::start(vec![drifted, project("proj_other", "Other", &[("Team", "x")])]).await;
+    let path = config(
+        "drift",
+        &api,
+        r#"
+[[projects]]
+name = "Chat"
+id = "proj_chat"
+tags = { Team = "a", CostCenter = "CC-1" }
+"#,
+    );
+    let ran = plan(&path, &[]).await;
+    assert_eq!(ran.code, 2, "{}{}", ran.stdout, ran.stderr);
+    for line in [
+        "~ Chat (proj_chat, matched by id): update",
+        "    add tag CostCenter = \"CC-1\"",
+        "    correct tag Team: \"old\" -> \"a\"",
+        "    tag Owner = \"bob\" is not in the config: unlisted, kept",
+        "Upstream projects not in the config (1;",
+        "  proj_other \"Other\" active Team=\"x\"",
+    ] {
+        assert!(ran.stdout.contains(line), "{line:?} in\n{}", ran.stdout);
+    }
+    assert!(!ran.stdout.contains("remove tag"), "{}", ran.stdout);
+
+    // The same as JSON, and with the removal asked for.
+    let ran = plan(&path, &["--format", "json", "--remove-unlisted-tags"]).await;
+    assert_eq!(ran.code, 2, "{}{}", ran.stdout, ran.stderr);
+    let json: serde_json::Value = serde_json::from_str(&ran.stdout).expect("the plan is JSON");
+    let chat = &json["projects"][0];
+    assert_eq!(chat["action"], "update");
+    assert_eq!(chat["matched_by"], "id");
+    assert_eq!(chat["add_tags"], serde_json::json!({"CostCenter": "CC-1"}));
+    assert_eq!(chat["correct_tags"], serde_json::json!({"Team": {"from": "old", "to": "a"}}));
+    assert_eq!(chat["remove_tag_keys"], serde_json::json!(["Owner"]));
+    assert_eq!(chat["unlisted_tags_kept"], serde_json::json!({}));
+    assert_eq!(json["not_in_config"][0]["id"], "proj_other");
+}
+
+#[tokio::test]
+async fn two_upstream_projects_of_one_name_are_refused_naming_both() {
+    let api = MockApi::start(vec![project("proj_one", "Chat", TEAM_A), project("proj_two", "Chat", TEAM_A)]).await;
+    let path =
+        config("duplicate", &api, "[[projects]]\nname = \"Chat\"\ntags = { Team = \"a\", CostCenter = \"CC-1\" }\n");
+    let ran = plan(&path, &[]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    assert!(
+        ran.stdout.contains("problem: upstream has 2 projects named \"Chat\" (proj_one, proj_two)"),
+        "{}",
+        ran.stdout
+    );
+}
+
+#[tokio::test]
+async fn archived_and_missing_ids_are_reported() {
+    let mut archived = project("proj_old", "Old", TEAM_A);
+    archived.status = "archived".into();
+    let api = MockApi::start(vec![]).await.with(|api| api.archived = vec![archived]);
+    let path = config(
+        "archived",
+        &api,
+        r#"
+[[projects]]
+name = "Old"
+id = "proj_old"
+tags = { Team = "a", CostCenter = "CC-1" }
+[[projects]]
+name = "Gone"
+id = "proj_gone"
+tags = { Team = "a", CostCenter = "CC-1" }
+"#,
+    );
+    let ran = plan(&path, &[]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    assert!(
+        ran.stdout.contains("! Old (proj_old, matched by id): blocked\n    problem: proj_old is archived"),
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        ran.stdout.contains("! Gone (proj_gone): blocked\n    problem: proj_gone does not exist upstream"),
+        "{}",
+        ran.stdout
+    );
+    assert!(ran.stderr.contains("error: 2 problem(s) no apply can fix"), "{}", ran.stderr);
+    // Not in the list, so each was asked for by id.
+    assert_eq!(
+        api.calls(),
+        [
+            "GET /v1/organization/projects?limit=100",
+            "GET /v1/organization/projects/proj_old",
+            "GET /v1/organization/projects/proj_gone"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_taxonomy_violation_stops_before_any_call() {
+    let api = MockApi::start(vec![]).await;
+    let path = config(
+        "taxonomy",
+        &api,
+        r#"
+[[projects]]
+name = "Chat"
+tags = { Team = "a", Environment = "prod" }
+[[projects]]
+name = "Search"
+tags = { CostCenter = "CC-1" }
+"#,
+    );
+    for command in ["plan", "import"] {
+        let ran = mantlegate(&["projects", command], &path, &[]).await;
+        assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+        for violation in [
+            "projects[0].tags.CostCenter: missing",
+            "projects[0].tags.Environment: \"prod\" is not one of Production, Development",
+            "projects[1].tags.Team: missing",
+        ] {
+            assert!(ran.stderr.contains(violation), "{violation:?} in\n{}", ran.stderr);
+        }
+    }
+    assert_eq!(api.mock.hits(), 0, "nothing may be sent: {:?}", api.calls());
+}
+
+#[tokio::test]
+async fn the_list_is_read_across_pages() {
+    let listed: Vec<UpstreamProject> =
+        (1..=5).map(|i| project(&format!("proj_{i}"), &format!("P{i}"), TEAM_A)).collect();
+    let api = MockApi::start(listed).await.with(|api| api.page_size = 2);
+    let projects: String = (1..=5)
+        .map(|i| format!("[[projects]]\nname = \"P{i}\"\ntags = {{ Team = \"a\", CostCenter = \"CC-1\" }}\n"))
+        .collect();
+    let path = config("pages", &api, &projects);
+    let ran = plan(&path, &[]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("(5 listed upstream)") && ran.stdout.contains("= P5 (proj_5, matched by name)"));
+    assert_eq!(
+        api.calls(),
+        [
+            "GET /v1/organization/projects?limit=100",
+            "GET /v1/organization/projects?limit=100&after=proj_2",
+            "GET /v1/organization/projects?limit=100&after=proj_4"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_page_stops_the_listing_with_a_clear_error() {
+    let api = MockApi::start(vec![project("proj_1", "P1", TEAM_A), project("proj_2", "P2", TEAM_A)])
+        .await
+        .with(|api| api.pages = Pages::Repeating);
+    let path = config("repeat", &api, "[[projects]]\nname = \"P1\"\ntags = { Team = \"a\", CostCenter = \"CC-1\" }\n");
+    let ran = plan(&path, &[]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    assert!(
+        ran.stderr.contains("page 2 of the project list repeats proj_1, already listed")
+            && ran.stderr.contains("does not seem to honour `after`"),
+        "{}",
+        ran.stderr
+    );
+    assert_eq!(api.mock.hits(), 2);
+    assert!(ran.stdout.is_empty(), "no plan from a broken listing: {}", ran.stdout);
+}
+
+#[tokio::test]
+async fn a_403_names_the_iam_action_likely_missing_and_is_not_retried() {
+    let api = MockApi::start(vec![]).await.with(|api| api.fail_first = [403].into());
+    let path =
+        config("forbidden", &api, "[[projects]]\nname = \"P1\"\ntags = { Team = \"a\", CostCenter = \"CC-1\" }\n");
+    let ran = plan(&path, &[]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    assert!(
+        ran.stderr.contains(
+            "403 Forbidden: \"mock says AccessDeniedException\": the credential may not list projects; \
+                             likely missing: bedrock-mantle:ListProjects"
+        ),
+        "{}",
+        ran.stderr
+    );
+    assert_eq!(api.mock.hits(), 1);
+}
+
+#[tokio::test]
+async fn the_mock_takes_only_the_configured_key_and_api_key_env_replaces_it() {
+    let api = MockApi::start(vec![]).await;
+    let path =
+        config("admin-key", &api, "[[projects]]\nname = \"P1\"\ntags = { Team = \"a\", CostCenter = \"CC-1\" }\n");
+    // Another key: refused, and the message says where the key came from.
+    let ran =
+        mantlegate(&["projects", "plan", "--api-key-env", "OTHER_KEY"], &path, &[("OTHER_KEY", "wrong-key")]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stderr.contains("upstream refused the credential (401 Unauthorized"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("check the admin key in the environment variable OTHER_KEY"), "{}", ran.stderr);
+    assert!(!ran.stderr.contains("wrong-key"), "{}", ran.stderr);
+    // The admin key, with the gateway's own unset.
+    let ran = mantlegate(
+        &["projects", "plan", "--api-key-env", "ADMIN_KEY"],
+        &path,
+        &[("ADMIN_KEY", KEY), (KEY_ENV, "not-the-key")],
+    )
+    .await;
+    assert_eq!(ran.code, 2, "{}{}", ran.stdout, ran.stderr);
+    let ran = mantlegate(&["projects", "plan", "--api-key-env", "UNSET_KEY"], &path, &[]).await;
+    assert!(ran.code == 1 && ran.stderr.contains("environment variable UNSET_KEY is not set"), "{}", ran.stderr);
+}
+
+#[tokio::test]
+async fn with_sigv4_every_call_is_signed() {
+    let api = MockApi::start(vec![project("proj_1", "P1", TEAM_A)]).await.with(|api| {
+        api.expect = Expect::SigV4("AKIDPROJECTSMOCK");
+        api.page_size = 1;
+    });
+    let path = config("sigv4", &api, "[[projects]]\nname = \"P1\"\ntags = { Team = \"a\", CostCenter = \"CC-1\" }\n");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        &format!("auth = \"api_key\"\napi_key_env = \"{KEY_ENV}\""),
+        "auth = \"sigv4\"\nregion = \"us-east-1\"",
+    );
+    std::fs::write(&path, text).unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIDPROJECTSMOCK"),
+        ("AWS_SECRET_ACCESS_KEY", "projects-mock-secret"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    let ran = mantlegate(&["projects", "plan"], &path, &env).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert!(!ran.stderr.contains("projects-mock-secret"));
+}
+
+#[tokio::test]
+async fn import_prints_stanzas_that_load_as_config_and_flags_taxonomy_breaks() {
+    let api = MockApi::start(vec![
+        project("proj_known", "Known", TEAM_A),
+        project(
+            "proj_mkt",
+            "Marketing \"EU\"",
+            &[("Team", "mkt"), ("CostCenter", "CC-9"), ("Environment", "Production")],
+        ),
+        project("proj_data", "Data", &[("Team", "data"), ("CostCenter", "CC-7"), ("cost center", "x")]),
+    ])
+    .await;
+    let known = "[[projects]]\nname = \"Known\"\nid = \"proj_known\"\ntags = { Team = \"a\", CostCenter = \"CC-1\" }\n";
+    let path = config("import", &api, known);
+    let ran = mantlegate(&["projects", "import"], &path, &[]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert!(!ran.stdout.contains("# FIX: "), "{}", ran.stdout);
+    let parsed: toml::Value = toml::from_str(&ran.stdout).expect("import prints TOML");
+    let projects = parsed["projects"].as_array().unwrap();
+    assert_eq!(projects.len(), 2, "{}", ran.stdout);
+    assert_eq!(projects[0]["name"].as_str(), Some("Marketing \"EU\""));
+    assert_eq!(projects[1]["tags"]["cost center"].as_str(), Some("x"));
+
+    // Pasted into the config, it passes `check`, and the plan then has nothing to do.
+    let text = std::fs::read_to_string(&path).unwrap() + &ran.stdout;
+    std::fs::write(&path, text).unwrap();
+    let checked = mantlegate(&["check"], &path, &[]).await;
+    assert_eq!(checked.code, 0, "{}{}", checked.stdout, checked.stderr);
+    assert!(checked.stdout.contains("proj_mkt") && checked.stdout.contains("proj_data"), "{}", checked.stdout);
+    let ran = plan(&path, &[]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+
+    // An upstream project that breaks the taxonomy is printed, flagged.
+    api.api.lock().unwrap().listed.push(project("proj_bad", "Bad", &[("Team", "x"), ("Environment", "prod")]));
+    let ran = mantlegate(&["projects", "import"], &path, &[]).await;
+    assert!(
+        ran.stdout.contains(
+            "# FIX: tags.CostCenter: missing\n# FIX: tags.Environment: \"prod\" is not one of Production, Development\n\
+             [[projects]]\nname = \"Bad\"\nid = \"proj_bad\""
+        ),
+        "{}",
+        ran.stdout
+    );
+    toml::from_str::<toml::Value>(&ran.stdout).expect("flagged stanzas are TOML too");
+}
+
+/// A client of the mock, with `retry` and `paging` as a test needs them.
+fn client(api: &MockApi, retry: Retry, paging: Paging) -> ProjectsClient {
+    let config = mantlegate::Config::from_toml(&format!(
+        "[upstream]\nbase_url = \"http://{}\"\n[callers]\nauth = \"none\"\n[[projects]]\nname = \"A\"\ntags = {{}}\n",
+        api.mock.addr
+    ))
+    .unwrap();
+    let credential = Credential::api_key(&Secret::new(KEY.into())).unwrap();
+    let mut client = ProjectsClient::new(&config.upstream, credential, "check the key").unwrap();
+    client.retry = retry;
+    client.paging = paging;
+    client
+}
+
+const FAST: Retry = Retry { attempts: 3, base: Duration::from_millis(1), max: Duration::from_millis(4) };
+
+#[tokio::test]
+async fn a_5xx_or_429_is_retried_with_backoff_a_bounded_number_of_times() {
+    let api =
+        MockApi::start(vec![project("proj_1", "P1", TEAM_A)]).await.with(|api| api.fail_first = [500, 429].into());
+    let listed = client(&api, FAST, Paging::default()).list().await.expect("the third attempt succeeds");
+    assert_eq!(listed, [project("proj_1", "P1", TEAM_A)]);
+    assert_eq!(api.mock.hits(), 3);
+
+    let api = MockApi::start(vec![]).await.with(|api| api.fail_first = [503, 503, 503, 503].into());
+    let error = client(&api, FAST, Paging::default()).list().await.expect_err("it gives up");
+    assert_eq!(
+        error.to_string(),
+        "GET /v1/organization/projects?limit=100: 503 Service Unavailable: \"mock says mock_failure\" \
+         (gave up after 3 attempts)"
+    );
+    assert_eq!(api.mock.hits(), 3);
+
+    // A get answered 404 is not retried: the project does not exist.
+    let api = MockApi::start(vec![]).await;
+    assert_eq!(client(&api, FAST, Paging::default()).get("proj_none").await.unwrap(), None);
+    assert_eq!(api.mock.hits(), 1);
+}
+
+#[tokio::test]
+async fn pages_that_never_end_are_stopped() {
+    let api = MockApi::start(vec![]).await.with(|api| {
+        api.pages = Pages::Endless;
+        api.page_size = 3;
+    });
+    let error = client(&api, FAST, Paging { limit: 3, max_pages: 5 }).list().await.expect_err("stopped");
+    assert!(
+        error.to_string().contains("still had more after 5 pages (15 projects; an account holds at most 1,000)"),
+        "{error:#}"
+    );
+    assert_eq!(api.mock.hits(), 5);
+}
