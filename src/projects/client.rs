@@ -2,21 +2,25 @@
 //! its CA store and timeouts), with the gateway's own credential (a bearer key, or each request signed with
 //! SigV4) or a separate admin key (`--api-key-env`), since a long-term key's default policy may only list and get.
 //!
-//! Every call is logged (method, path, status, attempt; never a header). 429 and 5xx, and a connection that
-//! fails, are retried with exponential backoff, a bounded number of times: AWS advises backoff from 1 s,
-//! doubling, up to 6 attempts. Only reads exist so far, and a read may always be sent again.
+//! Every call is logged (method, path, status, attempt; never a header or a body). 429 and 5xx, and a connection
+//! that fails, are retried with exponential backoff, a bounded number of times: AWS advises backoff from 1 s,
+//! doubling, up to 6 attempts. That holds for every call that may be sent twice with the same effect: reads,
+//! updates (setting a tag or a name, removing a tag) and archive. A create may not: after a 5xx or a timeout the
+//! project may exist, and a second create would make a second project of the name. So a create is retried only
+//! on 429 (refused before anything was done); any other failure stops the run and is reported, and the next
+//! plan (which matches by name) shows whether the project was created.
 //!
 //! Whether the list takes OpenAI's `after` and `limit` is not documented, so the list is paged with them while
 //! `has_more` says so, and stopped with an error, never a loop, when a page repeats a project already listed or
 //! the pages never end.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, USER_AGENT};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use http::{HeaderValue, Method, Request, StatusCode};
 use serde::Deserialize;
 
@@ -81,6 +85,12 @@ pub enum Operation {
     List,
     /// `GET /v1/organization/projects/{id}`.
     Get,
+    /// `POST /v1/organization/projects`: not idempotent.
+    Create,
+    /// `POST /v1/organization/projects/{id}`: a name, tags to add or tag keys to remove.
+    Update,
+    /// `POST /v1/organization/projects/{id}/archive`.
+    Archive,
 }
 
 impl Operation {
@@ -90,6 +100,12 @@ impl Operation {
         match self {
             Self::List => "bedrock-mantle:ListProjects",
             Self::Get => "bedrock-mantle:GetProject",
+            Self::Create => "bedrock-mantle:CreateProject (and bedrock-mantle:TagResource for its tags)",
+            Self::Update => {
+                "bedrock-mantle:UpdateProject (bedrock-mantle:TagResource and ListTagsForResource to add tags, \
+                 UntagResource to remove them)"
+            }
+            Self::Archive => "bedrock-mantle:ArchiveProject",
         }
     }
 
@@ -97,6 +113,7 @@ impl Operation {
     pub fn method(self) -> Method {
         match self {
             Self::List | Self::Get => Method::GET,
+            Self::Create | Self::Update | Self::Archive => Method::POST,
         }
     }
 
@@ -104,6 +121,21 @@ impl Operation {
         match self {
             Self::List => "list projects",
             Self::Get => "get a project",
+            Self::Create => "create a project",
+            Self::Update => "update a project",
+            Self::Archive => "archive a project",
+        }
+    }
+
+    /// Whether a call that failed with `status` (or with no answer, `None`) may be sent again: any but a create,
+    /// which only on 429, as after a 5xx or a timeout the project may exist.
+    fn retryable(self, status: Option<StatusCode>) -> bool {
+        let throttled = status == Some(StatusCode::TOO_MANY_REQUESTS);
+        match self {
+            Self::Create => throttled,
+            Self::List | Self::Get | Self::Update | Self::Archive => {
+                throttled || status.is_none_or(|s| s.is_server_error())
+            }
         }
     }
 }
@@ -233,7 +265,7 @@ impl ProjectsClient {
             anyhow::bail!("{id:?} is not a project id");
         }
         let path = format!("{PROJECTS_PATH}/{id}");
-        let answer = self.call(Operation::Get, &path).await?;
+        let answer = self.call(Operation::Get, &path, Bytes::new()).await?;
         if answer.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -242,9 +274,46 @@ impl ProjectsClient {
         Ok(Some(project))
     }
 
+    /// Creates the project `name` with `tags`: the project upstream made.
+    pub async fn create(&self, name: &str, tags: &BTreeMap<String, String>) -> anyhow::Result<UpstreamProject> {
+        let body = serde_json::to_vec(&serde_json::json!({ "name": name, "tags": tags }))?;
+        let answer = self.call(Operation::Create, PROJECTS_PATH, body.into()).await?;
+        let body = self.check(Operation::Create, PROJECTS_PATH, answer)?;
+        let project: UpstreamProject = serde_json::from_slice(&body)
+            .with_context(|| format!("POST {PROJECTS_PATH}: the answer is not a project"))?;
+        if !crate::config::is_project_id(&project.id) {
+            anyhow::bail!(
+                "POST {PROJECTS_PATH}: the project made has the id {:?}, which is not a project id",
+                project.id
+            );
+        }
+        Ok(project)
+    }
+
+    /// Updates the project `id`: `change` is one of `{"name"}`, `{"add_tags"}`, `{"remove_tag_keys"}`.
+    pub async fn update(&self, id: &str, change: &serde_json::Value) -> anyhow::Result<()> {
+        if !crate::config::is_project_id(id) {
+            anyhow::bail!("{id:?} is not a project id");
+        }
+        let path = format!("{PROJECTS_PATH}/{id}");
+        let body = serde_json::to_vec(change)?;
+        let answer = self.call(Operation::Update, &path, body.into()).await?;
+        self.check(Operation::Update, &path, answer).map(drop)
+    }
+
+    /// Archives the project `id`.
+    pub async fn archive(&self, id: &str) -> anyhow::Result<()> {
+        if !crate::config::is_project_id(id) {
+            anyhow::bail!("{id:?} is not a project id");
+        }
+        let path = format!("{PROJECTS_PATH}/{id}/archive");
+        let answer = self.call(Operation::Archive, &path, Bytes::new()).await?;
+        self.check(Operation::Archive, &path, answer).map(drop)
+    }
+
     /// The body of a call that must succeed.
     async fn expect_ok(&self, operation: Operation, path: &str) -> anyhow::Result<Bytes> {
-        let answer = self.call(operation, path).await?;
+        let answer = self.call(operation, path, Bytes::new()).await?;
         self.check(operation, path, answer)
     }
 
@@ -282,21 +351,21 @@ impl ProjectsClient {
         }
     }
 
-    /// One call, tried again on 429, 5xx and connection failures, as [`Retry`] allows: the last answer's status
-    /// and body, or the last failure.
-    async fn call(&self, operation: Operation, path: &str) -> anyhow::Result<Answer> {
+    /// One call, tried again as [`Operation::retryable`] and [`Retry`] allow: the last answer's status and body,
+    /// or the last failure.
+    async fn call(&self, operation: Operation, path: &str, body: Bytes) -> anyhow::Result<Answer> {
         let method = operation.method();
         let mut attempt = 1;
         loop {
-            let outcome = self.send(&method, path).await;
+            let outcome = self.send(&method, path, body.clone()).await;
             let retryable = match &outcome {
                 Ok((status, _)) => {
                     tracing::info!(method = %method, path = %path, status = status.as_u16(), attempt, "projects API call");
-                    *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+                    !status.is_success() && operation.retryable(Some(*status))
                 }
                 Err(e) => {
                     tracing::warn!(method = %method, path = %path, attempt, error = %format!("{e:#}"), "projects API call failed");
-                    true
+                    operation.retryable(None)
                 }
             };
             if !retryable || attempt >= self.retry.attempts.max(1) {
@@ -314,8 +383,8 @@ impl ProjectsClient {
     }
 
     /// Sends one request and reads its answer whole, within `upstream.response_timeout`.
-    async fn send(&self, method: &Method, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
-        let request = self.request(method, path, Bytes::new())?;
+    async fn send(&self, method: &Method, path: &str, body: Bytes) -> anyhow::Result<(StatusCode, Bytes)> {
+        let request = self.request(method, path, body)?;
         let u = &self.upstream;
         let exchange = async {
             let response = self.http.request(request, u).await.map_err(|e| {
@@ -345,6 +414,9 @@ impl ProjectsClient {
         let mut request = Request::builder().method(method.clone()).uri(&path).body(body::whole(body.clone()))?;
         let headers = request.headers_mut();
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        if !body.is_empty() {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
         headers.insert(USER_AGENT, HeaderValue::from_static(concat!("mantlegate/", env!("CARGO_PKG_VERSION"))));
         if let Some(bearer) = self.credential.bearer() {
             headers.insert(AUTHORIZATION, bearer.bearer.clone());
@@ -424,6 +496,17 @@ mod tests {
             request.headers()["x-amz-content-sha256"],
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    #[test]
+    fn a_create_is_sent_again_only_when_throttled() {
+        let (throttled, failed) = (Some(StatusCode::TOO_MANY_REQUESTS), Some(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(Operation::Create.retryable(throttled));
+        assert!(!Operation::Create.retryable(failed) && !Operation::Create.retryable(None));
+        for op in [Operation::List, Operation::Get, Operation::Update, Operation::Archive] {
+            assert!(op.retryable(throttled) && op.retryable(failed) && op.retryable(None));
+            assert!(!op.retryable(Some(StatusCode::NOT_FOUND)));
+        }
     }
 
     #[test]
