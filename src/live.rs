@@ -193,13 +193,17 @@ impl Reloader {
     /// force.
     fn prepare(&self, path: &Path, current: &Snapshot, state: &State) -> Result<Option<Prepared>, Vec<String>> {
         let text = config::read_file(path).map_err(|e| vec![format!("{e:#}")])?;
-        if config::sha256(&text) == current.config.sha256 {
+        // The lock file beside it gives ids to projects without one: a change to either is a new config.
+        let lock = config::lock::read_beside(path).map_err(|e| vec![format!("{e:#}")])?;
+        let lock_sha256 = lock.as_ref().map(|l| l.sha256.clone());
+        if config::sha256(&text) == current.config.sha256 && lock_sha256 == current.config.lock.sha256 {
             return Ok(None);
         }
         let mut config = Config::parse(&text, true).map_err(|e| match e.downcast::<config::ConfigErrors>() {
             Ok(errors) => errors.0,
             Err(e) => vec![format!("{e:#}")],
         })?;
+        config::lock::apply(&mut config, lock).map_err(|e| vec![format!("{e:#}")])?;
         let kept = keep_restart_only(&mut config, &current.config);
         let (new, old) = (&config.upstream, &current.config.upstream);
         let auth_changed = new.auth != old.auth || (new.auth.is_aws() && new.region != old.region);

@@ -132,17 +132,27 @@ impl Snapshot {
         ledger: Option<Ledger>,
         metrics: &Metrics,
     ) -> Result<Self, Vec<String>> {
-        let missing: Vec<&str> = config.projects.iter().filter(|p| p.id.is_none()).map(|p| p.name.as_str()).collect();
+        // An archived project takes no traffic (validation lets nothing name it), so needs no id and is not linked.
+        let missing: Vec<&str> =
+            config.projects.iter().filter(|p| p.id.is_none() && !p.archived).map(|p| p.name.as_str()).collect();
         if !missing.is_empty() {
-            return Err(vec![format!(
-                "projects without an id cannot receive traffic: {} (set each one's `id`, the proj_... id the Projects API gave it)",
-                missing.join(", ")
-            )]);
+            let mut problem = format!(
+                "projects without an id cannot receive traffic: {} (run `mantlegate projects apply`, which creates \
+                 them and records their ids in {} beside the config; or set each one's `id`, the proj_... id the \
+                 Projects API gave it)",
+                missing.join(", "),
+                config::lock::FILE_NAME
+            );
+            if let Some(why) = &config.lock.ignored {
+                problem.push_str(&format!("; {why}"));
+            }
+            return Err(vec![problem]);
         }
         let mut problems = Vec::new();
         let projects: Vec<Arc<Project>> = config
             .projects
             .iter()
+            .filter(|p| !p.archived)
             .filter_map(|p| match Self::link_project(p, metrics) {
                 Ok(project) => Some(Arc::new(project)),
                 Err(e) => {
@@ -291,5 +301,14 @@ pub(crate) mod tests {
         let problems = Snapshot::build(config, Credential::Passthrough, None, &Metrics::new()).expect_err("no id");
         assert_eq!(problems.len(), 1);
         assert!(problems[0].starts_with("projects without an id cannot receive traffic: B"), "{problems:?}");
+        assert!(problems[0].contains("run `mantlegate projects apply`"), "{problems:?}");
+    }
+
+    #[test]
+    fn an_archived_project_needs_no_id_and_is_not_routable() {
+        let archived = format!("{CONFIG}\n[[projects]]\nname = \"Old\"\narchived = true\n");
+        let s = snapshot(&archived);
+        assert!(s.project("Old").is_none());
+        assert_eq!(s.projects.len(), 2);
     }
 }

@@ -129,7 +129,11 @@ pub fn report(path: &Path, config: &Config) -> String {
     for p in &config.projects {
         rows.push([
             p.name.clone(),
-            p.id.clone().unwrap_or_else(|| "(none: not provisioned)".into()),
+            match (&p.id, config.lock.ids.contains(&p.name)) {
+                (Some(id), true) => format!("{id} (from {})", crate::config::lock::FILE_NAME),
+                (Some(id), false) => id.clone(),
+                (None, _) => "(none: not provisioned)".into(),
+            } + if p.archived { " (archived)" } else { "" },
             if p.models.is_empty() { "any".into() } else { p.models.join(",") },
             p.tags.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
         ]);
@@ -156,11 +160,16 @@ pub fn report(path: &Path, config: &Config) -> String {
         table(&mut out, &rows);
     }
 
-    let unprovisioned: Vec<&str> = config.projects.iter().filter(|p| p.id.is_none()).map(|p| p.name.as_str()).collect();
+    if let Some(why) = &config.lock.ignored {
+        let _ = writeln!(out, "\nwarning: {why}");
+    }
+    let unprovisioned: Vec<&str> =
+        config.projects.iter().filter(|p| p.id.is_none() && !p.archived).map(|p| p.name.as_str()).collect();
     if !unprovisioned.is_empty() {
         let _ = writeln!(
             out,
-            "\nwarning: {} ha{} no id yet; `serve` refuses to start until every project has one",
+            "\nwarning: {} ha{} no id yet; `serve` refuses to start until every project has one (run `mantlegate \
+             projects apply`)",
             unprovisioned.join(", "),
             if unprovisioned.len() == 1 { "s" } else { "ve" }
         );

@@ -2,6 +2,7 @@
 //! deserialized into [`raw::RawConfig`] and validated into [`Config`], whose types leave no room for the
 //! mistakes the file can hold (unknown projects, bad hashes, durations that do not parse).
 
+pub mod lock;
 mod raw;
 mod schema;
 mod validate;
@@ -45,6 +46,8 @@ pub struct Config {
     /// SHA-256 (hex) of the file text it was loaded from: `mantlegate_config_info{sha256}` says which config is in
     /// force, and a reload of an unchanged file changes nothing.
     pub sha256: String,
+    /// What the lock file beside the config (`projects.lock.toml`) gave it.
+    pub lock: lock::LockUse,
 }
 
 /// `[metering]` and `[[prices]]`, validated.
@@ -215,6 +218,8 @@ pub struct Project {
     pub tags: BTreeMap<String, String>,
     /// Allowed model ids; empty allows any.
     pub models: Vec<String>,
+    /// To be archived upstream (`archived = true`): not routable, and `projects apply` archives it.
+    pub archived: bool,
 }
 
 impl Project {
@@ -247,8 +252,16 @@ pub struct Route {
 }
 
 impl Config {
-    /// Loads defaults, the file at `path` and `MANTLEGATE__` environment overrides, then validates.
+    /// Loads defaults, the file at `path` and `MANTLEGATE__` environment overrides, then validates; projects
+    /// without an `id` get the one the lock file beside it records (see [`lock`]).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let mut config = Self::load_without_lock(path)?;
+        lock::apply(&mut config, lock::read_beside(path)?)?;
+        Ok(config)
+    }
+
+    /// [`Config::load`] without the lock file: the projects commands match by name what has no `id` in the file.
+    pub fn load_without_lock(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let text = read_file(path)?;
         Self::parse(&text, true).with_context(|| format!("reading {}", path.display()))

@@ -261,6 +261,10 @@ pub struct RawProject {
     /// Model ids this project may use; empty means any.
     #[serde(default)]
     pub models: Vec<String>,
+    /// To be archived upstream by `mantlegate projects apply`. An archived project takes no traffic: no key,
+    /// route or fallback may name it, and the gateway does not route to it.
+    #[serde(default)]
+    pub archived: bool,
 }
 
 /// One `[[keys]]` entry.

@@ -103,12 +103,14 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     validate_taxonomy(&mut errs, &taxonomy);
     let projects = validate_projects(&mut errs, raw.projects, &taxonomy);
 
+    // An archived project takes no new inference upstream: nothing may send traffic to it.
     let lookup = |errs: &mut Errors, key: &str, name: &str| -> Option<String> {
-        let found = projects.iter().any(|p| p.name == name);
-        if !found {
-            errs.push(key, format!("no project named {name:?}"));
+        match projects.iter().find(|p| p.name == name) {
+            None => errs.push(key, format!("no project named {name:?}")),
+            Some(p) if p.archived => errs.push(key, format!("project {name:?} is archived (archived = true)")),
+            Some(_) => return Some(name.to_owned()),
         }
-        found.then(|| name.to_owned())
+        None
     };
 
     let keys = validate_keys(&mut errs, raw.keys, callers, &lookup);
@@ -146,6 +148,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             routes,
             metering,
             sha256: String::new(),
+            lock: super::lock::LockUse::default(),
         })
     } else {
         Err(ConfigErrors(errs.0))
@@ -341,7 +344,7 @@ fn validate_projects(errs: &mut Errors, raw: Vec<RawProject>, taxonomy: &Taxonom
         if p.models.iter().any(String::is_empty) {
             errs.push(format!("{at}.models"), "empty model id");
         }
-        projects.push(Project { name: p.name, id, tags: p.tags, models: p.models });
+        projects.push(Project { name: p.name, id, tags: p.tags, models: p.models, archived: p.archived });
     }
     // A caller may name a project by name or by id: neither may mean two different projects.
     for (id, i) in &ids {
@@ -664,6 +667,22 @@ mod tests {
         sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
         project = "A"
     "#;
+
+    #[test]
+    fn nothing_may_send_traffic_to_an_archived_project() {
+        let old = "[[projects]]\nname = \"Old\"\narchived = true\n";
+        assert!(errors(&format!("{BASE}\n{old}")).is_empty());
+        let errs = errors(&format!(
+            "[attribution]\ndefault_project = \"Old\"\n{BASE}\n{old}[[routes]]\nprefix = \"/old\"\nproject = \"Old\""
+        ));
+        assert_eq!(
+            errs,
+            [
+                "routes[0].project: project \"Old\" is archived (archived = true)",
+                "attribution.default_project: project \"Old\" is archived (archived = true)"
+            ]
+        );
+    }
 
     #[test]
     fn base_is_valid() {

@@ -66,22 +66,9 @@ fn key(key: &str) -> String {
     if bare { key.to_owned() } else { string(key) }
 }
 
-/// A TOML basic string: `"` and `\` escaped, and every control character as `\uXXXX`.
+/// A TOML basic string.
 fn string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04X}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    crate::config::lock::toml_string(text)
 }
 
 /// A comment stays one line whatever upstream's names hold.
