@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check`, `reload`, `keys new`, `projects plan|import`, `usage report`, `demo`.
+//! The command line: `serve`, `check`, `reload`, `keys new`, `projects plan|apply|import`, `usage report`, `demo`.
 
 mod check;
 mod keys;
@@ -115,6 +115,28 @@ enum ProjectsCommand {
         #[arg(long)]
         rename: bool,
     },
+    /// Carry out the plan: create missing projects with their tags, add and correct tags, remove unlisted tags
+    /// (only with --remove-unlisted-tags), rename (only with --rename), archive projects marked `archived = true`.
+    /// Prints the plan and asks for confirmation on a terminal (or --yes); writes the ids of projects without an
+    /// `id` to projects.lock.toml beside the config. Exit status: 0 done or nothing to do, 1 otherwise.
+    Apply {
+        /// Config file (default: $MANTLEGATE_CONFIG, else config/mantlegate.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// An environment variable holding a Bedrock API key for the Projects API (an admin key), used in place
+        /// of the `[upstream]` credential.
+        #[arg(long, value_name = "NAME")]
+        api_key_env: Option<String>,
+        /// Remove tags upstream that the config does not list (by default they are kept).
+        #[arg(long)]
+        remove_unlisted_tags: bool,
+        /// Rename projects matched by id whose upstream name differs (by default they keep it).
+        #[arg(long)]
+        rename: bool,
+        /// Apply without asking (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Print `[[projects]]` stanzas for the upstream projects the config does not have, ready to paste; those
     /// the config would refuse (the tag taxonomy, a name taken) are flagged with a `# FIX:` comment.
     Import {
@@ -186,6 +208,12 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         } => {
             let options = crate::projects::plan::Options { remove_unlisted_tags, rename };
             projects::plan(&config::resolve_path(config), format, api_key_env.as_deref(), options)
+        }
+        Command::Projects {
+            command: ProjectsCommand::Apply { config, api_key_env, remove_unlisted_tags, rename, yes },
+        } => {
+            let options = crate::projects::plan::Options { remove_unlisted_tags, rename };
+            projects::apply(&config::resolve_path(config), api_key_env.as_deref(), options, yes)
         }
         Command::Projects { command: ProjectsCommand::Import { config, api_key_env } } => {
             projects::import(&config::resolve_path(config), api_key_env.as_deref())

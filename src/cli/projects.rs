@@ -1,13 +1,18 @@
-//! `mantlegate projects plan` and `mantlegate projects import`: the config's projects against the Projects API.
-//! The config is loaded (and so the taxonomy checked, every violation listed) before any call is made.
+//! `mantlegate projects plan`, `apply` and `import`: the config's projects against the Projects API. The config is
+//! loaded (and so the taxonomy checked, every violation listed) before any call is made. These commands read the
+//! config without its lock file: a project without an `id` in the config is matched by name, and `apply` writes
+//! the lock afresh from what it found and made.
 
 use std::fmt::Write as _;
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::Path;
 use std::process::ExitCode;
 
 use crate::config::Config;
+use crate::config::lock;
+use crate::projects::client::ProjectsClient;
 use crate::projects::plan::{Action, MatchedBy, Options, Plan};
-use crate::projects::{UpstreamProject, client, import, plan};
+use crate::projects::{UpstreamProject, apply as applying, client, import, plan};
 
 /// How `plan` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -20,18 +25,9 @@ pub enum Format {
 
 /// `projects plan`: prints the plan; exits 0 with nothing to do, 2 with changes, 1 with problems.
 pub fn plan(path: &Path, format: Format, api_key_env: Option<&str>, options: Options) -> anyhow::Result<ExitCode> {
-    let config = Config::load(path)?;
+    let config = Config::load_without_lock(path)?;
     crate::telemetry::init_stderr();
-    let plan = runtime()?.block_on(async {
-        let client = client::connect(&config.upstream, api_key_env).await?;
-        let mut upstream = client.list().await?;
-        let listed = upstream.len();
-        for id in plan::ids_to_get(&config.projects, &upstream) {
-            upstream.extend(client.get(id).await?);
-        }
-        Ok::<_, anyhow::Error>((plan::plan(&config.projects, &upstream, options), listed))
-    });
-    let (plan, listed) = plan?;
+    let (_, plan, listed) = runtime()?.block_on(fetch_plan(&config, api_key_env, options))?;
     match format {
         Format::Text => print!("{}", text(path, &config, &plan, listed)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
@@ -42,9 +38,108 @@ pub fn plan(path: &Path, format: Format, api_key_env: Option<&str>, options: Opt
     Ok(ExitCode::from(plan.exit_code()))
 }
 
+/// A client, and the plan for `config` against every project upstream (how many the list gave).
+async fn fetch_plan(
+    config: &Config,
+    api_key_env: Option<&str>,
+    options: Options,
+) -> anyhow::Result<(ProjectsClient, Plan, usize)> {
+    let client = client::connect(&config.upstream, api_key_env).await?;
+    let mut upstream = client.list().await?;
+    let listed = upstream.len();
+    for id in plan::ids_to_get(&config.projects, &upstream) {
+        upstream.extend(client.get(id).await?);
+    }
+    Ok((client, plan::plan(&config.projects, &upstream, options), listed))
+}
+
+/// `projects apply`: prints the plan, asks for confirmation (unless `yes`) and carries it out; writes the ids of
+/// the projects without an `id` in the config to the lock file beside it. Exits 0 when everything was done (or
+/// nothing was to do), 1 when the plan has problems, the confirmation was not given, or a call failed.
+pub fn apply(path: &Path, api_key_env: Option<&str>, options: Options, yes: bool) -> anyhow::Result<ExitCode> {
+    let config = Config::load_without_lock(path)?;
+    crate::telemetry::init_stderr();
+    let runtime = runtime()?;
+    let (client, plan, listed) = runtime.block_on(fetch_plan(&config, api_key_env, options))?;
+    print!("{}", text(path, &config, &plan, listed));
+    if plan.problems() > 0 {
+        eprintln!(
+            "error: not applied: {} problem(s) no apply can fix (the `problem:` lines above); nothing was changed",
+            plan.problems()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let lock_path = lock::path_beside(path);
+    if plan.changes() == 0 {
+        println!(
+            "
+Nothing to do: upstream matches the config."
+        );
+        write_lock(&lock_path, &applying::lock(&config, &plan, &Default::default()))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !yes && !confirm(&config, plan.changes())? {
+        return Ok(ExitCode::FAILURE);
+    }
+    let report = runtime.block_on(applying::apply(&client, &plan));
+    write_lock(&lock_path, &applying::lock(&config, &plan, &report.created))?;
+    print!("{}", report.text());
+    if report.failed.is_some() {
+        eprintln!(
+            "error: apply stopped at a failure: {} done, 1 failed, {} not attempted (see above)",
+            report.done.len(),
+            report.not_attempted.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks on the terminal whether to apply `changes` changes; refuses when stdin is not a terminal.
+fn confirm(config: &Config, changes: usize) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        eprintln!(
+            "error: not applied: stdin is not a terminal to confirm on; review the plan above and run again with \
+             --yes to apply it"
+        );
+        return Ok(false);
+    }
+    print!(
+        "
+Apply {changes} change(s) to {}? Only \"yes\" applies: ",
+        config.upstream.authority
+    );
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() == "yes" {
+        return Ok(true);
+    }
+    eprintln!("Not applied.");
+    Ok(false)
+}
+
+/// Writes `new` to the lock file at `path` when it says something new: not when it is the same, nor an empty
+/// one where there was none.
+fn write_lock(path: &Path, new: &lock::Lock) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(path).ok();
+    if old.as_deref() == Some(new.to_toml().as_str()) || (old.is_none() && new.projects.is_empty()) {
+        return Ok(());
+    }
+    lock::write(path, new)?;
+    println!(
+        "
+wrote {} ({} project id{})",
+        path.display(),
+        new.projects.len(),
+        if new.projects.len() == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
 /// `projects import`: prints `[[projects]]` stanzas for the upstream projects the config does not have.
 pub fn import(path: &Path, api_key_env: Option<&str>) -> anyhow::Result<ExitCode> {
-    let config = Config::load(path)?;
+    let config = Config::load_without_lock(path)?;
     crate::telemetry::init_stderr();
     let upstream = runtime()?.block_on(async {
         let client = client::connect(&config.upstream, api_key_env).await?;
@@ -72,6 +167,7 @@ fn text(path: &Path, config: &Config, plan: &Plan, listed: usize) -> String {
         let (mark, what) = match p.action {
             Action::Create => ('+', "create"),
             Action::Update => ('~', "update"),
+            Action::Archive => ('-', "archive"),
             Action::Unchanged => ('=', "nothing to do"),
             Action::Blocked => ('!', "blocked"),
         };
@@ -127,9 +223,10 @@ fn text(path: &Path, config: &Config, plan: &Plan, listed: usize) -> String {
     let count = |action| plan.projects.iter().filter(|p| p.action == action).count();
     let _ = writeln!(
         out,
-        "\n{} to create, {} to update, {} unchanged, {} blocked ({} problem{}).",
+        "\n{} to create, {} to update, {} to archive, {} unchanged, {} blocked ({} problem{}).",
         count(Action::Create),
         count(Action::Update),
+        count(Action::Archive),
         count(Action::Unchanged),
         count(Action::Blocked),
         plan.problems(),

@@ -4,8 +4,10 @@
 //!
 //! [`client`] talks to the API (every page of the list, one project by id, retries, the credential); [`plan`]
 //! matches configured projects to upstream ones and says what applying would change, as pure functions;
-//! [`import`] writes `[[projects]]` stanzas for the upstream projects the config does not have.
+//! [`apply`] carries a plan out and says what the lock file records; [`import`] writes `[[projects]]` stanzas for
+//! the upstream projects the config does not have.
 
+pub mod apply;
 pub mod client;
 pub mod import;
 pub mod plan;

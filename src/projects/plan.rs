@@ -6,7 +6,9 @@
 //! configured project the plan is to create it, to add or correct tags (`add_tags` sets a value either way), to
 //! remove tags the config does not list (only when asked: a tag someone added upstream may feed a report), to
 //! rename it (only when asked: other tools may know it by its upstream name), or nothing. A configured id that
-//! upstream does not have, or has archived, is a problem no apply can fix.
+//! upstream does not have, or has archived, is a problem no apply can fix, unless the config marks the project
+//! `archived = true`: then the plan is to archive it (its tags are left as they are), or nothing once it is, or
+//! nothing if it was never created.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -78,6 +80,8 @@ pub enum Action {
     Create,
     /// Add, correct or remove tags, or rename it.
     Update,
+    /// Archive it (`archived = true` in the config).
+    Archive,
     /// Nothing: upstream already matches.
     Unchanged,
     /// Nothing can be done: see its problems.
@@ -96,7 +100,7 @@ pub struct Correction {
 impl Plan {
     /// Configured projects applying would create or change.
     pub fn changes(&self) -> usize {
-        self.projects.iter().filter(|p| matches!(p.action, Action::Create | Action::Update)).count()
+        self.projects.iter().filter(|p| matches!(p.action, Action::Create | Action::Update | Action::Archive)).count()
     }
 
     /// Problems apply cannot fix, across every project.
@@ -155,6 +159,11 @@ pub fn plan(configured: &[Project], upstream: &[UpstreamProject], options: Optio
                 }
             },
             None => match by_name.get(p.name.as_str()).map(Vec::as_slice).unwrap_or_default() {
+                // Never created: nothing to archive.
+                [] if p.archived => {
+                    entry.action = Action::Unchanged;
+                    None
+                }
                 [] => {
                     entry.action = Action::Create;
                     entry.add_tags = p.tags.clone();
@@ -179,11 +188,15 @@ pub fn plan(configured: &[Project], upstream: &[UpstreamProject], options: Optio
             if let Some(other) = claimed.insert(&u.id, &p.name) {
                 entry.problems.push(format!("{} is also matched by the configured project {other:?}", u.id));
             }
-            if u.is_archived() {
+            if u.is_archived() && !p.archived {
                 entry.problems.push(format!("{} is archived upstream: it takes no new requests", u.id));
             }
             if entry.problems.is_empty() {
-                compare(&mut entry, p, u, options);
+                if p.archived {
+                    entry.action = if u.is_archived() { Action::Unchanged } else { Action::Archive };
+                } else {
+                    compare(&mut entry, p, u, options);
+                }
             }
         }
         projects.push(entry);
@@ -236,7 +249,7 @@ mod tests {
     }
 
     fn configured(name: &str, id: Option<&str>, t: &[(&str, &str)]) -> Project {
-        Project { name: name.into(), id: id.map(Into::into), tags: tags(t), models: vec![] }
+        Project { name: name.into(), id: id.map(Into::into), tags: tags(t), models: vec![], archived: false }
     }
 
     fn upstream(id: &str, name: &str, status: &str, t: &[(&str, &str)]) -> UpstreamProject {
@@ -324,6 +337,21 @@ mod tests {
         assert_eq!((plan.problems(), plan.exit_code()), (2, 1));
         // Fetched for the config, so not "not in the config".
         assert!(plan.not_in_config.is_empty());
+    }
+
+    #[test]
+    fn a_project_marked_archived_is_archived_once_and_never_created() {
+        let mut config =
+            [configured("A", Some("proj_a"), &[("Team", "a")]), configured("B", None, &[]), configured("C", None, &[])];
+        for p in &mut config {
+            p.archived = true;
+        }
+        let up = [upstream("proj_a", "A", "active", &[("Team", "old")]), upstream("proj_b", "B", "archived", &[])];
+        let plan = plan(&config, &up, Options::default());
+        let actions: Vec<Action> = plan.projects.iter().map(|p| p.action).collect();
+        assert_eq!(actions, [Action::Archive, Action::Unchanged, Action::Unchanged], "{plan:?}");
+        assert!(plan.projects[0].correct_tags.is_empty(), "an archived project's tags are left alone");
+        assert_eq!((plan.problems(), plan.exit_code()), (0, 2));
     }
 
     #[test]
