@@ -1,5 +1,6 @@
-//! `mantlegate projects plan` and `import` against a mock Projects API: the real binary for what an operator sees
-//! (output, exit status, logs), the library's client for retries and endless pages with fast, injected limits.
+//! `mantlegate projects plan`, `apply` and `import` against a mock Projects API: the real binary for what an
+//! operator sees (output, exit status, logs, the lock file), the library's client for retries and endless pages
+//! with fast, injected limits.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -43,7 +44,8 @@ enum Expect {
 }
 
 /// A mock Projects API: a paginated list (archived projects left out, as OpenAI's list does by default), get by
-/// id (archived ones included), statuses scripted ahead of the real answers, and a record of every call.
+/// id (archived ones included), create (ids `proj_<n>`), update (`add_tags`, `remove_tag_keys`, `name`) and
+/// archive; statuses scripted ahead of the real answers or on a chosen call, and a record of every call.
 struct Api {
     listed: Vec<UpstreamProject>,
     /// Only `get` finds these.
@@ -53,9 +55,13 @@ struct Api {
     expect: Expect,
     /// Statuses answered, one per call, before any real answer.
     fail_first: VecDeque<u16>,
+    /// A status answered to the nth (from 1) call of this `METHOD /path`, in place of the real answer.
+    fail_on: Option<(String, usize, u16)>,
     /// `METHOD /path?query` of every call, in order.
     calls: Vec<String>,
     endless_next: usize,
+    /// The number in the next created project's id.
+    next_id: usize,
 }
 
 struct MockApi {
@@ -72,8 +78,10 @@ impl MockApi {
             pages: Pages::Honest,
             expect: Expect::Bearer(KEY),
             fail_first: VecDeque::new(),
+            fail_on: None,
             calls: Vec::new(),
             endless_next: 0,
+            next_id: 1,
         }));
         let state = api.clone();
         let mock = Mock::start(move |seen| {
@@ -91,6 +99,17 @@ impl MockApi {
 
     fn calls(&self) -> Vec<String> {
         self.api.lock().unwrap().calls.clone()
+    }
+
+    /// The calls that are not reads.
+    fn writes(&self) -> Vec<String> {
+        self.calls().into_iter().filter(|c| !c.starts_with("GET ")).collect()
+    }
+
+    /// Every project upstream, listed or archived, by id.
+    fn upstream(&self) -> BTreeMap<String, UpstreamProject> {
+        let api = self.api.lock().unwrap();
+        api.listed.iter().chain(&api.archived).map(|p| (p.id.clone(), p.clone())).collect()
     }
 }
 
@@ -120,9 +139,19 @@ fn answer(api: &mut Api, seen: &Seen) -> Response {
     if let Some(status) = api.fail_first.pop_front() {
         return error(status, if status == 403 { "AccessDeniedException" } else { "mock_failure" });
     }
+    let path = seen.uri.path();
+    let call = format!("{} {path}", seen.method);
+    if let Some((on, nth, status)) = &api.fail_on {
+        let made = api.calls.iter().filter(|c| c.split('?').next() == Some(&call)).count();
+        if *on == call && made == *nth {
+            return error(*status, "mock_failure");
+        }
+    }
     let query: BTreeMap<String, String> =
         form_urlencoded::parse(seen.uri.query().unwrap_or("").as_bytes()).into_owned().collect();
-    let path = seen.uri.path();
+    if seen.method == http::Method::POST {
+        return write(api, path, &seen.body);
+    }
     if seen.method != http::Method::GET {
         return error(405, "method_not_allowed");
     }
@@ -159,6 +188,66 @@ fn answer(api: &mut Api, seen: &Seen) -> Response {
         };
     }
     error(404, "unknown_route")
+}
+
+/// Create, update and archive, as the Projects API documents them.
+fn write(api: &mut Api, path: &str, body: &[u8]) -> Response {
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(if body.is_empty() { b"{}" } else { body }) else {
+        return error(400, "invalid_json");
+    };
+    let described = |p: &UpstreamProject| {
+        let mut value = serde_json::to_value(p).unwrap();
+        value["object"] = "organization.project".into();
+        value["arn"] = format!("arn:aws:bedrock-mantle:us-east-1:123456789012:project/{}", p.id).into();
+        value["created_at"] = 1_700_000_000.into();
+        json(200, value)
+    };
+    if path == "/v1/organization/projects" {
+        let (Some(name), Ok(tags)) =
+            (body["name"].as_str(), serde_json::from_value::<BTreeMap<String, String>>(body["tags"].clone()))
+        else {
+            return error(400, "invalid_request");
+        };
+        let created =
+            UpstreamProject { id: format!("proj_{}", api.next_id), name: name.into(), status: "active".into(), tags };
+        api.next_id += 1;
+        api.listed.push(created.clone());
+        return described(&created);
+    }
+    let Some(rest) = path.strip_prefix("/v1/organization/projects/") else { return error(404, "unknown_route") };
+    if let Some(id) = rest.strip_suffix("/archive") {
+        let Some(at) = api.listed.iter().position(|p| p.id == id) else {
+            return match api.archived.iter().find(|p| p.id == id) {
+                Some(p) => described(p),
+                None => error(404, "not_found"),
+            };
+        };
+        let mut archived = api.listed.remove(at);
+        archived.status = "archived".into();
+        api.archived.push(archived.clone());
+        return described(&archived);
+    }
+    let Some(p) = api.listed.iter_mut().find(|p| p.id == rest) else { return error(404, "not_found") };
+    let fields = body.as_object().map(|o| o.len()).unwrap_or(0);
+    if fields != 1 {
+        return error(400, "one_change_per_call");
+    }
+    if let Some(add) = body.get("add_tags") {
+        let Ok(add) = serde_json::from_value::<BTreeMap<String, String>>(add.clone()) else {
+            return error(400, "invalid_tags");
+        };
+        p.tags.extend(add);
+    } else if let Some(keys) = body["remove_tag_keys"].as_array() {
+        for key in keys {
+            p.tags.remove(key.as_str().unwrap_or(""));
+        }
+    } else if let Some(name) = body["name"].as_str() {
+        p.name = name.into();
+    } else {
+        return error(400, "unknown_change");
+    }
+    let p = p.clone();
+    described(&p)
 }
 
 fn project(id: &str, name: &str, tags: &[(&str, &str)]) -> UpstreamProject {
@@ -246,7 +335,7 @@ tags = { Team = "search", CostCenter = "CC-2" }
     assert_eq!(ran.code, 2, "{}{}", ran.stdout, ran.stderr);
     assert!(ran.stdout.contains("+ Chat: create\n    with tags CostCenter=\"CC-1\" Team=\"chat\""), "{}", ran.stdout);
     assert!(ran.stdout.contains("+ Search: create"), "{}", ran.stdout);
-    assert!(ran.stdout.contains("2 to create, 0 to update, 0 unchanged, 0 blocked"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("2 to create, 0 to update, 0 to archive, 0 unchanged, 0 blocked"), "{}", ran.stdout);
     assert_eq!(api.calls(), ["GET /v1/organization/projects?limit=100"]);
     // The configured credential, and every call logged on stderr (never the key: `mantlegate` checks).
     assert_eq!(api.mock.next().await.header("authorization"), Some(format!("Bearer {KEY}").as_str()));
@@ -613,4 +702,226 @@ async fn pages_that_never_end_are_stopped() {
         "{error:#}"
     );
     assert_eq!(api.mock.hits(), 5);
+}
+
+async fn apply(config: &Path, extra: &[&str]) -> Ran {
+    mantlegate(&[&["projects", "apply"], extra].concat(), config, &[]).await
+}
+
+/// Three projects without ids: the config of the apply tests.
+const THREE: &str = r#"
+[[projects]]
+name = "Chat"
+tags = { Team = "chat", CostCenter = "CC-1" }
+[[projects]]
+name = "Search"
+tags = { Team = "search", CostCenter = "CC-2" }
+[[projects]]
+name = "Docs"
+tags = { Team = "docs", CostCenter = "CC-3", Environment = "Production" }
+"#;
+
+fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn lock_beside(config: &Path) -> toml::Value {
+    let text = std::fs::read_to_string(config.with_file_name("projects.lock.toml")).expect("a lock file");
+    toml::from_str(&text).expect("the lock file is TOML")
+}
+
+#[tokio::test]
+async fn apply_from_empty_creates_every_project_with_its_tags_and_a_second_run_has_nothing_to_do() {
+    let api = MockApi::start(vec![]).await;
+    let path = config("apply-empty", &api, THREE);
+    let ran = apply(&path, &["--yes"]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert_eq!(
+        api.writes(),
+        ["POST /v1/organization/projects", "POST /v1/organization/projects", "POST /v1/organization/projects"]
+    );
+    let upstream = api.upstream();
+    assert_eq!(upstream["proj_1"].name, "Chat");
+    assert_eq!(upstream["proj_1"].tags, tags(&[("Team", "chat"), ("CostCenter", "CC-1")]));
+    assert_eq!(upstream["proj_3"].tags["Environment"], "Production");
+    assert!(ran.stdout.contains("done: Chat: created proj_1 with 2 tags"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("Applied: 3 projects changed."), "{}", ran.stdout);
+    // Every call logged, the create's body never.
+    assert!(ran.stderr.contains("method=POST path=/v1/organization/projects status=200"), "{}", ran.stderr);
+
+    // The lock file beside the config: each name's id, for this upstream.
+    let lock = lock_beside(&path);
+    assert_eq!(lock["upstream"].as_str(), Some(api.mock.addr.to_string().as_str()));
+    let entries: Vec<(&str, &str)> = lock["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(entries, [("Chat", "proj_1"), ("Search", "proj_2"), ("Docs", "proj_3")]);
+
+    // Again: nothing to do, and not one write.
+    let before = api.calls().len();
+    let ran = apply(&path, &["--yes"]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("Nothing to do"), "{}", ran.stdout);
+    assert_eq!(api.calls()[before..], ["GET /v1/organization/projects?limit=100"]);
+    assert_eq!(plan(&path, &[]).await.code, 0);
+
+    // `check` reads the ids from the lock file.
+    let checked = mantlegate(&["check"], &path, &[]).await;
+    assert_eq!(checked.code, 0, "{}{}", checked.stdout, checked.stderr);
+    assert!(checked.stdout.contains("proj_2 (from projects.lock.toml)"), "{}", checked.stdout);
+    assert!(!checked.stdout.contains("no id yet"), "{}", checked.stdout);
+}
+
+#[tokio::test]
+async fn serve_takes_ids_from_the_lock_file_and_refuses_to_start_without_one() {
+    let api = MockApi::start(vec![]).await;
+    let path = config("apply-serve", &api, THREE);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{text}"))
+        .unwrap();
+
+    let refused = mantlegate(&["serve"], &path, &[]).await;
+    assert_eq!(refused.code, 1, "{}{}", refused.stdout, refused.stderr);
+    assert!(
+        refused.stderr.contains("projects without an id cannot receive traffic: Chat, Search, Docs")
+            && refused.stderr.contains("run `mantlegate projects apply`"),
+        "{}",
+        refused.stderr
+    );
+
+    assert_eq!(apply(&path, &["--yes"]).await.code, 0);
+    let served = common::binary::serve(&path, &[(KEY_ENV, KEY)]).await;
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", served.addr))
+        .header("openai-project", "Search")
+        .body(r#"{"model":"m","messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    let _ = response.bytes().await;
+    // The request went upstream with the id the lock file gave Search.
+    loop {
+        let seen = api.mock.next().await;
+        if seen.uri.path() == "/v1/chat/completions" {
+            assert_eq!(seen.header("openai-project"), Some("proj_2"));
+            break;
+        }
+    }
+    drop(served);
+}
+
+#[tokio::test]
+async fn tag_drift_is_corrected_and_unlisted_tags_are_kept_unless_asked() {
+    let api = MockApi::start(vec![project("proj_chat", "Chat", &[("Team", "old"), ("Owner", "bob")])]).await;
+    let path = config(
+        "apply-drift",
+        &api,
+        "[[projects]]\nname = \"Chat\"\nid = \"proj_chat\"\ntags = { Team = \"chat\", CostCenter = \"CC-1\" }\n",
+    );
+    let ran = apply(&path, &["--yes"]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert_eq!(api.writes(), ["POST /v1/organization/projects/proj_chat"]);
+    assert_eq!(api.upstream()["proj_chat"].tags, tags(&[("Team", "chat"), ("CostCenter", "CC-1"), ("Owner", "bob")]));
+    assert!(!path.with_file_name("projects.lock.toml").exists(), "every project has its id in the config");
+
+    assert!(apply(&path, &["--yes"]).await.stdout.contains("Nothing to do"));
+    let ran = apply(&path, &["--yes", "--remove-unlisted-tags"]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert_eq!(api.upstream()["proj_chat"].tags, tags(&[("Team", "chat"), ("CostCenter", "CC-1")]));
+    assert!(ran.stdout.contains("done: Chat: proj_chat: removed tag Owner"), "{}", ran.stdout);
+    assert_eq!(api.writes().len(), 2);
+}
+
+#[tokio::test]
+async fn a_rename_only_with_the_flag_and_archived_projects_are_archived() {
+    let api = MockApi::start(vec![project("proj_a", "Old name", TEAM_A), project("proj_b", "Retired", TEAM_A)]).await;
+    let path = config(
+        "apply-archive",
+        &api,
+        r#"
+[[projects]]
+name = "A"
+id = "proj_a"
+tags = { Team = "a", CostCenter = "CC-1" }
+[[projects]]
+name = "Retired"
+archived = true
+tags = { Team = "a", CostCenter = "CC-1" }
+"#,
+    );
+    let ran = apply(&path, &["--yes"]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("- Retired (proj_b, matched by name): archive"), "{}", ran.stdout);
+    assert_eq!(api.writes(), ["POST /v1/organization/projects/proj_b/archive"]);
+    assert_eq!(api.upstream()["proj_b"].status, "archived");
+    assert_eq!(api.upstream()["proj_a"].name, "Old name");
+
+    let ran = apply(&path, &["--yes", "--rename"]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert_eq!(api.upstream()["proj_a"].name, "A");
+    assert_eq!(api.writes().len(), 2, "the archived project is left alone: {:?}", api.writes());
+    assert!(apply(&path, &["--yes", "--rename"]).await.stdout.contains("Nothing to do"));
+}
+
+#[tokio::test]
+async fn a_500_mid_run_is_reported_precisely_and_the_lock_holds_what_was_done() {
+    let api =
+        MockApi::start(vec![]).await.with(|api| api.fail_on = Some(("POST /v1/organization/projects".into(), 2, 500)));
+    let path = config("apply-partial", &api, THREE);
+    let ran = apply(&path, &["--yes"]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    for line in [
+        "Apply stopped at a failure: 1 of 3 projects done, 1 failed, 1 not attempted.",
+        "  done: Chat: created proj_1 with 2 tags",
+        "  failed: Search: it may or may not have been created: `mantlegate projects plan` shows whether: POST \
+         /v1/organization/projects: 500 Internal Server Error: \"mock says mock_failure\"",
+        "  not attempted: Docs",
+    ] {
+        assert!(ran.stdout.contains(line), "{line:?} in\n{}", ran.stdout);
+    }
+    assert!(
+        ran.stderr.contains("error: apply stopped at a failure: 1 done, 1 failed, 1 not attempted"),
+        "{}",
+        ran.stderr
+    );
+    // The create was not sent again after the 500.
+    assert_eq!(api.writes(), ["POST /v1/organization/projects", "POST /v1/organization/projects"]);
+    let lock = lock_beside(&path);
+    assert_eq!(lock["projects"].as_array().unwrap().len(), 1, "{lock}");
+    assert_eq!(
+        (lock["projects"][0]["name"].as_str(), lock["projects"][0]["id"].as_str()),
+        (Some("Chat"), Some("proj_1"))
+    );
+
+    // The next run does the rest.
+    let ran = apply(&path, &["--yes"]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("= Chat (proj_1, matched by name): nothing to do"), "{}", ran.stdout);
+    assert_eq!(lock_beside(&path)["projects"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn without_yes_and_no_terminal_apply_refuses_and_writes_nothing() {
+    let api = MockApi::start(vec![]).await;
+    let path = config("apply-no-tty", &api, THREE);
+    let ran = apply(&path, &[]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("+ Chat: create"), "the plan is shown: {}", ran.stdout);
+    assert!(ran.stderr.contains("stdin is not a terminal") && ran.stderr.contains("--yes"), "{}", ran.stderr);
+    assert!(api.writes().is_empty(), "{:?}", api.writes());
+    assert!(!path.with_file_name("projects.lock.toml").exists());
+}
+
+#[tokio::test]
+async fn a_blocked_plan_is_not_applied() {
+    let api = MockApi::start(vec![project("proj_one", "Chat", TEAM_A), project("proj_two", "Chat", TEAM_A)]).await;
+    let path = config("apply-blocked", &api, THREE);
+    let ran = apply(&path, &["--yes"]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("problem: upstream has 2 projects named \"Chat\""), "{}", ran.stdout);
+    assert!(ran.stderr.contains("error: not applied: 1 problem(s)"), "{}", ran.stderr);
+    assert!(api.writes().is_empty(), "{:?}", api.writes());
 }
