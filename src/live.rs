@@ -90,8 +90,8 @@ struct State {
     writers: Vec<LedgerWriter>,
     /// Re-reads the upstream key file in force.
     key_watch: Option<FileWatch>,
-    /// Re-reads the config when its file changes.
-    config_watch: Option<FileWatch>,
+    /// Re-reads the config when its file, or the lock file beside it (`projects.lock.toml`), changes.
+    config_watch: Vec<FileWatch>,
 }
 
 impl Reloader {
@@ -118,20 +118,25 @@ impl Reloader {
             state: Mutex::new(state),
         });
         if let Some(path) = &reloader.path {
-            let watched = FileWatch::start(path, "config file", {
-                let reloader = Arc::downgrade(&reloader);
-                move || {
-                    if let Some(reloader) = reloader.upgrade() {
-                        reloader.reload_as(Trigger::Watch);
+            // The lock file is watched apart: `projects apply` may rewrite it alone. (In a Kubernetes volume both
+            // change at once, with its `..data` swap.)
+            let lock = config::lock::path_beside(path);
+            for (path, what) in [(path.as_path(), "config file"), (lock.as_path(), "projects lock file")] {
+                let watched = FileWatch::start(path, what, {
+                    let reloader = Arc::downgrade(&reloader);
+                    move || {
+                        if let Some(reloader) = reloader.upgrade() {
+                            reloader.reload_as(Trigger::Watch);
+                        }
                     }
+                });
+                match watched {
+                    Ok(watch) => reloader.lock().config_watch.push(watch),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "the {what} will not be reloaded when it changes (SIGHUP and POST /reload still reload it)"
+                    ),
                 }
-            });
-            match watched {
-                Ok(watch) => reloader.lock().config_watch = Some(watch),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "the config file will not be reloaded when it changes (SIGHUP and POST /reload still reload it)"
-                ),
             }
         }
         Ok(reloader)

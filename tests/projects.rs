@@ -793,23 +793,34 @@ async fn serve_takes_ids_from_the_lock_file_and_refuses_to_start_without_one() {
     );
 
     assert_eq!(apply(&path, &["--yes"]).await.code, 0);
-    let served = common::binary::serve(&path, &[(KEY_ENV, KEY)]).await;
-    let response = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", served.addr))
-        .header("openai-project", "Search")
-        .body(r#"{"model":"m","messages":[]}"#)
-        .send()
-        .await
-        .unwrap();
-    let _ = response.bytes().await;
-    // The request went upstream with the id the lock file gave Search.
-    loop {
-        let seen = api.mock.next().await;
-        if seen.uri.path() == "/v1/chat/completions" {
-            assert_eq!(seen.header("openai-project"), Some("proj_2"));
-            break;
+    let mut served = common::binary::serve(&path, &[(KEY_ENV, KEY)]).await;
+    let search_goes_as = async |served: &common::binary::Served| {
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/v1/chat/completions", served.addr))
+            .header("openai-project", "Search")
+            .body(r#"{"model":"m","messages":[]}"#)
+            .send()
+            .await
+            .unwrap();
+        let _ = response.bytes().await;
+        loop {
+            let seen = api.mock.next().await;
+            if seen.uri.path() == "/v1/chat/completions" {
+                return seen.header("openai-project").map(str::to_owned);
+            }
         }
-    }
+    };
+    // The request went upstream with the id the lock file gave Search.
+    assert_eq!(search_goes_as(&served).await.as_deref(), Some("proj_2"));
+
+    // A new lock file alone (written as apply writes it: a file renamed over it) is reloaded.
+    let lock = path.with_file_name("projects.lock.toml");
+    let text = std::fs::read_to_string(&lock).unwrap().replace("\"proj_2\"", "\"proj_9\"");
+    let temp = path.with_file_name(".projects.lock.toml.test.tmp");
+    std::fs::write(&temp, text).unwrap();
+    std::fs::rename(&temp, &lock).unwrap();
+    served.wait_for("config reloaded", |v| v["message"] == "config reloaded; new requests use it").await;
+    assert_eq!(search_goes_as(&served).await.as_deref(), Some("proj_9"));
     drop(served);
 }
 
