@@ -82,8 +82,14 @@ Nothing to do: upstream matches the config."
         return Ok(ExitCode::FAILURE);
     }
     let report = runtime.block_on(applying::apply(&client, &plan));
-    write_lock(&lock_path, &applying::lock(&config, &plan, &report.created))?;
     print!("{}", report.text());
+    // After the report, so a lock file that cannot be written hides nothing of what was done.
+    if let Err(e) = write_lock(&lock_path, &applying::lock(&config, &plan, &report.created)) {
+        eprintln!(
+            "error: {e:#}: the ids of the projects created above are not recorded; set them as `id` in the config"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     if report.failed.is_some() {
         eprintln!(
             "error: apply stopped at a failure: {} done, 1 failed, {} not attempted (see above)",

@@ -160,7 +160,7 @@ pub fn apply(config: &mut super::Config, read: Option<Read>) -> anyhow::Result<(
         return Ok(());
     }
     let mut problems = Vec::new();
-    let taken: Vec<String> =
+    let mut taken: Vec<String> =
         config.projects.iter().flat_map(|p| p.id.iter().cloned().chain([p.name.clone()])).collect();
     for (i, e) in lock.projects.iter().enumerate() {
         let Some(project) = config.projects.iter_mut().find(|p| p.name == e.name && p.id.is_none()) else { continue };
@@ -171,6 +171,7 @@ pub fn apply(config: &mut super::Config, read: Option<Read>) -> anyhow::Result<(
         } else {
             project.id = Some(e.id.clone());
             used.ids.push(e.name.clone());
+            taken.push(e.id.clone());
         }
     }
     if !problems.is_empty() {
@@ -240,6 +241,11 @@ mod tests {
 
         let error = apply(&mut config(), read("127.0.0.1:9", &[("A", "proj_b")])).expect_err("taken");
         assert!(error.to_string().contains("\"proj_b\" is already the id or name"), "{error}");
+        let mut c = config();
+        c.projects.push(c.projects[0].clone());
+        c.projects[2].name = "C".into();
+        let error = apply(&mut c, read("127.0.0.1:9", &[("A", "proj_x"), ("C", "proj_x")])).expect_err("twice");
+        assert!(error.to_string().contains("projects[1].id: \"proj_x\" is already"), "{error}");
         assert!(apply(&mut config(), read("127.0.0.1:9", &[("A", "nope")])).is_err());
     }
 }
