@@ -106,6 +106,8 @@ pub struct Upstream {
     pub idle_timeout: Duration,
     /// How long an upstream connection is kept idle for the next request.
     pub pool_idle_timeout: Duration,
+    /// How often the configured projects are compared with the Projects API while serving; none never.
+    pub projects_check_interval: Option<Duration>,
 }
 
 impl Upstream {

@@ -186,6 +186,8 @@ pub struct RawUpstream {
     pub idle_timeout: String,
     /// How long an idle upstream connection is kept for the next request.
     pub pool_idle_timeout: String,
+    /// How often the configured projects are compared with the Projects API while serving; `0s` never.
+    pub projects_check_interval: String,
 }
 
 impl Default for RawUpstream {
@@ -200,6 +202,7 @@ impl Default for RawUpstream {
             response_timeout: "300s".into(),
             idle_timeout: "120s".into(),
             pool_idle_timeout: "50s".into(),
+            projects_check_interval: "0s".into(),
         }
     }
 }

@@ -294,6 +294,13 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
         response_timeout: parse_duration(errs, "upstream.response_timeout", &u.response_timeout, false),
         idle_timeout: parse_duration(errs, "upstream.idle_timeout", &u.idle_timeout, false),
         pool_idle_timeout: parse_duration(errs, "upstream.pool_idle_timeout", &u.pool_idle_timeout, false),
+        projects_check_interval: Some(parse_duration(
+            errs,
+            "upstream.projects_check_interval",
+            &u.projects_check_interval,
+            true,
+        ))
+        .filter(|d| !d.is_zero()),
     }
 }
 
