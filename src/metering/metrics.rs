@@ -25,6 +25,7 @@ use prometheus_client::registry::Registry;
 use super::Unmetered;
 use super::usage::Usage;
 use crate::endpoint::Endpoint;
+use crate::projects::drift::Status;
 use crate::record::{Followup, Record, Sink};
 use crate::snapshot::Project;
 
@@ -219,6 +220,37 @@ pub struct Metrics {
     upstream_auth_failures: Counter,
     aws_credentials: AwsCredentialMetrics,
     projects: Arc<ProjectsExport>,
+    upstream_statuses: Arc<UpstreamStatuses>,
+}
+
+/// The last statuses the projects check found upstream (see `projects::drift`), by project name, in the config's
+/// order: replaced whole by each check, so a scrape never sees half of one.
+#[derive(Debug, Default)]
+struct UpstreamStatuses(ArcSwap<Vec<(String, Status)>>);
+
+const UPSTREAM_STATUS: Descriptor = Descriptor {
+    name: "project_upstream_status",
+    help: "Each configured project's status upstream at the last projects check: 1 for the status it is in, 0 for \
+           the others (active, archived, missing, tags_drifted)",
+    kind: MetricType::Gauge,
+};
+
+impl Collector for UpstreamStatuses {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let statuses = self.0.load();
+        if statuses.is_empty() {
+            return Ok(());
+        }
+        let d = &UPSTREAM_STATUS;
+        let mut metric = encoder.encode_descriptor(d.name, d.help, None, d.kind)?;
+        for (project, status) in statuses.iter() {
+            for each in Status::ALL {
+                let labels = [("project", project.as_str()), ("status", each.name())];
+                metric.encode_family(&labels)?.encode_gauge(&i64::from(each == *status))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the AWS credential refresher reports: each fetch's result, and when the credentials in hand expire.
@@ -295,6 +327,8 @@ impl Metrics {
             series: Mutex::default(),
         });
         registry.register_collector(Box::new(projects.clone()));
+        let upstream_statuses = Arc::new(UpstreamStatuses::default());
+        registry.register_collector(Box::new(upstream_statuses.clone()));
         Self {
             registry,
             unattributed,
@@ -304,6 +338,7 @@ impl Metrics {
             upstream_auth_failures,
             aws_credentials,
             projects,
+            upstream_statuses,
         }
     }
 
@@ -323,6 +358,11 @@ impl Metrics {
     /// config whose file hashes to `sha256`.
     pub fn publish(&self, projects: &[Arc<Project>], sha256: &str) {
         self.projects.current.store(Arc::new(Exported { projects: projects.to_vec(), sha256: sha256.to_owned() }));
+    }
+
+    /// From now on, exports these statuses upstream (by project name) as `mantlegate_project_upstream_status`.
+    pub fn project_upstream_statuses(&self, statuses: &[(String, Status)]) {
+        self.upstream_statuses.0.store(Arc::new(statuses.to_vec()));
     }
 
     /// The counter of upstream refusals of the gateway's credential.

@@ -1,14 +1,15 @@
 //! Projects as code: the config's `[[projects]]` compared with the projects upstream, through the Projects API
-//! (`/v1/organization/projects` on the upstream host). Only the `mantlegate projects` commands call it; the proxy
-//! itself refuses those routes.
+//! (`/v1/organization/projects` on the upstream host). Only the `mantlegate projects` commands and `serve`'s
+//! projects check ([`drift`]) call it; the proxy itself refuses those routes.
 //!
 //! [`client`] talks to the API (every page of the list, one project by id, retries, the credential); [`plan`]
 //! matches configured projects to upstream ones and says what applying would change, as pure functions;
 //! [`apply`] carries a plan out and says what the lock file records; [`import`] writes `[[projects]]` stanzas for
-//! the upstream projects the config does not have.
+//! the upstream projects the config does not have; [`drift`] is `serve`'s periodic check of the projects upstream.
 
 pub mod apply;
 pub mod client;
+pub mod drift;
 pub mod import;
 pub mod plan;
 
