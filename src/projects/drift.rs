@@ -64,7 +64,8 @@ pub fn status(configured: &Project, upstream: Option<&UpstreamProject>) -> Statu
 /// Reads every configured project with an id upstream: the list, and a get for each id it does not show (the
 /// list may leave archived projects out). Projects in the config's order, by name.
 pub async fn check(client: &ProjectsClient, configured: &[Project]) -> anyhow::Result<Vec<(String, Status)>> {
-    let listed: HashMap<String, UpstreamProject> = client.list().await?.into_iter().map(|p| (p.id.clone(), p)).collect();
+    let listed: HashMap<String, UpstreamProject> =
+        client.list().await?.into_iter().map(|p| (p.id.clone(), p)).collect();
     let mut statuses = Vec::with_capacity(configured.len());
     for p in configured {
         let Some(id) = &p.id else { continue };
