@@ -936,3 +936,118 @@ async fn a_blocked_plan_is_not_applied() {
     assert!(ran.stderr.contains("error: not applied: 1 problem(s)"), "{}", ran.stderr);
     assert!(api.writes().is_empty(), "{:?}", api.writes());
 }
+
+/// The config `config` writes, served on port 0, with `upstream` (TOML lines) added to its `[upstream]`.
+fn served_config(name: &str, api: &MockApi, upstream: &str, projects: &str) -> PathBuf {
+    let path = config(name, api, projects);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("response_timeout = \"10s\"\n", &format!("response_timeout = \"10s\"\n{upstream}"));
+    std::fs::write(&path, format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{text}"))
+        .unwrap();
+    path
+}
+
+/// Reads the admin listener's `/metrics` until every one of `lines` is in it, for at most 10 s.
+async fn metrics_showing(served: &common::binary::Served, lines: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(format!("http://{}/metrics", served.admin)).await.unwrap().text().await.unwrap();
+        if lines.iter().all(|line| text.lines().any(|l| l == *line)) {
+            return text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{lines:?} never all appeared in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn upstream_status(project: &str, status: &str, value: u8) -> String {
+    format!(r#"mantlegate_project_upstream_status{{project="{project}",status="{status}"}} {value}"#)
+}
+
+const CHAT_AND_SEARCH: &str = r#"
+[[projects]]
+name = "Chat"
+id = "proj_chat"
+tags = { Team = "a", CostCenter = "CC-1" }
+
+[[projects]]
+name = "Search"
+id = "proj_search"
+tags = { Team = "a", CostCenter = "CC-1" }
+"#;
+
+#[tokio::test]
+async fn the_drift_metric_follows_an_upstream_change() {
+    let api = MockApi::start(vec![
+        project("proj_chat", "Chat", TEAM_A),
+        // Drifted: CostCenter changed upstream.
+        project("proj_search", "Search", &[("Team", "a"), ("CostCenter", "CC-9")]),
+    ])
+    .await;
+    let path = served_config("drift", &api, "projects_check_interval = \"200ms\"\n", CHAT_AND_SEARCH);
+    let mut served = common::binary::serve(&path, &[(KEY_ENV, KEY)]).await;
+    let status = |p: &str, s: &str, v: u8| upstream_status(p, s, v);
+    let shown = [
+        status("Chat", "active", 1),
+        status("Chat", "archived", 0),
+        status("Chat", "missing", 0),
+        status("Chat", "tags_drifted", 0),
+        status("Search", "active", 0),
+        status("Search", "tags_drifted", 1),
+    ];
+    metrics_showing(&served, &shown.iter().map(String::as_str).collect::<Vec<_>>()).await;
+
+    // Someone archives Chat upstream, which the gateway still routes to.
+    {
+        let mut upstream = api.api.lock().unwrap();
+        let at = upstream.listed.iter().position(|p| p.id == "proj_chat").unwrap();
+        let mut chat = upstream.listed.remove(at);
+        chat.status = "archived".into();
+        upstream.archived.push(chat);
+    }
+    let text = metrics_showing(&served, &[&status("Chat", "archived", 1), &status("Chat", "active", 0)]).await;
+    assert!(text.lines().any(|l| l == status("Search", "tags_drifted", 1)), "{text}");
+    let warning = served.wait_for("the archived warning", |v| v["level"] == "WARN" && v["project"] == "Chat").await;
+    assert_eq!(warning["status"], "archived", "{warning}");
+    assert!(warning["message"].as_str().unwrap().contains("not active upstream"), "{warning}");
+    // The check found Chat by id once the list no longer showed it, and never went through the proxy.
+    let calls = api.calls();
+    assert!(calls.iter().any(|c| c == "GET /v1/organization/projects/proj_chat"), "{calls:?}");
+    assert!(calls.iter().all(|c| c.starts_with("GET /v1/organization/projects")), "{calls:?}");
+
+    // Warned once per change, not at every check: later checks find Chat still archived and say nothing.
+    metrics_showing(&served, &[&status("Chat", "archived", 1)]).await;
+    let gets = |calls: &[String]| calls.iter().filter(|c| c.ends_with("/proj_chat")).count();
+    let before = gets(&api.calls());
+    while gets(&api.calls()) < before + 2 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    served.signal("-TERM").await;
+    let rest = served.rest().await;
+    let again = rest.iter().filter(|v| v["level"] == "WARN" && v["project"] == "Chat").count();
+    assert_eq!(again, 0, "{rest:?}");
+}
+
+#[tokio::test]
+async fn with_the_check_off_the_projects_api_is_never_called_until_a_reload_turns_it_on() {
+    let api =
+        MockApi::start(vec![project("proj_chat", "Chat", TEAM_A), project("proj_search", "Search", TEAM_A)]).await;
+    let path = served_config("drift-off", &api, "", CHAT_AND_SEARCH);
+    let mut served = common::binary::serve(&path, &[(KEY_ENV, KEY)]).await;
+    // A window longer than the task's look at the config (1 s) in which nothing may happen: there is no event
+    // to wait for when the point is that none comes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(api.calls(), Vec::<String>::new());
+    let text = reqwest::get(format!("http://{}/metrics", served.admin)).await.unwrap().text().await.unwrap();
+    assert!(!text.contains("mantlegate_project_upstream_status"), "{text}");
+
+    // Turned on by a reload: checked at once.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[upstream]\n", "[upstream]\nprojects_check_interval = \"1h\"\n");
+    std::fs::write(&path, text).unwrap();
+    served.wait_for("config reloaded", |v| v["message"] == "config reloaded; new requests use it").await;
+    metrics_showing(&served, &[&upstream_status("Chat", "active", 1), &upstream_status("Search", "active", 1)]).await;
+    assert!(api.calls().iter().any(|c| c.starts_with("GET /v1/organization/projects?")), "{:?}", api.calls());
+}
