@@ -285,6 +285,14 @@ fn validate_upstream(errs: &mut Errors, raw: &RawConfig, callers: CallerAuth) ->
         _ => u.region.clone().filter(|r| !r.is_empty()),
     };
 
+    if auth == UpstreamAuth::Passthrough
+        && !matches!(humantime::parse_duration(&u.projects_check_interval), Ok(d) if d.is_zero())
+    {
+        errs.push(
+            "upstream.projects_check_interval",
+            "needs the gateway's own credential to call the Projects API with; upstream.auth = \"passthrough\" has none",
+        );
+    }
     Upstream {
         scheme,
         authority: authority.unwrap_or_else(|| http::uri::Authority::from_static("invalid")),
@@ -1031,5 +1039,23 @@ mod tests {
         let errs = errors(&format!("[server]\nheader_read_timeout = \"292271023046y\"\n{BASE}"));
         assert_eq!(errs, vec!["server.header_read_timeout: \"292271023046y\" is too long".to_string()]);
         assert_eq!(errors(&format!("[upstream]\nresponse_timeout = \"100y\"\n{BASE}")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_projects_check_is_off_unless_set_and_needs_the_gateways_own_credential() {
+        let check = |upstream: &str| {
+            crate::Config::from_toml(&format!("[upstream]\n{upstream}\n{BASE}"))
+                .map(|c| c.upstream.projects_check_interval)
+        };
+        assert_eq!(check("").expect("valid"), None);
+        assert_eq!(check("projects_check_interval = \"0s\"").expect("valid"), None);
+        assert_eq!(check("projects_check_interval = \"5m\"").expect("valid"), Some(Duration::from_secs(300)));
+        let passthrough =
+            "[upstream]\nauth = \"passthrough\"\nprojects_check_interval = \"5m\"\n[callers]\nauth = \"none\"\n";
+        let errs = errors(&format!("{passthrough}[[projects]]\nname = \"A\"\nid = \"proj_a\"\n"));
+        assert!(
+            errs.iter().any(|e| e.starts_with("upstream.projects_check_interval: needs the gateway's own credential")),
+            "{errs:?}"
+        );
     }
 }
