@@ -5,8 +5,9 @@
 //! logged as a warning once per change, since its requests would then fail or be billed wrong.
 //!
 //! The check calls the Projects API itself, with the gateway's own credential from the snapshot in force, never
-//! through the proxy. The interval is read from the snapshot in force before each check, so a reload turns it on,
-//! off or changes it; while it is off, the task only looks at the snapshot again every [`OFF_RECHECK`].
+//! through the proxy. The interval is read from the snapshot in force at least every [`CONFIG_RECHECK`], so a reload
+//! turns it on, off or changes it without a restart; a reload that changes the projects is checked at the next
+//! interval.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,8 +20,8 @@ use crate::live::Live;
 use crate::metering::metrics::Metrics;
 use crate::snapshot::Snapshot;
 
-/// While the check is off, how often the snapshot in force is looked at for an interval a reload set.
-pub const OFF_RECHECK: Duration = Duration::from_secs(1);
+/// How often the snapshot in force is looked at for an interval a reload set, changed or removed.
+pub const CONFIG_RECHECK: Duration = Duration::from_secs(1);
 
 /// A configured project's state upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,23 +86,23 @@ pub async fn run(live: Arc<Live>, metrics: Arc<Metrics>) {
     let mut client: Option<(Arc<Snapshot>, ProjectsClient)> = None;
     loop {
         let snapshot = live.load();
-        let Some(interval) = snapshot.config.upstream.projects_check_interval else {
+        if snapshot.config.upstream.projects_check_interval.is_none() {
             // Turned off by a reload: statuses no longer checked are no longer exported.
             if !last.is_empty() {
                 metrics.project_upstream_statuses(&[]);
                 last.clear();
             }
             client = None;
-            tokio::time::sleep(OFF_RECHECK).await;
+            tokio::time::sleep(CONFIG_RECHECK).await;
             continue;
-        };
+        }
+        let checked = tokio::time::Instant::now();
         if !client.as_ref().is_some_and(|(made_for, _)| Arc::ptr_eq(made_for, &snapshot)) {
             client = match connect(&snapshot) {
                 Ok(made) => Some((snapshot.clone(), made)),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "projects check cannot run; the last statuses stay");
-                    tokio::time::sleep(interval).await;
-                    continue;
+                    None
                 }
             };
         }
@@ -117,7 +118,20 @@ pub async fn run(live: Arc<Live>, metrics: Arc<Metrics>) {
                 }
             }
         }
-        tokio::time::sleep(interval).await;
+        wait(&live, checked).await;
+    }
+}
+
+/// Until the interval in force has passed since `checked`, looking every [`CONFIG_RECHECK`] for a reload that
+/// shortened it or turned the check off, so a change does not wait out the interval it replaces.
+async fn wait(live: &Live, checked: tokio::time::Instant) {
+    while let Some(interval) = live.load().config.upstream.projects_check_interval {
+        let now = tokio::time::Instant::now();
+        let due = checked + interval;
+        if now >= due {
+            return;
+        }
+        tokio::time::sleep((due - now).min(CONFIG_RECHECK)).await;
     }
 }
 
