@@ -1030,7 +1030,7 @@ async fn the_drift_metric_follows_an_upstream_change() {
 }
 
 #[tokio::test]
-async fn with_the_check_off_the_projects_api_is_never_called_until_a_reload_turns_it_on() {
+async fn with_the_check_off_the_projects_api_is_never_called_and_a_reload_turns_it_on_and_off() {
     let api =
         MockApi::start(vec![project("proj_chat", "Chat", TEAM_A), project("proj_search", "Search", TEAM_A)]).await;
     let path = served_config("drift-off", &api, "", CHAT_AND_SEARCH);
@@ -1050,4 +1050,18 @@ async fn with_the_check_off_the_projects_api_is_never_called_until_a_reload_turn
     served.wait_for("config reloaded", |v| v["message"] == "config reloaded; new requests use it").await;
     metrics_showing(&served, &[&upstream_status("Chat", "active", 1), &upstream_status("Search", "active", 1)]).await;
     assert!(api.calls().iter().any(|c| c.starts_with("GET /v1/organization/projects?")), "{:?}", api.calls());
+
+    // And off again: the statuses it no longer checks are no longer exported, without waiting out the hour.
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"1h\"", "\"0s\"");
+    std::fs::write(&path, text).unwrap();
+    served.wait_for("config reloaded", |v| v["message"] == "config reloaded; new requests use it").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(format!("http://{}/metrics", served.admin)).await.unwrap().text().await.unwrap();
+        if !text.contains("mantlegate_project_upstream_status") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still exported:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
