@@ -202,6 +202,14 @@ panels = [
         12,
         63,
     ),
+    ts(
+        "Projects not as configured upstream (upstream.projects_check_interval)",
+        "short",
+        [('max by (project, status) (mantlegate_project_upstream_status{status!="active"} == 1)', "{{project}}: {{status}}")],
+        0,
+        71,
+        w=24,
+    ),
 ]
 
 dashboard = {
