@@ -776,6 +776,54 @@ async fn apply_from_empty_creates_every_project_with_its_tags_and_a_second_run_h
 }
 
 #[tokio::test]
+async fn a_project_keeps_the_id_its_lock_records_whatever_its_name_since() {
+    let api = MockApi::start(vec![]).await;
+    let path = config("apply-renamed", &api, THREE);
+    assert_eq!(apply(&path, &["--yes"]).await.code, 0);
+    let before = api.writes().len();
+
+    // Renamed in the config: the same upstream project (the lock's id), renamed only when asked; never a second one.
+    let text = std::fs::read_to_string(&path).unwrap().replace("name = \"Chat\"", "name = \"Chat2\"");
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(
+        path.with_file_name("projects.lock.toml"),
+        std::fs::read_to_string(path.with_file_name("projects.lock.toml")).unwrap().replace("\"Chat\"", "\"Chat2\""),
+    )
+    .unwrap();
+    let planned = plan(&path, &[]).await;
+    assert!(!planned.stdout.contains(": create"), "{}", planned.stdout);
+    let ran = apply(&path, &["--yes", "--rename"]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert_eq!(api.writes()[before..], ["POST /v1/organization/projects/proj_1"], "a rename, not a create");
+    assert_eq!(api.upstream()["proj_1"].name, "Chat2");
+    assert_eq!(api.upstream().len(), 3);
+
+    // Renamed upstream, and another project made under the old name: the lock's id still wins.
+    {
+        let mut upstream = api.api.lock().unwrap();
+        let search = upstream.listed.iter_mut().find(|p| p.id == "proj_2").expect("proj_2");
+        search.name = "Search (old)".into();
+        upstream.listed.push(project("proj_9", "Search", &[("Team", "someone-else")]));
+    }
+    let planned = plan(&path, &["--format", "json"]).await;
+    let planned: serde_json::Value = serde_json::from_str(&planned.stdout).expect("JSON");
+    let ids: Vec<&str> = planned["projects"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["proj_1", "proj_2", "proj_3"], "{planned}");
+    let ran = apply(&path, &["--yes", "--remove-unlisted-tags"]).await;
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert_eq!(api.upstream()["proj_9"].tags, tags(&[("Team", "someone-else")]), "another's project untouched");
+
+    // A lock file written for another upstream is neither used nor overwritten.
+    let lock = path.with_file_name("projects.lock.toml");
+    let foreign = std::fs::read_to_string(&lock).unwrap().replace(&api.mock.addr.to_string(), "elsewhere.example:443");
+    std::fs::write(&lock, &foreign).unwrap();
+    let ran = apply(&path, &["--yes"]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stderr.contains("was written for elsewhere.example:443"), "{}", ran.stderr);
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), foreign);
+}
+
+#[tokio::test]
 async fn serve_takes_ids_from_the_lock_file_and_refuses_to_start_without_one() {
     let api = MockApi::start(vec![]).await;
     let path = config("apply-serve", &api, THREE);
@@ -859,13 +907,23 @@ id = "proj_a"
 tags = { Team = "a", CostCenter = "CC-1" }
 [[projects]]
 name = "Retired"
+id = "proj_b"
 archived = true
 tags = { Team = "a", CostCenter = "CC-1" }
 "#,
     );
+    // Matched only by name, a project is never archived: it may be another's of the same name.
+    let by_name = std::fs::read_to_string(&path).unwrap().replace("id = \"proj_b\"\n", "");
+    let guessed = path.with_file_name("by-name.toml");
+    std::fs::write(&guessed, by_name).unwrap();
+    let ran = apply(&guessed, &["--yes"]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("proj_b matches only by name: set its `id` to archive it"), "{}", ran.stdout);
+    assert_eq!(api.writes(), Vec::<String>::new());
+
     let ran = apply(&path, &["--yes"]).await;
     assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
-    assert!(ran.stdout.contains("- Retired (proj_b, matched by name): archive"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("- Retired (proj_b, matched by id): archive"), "{}", ran.stdout);
     assert_eq!(api.writes(), ["POST /v1/organization/projects/proj_b/archive"]);
     assert_eq!(api.upstream()["proj_b"].status, "archived");
     assert_eq!(api.upstream()["proj_a"].name, "Old name");
@@ -910,7 +968,7 @@ async fn a_500_mid_run_is_reported_precisely_and_the_lock_holds_what_was_done() 
     // The next run does the rest.
     let ran = apply(&path, &["--yes"]).await;
     assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
-    assert!(ran.stdout.contains("= Chat (proj_1, matched by name): nothing to do"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("= Chat (proj_1, matched by id): nothing to do"), "the lock's id: {}", ran.stdout);
     assert_eq!(lock_beside(&path)["projects"].as_array().unwrap().len(), 3);
 }
 

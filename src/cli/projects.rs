@@ -23,9 +23,20 @@ pub enum Format {
     Json,
 }
 
+/// The config with the ids its lock file records (a project keeps the upstream project it was created or matched
+/// as, whatever its name since), refused when a lock file beside it was written for another upstream: the ids in
+/// it are not this upstream's, and `apply` would overwrite it.
+fn load(path: &Path) -> anyhow::Result<Config> {
+    let config = Config::load(path)?;
+    if let Some(ignored) = &config.lock.ignored {
+        anyhow::bail!("{ignored}; give each upstream's config a directory of its own");
+    }
+    Ok(config)
+}
+
 /// `projects plan`: prints the plan; exits 0 with nothing to do, 2 with changes, 1 with problems.
 pub fn plan(path: &Path, format: Format, api_key_env: Option<&str>, options: Options) -> anyhow::Result<ExitCode> {
-    let config = Config::load_without_lock(path)?;
+    let config = load(path)?;
     crate::telemetry::init_stderr();
     let (_, plan, listed) = runtime()?.block_on(fetch_plan(&config, api_key_env, options))?;
     match format {
@@ -57,7 +68,7 @@ async fn fetch_plan(
 /// the projects without an `id` in the config to the lock file beside it. Exits 0 when everything was done (or
 /// nothing was to do), 1 when the plan has problems, the confirmation was not given, or a call failed.
 pub fn apply(path: &Path, api_key_env: Option<&str>, options: Options, yes: bool) -> anyhow::Result<ExitCode> {
-    let config = Config::load_without_lock(path)?;
+    let config = load(path)?;
     crate::telemetry::init_stderr();
     let runtime = runtime()?;
     let (client, plan, listed) = runtime.block_on(fetch_plan(&config, api_key_env, options))?;
@@ -145,7 +156,7 @@ wrote {} ({} project id{})",
 
 /// `projects import`: prints `[[projects]]` stanzas for the upstream projects the config does not have.
 pub fn import(path: &Path, api_key_env: Option<&str>) -> anyhow::Result<ExitCode> {
-    let config = Config::load_without_lock(path)?;
+    let config = load(path)?;
     crate::telemetry::init_stderr();
     let upstream = runtime()?.block_on(async {
         let client = client::connect(&config.upstream, api_key_env).await?;

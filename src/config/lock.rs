@@ -150,11 +150,17 @@ pub fn apply(config: &mut super::Config, read: Option<Read>) -> anyhow::Result<(
     };
     let mut used = LockUse { sha256: Some(sha256), ..LockUse::default() };
     let host = config.upstream.authority.to_string();
-    if lock.upstream != host {
+    let region = config.upstream.region.clone();
+    if lock.upstream != host || (lock.region.is_some() && region.is_some() && lock.region != region) {
+        let of = |host: &str, region: &Option<String>| match region {
+            Some(region) => format!("{host} ({region})"),
+            None => host.to_owned(),
+        };
         used.ignored = Some(format!(
-            "{} was written for {}, not this config's upstream {host}: not used",
+            "{} was written for {}, not this config's upstream {}: not used",
             path.display(),
-            lock.upstream
+            of(&lock.upstream, &lock.region),
+            of(&host, &region)
         ));
         config.lock = used;
         return Ok(());

@@ -136,7 +136,7 @@ pub fn lock(config: &Config, plan: &Plan, created: &BTreeMap<String, String>) ->
         .projects
         .iter()
         .zip(&plan.projects)
-        .filter(|(configured, _)| configured.id.is_none())
+        .filter(|(configured, _)| configured.id.is_none() || config.lock.ids.contains(&configured.name))
         .filter_map(|(configured, planned)| {
             let id = created.get(&configured.name).or(planned.id.as_ref())?;
             Some(Entry { name: configured.name.clone(), id: id.clone() })

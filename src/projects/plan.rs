@@ -191,6 +191,13 @@ pub fn plan(configured: &[Project], upstream: &[UpstreamProject], options: Optio
             if u.is_archived() && !p.archived {
                 entry.problems.push(format!("{} is archived upstream: it takes no new requests", u.id));
             }
+            if p.archived && how == MatchedBy::Name && !u.is_archived() {
+                // Archiving cannot be undone: never on a guess by name (the project may be another's).
+                entry.problems.push(format!(
+                    "{} matches only by name: set its `id` to archive it (archiving cannot be undone)",
+                    u.id
+                ));
+            }
             if entry.problems.is_empty() {
                 if p.archived {
                     entry.action = if u.is_archived() { Action::Unchanged } else { Action::Archive };
