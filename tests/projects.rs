@@ -33,6 +33,8 @@ enum Pages {
     Repeating,
     /// A page of new projects every time, always with more.
     Endless,
+    /// After the first page, empty pages that say there is more after the same project.
+    Stuck,
 }
 
 /// What a request must carry to be let in.
@@ -167,6 +169,8 @@ fn answer(api: &mut Api, seen: &Seen) -> Response {
                 (api.listed[start..end].to_vec(), end < api.listed.len())
             }
             Pages::Repeating => (api.listed[..limit.min(api.listed.len())].to_vec(), true),
+            Pages::Stuck if query.contains_key("after") => (Vec::new(), true),
+            Pages::Stuck => (api.listed[..limit.min(api.listed.len())].to_vec(), true),
             Pages::Endless => {
                 let page = (0..limit)
                     .map(|i| project(&format!("proj_gen{}", api.endless_next + i), "Generated", &[]))
@@ -176,6 +180,7 @@ fn answer(api: &mut Api, seen: &Seen) -> Response {
             }
         };
         let (first_id, last_id) = (page.first().map(|p| p.id.clone()), page.last().map(|p| p.id.clone()));
+        let last_id = last_id.or_else(|| query.get("after").cloned());
         return json(
             200,
             serde_json::json!({"object": "list", "data": page, "first_id": first_id, "last_id": last_id, "has_more": has_more}),
@@ -537,6 +542,16 @@ async fn a_repeated_page_stops_the_listing_with_a_clear_error() {
     );
     assert_eq!(api.mock.hits(), 2);
     assert!(ran.stdout.is_empty(), "no plan from a broken listing: {}", ran.stdout);
+}
+
+#[tokio::test]
+async fn a_page_that_moves_the_listing_on_by_nothing_stops_it() {
+    let api = MockApi::start(vec![project("proj_1", "P1", TEAM_A)]).await.with(|api| api.pages = Pages::Stuck);
+    let path = config("stuck", &api, "[[projects]]\nname = \"P1\"\ntags = { Team = \"a\", CostCenter = \"CC-1\" }\n");
+    let ran = plan(&path, &[]).await;
+    assert_eq!(ran.code, 1, "{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stderr.contains("continues after proj_1 again"), "{}", ran.stderr);
+    assert_eq!(api.mock.hits(), 2, "the first page, then one that stays after proj_1");
 }
 
 #[tokio::test]

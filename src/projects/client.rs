@@ -249,6 +249,13 @@ impl ProjectsClient {
             if !crate::config::is_project_id(&next) {
                 anyhow::bail!("GET {path}: page {page_number} ends with {next:?}, which is not a project id");
             }
+            // A page that moves the listing on by nothing would be asked for again and again.
+            if after.as_ref() == Some(&next) {
+                anyhow::bail!(
+                    "GET {path}: page {page_number} says it has more, but continues after {next} again: stopped, \
+                     as the listing does not move on"
+                );
+            }
             after = Some(next);
         }
         anyhow::bail!(
