@@ -85,7 +85,7 @@ fn is_local(peer: SocketAddr) -> bool {
 }
 
 /// `/healthz` (the process is up), `/readyz` (it takes traffic; 503 while draining, 200 through reloads),
-/// `/metrics`, and `POST /reload` (re-reads the config file, as SIGHUP does, and says what happened).
+/// `/metrics`, `/limits` (every limit with its use), and `POST /reload` (re-reads the config file, as SIGHUP does, and says what happened).
 pub fn router(
     shutdown: Shutdown,
     upstream_auth: Arc<UpstreamAuth>,
@@ -96,7 +96,22 @@ pub fn router(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz).with_state((shutdown, upstream_auth)))
         .route("/metrics", get(metrics_text).with_state(metrics))
+        .route("/limits", get(limits).with_state(reloader.clone()))
         .route("/reload", post(reload).with_state(reloader))
+}
+
+/// Every configured limit with its use now, read from the limits' store (`mantlegate limits status`); 503 if the
+/// store cannot be read.
+async fn limits(State(reloader): State<Arc<Reloader>>) -> axum::response::Response {
+    let snapshot = reloader.live().load();
+    let backend = match snapshot.config.limits.backend {
+        crate::config::limits::Backend::Memory => "memory",
+        crate::config::limits::Backend::Redis(_) => "redis",
+    };
+    match snapshot.limiter.status(&snapshot).await {
+        Ok(limits) => Json(serde_json::json!({ "backend": backend, "limits": limits })).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("the limits store cannot be read: {e}\n")).into_response(),
+    }
 }
 
 async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {

@@ -112,6 +112,7 @@ mod tests {
                 project: None,
                 may_select: vec![],
                 member: String::new(),
+                counted: None,
             })
         };
         KeyTable::new(CallerAuth::Keys, &[key("a", b"key-a"), key("b", b"key-b")])

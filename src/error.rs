@@ -48,10 +48,18 @@ pub enum GatewayError {
     #[error("transfer coding {0:?} is not supported: send the body chunked, or with a Content-Length")]
     UnsupportedTransferCoding(String),
 
+    /// A configured limit refused the request: a rate limit (`rate_limit_exceeded`) or a spent budget
+    /// (`insufficient_quota`). The message names that limit, with its own numbers only.
+    #[error("{0}")]
+    LimitExceeded(Box<crate::limits::Refusal>),
+
     // The gateway's state.
     /// The gateway is draining for shutdown.
     #[error("the gateway is shutting down; retry")]
     ShuttingDown,
+    /// The limits store cannot be reached, and `limits.on_backend_error = "deny"`.
+    #[error("limits cannot be checked right now; retry shortly")]
+    LimitsUnavailable,
 
     // The upstream's fault.
     /// No connection to the upstream could be made.
@@ -86,7 +94,8 @@ impl GatewayError {
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
-            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::LimitExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::ShuttingDown | Self::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable | Self::UpstreamAuthFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -103,7 +112,10 @@ impl GatewayError {
             Self::RequestTooLarge(_) => "request_too_large",
             Self::InvalidRequest(_) => "invalid_request",
             Self::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
+            Self::LimitExceeded(r) if r.kind.is_budget() => "insufficient_quota",
+            Self::LimitExceeded(_) => "rate_limit_exceeded",
             Self::ShuttingDown => "shutting_down",
+            Self::LimitsUnavailable => "limits_unavailable",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamAuthFailed => "upstream_auth_failed",
@@ -118,8 +130,14 @@ impl GatewayError {
             Self::UnknownRoute => "not_found_error",
             Self::RequestTooLarge(_) => "request_too_large",
             Self::InvalidRequest(_) | Self::UnsupportedTransferCoding(_) => "invalid_request_error",
+            // OpenAI's types for its own quota and rate limit errors.
+            Self::LimitExceeded(r) if r.kind.is_budget() => "insufficient_quota",
+            Self::LimitExceeded(r) if r.kind == crate::config::limits::Kind::RequestsPerMinute => "requests",
+            Self::LimitExceeded(_) => "tokens",
             Self::ShuttingDown => "overloaded_error",
-            Self::UpstreamUnreachable | Self::UpstreamTimeout | Self::UpstreamAuthFailed => "api_error",
+            Self::LimitsUnavailable | Self::UpstreamUnreachable | Self::UpstreamTimeout | Self::UpstreamAuthFailed => {
+                "api_error"
+            }
         }
     }
 
@@ -129,7 +147,11 @@ impl GatewayError {
     pub fn retryable(&self) -> bool {
         match self {
             Self::UpstreamAuthFailed => false,
-            Self::InvalidApiKey
+            // A spent budget stays spent until its window ends (hours or days), and a request larger than a
+            // rate limit never fits it.
+            Self::LimitExceeded(r) => !r.kind.is_budget() && !r.too_large(),
+            Self::LimitsUnavailable
+            | Self::InvalidApiKey
             | Self::ProjectNotAllowed(_)
             | Self::ProjectRequired
             | Self::ModelNotAllowed { .. }
@@ -166,8 +188,34 @@ impl IntoResponse for GatewayError {
         if !self.retryable() {
             res.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
+        if let Self::LimitExceeded(refusal) = &self {
+            limit_headers(res.headers_mut(), refusal);
+        }
+        if matches!(self, Self::LimitsUnavailable) {
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         res
     }
+}
+
+/// `Retry-After` and the `x-ratelimit-*` headers OpenAI's clients read, for the limit that refused a request:
+/// `-requests` for a request rate, `-tokens` for a token rate (none for a budget: waiting is no use).
+fn limit_headers(headers: &mut http::HeaderMap, refusal: &crate::limits::Refusal) {
+    use crate::config::limits::Kind;
+    let unit = match refusal.kind {
+        Kind::RequestsPerMinute => "requests",
+        Kind::InputTokensPerMinute | Kind::OutputTokensPerMinute => "tokens",
+        Kind::UsdPerDay | Kind::UsdPerMonth => return,
+    };
+    let mut set = |name: String, value: String| {
+        if let (Ok(name), Ok(value)) = (http::HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            headers.insert(name, value);
+        }
+    };
+    set("retry-after".into(), refusal.retry_after_secs().to_string());
+    set(format!("x-ratelimit-limit-{unit}"), refusal.limit.to_string());
+    set(format!("x-ratelimit-remaining-{unit}"), refusal.limit.saturating_sub(refusal.used).to_string());
+    set(format!("x-ratelimit-reset-{unit}"), refusal.reset_text());
 }
 
 #[cfg(test)]

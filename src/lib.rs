@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod endpoint;
 pub mod error;
+pub mod limits;
 pub mod live;
 pub mod metering;
 pub mod projects;

@@ -105,6 +105,11 @@ impl Reloader {
     ) -> anyhow::Result<Arc<Self>> {
         let mut snapshot = Snapshot::build(config, credential, None, &metrics)
             .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
+        // The limits' store lives as long as the process: a memory one starts from what the ledger says this
+        // month (and minute) used, so a restart forgets no spend.
+        let limits = &snapshot.config.limits;
+        snapshot.limiter =
+            crate::limits::Limiter::start(limits, snapshot.config.metering.ledger_path.as_deref(), metrics.limits())?;
         let (ledger, writer) = open_ledger(&snapshot.config, &metrics)?;
         snapshot.ledger = ledger;
         let key_watch = snapshot.credential.watch(&snapshot.config.upstream.auth, &metrics);
@@ -117,6 +122,8 @@ impl Reloader {
             runtime: tokio::runtime::Handle::current(),
             state: Mutex::new(state),
         });
+        let limiter = reloader.live.load().limiter.clone();
+        limiter.spawn_sweeper(reloader.live.clone());
         if let Some(path) = &reloader.path {
             // The lock file is watched apart: `projects apply` may rewrite it alone. (In a Kubernetes volume both
             // change at once, with its `..data` swap.)
@@ -229,6 +236,7 @@ impl Reloader {
                 .or_else(|| state.writers.iter().filter(|w| w.path() == path).find_map(LedgerWriter::ledger))
         });
         let mut snapshot = Snapshot::build(config, credential, running, &self.metrics)?;
+        snapshot.limiter = current.limiter.clone();
         let mut new_writer = None;
         if snapshot.ledger.is_none() && path.is_some() {
             let (ledger, writer) = open_ledger(&snapshot.config, &self.metrics).map_err(|e| vec![format!("{e:#}")])?;
@@ -359,6 +367,11 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<String> {
         keep("upstream.region", new.upstream.region != running.upstream.region);
         new.upstream.region = running.upstream.region.clone();
     }
+    // The counters stay where they are: a replica moving to another store would leave its reservations behind.
+    keep("limits.backend", new.limits.backend != running.limits.backend);
+    new.limits.backend = running.limits.backend.clone();
+    keep("limits.instance", new.limits.instance != running.limits.instance);
+    new.limits.instance = running.limits.instance.clone();
     kept
 }
 

@@ -46,6 +46,10 @@ pub struct Record {
     pub error: Option<&'static str>,
     /// Whether upstream answered (the request may bill tokens).
     pub forwarded: bool,
+    /// Its reservation against limits, to settle.
+    pub hold: Option<crate::limits::Hold>,
+    /// The limit that refused it (`project:Name/usd_per_day`).
+    pub refused_by: Option<String>,
     /// Tokens seen.
     pub usage: Option<Usage>,
     /// What the usage cost at the snapshot's prices (none for an unpriced model).
@@ -167,6 +171,8 @@ mod tests {
                 status: 200,
                 error: None,
                 forwarded: true,
+                hold: None,
+                refused_by: None,
                 usage: None,
                 cost: None,
                 unmetered: None,

@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::limits::LimitsSink;
 use crate::live::{Outcome, Reloader};
 use crate::metering::ledger::LedgerSink;
 use crate::metering::metrics::Metrics;
@@ -192,7 +193,7 @@ async fn start_workers(
         let worker = Arc::new(Worker {
             live: reloader.live().clone(),
             client,
-            sinks: Sinks::new(vec![metrics.clone(), Arc::new(LedgerSink), access.clone()]),
+            sinks: Sinks::new(vec![metrics.clone(), Arc::new(LedgerSink), access.clone(), Arc::new(LimitsSink)]),
             shutdown: shutdown.child(),
             upstream_auth: upstream_auth.clone(),
             closing: AtomicBool::new(false),

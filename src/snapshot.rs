@@ -15,8 +15,10 @@ use serde::Serialize;
 
 use crate::attribution::Attributor;
 use crate::auth::KeyTable;
+use crate::config::limits::Subject;
 use crate::config::{self, Config, Unattributed};
 use crate::endpoint::RouteTable;
+use crate::limits::{Counted, Limiter};
 use crate::metering::ledger::Ledger;
 use crate::metering::metrics::{Metrics, ProjectSeries};
 use crate::metering::prices::PriceTable;
@@ -41,6 +43,8 @@ pub struct Project {
     pub ledger_members: String,
     /// Its metric series: one per project name for as long as anything holds it (see [`Metrics::series`]).
     pub series: Arc<ProjectSeries>,
+    /// What its requests count against: itself and each of its tag values (none while no limit is configured).
+    pub counted: Vec<Arc<Counted>>,
 }
 
 impl Project {
@@ -63,6 +67,8 @@ pub struct Key {
     pub may_select: Vec<Arc<Project>>,
     /// `"key":...`, as the access and ledger lines write it.
     pub member: String,
+    /// What its requests count against (none while no limit is configured).
+    pub counted: Option<Arc<Counted>>,
 }
 
 impl Key {
@@ -94,6 +100,10 @@ pub struct Snapshot {
     pub ledger: Option<Ledger>,
     /// What the gateway presents upstream.
     pub credential: Credential,
+    /// The limits' store, the same for the process's life.
+    pub limiter: Arc<Limiter>,
+    /// Every subject with a rule, in the config's order.
+    pub limited: Vec<Arc<Counted>>,
 }
 
 /// The access line's project members.
@@ -149,11 +159,26 @@ impl Snapshot {
             return Err(vec![problem]);
         }
         let mut problems = Vec::new();
+        // One `Counted` per subject, shared by every project with the same tag value. Nothing is counted while no
+        // rule is configured.
+        let rules = &config.limits.rules;
+        let mut counted: BTreeMap<Subject, Arc<Counted>> = BTreeMap::new();
+        let mut count = |subject: Subject| -> Option<Arc<Counted>> {
+            if rules.is_empty() {
+                return None;
+            }
+            let made = counted.entry(subject.clone()).or_insert_with(|| {
+                let limits = rules.iter().find(|r| r.subject == subject).map(|r| r.limits.clone()).unwrap_or_default();
+                Arc::new(Counted::new(subject, limits))
+            });
+            Some(made.clone())
+        };
+        let limited: Vec<Arc<Counted>> = rules.iter().filter_map(|r| count(r.subject.clone())).collect();
         let projects: Vec<Arc<Project>> = config
             .projects
             .iter()
             .filter(|p| !p.archived)
-            .filter_map(|p| match Self::link_project(p, metrics) {
+            .filter_map(|p| match Self::link_project(p, metrics, &mut count) {
                 Ok(project) => Some(Arc::new(project)),
                 Err(e) => {
                     problems.push(e);
@@ -180,6 +205,7 @@ impl Snapshot {
                     project: k.project.as_deref().and_then(&mut find),
                     may_select: k.may_select.iter().filter_map(|p| find(p)).collect(),
                     member: members_of(&KeyName { key: &k.name }),
+                    counted: count(Subject::Key(k.name.clone())),
                 })
             })
             .collect();
@@ -201,11 +227,17 @@ impl Snapshot {
             keys,
             ledger,
             credential,
+            limiter: Limiter::unshared(),
+            limited,
             config,
         })
     }
 
-    fn link_project(p: &config::Project, metrics: &Metrics) -> Result<Project, String> {
+    fn link_project(
+        p: &config::Project,
+        metrics: &Metrics,
+        count: &mut impl FnMut(Subject) -> Option<Arc<Counted>>,
+    ) -> Result<Project, String> {
         let id = p.id.clone().unwrap_or_default();
         let id_header =
             HeaderValue::from_str(&id).map_err(|_| format!("project {:?}: id {id:?} is not a header value", p.name))?;
@@ -219,6 +251,10 @@ impl Snapshot {
             tags: p.tags.clone(),
             models: p.models.clone(),
             series,
+            counted: std::iter::once(Subject::Project(p.name.clone()))
+                .chain(p.tags.iter().map(|(k, v)| Subject::Tag(k.clone(), v.clone())))
+                .filter_map(count)
+                .collect(),
         })
     }
 

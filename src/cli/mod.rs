@@ -2,9 +2,10 @@
 
 mod check;
 mod keys;
+mod limits;
 mod projects;
 mod reload;
-mod usage;
+pub mod usage;
 
 use std::path::PathBuf;
 
@@ -60,6 +61,11 @@ enum Command {
     Usage {
         #[command(subcommand)]
         command: UsageCommand,
+    },
+    /// Rate limits and budgets.
+    Limits {
+        #[command(subcommand)]
+        command: LimitsCommand,
     },
     /// Run the gateway in front of a built-in stub upstream on loopback: no AWS account needed.
     Demo {
@@ -151,6 +157,23 @@ enum ProjectsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum LimitsCommand {
+    /// Every configured limit with what its current window has used (asks the running gateway; with the Redis
+    /// backend and no gateway answering, reads Redis).
+    Status {
+        /// Config file (default: $MANTLEGATE_CONFIG, else config/mantlegate.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The gateway's admin address (default: `server.admin_listen` of the config).
+        #[arg(long)]
+        admin: Option<String>,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum KeysCommand {
     /// Print a fresh random key and the `[[keys]]` stanza holding its hash.
     New {
@@ -227,6 +250,9 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             };
             print!("{}", usage::run(&ledger, &group_by, since.as_deref(), &format)?);
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Limits { command: LimitsCommand::Status { config, admin, format } } => {
+            runtime()?.block_on(limits::status(&config::resolve_path(config), admin, &format))
         }
         Command::Demo { listen, admin_listen } => {
             crate::telemetry::init();

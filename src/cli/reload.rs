@@ -44,6 +44,18 @@ fn plural(n: usize) -> &'static str {
 }
 
 async fn ask(admin: &str) -> anyhow::Result<Outcome> {
+    let (status, body, addr) = call(admin, http::Method::POST, "/reload").await?;
+    serde_json::from_slice(&body).map_err(|_| {
+        anyhow::anyhow!("{addr} answered {status}, not a reload outcome: {}", String::from_utf8_lossy(&body))
+    })
+}
+
+/// Sends `method path` to the admin listener at `admin`: its status and body, and the address it was sent to.
+pub(super) async fn call(
+    admin: &str,
+    method: http::Method,
+    path: &str,
+) -> anyhow::Result<(http::StatusCode, bytes::Bytes, String)> {
     // An unspecified address (a listener on all interfaces) is reached on loopback.
     let addr = admin.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:");
     let tcp = tokio::net::TcpStream::connect(&addr).await.with_context(|| {
@@ -54,11 +66,13 @@ async fn ask(admin: &str) -> anyhow::Result<Outcome> {
     })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(connection);
-    let request = http::Request::post("/reload").header(http::header::HOST, &addr).body(Empty::<bytes::Bytes>::new())?;
-    let response = sender.send_request(request).await.context("sending the reload request")?;
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, &addr)
+        .body(Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await.with_context(|| format!("sending {path}"))?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
-    serde_json::from_slice(&body).map_err(|_| {
-        anyhow::anyhow!("{addr} answered {status}, not a reload outcome: {}", String::from_utf8_lossy(&body))
-    })
+    Ok((status, body, addr))
 }

@@ -65,6 +65,8 @@ struct Line {
     complete: bool,
     /// Why the gateway could not (fully) read the response's usage; its tokens are what was seen, usually none.
     unmetered: Option<String>,
+    /// The limit that refused the request: it was never forwarded, and is no request upstream billed.
+    refused_by: Option<String>,
 }
 
 /// One group's totals.
@@ -108,6 +110,9 @@ pub fn aggregate(
             skipped += 1;
             continue;
         };
+        if line.refused_by.is_some() {
+            continue;
+        }
         if let Some(since) = since {
             match humantime::parse_rfc3339_weak(&line.time) {
                 Ok(t) if t >= since => {}

@@ -2,6 +2,7 @@
 //! deserialized into [`raw::RawConfig`] and validated into [`Config`], whose types leave no room for the
 //! mistakes the file can hold (unknown projects, bad hashes, durations that do not parse).
 
+pub mod limits;
 pub mod lock;
 mod raw;
 mod schema;
@@ -43,6 +44,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Usage metering.
     pub metering: Metering,
+    /// Rate limits and budgets.
+    pub limits: limits::Limits,
     /// SHA-256 (hex) of the file text it was loaded from: `mantlegate_config_info{sha256}` says which config is in
     /// force, and a reload of an unchanged file changes nothing.
     pub sha256: String,

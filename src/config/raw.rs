@@ -94,6 +94,81 @@ pub struct RawConfig {
     pub metering: RawMetering,
     /// Price overrides per model.
     pub prices: Vec<RawPrice>,
+    /// Rate limits and budgets.
+    pub limits: RawLimits,
+}
+
+/// `[limits]`
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// Where the counters live: `memory` (this process) or `redis` (shared by every replica).
+    pub backend: String,
+    /// The Redis URL (`redis://host:6379/0`, `rediss://` for TLS), without a password.
+    pub redis_url: Option<String>,
+    /// Environment variable holding the Redis URL (which may hold a password).
+    pub redis_url_env: Option<String>,
+    /// What a request gets while the backend cannot be reached: `allow` or `deny`.
+    pub on_backend_error: String,
+    /// The output tokens reserved for a request that sets no cap of its own.
+    pub default_max_output_tokens: Whole,
+    /// Input tokens are estimated as the request body's bytes divided by this.
+    pub bytes_per_input_token: Whole,
+    /// A reservation still unsettled after this long is released (its request's replica died).
+    pub reservation_ttl: String,
+    /// Longest wait for the backend before `on_backend_error` applies.
+    pub backend_timeout: String,
+    /// This replica's name, under which it rebuilds its share of spend from its ledger; default: the host name.
+    pub instance: String,
+    /// The limits, each on a project, a key or a tag value.
+    pub rules: Vec<RawLimitRule>,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            backend: "memory".into(),
+            redis_url: None,
+            redis_url_env: None,
+            on_backend_error: "allow".into(),
+            default_max_output_tokens: Whole::Number(4096),
+            bytes_per_input_token: Whole::Number(1),
+            reservation_ttl: "15m".into(),
+            backend_timeout: "250ms".into(),
+            instance: String::new(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One `[[limits.rules]]` entry: what one project, key or tag value may use. Every limit set must admit a request.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimitRule {
+    /// A project's name.
+    #[serde(default)]
+    pub project: Option<String>,
+    /// A key's name.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// One tag and its value (`{ CostCenter = "CC-1001" }`): every project carrying it, together.
+    #[serde(default)]
+    pub tag: BTreeMap<String, String>,
+    /// Requests per UTC minute.
+    #[serde(default)]
+    pub requests_per_minute: Option<Whole>,
+    /// Input tokens per UTC minute.
+    #[serde(default)]
+    pub input_tokens_per_minute: Option<Whole>,
+    /// Output tokens per UTC minute.
+    #[serde(default)]
+    pub output_tokens_per_minute: Option<Whole>,
+    /// USD per UTC day.
+    #[serde(default)]
+    pub usd_per_day: Option<f64>,
+    /// USD per UTC calendar month.
+    #[serde(default)]
+    pub usd_per_month: Option<f64>,
 }
 
 /// `[metering]`

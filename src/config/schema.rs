@@ -4,7 +4,7 @@
 
 use config::{Map, Value, ValueKind};
 
-use super::raw::{RawConfig, RawKey, RawPrice, RawProject, RawRoute};
+use super::raw::{RawConfig, RawKey, RawLimitRule, RawLimits, RawPrice, RawProject, RawRoute};
 
 /// Where the `config` crate says an environment override came from.
 const FROM_ENV: &str = "the environment";
@@ -16,6 +16,7 @@ fn known() -> serde_json::Value {
         keys: vec![RawKey::default()],
         routes: vec![RawRoute::default()],
         prices: vec![RawPrice::default()],
+        limits: RawLimits { rules: vec![RawLimitRule::default()], ..RawLimits::default() },
         ..RawConfig::default()
     };
     serde_json::to_value(example).unwrap_or_default()

@@ -40,10 +40,10 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 #[derive(Default)]
-struct Errors(Vec<String>);
+pub(super) struct Errors(Vec<String>);
 
 impl Errors {
-    fn push(&mut self, key: impl fmt::Display, message: impl fmt::Display) {
+    pub(super) fn push(&mut self, key: impl fmt::Display, message: impl fmt::Display) {
         self.0.push(format!("{key}: {message}"));
     }
 }
@@ -135,6 +135,13 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     };
 
     let metering = validate_metering(&mut errs, &raw.metering, raw.prices);
+    let names = |names: Vec<&String>| names.into_iter().cloned().collect::<Vec<_>>();
+    let limits = super::limits::validate(
+        &mut errs,
+        raw.limits,
+        &names(projects.iter().map(|p| &p.name).collect()),
+        &names(keys.iter().map(|k| &k.name).collect()),
+    );
 
     if errs.0.is_empty() {
         Ok(Config {
@@ -147,6 +154,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             keys,
             routes,
             metering,
+            limits,
             sha256: String::new(),
             lock: super::lock::LockUse::default(),
         })
@@ -572,7 +580,7 @@ fn is_region(name: &str) -> bool {
 }
 
 /// Whether `name` can be an environment variable's name.
-fn is_env_name(name: &str) -> bool {
+pub(super) fn is_env_name(name: &str) -> bool {
     name.len() <= 64
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -622,7 +630,7 @@ fn check_prefix(prefix: &str) -> Result<(), &'static str> {
 }
 
 /// A whole number setting's value; none (reported) if it is not one.
-fn whole(errs: &mut Errors, key: &str, value: &super::raw::Whole) -> Option<u64> {
+pub(super) fn whole(errs: &mut Errors, key: &str, value: &super::raw::Whole) -> Option<u64> {
     match value.number() {
         Ok(n) => Some(n),
         Err(written) => {
@@ -639,7 +647,7 @@ fn parse_addr(errs: &mut Errors, key: &str, value: &str) -> std::net::SocketAddr
     })
 }
 
-fn parse_duration(errs: &mut Errors, key: &str, value: &str, zero_ok: bool) -> Duration {
+pub(super) fn parse_duration(errs: &mut Errors, key: &str, value: &str, zero_ok: bool) -> Duration {
     match humantime::parse_duration(value) {
         Ok(d) if d.is_zero() && !zero_ok => {
             errs.push(key, "must be greater than 0");

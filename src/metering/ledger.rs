@@ -213,8 +213,11 @@ pub struct LedgerSink;
 
 impl Sink for LedgerSink {
     fn record(&self, r: &Record) -> Option<Followup> {
-        // Gateway refusals bill nothing and write no line.
-        let (Some(ledger), Some((project, _)), true) = (&r.snapshot.ledger, &r.project, r.forwarded) else {
+        // Gateway refusals bill nothing and write no line, but for a limit's: the ledger says which limit refused
+        // whom (and usage reports leave such lines out of their sums).
+        let (Some(ledger), Some((project, _)), true) =
+            (&r.snapshot.ledger, &r.project, r.forwarded || r.refused_by.is_some())
+        else {
             return None;
         };
         let usage = r.usage.unwrap_or_default();
@@ -239,6 +242,9 @@ impl Sink for LedgerSink {
                 .bool("complete", r.complete);
             if let Some(unmetered) = r.unmetered {
                 line.str("unmetered", unmetered.name());
+            }
+            if let Some(limit) = &r.refused_by {
+                line.str("refused_by", limit);
             }
             line.members(&project.ledger_members);
             line.close();

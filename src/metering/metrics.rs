@@ -221,6 +221,106 @@ pub struct Metrics {
     aws_credentials: AwsCredentialMetrics,
     projects: Arc<ProjectsExport>,
     upstream_statuses: Arc<UpstreamStatuses>,
+    limits: LimitCounters,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectionLabels {
+    project: String,
+    subject: String,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+}
+
+/// What limits report: refusals, the store's health, reservations in flight, and every limit's use as last read.
+#[derive(Debug, Clone, Default)]
+pub struct LimitCounters {
+    rejections: Family<RejectionLabels, Counter>,
+    backend_errors: Family<OperationLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+    backend_up: Gauge,
+    settles_dropped: Counter,
+    /// Reservations this replica holds.
+    pub in_flight: Gauge,
+    statuses: Arc<LimitStatuses>,
+}
+
+impl LimitCounters {
+    /// A request of `project` refused by `subject`'s `limit`.
+    pub fn rejected(&self, project: &str, subject: &str, limit: &'static str) {
+        let labels = RejectionLabels { project: project.to_owned(), subject: subject.to_owned(), limit };
+        self.rejections.get_or_create(&labels).inc();
+    }
+
+    /// The store failed an `operation` (admit, settle, sweep, seed).
+    pub fn backend_error(&self, operation: &'static str) {
+        self.backend_errors.get_or_create(&OperationLabels { operation }).inc();
+    }
+
+    /// A request came while the store could not be reached, and was `allowed` or `denied`.
+    pub fn backend_decision(&self, decision: &'static str) {
+        self.decisions.get_or_create(&DecisionLabels { decision }).inc();
+    }
+
+    /// Whether the store answers.
+    pub fn backend_up(&self, up: bool) {
+        self.backend_up.set(i64::from(up));
+    }
+
+    /// A settle kept for replay was dropped (too many kept, or kept too long).
+    pub fn settle_dropped(&self) {
+        self.settles_dropped.inc();
+    }
+
+    /// From now on, exports these limits' values and use.
+    pub fn statuses(&self, statuses: Vec<crate::limits::Status>) {
+        self.statuses.0.store(Arc::new(statuses));
+    }
+}
+
+/// Every limit's value and use, as last read from the store, replaced whole by each read.
+#[derive(Debug, Default)]
+struct LimitStatuses(ArcSwap<Vec<crate::limits::Status>>);
+
+const LIMIT_GAUGES: [Descriptor; 3] = [
+    Descriptor {
+        name: "limit",
+        help: "Each configured limit's value (USD for usd_per_day and usd_per_month)",
+        kind: MetricType::Gauge,
+    },
+    Descriptor {
+        name: "limit_used",
+        help: "What each limit's current window has used or reserved, across replicas, at the last read (every second)",
+        kind: MetricType::Gauge,
+    },
+    Descriptor { name: "limit_remaining", help: "What each limit's current window has left", kind: MetricType::Gauge },
+];
+
+impl Collector for LimitStatuses {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let statuses = self.0.load();
+        if statuses.is_empty() {
+            return Ok(());
+        }
+        for (i, d) in LIMIT_GAUGES.iter().enumerate() {
+            let mut metric = encoder.encode_descriptor(d.name, d.help, None, d.kind)?;
+            for s in statuses.iter() {
+                let value = [s.max, s.used, s.remaining][i];
+                let labels = [("subject", s.subject.as_str()), ("limit", s.limit)];
+                metric.encode_family(&labels)?.encode_gauge(&value)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The last statuses the projects check found upstream (see `projects::drift`), by project name, in the config's
@@ -329,6 +429,38 @@ impl Metrics {
         registry.register_collector(Box::new(projects.clone()));
         let upstream_statuses = Arc::new(UpstreamStatuses::default());
         registry.register_collector(Box::new(upstream_statuses.clone()));
+        let limits = LimitCounters::default();
+        registry.register(
+            "limit_rejections",
+            "Requests a limit refused, by the request's project and the limit (subject and kind)",
+            limits.rejections.clone(),
+        );
+        registry.register(
+            "limit_backend_errors",
+            "Failures of the limits store (Redis), by operation: admit, settle, sweep, seed",
+            limits.backend_errors.clone(),
+        );
+        registry.register(
+            "limit_backend_error_decisions",
+            "Requests that came while the limits store could not be reached, by what limits.on_backend_error did",
+            limits.decisions.clone(),
+        );
+        registry.register(
+            "limit_backend_up",
+            "Whether the limits store answers (1) or not (0)",
+            limits.backend_up.clone(),
+        );
+        registry.register(
+            "limit_settles_dropped",
+            "Settles kept for replay while the limits store was down, then dropped (too many, or too old)",
+            limits.settles_dropped.clone(),
+        );
+        registry.register(
+            "limit_reservations_in_flight",
+            "Reservations this replica holds: admitted requests not yet settled",
+            limits.in_flight.clone(),
+        );
+        registry.register_collector(Box::new(limits.statuses.clone()));
         Self {
             registry,
             unattributed,
@@ -339,7 +471,13 @@ impl Metrics {
             aws_credentials,
             projects,
             upstream_statuses,
+            limits,
         }
+    }
+
+    /// What limits report to.
+    pub fn limits(&self) -> LimitCounters {
+        self.limits.clone()
     }
 
     /// The series of the project named `name`: the same ones for as long as anything holds them.
@@ -608,6 +746,8 @@ mod tests {
             status,
             error: None,
             forwarded: true,
+            hold: None,
+            refused_by: None,
             usage,
             cost,
             unmetered: None,

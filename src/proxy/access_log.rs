@@ -79,6 +79,9 @@ fn write_line(text: &mut String, r: &Record) {
     if let Some(error) = r.error {
         line.str("error", error);
     }
+    if let Some(limit) = &r.refused_by {
+        line.str("refused_by", limit);
+    }
     if let Some(usage) = r.usage {
         line.u64("input_tokens", usage.input)
             .u64("output_tokens", usage.output)

@@ -177,6 +177,11 @@ pub struct Facts {
     pub stream: bool,
     /// `stream_options.include_usage: true`.
     pub include_usage: bool,
+    /// The output cap it sets (`max_completion_tokens`, else `max_tokens`, else `max_output_tokens`), if a whole
+    /// number.
+    pub max_output: Option<u64>,
+    /// How many answers it asks for (`n`), if a whole number.
+    pub choices: Option<u64>,
 }
 
 /// Reads a request body whole, refusing more than `limit` bytes. A body that arrives as one frame (nearly every
@@ -239,6 +244,11 @@ pub fn facts_of(bytes: &[u8]) -> Result<Facts, GatewayError> {
         model: Option<String>,
         stream: Option<bool>,
         stream_options: Option<StreamOptions>,
+        // Any JSON value: a cap the gateway cannot read is upstream's to refuse, not the gateway's.
+        max_completion_tokens: Option<serde_json::Value>,
+        max_tokens: Option<serde_json::Value>,
+        max_output_tokens: Option<serde_json::Value>,
+        n: Option<serde_json::Value>,
     }
     #[derive(serde::Deserialize)]
     struct StreamOptions {
@@ -253,6 +263,10 @@ pub fn facts_of(bytes: &[u8]) -> Result<Facts, GatewayError> {
             model: r.model,
             stream: r.stream == Some(true),
             include_usage: r.stream_options.and_then(|o| o.include_usage) == Some(true),
+            max_output: [r.max_completion_tokens, r.max_tokens, r.max_output_tokens]
+                .into_iter()
+                .find_map(|v| v.as_ref().and_then(serde_json::Value::as_u64)),
+            choices: r.n.as_ref().and_then(serde_json::Value::as_u64),
         })
         .map_err(|e| GatewayError::InvalidRequest(format!("request body is not valid JSON: {e}")))
 }
@@ -482,7 +496,12 @@ mod tests {
     #[test]
     fn stream_facts() {
         let f = facts_of(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#).expect("facts");
-        assert_eq!(f, Facts { model: Some("m".into()), stream: true, include_usage: true });
+        assert_eq!(f, Facts { model: Some("m".into()), stream: true, include_usage: true, ..Facts::default() });
+        let f = facts_of(br#"{"max_tokens":7,"max_completion_tokens":5,"n":3}"#).expect("facts");
+        assert_eq!((f.max_output, f.choices), (Some(5), Some(3)));
+        // A cap the gateway cannot read is no cap to it (upstream refuses it or not), never a refusal here.
+        let f = facts_of(br#"{"max_output_tokens":"many","max_tokens":null,"n":-1}"#).expect("facts");
+        assert_eq!((f.max_output, f.choices), (None, None));
         let f = facts_of(br#"{"model":"m","stream":false,"stream_options":null}"#).expect("facts");
         assert!(!f.stream && !f.include_usage);
     }

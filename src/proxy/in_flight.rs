@@ -35,6 +35,8 @@ pub struct InFlight {
     status: Option<StatusCode>,
     error: Option<&'static str>,
     forwarded: bool,
+    hold: Option<crate::limits::Hold>,
+    refused_by: Option<String>,
     stream: bool,
     /// The usage tap on the response body, if it is read for usage.
     pub tap: Option<UsageTap>,
@@ -72,6 +74,8 @@ impl InFlight {
             status: None,
             error: None,
             forwarded: false,
+            hold: None,
+            refused_by: None,
             stream: false,
             tap: None,
             encoded: false,
@@ -121,10 +125,18 @@ impl InFlight {
         self.model.is_some()
     }
 
+    /// Limits admitted the request with this reservation, settled as it ends.
+    pub fn held(&mut self, hold: Option<crate::limits::Hold>) {
+        self.hold = hold;
+    }
+
     /// The gateway answered itself, with `error`; that answer is the whole response.
     pub fn refused(&mut self, error: &GatewayError) {
         self.status = Some(error.status());
         self.error = Some(error.code());
+        if let GatewayError::LimitExceeded(refusal) = error {
+            self.refused_by = Some(refusal.name());
+        }
         self.body_ended();
     }
 
@@ -203,6 +215,8 @@ impl InFlight {
             status: self.status.map_or(if failed { 500 } else { 499 }, |s| s.as_u16()),
             error: self.error,
             forwarded: self.forwarded,
+            hold: self.hold.take(),
+            refused_by: self.refused_by.take(),
             usage,
             cost,
             unmetered,

@@ -32,6 +32,7 @@ use hyper::body::Incoming;
 use crate::attribution::Source;
 use crate::endpoint::{Api, Endpoint};
 use crate::error::GatewayError;
+use crate::limits::{Counted, Demand, estimate};
 use crate::live::Live;
 use crate::metering::usage::{Dialect, UsageTap};
 use crate::record::Sinks;
@@ -73,6 +74,8 @@ struct Admitted<'s> {
     project: &'s Arc<Project>,
     /// How much of the path is a route prefix, removed before forwarding.
     prefix_len: usize,
+    /// What the request counts against: its project, the project's tag values, its key.
+    limits: Vec<Arc<Counted>>,
 }
 
 /// A request body on its way upstream.
@@ -131,7 +134,12 @@ async fn forward(
     // Pinned where it is built: the exchange is large, and moved into the timeout it would be copied.
     let exchanged = {
         let exchange = std::pin::pin!(async {
-            let (body, usage_injected) = request_body(snapshot, &mut parts.headers, body, &admitted, record).await?;
+            let (body, usage_injected, demand) =
+                request_body(snapshot, &mut parts.headers, body, &admitted, record).await?;
+            // Every limit that applies must admit the request; its reservation is settled as its record ends.
+            let subjects = admitted.limits.clone();
+            let hold = snapshot.limiter.admit(snapshot, &admitted.project.name, subjects, demand).await?;
+            record.held(hold);
             let request = upstream_request(parts, body, &admitted, snapshot, record.request_id())?;
             let response = worker.client.request(request, upstream).await;
             Ok::<_, GatewayError>((response, usage_injected))
@@ -177,11 +185,14 @@ fn request_filter<'s>(
     if attribution.source == Source::Rerouted {
         record.span().in_scope(|| tracing::warn!(project = %attribution.project.name, "unattributed request rerouted"));
     }
+    let mut limits = attribution.project.counted.clone();
+    limits.extend(key.and_then(|k| k.counted.clone()));
     Ok(Admitted {
         endpoint: matched.endpoint,
         api: matched.api,
         project: attribution.project,
         prefix_len: path.len() - matched.upstream_path.len(),
+        limits,
     })
 }
 
@@ -214,30 +225,32 @@ fn well_formed(parts: &Parts) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// The body to send upstream, and whether the gateway asked for stream usage on the caller's behalf. The
-/// body is read whole only when the gateway needs what it says (the model, for a project's allowlist, or the
-/// stream flag, to have a chat stream report its usage for metering) or signs it (SigV4 hashes the body).
+/// The body to send upstream, whether the gateway asked for stream usage on the caller's behalf, and what the
+/// request may use at most. The body is read whole only when the gateway needs what it says (the model, for a
+/// project's allowlist; the stream flag, to have a chat stream report its usage for metering; the output cap, to
+/// reserve against limits) or signs it (SigV4 hashes the body).
 async fn request_body(
     snapshot: &Snapshot,
     headers: &mut http::HeaderMap,
     body: body::CallerIncoming,
     admitted: &Admitted<'_>,
     record: &mut InFlight,
-) -> Result<(Upload, bool), GatewayError> {
+) -> Result<(Upload, bool, Demand), GatewayError> {
     let limit = snapshot.config.server.max_body_bytes;
     body::check_declared_length(headers, limit)?;
     let (endpoint, project) = (admitted.endpoint, admitted.project);
     let check_model = endpoint.has_model() && !project.models.is_empty();
     let meter_stream = snapshot.config.metering.enabled && endpoint == Endpoint::ChatCompletions;
     let signs = matches!(snapshot.credential, Credential::SigV4(_));
-    if !check_model && !meter_stream && !signs {
-        return Ok((Upload::Streamed(body::streamed(body, limit)), false));
+    let estimate = !admitted.limits.is_empty() && Dialect::of(endpoint).is_some();
+    if !check_model && !meter_stream && !signs && !estimate {
+        return Ok((Upload::Streamed(body::streamed(body, limit)), false, estimate::unbilled()));
     }
     let bytes = body::read(body, limit).await?;
-    if !check_model && !meter_stream {
-        return Ok((Upload::Whole(bytes), false));
+    if !check_model && !meter_stream && !estimate {
+        return Ok((Upload::Whole(bytes), false, estimate::unbilled()));
     }
-    let facts = if check_model || body::may_stream(&bytes) {
+    let facts = if check_model || estimate || body::may_stream(&bytes) {
         off_thread_if_large(&bytes, body::facts_of).await?
     } else {
         body::Facts::default()
@@ -251,13 +264,18 @@ async fn request_body(
             return Err(GatewayError::ModelNotAllowed { model: model.to_owned(), project: project.name.clone() });
         }
     }
+    let demand = match estimate {
+        true => estimate::billed(&facts, bytes.len(), &snapshot.config.limits, &snapshot.prices),
+        false => estimate::unbilled(),
+    };
     // The model is caller text until upstream accepts it: keep logs, ledger and metric labels bounded.
+    let (stream, include_usage) = (facts.stream, facts.include_usage);
     record.model(facts.model.filter(|m| is_model_id(m)));
-    if meter_stream && facts.stream && !facts.include_usage {
+    if meter_stream && stream && !include_usage {
         headers.remove(http::header::CONTENT_LENGTH);
-        return Ok((Upload::Whole(off_thread_if_large(&bytes, body::with_include_usage).await?), true));
+        return Ok((Upload::Whole(off_thread_if_large(&bytes, body::with_include_usage).await?), true, demand));
     }
-    Ok((Upload::Whole(bytes), false))
+    Ok((Upload::Whole(bytes), false, demand))
 }
 
 /// Upstream request filter: the caller's request as upstream gets it: the gateway's credential and the
