@@ -210,12 +210,63 @@ panels = [
         71,
         w=24,
     ),
+    row("Limits and budgets", 79),
+    ts(
+        "Requests refused by a limit (per min), by project and limit",
+        "short",
+        [(f"60 * sum by (project, limit) (rate(mantlegate_limit_rejections_total{{{P}}}[{RATE}]))", "{{project}}: {{limit}}")],
+        0,
+        80,
+        stack=True,
+    ),
+    # Every replica reports the shared counter (Redis backend): max, not sum, over instances.
+    ts(
+        "Budgets: spent vs limit (USD)",
+        "currencyUSD",
+        [
+            ('max by (subject, limit) (mantlegate_limit_used{limit=~"usd_per_day|usd_per_month"})', "{{subject}} {{limit}}: spent"),
+            ('max by (subject, limit) (mantlegate_limit{limit=~"usd_per_day|usd_per_month"})', "{{subject}} {{limit}}: limit"),
+        ],
+        12,
+        80,
+    ),
+    ts(
+        "Limits backend up (per instance)",
+        "short",
+        [("min by (instance) (mantlegate_limit_backend_up)", "{{instance}}")],
+        0,
+        88,
+        w=8,
+    ),
+    ts(
+        "Limits backend errors, and what on_backend_error decided",
+        "short",
+        [
+            (f"sum by (operation) (increase(mantlegate_limit_backend_errors_total[{RATE}]))", "failed: {{operation}}"),
+            (f"sum by (decision) (increase(mantlegate_limit_backend_error_decisions_total[{RATE}]))", "requests {{decision}}"),
+        ],
+        8,
+        88,
+        w=8,
+    ),
+    ts(
+        "Reservations in flight (per instance)",
+        "short",
+        [("sum by (instance) (mantlegate_limit_reservations_in_flight)", "{{instance}}")],
+        16,
+        88,
+        w=8,
+        stack=True,
+    ),
 ]
 
 dashboard = {
     "uid": "mantlegate",
     "title": "mantlegate",
-    "description": "Requests, errors, latency, tokens and cost by project and cost allocation tag, unattributed traffic",
+    "description": (
+        "Requests, errors, latency, tokens and cost by project and cost allocation tag, unattributed traffic, "
+        "limits and budgets"
+    ),
     "tags": ["mantlegate", "bedrock"],
     "schemaVersion": 39,
     "version": 1,
