@@ -196,6 +196,11 @@ struct Shared {
 impl RedisStore {
     /// A client for `url`, connecting when first used.
     pub fn new(url: &Secret, timeout: Duration, instance: &str, counters: &LimitCounters) -> anyhow::Result<Self> {
+        if url.expose().starts_with("rediss://") {
+            // The TLS client takes the process's default provider: ring, as everything else here (an error means
+            // one is installed already).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let client = redis::Client::open(url.expose()).map_err(|_| {
             anyhow::anyhow!("limits: the Redis URL cannot be used (it is not shown: it may hold a password)")
         })?;
