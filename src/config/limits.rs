@@ -123,8 +123,9 @@ pub struct Rule {
     pub limits: Vec<(Kind, u64)>,
 }
 
-/// Spend above this (a billion dollars) is no budget anyone means, and would not fit the counters' arithmetic.
-const MAX_USD: f64 = 1e9;
+/// The largest budget: counters compare spend as nano-USD in Redis's Lua numbers (doubles), exact up to 2^53, a
+/// little over nine million dollars.
+const MAX_USD: f64 = 9e6;
 
 /// `[limits]`, validated against the config's project and key names.
 pub(super) fn validate(errs: &mut Errors, raw: RawLimits, projects: &[String], keys: &[String]) -> Limits {
@@ -255,6 +256,11 @@ fn validate_rule(errs: &mut Errors, at: &str, raw: RawLimitRule, projects: &[Str
         }
     };
     let mut limits = Vec::new();
+    let set = [&raw.requests_per_minute, &raw.input_tokens_per_minute, &raw.output_tokens_per_minute]
+        .iter()
+        .any(|v| v.is_some())
+        || raw.usd_per_day.is_some()
+        || raw.usd_per_month.is_some();
     let counts = [
         (Kind::RequestsPerMinute, raw.requests_per_minute),
         (Kind::InputTokensPerMinute, raw.input_tokens_per_minute),
@@ -271,14 +277,16 @@ fn validate_rule(errs: &mut Errors, at: &str, raw: RawLimitRule, projects: &[Str
             Some(usd) if usd.is_finite() && (0.0..=MAX_USD).contains(&usd) => {
                 limits.push((kind, (usd * NANOS_PER_USD).round() as u64));
             }
-            Some(usd) => errs.push(format!("{at}.{}", kind.name()), format!("{usd} is not an amount from 0 to 1e9")),
+            Some(usd) => {
+                errs.push(format!("{at}.{}", kind.name()), format!("{usd} is not an amount from 0 to {MAX_USD}"))
+            }
         }
     }
-    if limits.is_empty() {
+    if !set {
         errs.push(at, "sets no limit (requests_per_minute, input_tokens_per_minute, ..., usd_per_month)");
         return None;
     }
-    Some(Rule { subject, limits })
+    (!limits.is_empty()).then_some(Rule { subject, limits })
 }
 
 /// Whether `url` is a Redis URL the client can use; the reason if not (never quoting it: it may hold a password).

@@ -672,6 +672,7 @@ pub(super) fn parse_duration(errs: &mut Errors, key: &str, value: &str, zero_ok:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::limits::{Kind, Subject};
 
     fn errors(toml: &str) -> Vec<String> {
         match crate::Config::from_toml(toml) {
@@ -703,6 +704,75 @@ mod tests {
             [
                 "routes[0].project: project \"Old\" is archived (archived = true)",
                 "attribution.default_project: project \"Old\" is archived (archived = true)"
+            ]
+        );
+    }
+
+    #[test]
+    fn limits_name_one_subject_and_real_numbers() {
+        let rules = |rules: &str| errors(&format!("{BASE}\n[limits]\n{rules}"));
+        let ok = "[[limits.rules]]\nproject = \"A\"\nrequests_per_minute = 10\nusd_per_month = 100.5\n\
+                  [[limits.rules]]\nkey = \"k\"\ninput_tokens_per_minute = 1000\n\
+                  [[limits.rules]]\ntag = { CostCenter = \"CC-1\" }\nusd_per_day = 0\n";
+        assert_eq!(rules(ok), Vec::<String>::new());
+        let config = crate::Config::from_toml(&format!("{BASE}\n[limits]\n{ok}")).expect("config");
+        assert_eq!(
+            config.limits.rules[0].limits,
+            [(Kind::RequestsPerMinute, 10), (Kind::UsdPerMonth, 100_500_000_000)]
+        );
+        assert_eq!(config.limits.rules[2].subject, Subject::Tag("CostCenter".into(), "CC-1".into()));
+        assert_eq!(
+            rules(
+                "[[limits.rules]]\nproject = \"Nope\"\nrequests_per_minute = 1\n\
+                 [[limits.rules]]\nproject = \"A\"\nkey = \"k\"\nrequests_per_minute = 1\n\
+                 [[limits.rules]]\ntag = { A = \"1\", B = \"2\" }\nrequests_per_minute = 1\n\
+                 [[limits.rules]]\nkey = \"k\"\n\
+                 [[limits.rules]]\nkey = \"k\"\nrequests_per_minute = 1.5\nusd_per_day = -1\n\
+                 [[limits.rules]]\nproject = \"A\"\nrequests_per_minute = 1\n\
+                 [[limits.rules]]\nproject = \"A\"\noutput_tokens_per_minute = 1\n"
+            ),
+            [
+                "limits.rules[0].project: no project named \"Nope\"",
+                "limits.rules[1]: names exactly one of project, key, or tag (one tag = value)",
+                "limits.rules[2]: names exactly one of project, key, or tag (one tag = value)",
+                "limits.rules[3]: sets no limit (requests_per_minute, input_tokens_per_minute, ..., usd_per_month)",
+                "limits.rules[4].requests_per_minute: 1.5 is not a whole number",
+                "limits.rules[4].usd_per_day: -1 is not an amount from 0 to 9000000",
+                "limits.rules[6]: project:A already has a rule: put all its limits in one",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_limits_store_is_named_and_its_password_never_shown() {
+        let limits = |text: &str| errors(&format!("{BASE}\n[limits]\n{text}"));
+        assert_eq!(
+            limits("backend = \"redis\""),
+            ["limits.redis_url: required when backend = \"redis\" (or redis_url_env)"]
+        );
+        assert_eq!(limits("backend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379/0\""), Vec::<String>::new());
+        let with_password = limits("backend = \"redis\"\nredis_url = \"redis://:hunter2-secret@redis:6379/0\"");
+        assert_eq!(with_password.len(), 1);
+        assert!(
+            with_password[0].contains("redis_url_env") && !with_password[0].contains("hunter2"),
+            "{with_password:?}"
+        );
+        let not_a_url = limits("backend = \"redis\"\nredis_url = \"http://user:hunter2@x\"");
+        assert!(!not_a_url.concat().contains("hunter2"), "{not_a_url:?}");
+        assert_eq!(
+            limits("backend = \"redis\"\nredis_url_env = \"MANTLEGATE_TEST_UNSET_REDIS_URL\""),
+            ["limits.redis_url_env: $MANTLEGATE_TEST_UNSET_REDIS_URL is not set"]
+        );
+        assert_eq!(limits("redis_url = \"redis://x\""), ["limits.redis_url: applies only to backend = \"redis\""]);
+        assert_eq!(
+            limits(
+                "backend = \"etcd\"\non_backend_error = \"maybe\"\nbytes_per_input_token = 0\nreservation_ttl = \"0s\""
+            ),
+            [
+                "limits.backend: \"etcd\" is not one of \"memory\", \"redis\"",
+                "limits.on_backend_error: \"maybe\" is not one of \"allow\", \"deny\"",
+                "limits.bytes_per_input_token: must be greater than 0",
+                "limits.reservation_ttl: must be greater than 0",
             ]
         );
     }

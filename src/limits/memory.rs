@@ -184,3 +184,93 @@ impl MemoryStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::limits::Subject;
+
+    fn hold(id: &str, subjects: &[&Arc<Counted>], at: u64, reserved: Amounts) -> Hold {
+        Hold {
+            id: id.into(),
+            windows: Windows::at(at),
+            subjects: subjects.iter().map(|c| Arc::clone(c)).collect(),
+            reserved,
+            in_store: true,
+        }
+    }
+
+    fn used(store: &MemoryStore, rule: &Arc<Counted>, kind: Kind, at: u64) -> u64 {
+        store.sweep_and_read(std::slice::from_ref(rule), Windows::at(at))[&(rule.id.clone(), kind)]
+    }
+
+    const T: u64 = 1_798_761_600_000; // 2027-01-01T00:00:00Z
+
+    #[test]
+    fn every_limit_must_admit_and_all_are_reserved_together() {
+        let store = MemoryStore::default();
+        let project = Arc::new(Counted::new(Subject::Project("P".into()), vec![(Kind::OutputTokensPerMinute, 100)]));
+        let tag = Arc::new(Counted::new(Subject::Tag("Team".into(), "t".into()), vec![(Kind::UsdPerDay, 1000)]));
+        let ask = |output, nanos| Amounts { requests: 1, input: 10, output, nanos };
+        assert!(matches!(store.admit(&hold("a", &[&project, &tag], T, ask(60, 600)), true, T + 1000), Admit::Admitted));
+        // The tag's budget has room, the project's rate has not: refused, and nothing of it reserved anywhere.
+        match store.admit(&hold("b", &[&project, &tag], T, ask(50, 100)), true, T + 1000) {
+            Admit::Refused { index: 0, kind: Kind::OutputTokensPerMinute, used: 60 } => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(used(&store, &tag, Kind::UsdPerDay, T), 600);
+        // A spent budget stops a billed request that costs nothing (an unpriced model), not an unbilled one.
+        let spent = Arc::new(Counted::new(Subject::Key("k".into()), vec![(Kind::UsdPerDay, 0)]));
+        store.settle(&hold("x", &[&spent], T, Amounts::default()), ask(0, 1), Windows::at(T));
+        assert!(matches!(store.admit(&hold("c", &[&spent], T, ask(0, 0)), true, T + 1000), Admit::Refused { .. }));
+        assert!(matches!(store.admit(&hold("d", &[&spent], T, ask(0, 0)), false, T + 1000), Admit::Admitted));
+    }
+
+    #[test]
+    fn settling_replaces_the_reservation_with_the_usage_once() {
+        let store = MemoryStore::default();
+        let p = Arc::new(Counted::new(
+            Subject::Project("P".into()),
+            vec![(Kind::UsdPerMonth, 10_000), (Kind::RequestsPerMinute, 9)],
+        ));
+        let h = hold("a", &[&p], T, Amounts { requests: 1, input: 100, output: 100, nanos: 5000 });
+        assert!(matches!(store.admit(&h, true, T + 1000), Admit::Admitted));
+        assert_eq!(used(&store, &p, Kind::UsdPerMonth, T), 5000);
+        store.settle(&h, Amounts { requests: 0, input: 40, output: 2, nanos: 700 }, Windows::at(T + 10));
+        assert_eq!(used(&store, &p, Kind::UsdPerMonth, T + 10), 700);
+        // Requests stay counted.
+        assert_eq!(used(&store, &p, Kind::RequestsPerMinute, T + 10), 1);
+        assert_eq!(store.held(), 0);
+    }
+
+    #[test]
+    fn an_unsettled_reservation_is_released_at_its_expiry_and_a_late_settle_counts_the_usage() {
+        let store = MemoryStore::default();
+        let p = Arc::new(Counted::new(Subject::Project("P".into()), vec![(Kind::UsdPerDay, 10_000)]));
+        let h = hold("a", &[&p], T, Amounts { requests: 1, input: 1, output: 1, nanos: 9000 });
+        assert!(matches!(store.admit(&h, true, T + 1000), Admit::Admitted));
+        assert_eq!(used(&store, &p, Kind::UsdPerDay, T + 999), 9000);
+        assert_eq!(used(&store, &p, Kind::UsdPerDay, T + 1000), 0);
+        assert_eq!(store.held(), 0);
+        store.settle(&h, Amounts { nanos: 300, ..Amounts::default() }, Windows::at(T + 2000));
+        assert_eq!(used(&store, &p, Kind::UsdPerDay, T + 2000), 300);
+    }
+
+    #[test]
+    fn windows_move_on_and_a_reservation_is_taken_back_only_from_its_own() {
+        let store = MemoryStore::default();
+        let p = Arc::new(Counted::new(
+            Subject::Project("P".into()),
+            vec![(Kind::InputTokensPerMinute, 1000), (Kind::UsdPerDay, 10_000), (Kind::UsdPerMonth, 10_000)],
+        ));
+        // Reserved in the last second of a day (and month), settled in the next.
+        let before = T - 1000;
+        let h = hold("a", &[&p], before, Amounts { requests: 1, input: 500, output: 0, nanos: 4000 });
+        assert!(matches!(store.admit(&h, true, before + 60_000), Admit::Admitted));
+        store.settle(&h, Amounts { input: 100, nanos: 100, ..Amounts::default() }, Windows::at(T + 5));
+        // The new windows hold the usage only; the old ones had their reservation taken back.
+        assert_eq!(used(&store, &p, Kind::InputTokensPerMinute, T + 5), 100);
+        assert_eq!(used(&store, &p, Kind::UsdPerDay, T + 5), 100);
+        assert_eq!(used(&store, &p, Kind::UsdPerMonth, T + 5), 100);
+    }
+}
