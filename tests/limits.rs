@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use mantlegate::live::Outcome;
 use http::StatusCode;
 use serde_json::{Value, json};
 
@@ -60,6 +61,19 @@ impl Limited {
     async fn limits(&self) -> Value {
         let url = format!("http://{}/limits", self.gw.admin);
         self.gw.client.get(url).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// `/limits`, once `done` says it shows what the test waits for (the settle runs after the response).
+    async fn limits_until(&self, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let limits = self.limits().await;
+            if done(&limits) {
+                return limits;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "limits never got there: {limits}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     fn used(limits: &Value, subject: &str, limit: &str) -> f64 {
@@ -134,6 +148,70 @@ async fn a_spent_budget_refuses_with_insufficient_quota_and_tells_sdks_not_to_re
     assert_eq!(refused.len(), 2, "{lines:?}");
     assert_eq!(refused[0]["refused_by"], "tag:Team=chat/usd_per_day");
     assert_eq!(refused[0]["status"], 429);
+}
+
+#[tokio::test]
+async fn a_stream_the_caller_leaves_is_settled_with_what_it_used() {
+    let (mock, mut scripts) = Mock::scripted().await;
+    let l = start(
+        "cut",
+        mock,
+        "[[limits.rules]]\nkey = \"chat-service\"\noutput_tokens_per_minute = 100000\nusd_per_month = 100\n",
+    )
+    .await;
+    let mut body = chat(Some(5000));
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let response = l.send(CHAT_KEY, &body).await;
+    let script = scripts.recv().await.unwrap();
+    // While it streams, its whole cap is held.
+    let held = l.limits().await;
+    assert_eq!(Limited::used(&held, "key:chat-service", "output_tokens_per_minute"), 5000.0);
+    script.tx.send(r#"data: {"id":"c","model":"openai.gpt-oss-120b","choices":[{"index":0,"delta":{"content":"Hi"}}]}"#.to_owned().into()).await.unwrap();
+    script.tx.send("\n\n".into()).await.unwrap();
+    let mut stream = response.bytes_stream();
+    futures_util::StreamExt::next(&mut stream).await.unwrap().unwrap();
+    drop(stream);
+    script.dropped.await.unwrap();
+    // Cut before its usage: it used nothing the gateway saw, and holds nothing.
+    let settled = l.limits_until(|v| Limited::used(v, "key:chat-service", "output_tokens_per_minute") == 0.0).await;
+    assert_eq!(Limited::used(&settled, "key:chat-service", "usd_per_month"), 0.0);
+}
+
+#[tokio::test]
+async fn a_restarted_gateway_and_a_reloaded_budget_both_see_the_spend_so_far() {
+    let dir = std::env::temp_dir().join(format!("mantlegate-limits-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (config, ledger) = (dir.join("mantlegate.toml"), dir.join("usage.jsonl"));
+    let metering = format!("\n[metering]\nledger_path = \"{}\"\n", ledger.display());
+    // Spend is counted for every project and tag once any rule exists: here, a rule on another project.
+    let first = format!("{metering}[[limits.rules]]\nproject = \"Search\"\nrequests_per_minute = 1000\n");
+    let opts = |extra: String| Opts { extra, max_body_bytes: 1 << 20, ..Opts::default() };
+    let mock = upstream().await;
+    let gw = Gw::start_from_file(mock.clone(), opts(first), &config).await;
+    for _ in 0..3 {
+        let r = gw.post("/v1/chat/completions", CHAT_KEY).json(&chat(Some(600))).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    // A budget added by a reload counts the day so far.
+    let budget = format!("{metering}[[limits.rules]]\nproject = \"Chat-Prod\"\nusd_per_day = 1\n");
+    std::fs::write(&config, config_text(mock.addr, &opts(budget.clone()))).unwrap();
+    // (The file watch may have put it in force already: then the reload finds it unchanged.)
+    let outcome = gw.reload().await;
+    assert!(matches!(outcome, Outcome::Applied { .. } | Outcome::Unchanged { .. }), "{outcome:?}");
+    let url = format!("http://{}/limits", gw.admin);
+    let limits: Value = gw.client.get(&url).send().await.unwrap().json().await.unwrap();
+    assert!((Limited::used(&limits, "project:Chat-Prod", "usd_per_day") - 3.0 * COST).abs() < 1e-9, "{limits}");
+    gw.running.unwrap().stop().await;
+    // A new process starts from its ledger.
+    let gw = Gw::start_from_file(mock, opts(budget), &config).await;
+    let url = format!("http://{}/limits", gw.admin);
+    let limits: Value = gw.client.get(&url).send().await.unwrap().json().await.unwrap();
+    assert!((Limited::used(&limits, "project:Chat-Prod", "usd_per_day") - 3.0 * COST).abs() < 1e-9, "{limits}");
+    // And its metrics say so.
+    let metrics = gw.metric_prefix("mantlegate_limit_used{").await;
+    assert!(metrics.contains(r#"subject="project:Chat-Prod""#), "{metrics}");
 }
 
 /// Waits until the current UTC minute has at least 20 s left.
