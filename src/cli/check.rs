@@ -160,6 +160,26 @@ pub fn report(path: &Path, config: &Config) -> String {
         table(&mut out, &rows);
     }
 
+    if !config.limits.rules.is_empty() {
+        let mut rows = vec![["LIMITS".to_string(), "KIND".into(), "VALUE".into(), String::new()]];
+        for rule in &config.limits.rules {
+            for (kind, value) in &rule.limits {
+                let value = match kind.is_budget() {
+                    true => format!("${:.2}", *value as f64 / crate::config::limits::NANOS_PER_USD),
+                    false => value.to_string(),
+                };
+                rows.push([rule.subject.to_string(), kind.name().into(), value, String::new()]);
+            }
+        }
+        table(&mut out, &rows);
+        if config.metering.ledger_path.is_none() {
+            let _ = writeln!(
+                out,
+                "\nwarning: limits without [metering] ledger_path: spend cannot be rebuilt, so a restart (memory backend) \
+                 or a Redis that loses its data starts the month's budgets from zero"
+            );
+        }
+    }
     if let Some(why) = &config.lock.ignored {
         let _ = writeln!(out, "\nwarning: {why}");
     }

@@ -135,6 +135,22 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
     };
 
     let metering = validate_metering(&mut errs, &raw.metering, raw.prices);
+    // Tokens and spend are settled from the usage metering reads: without it every reservation would settle
+    // to nothing, and those limits would never fill.
+    if !metering.enabled {
+        for (i, rule) in raw.limits.rules.iter().enumerate() {
+            let counts_usage = rule.input_tokens_per_minute.is_some()
+                || rule.output_tokens_per_minute.is_some()
+                || rule.usd_per_day.is_some()
+                || rule.usd_per_month.is_some();
+            if counts_usage {
+                errs.push(
+                    format!("limits.rules[{i}]"),
+                    "token and spend limits need [metering] enabled = true (they count the usage it reads)",
+                );
+            }
+        }
+    }
     let names = |names: Vec<&String>| names.into_iter().cloned().collect::<Vec<_>>();
     let limits = super::limits::validate(
         &mut errs,
@@ -764,6 +780,13 @@ mod tests {
             ["limits.redis_url_env: $MANTLEGATE_TEST_UNSET_REDIS_URL is not set"]
         );
         assert_eq!(limits("redis_url = \"redis://x\""), ["limits.redis_url: applies only to backend = \"redis\""]);
+        assert_eq!(
+            errors(&format!("[metering]\nenabled = false\n{BASE}\n[[limits.rules]]\nkey = \"k\"\nusd_per_day = 1\n")),
+            ["limits.rules[0]: token and spend limits need [metering] enabled = true (they count the usage it reads)"]
+        );
+        let rate_only =
+            format!("[metering]\nenabled = false\n{BASE}\n[[limits.rules]]\nkey = \"k\"\nrequests_per_minute = 1\n");
+        assert_eq!(errors(&rate_only), Vec::<String>::new());
         assert_eq!(
             limits(
                 "backend = \"etcd\"\non_backend_error = \"maybe\"\nbytes_per_input_token = 0\nreservation_ttl = \"0s\""

@@ -150,7 +150,11 @@ impl MemoryStore {
             state.held.iter().filter(|(_, h)| h.expires_ms <= now.now_ms).map(|(id, _)| id.clone()).collect();
         for id in expired {
             if let Some(held) = state.held.remove(&id) {
-                tracing::warn!(reservation = %id, "a reservation was never settled; released at its expiry");
+                tracing::warn!(
+                    reservation = %id,
+                    "a request has held its reservation longer than limits.reservation_ttl: released (its usage is \
+                     still counted when it ends)"
+                );
                 state.release(&held);
             }
         }
