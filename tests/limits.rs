@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use mantlegate::live::Outcome;
 use http::StatusCode;
+use mantlegate::live::Outcome;
 use serde_json::{Value, json};
 
 /// 1000 input and 500 output tokens of openai.gpt-oss-120b, at $0.15 and $0.60 per 1M: $0.00045.
@@ -90,29 +90,66 @@ impl Limited {
 
 #[tokio::test]
 async fn a_request_rate_limit_refuses_with_the_headers_openai_clients_read() {
-    let l =
-        start("rpm", upstream().await, "[[limits.rules]]\nproject = \"Chat-Prod\"\nrequests_per_minute = 2\n").await;
-    // A minute boundary between the requests would start a new window: begin early in one.
-    wait_for_minute_start().await;
-    for _ in 0..2 {
-        assert_eq!(l.send(CHAT_KEY, &chat(Some(10))).await.status(), StatusCode::OK);
+    // The three requests must fall in one UTC minute: if a minute ends among them, start again (a fresh gateway,
+    // so no count carries over).
+    for attempt in 0.. {
+        assert!(attempt < 3, "three minute boundaries in a row");
+        let minute = utc_minute();
+        let l = start(
+            &format!("rpm-{attempt}"),
+            upstream().await,
+            "[[limits.rules]]\nproject = \"Chat-Prod\"\nrequests_per_minute = 2\n",
+        )
+        .await;
+        let first =
+            [l.send(CHAT_KEY, &chat(Some(10))).await.status(), l.send(CHAT_KEY, &chat(Some(10))).await.status()];
+        let refused = l.send(CHAT_KEY, &chat(Some(10))).await;
+        if utc_minute() != minute {
+            continue;
+        }
+        assert_eq!(first, [StatusCode::OK, StatusCode::OK]);
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let h = |name: &str| refused.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+        let retry: u64 = h("retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "retry-after {retry}");
+        assert_eq!(h("x-ratelimit-limit-requests").as_deref(), Some("2"));
+        assert_eq!(h("x-ratelimit-remaining-requests").as_deref(), Some("0"));
+        assert!(h("x-ratelimit-reset-requests").unwrap().ends_with('s'));
+        assert_eq!(h("x-should-retry"), None, "a rate limit is worth retrying later");
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("project:Chat-Prod") && message.contains("requests_per_minute"), "{message}");
+        // Another project is not limited by Chat-Prod's rule.
+        assert_eq!(l.send(SEARCH_KEY, &json!({"model": "openai.gpt-oss-20b"})).await.status(), StatusCode::OK);
+        assert_eq!(l.gw.mock.hits(), 3);
+        let metrics = l.gw.metric_prefix("mantlegate_limit_rejections_total{").await;
+        assert!(
+            metrics.contains(r#"project="Chat-Prod",subject="project:Chat-Prod",limit="requests_per_minute"} 1"#),
+            "{metrics}"
+        );
+        return;
     }
-    let refused = l.send(CHAT_KEY, &chat(Some(10))).await;
+}
+
+#[tokio::test]
+async fn a_request_larger_than_a_rate_limit_is_refused_as_too_large() {
+    let l = start(
+        "too-large",
+        upstream().await,
+        "[[limits.rules]]\nkey = \"chat-service\"\noutput_tokens_per_minute = 1000\n",
+    )
+    .await;
+    let refused = l.send(CHAT_KEY, &chat(Some(5000))).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
-    let h = |name: &str| refused.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
-    let retry: u64 = h("retry-after").unwrap().parse().unwrap();
-    assert!((1..=60).contains(&retry), "retry-after {retry}");
-    assert_eq!(h("x-ratelimit-limit-requests").as_deref(), Some("2"));
-    assert_eq!(h("x-ratelimit-remaining-requests").as_deref(), Some("0"));
-    assert!(h("x-ratelimit-reset-requests").unwrap().ends_with('s'));
-    assert_eq!(h("x-should-retry"), None, "a rate limit is worth retrying later");
+    assert_eq!(refused.headers().get("x-should-retry").unwrap(), "false");
+    assert_eq!(refused.headers().get("x-ratelimit-limit-tokens").unwrap(), "1000");
     let body: Value = refused.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
-    let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("project:Chat-Prod") && message.contains("requests_per_minute"), "{message}");
-    // Another project is not limited by Chat-Prod's rule.
-    assert_eq!(l.send(SEARCH_KEY, &json!({"model": "openai.gpt-oss-20b"})).await.status(), StatusCode::OK);
-    assert_eq!(l.gw.mock.hits(), 3);
+    assert!(body["error"]["message"].as_str().unwrap().contains("alone needs 5000"), "{body}");
+    // Without a cap, the configured default (4096) is reserved: too large too.
+    assert_eq!(l.send(CHAT_KEY, &chat(None)).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(l.send(CHAT_KEY, &chat(Some(600))).await.status(), StatusCode::OK);
+    assert_eq!(l.gw.mock.hits(), 1);
 }
 
 #[tokio::test]
@@ -214,10 +251,7 @@ async fn a_restarted_gateway_and_a_reloaded_budget_both_see_the_spend_so_far() {
     assert!(metrics.contains(r#"subject="project:Chat-Prod""#), "{metrics}");
 }
 
-/// Waits until the current UTC minute has at least 20 s left.
-async fn wait_for_minute_start() {
-    let left = 60 - (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() % 60);
-    if left < 20 {
-        tokio::time::sleep(Duration::from_secs(left)).await;
-    }
+/// Minutes since the epoch, as limits count them.
+fn utc_minute() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 60
 }
