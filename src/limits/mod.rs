@@ -247,6 +247,8 @@ pub struct Status {
 pub struct Limiter {
     store: Store,
     instance: String,
+    /// Random, per process: hold ids stay unique should two processes share an instance name.
+    process: String,
     next_id: AtomicU64,
     counters: crate::metering::metrics::LimitCounters,
 }
@@ -272,7 +274,13 @@ impl Limiter {
                 Store::Redis(redis::RedisStore::new(url, limits.backend_timeout, &limits.instance, &counters)?)
             }
         };
-        Ok(Arc::new(Self { store, instance: limits.instance.clone(), next_id: AtomicU64::new(0), counters }))
+        Ok(Arc::new(Self {
+            store,
+            instance: limits.instance.clone(),
+            process: process_nonce(),
+            next_id: AtomicU64::new(0),
+            counters,
+        }))
     }
 
     /// A memory limiter of its own, for a snapshot built apart from a running gateway (`check`, tests); a
@@ -281,6 +289,7 @@ impl Limiter {
         Arc::new(Self {
             store: Store::Memory(memory::MemoryStore::default()),
             instance: String::new(),
+            process: process_nonce(),
             next_id: AtomicU64::new(0),
             counters: crate::metering::metrics::LimitCounters::default(),
         })
@@ -300,7 +309,8 @@ impl Limiter {
         }
         let limits = &snapshot.config.limits;
         let windows = Windows::now();
-        let id = format!("{}:{}:{}", self.instance, windows.now_ms, self.next_id.fetch_add(1, Ordering::Relaxed));
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}:{}:{}:{n}", self.instance, self.process, windows.now_ms);
         let mut hold = Hold { id, windows, subjects, reserved: demand.amounts, in_store: true };
         let expires_ms = windows.now_ms + u64::try_from(limits.reservation_ttl.as_millis()).unwrap_or(u64::MAX / 2);
         let answer = match &self.store {
@@ -418,6 +428,11 @@ impl Limiter {
             Store::Redis(store) => store.is_up(),
         }
     }
+}
+
+/// Eight random hex digits.
+fn process_nonce() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
 /// Each rule's limits with what `used` (by subject and kind) says of them.

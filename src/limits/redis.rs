@@ -179,6 +179,8 @@ pub struct RedisStore {
     timeout: Duration,
     /// This replica's name (`limits.instance`).
     instance: Arc<str>,
+    /// Where calls to Redis run.
+    runtime: tokio::runtime::Handle,
     shared: Arc<Shared>,
 }
 
@@ -216,6 +218,7 @@ impl RedisStore {
             conn,
             timeout,
             instance: instance.into(),
+            runtime: tokio::runtime::Handle::current(),
             shared: Arc::new(Shared {
                 up: AtomicBool::new(true),
                 probing: AtomicBool::new(false),
@@ -233,28 +236,35 @@ impl RedisStore {
     }
 
     /// Runs `script` with `keys` and `args`, within the timeout; a failure marks the store down.
-    async fn run<T: redis::FromRedisValue>(
+    async fn run<T: redis::FromRedisValue + Send + 'static>(
         &self,
         operation: &'static str,
-        script: &redis::Script,
-        keys: &[String],
-        args: &[String],
+        script: &'static redis::Script,
+        keys: Vec<String>,
+        args: Vec<String>,
     ) -> Result<T, StoreError> {
         if !self.is_up() {
             return Err(StoreError("the limits store is down".into()));
         }
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
-        }
-        for arg in args {
-            invocation.arg(arg);
-        }
-        let mut conn = self.conn.clone();
-        let answer = match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
-            Ok(Ok(answer)) => return Ok(answer),
-            Ok(Err(e)) => e.to_string().chars().take(200).collect(),
-            Err(_) => format!("no answer within {:?}", self.timeout),
+        let (mut conn, timeout) = (self.conn.clone(), self.timeout);
+        // On the runtime the store was made on (the gateway's control runtime), so the connection's own tasks
+        // (its reader, a reconnect) live there, never on a traffic thread that may stop first at shutdown; and a
+        // settle in progress finishes even if the thread that asked for it has gone.
+        let call = self.runtime.spawn(async move {
+            let mut invocation = script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            for arg in &args {
+                invocation.arg(arg);
+            }
+            tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await
+        });
+        let answer = match call.await {
+            Ok(Ok(Ok(answer))) => return Ok(answer),
+            Ok(Ok(Err(e))) => e.to_string().chars().take(200).collect(),
+            Ok(Err(_)) => format!("no answer within {timeout:?}"),
+            Err(_) => "the gateway is shutting down".to_owned(),
         };
         self.shared.counters.backend_error(operation);
         self.down(&answer);
@@ -268,7 +278,7 @@ impl RedisStore {
             self.shared.counters.backend_up(false);
         }
         if !self.shared.probing.swap(true, Ordering::AcqRel) {
-            tokio::spawn(probe(self.clone_handle()));
+            self.runtime.spawn(probe(self.clone_handle()));
         }
     }
 
@@ -305,7 +315,7 @@ impl RedisStore {
             }
         }
         for attempt in 0..2 {
-            let answer: Vec<i64> = self.run("admit", &SCRIPTS.admit, &keys, &args).await?;
+            let answer: Vec<i64> = self.run("admit", &SCRIPTS.admit, keys.clone(), args.clone()).await?;
             match answer.as_slice() {
                 [0] => return Ok(Admit::Admitted),
                 [1, i, used] => {
@@ -335,7 +345,7 @@ impl RedisStore {
         if !self.shared.seeding.swap(true, Ordering::AcqRel) {
             let store = self.clone_handle();
             let ledger = snapshot.config.metering.ledger_path.clone();
-            tokio::spawn(async move {
+            self.runtime.spawn(async move {
                 store.seed(ledger).await;
                 store.shared.seeding.store(false, Ordering::Release);
                 store.shared.seeded.send_modify(|n| *n += 1);
@@ -349,6 +359,7 @@ impl RedisStore {
             conn: self.conn.clone(),
             timeout: self.timeout,
             instance: self.instance.clone(),
+            runtime: self.runtime.clone(),
             shared: self.shared.clone(),
         }
     }
@@ -385,7 +396,7 @@ impl RedisStore {
             }
         }
         // The script is one call however long: time it out by its size too.
-        match self.run::<i64>("seed", &SCRIPTS.seed, &keys, &args).await {
+        match self.run::<i64>("seed", &SCRIPTS.seed, keys, args).await {
             Ok(1) => tracing::warn!(
                 instance,
                 ledger_lines = seeded.lines,
@@ -422,7 +433,7 @@ impl RedisStore {
                 args.extend([u.used.of(kind).to_string(), ttl.to_string()]);
             }
         }
-        match self.run::<i64>("settle", &SCRIPTS.settle, &keys, &args).await {
+        match self.run::<i64>("settle", &SCRIPTS.settle, keys, args).await {
             Ok(_) => Ok(()),
             Err(_) => Err(u),
         }
@@ -451,7 +462,7 @@ impl RedisStore {
                 which.push((rule.id.clone(), *kind));
             }
         }
-        let values: Vec<i64> = self.run("sweep", &SCRIPTS.sweep, &keys, &[now.now_ms.to_string()]).await?;
+        let values: Vec<i64> = self.run("sweep", &SCRIPTS.sweep, keys, vec![now.now_ms.to_string()]).await?;
         Ok(which.into_iter().zip(values.into_iter().skip(1)).map(|(k, v)| (k, u64::try_from(v).unwrap_or(0))).collect())
     }
 }
