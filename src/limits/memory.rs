@@ -115,7 +115,10 @@ impl MemoryStore {
                 let amount = hold.reserved.of(*kind);
                 let applies = amount > 0 || (billed && *kind != Kind::RequestsPerMinute);
                 let used = tally.used(*kind);
-                if applies && used.saturating_add(amount) > *limit {
+                // A spent budget stops a billed request that costs nothing by the gateway's prices (an unpriced
+                // model): AWS bills it all the same.
+                let spent = kind.is_budget() && used >= *limit;
+                if applies && (used.saturating_add(amount) > *limit || spent) {
                     return Admit::Refused { index, kind: *kind, used };
                 }
             }
@@ -223,11 +226,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(used(&store, &tag, Kind::UsdPerDay, T), 600);
-        // A spent budget stops a billed request that costs nothing (an unpriced model), not an unbilled one.
-        let spent = Arc::new(Counted::new(Subject::Key("k".into()), vec![(Kind::UsdPerDay, 0)]));
-        store.settle(&hold("x", &[&spent], T, Amounts::default()), ask(0, 1), Windows::at(T));
+        // A spent budget (used up exactly, or a budget of 0) stops a billed request that costs nothing (an
+        // unpriced model), not an unbilled one.
+        let spent = Arc::new(Counted::new(Subject::Key("k".into()), vec![(Kind::UsdPerDay, 5)]));
+        store.settle(&hold("x", &[&spent], T, Amounts::default()), ask(0, 5), Windows::at(T));
         assert!(matches!(store.admit(&hold("c", &[&spent], T, ask(0, 0)), true, T + 1000), Admit::Refused { .. }));
         assert!(matches!(store.admit(&hold("d", &[&spent], T, ask(0, 0)), false, T + 1000), Admit::Admitted));
+        let zero = Arc::new(Counted::new(Subject::Key("z".into()), vec![(Kind::UsdPerMonth, 0)]));
+        assert!(matches!(store.admit(&hold("e", &[&zero], T, ask(0, 0)), true, T + 1000), Admit::Refused { .. }));
     }
 
     #[test]

@@ -49,7 +49,8 @@ end
 ";
 
 /// KEYS: reservations, this instance's seeded marker, the reservation, then the counters.
-/// ARGV: now (ms), expiry (ms), then five per counter: amount, ttl (s), limit, reserve (1/0), check (1/0).
+/// ARGV: now (ms), expiry (ms), then five per counter: amount, ttl (s), limit, reserve (1/0), check (0: no; 1:
+/// the amount must fit; 2: it must fit, and the limit must not be reached already: a spent budget).
 /// Returns `{0}` admitted, `{1, counter index, used}` refused, `{2}` unseeded.
 const ADMIT: &str = r"
 sweep(KEYS[1], ARGV[1], 100)
@@ -57,9 +58,11 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return {2} end
 local n = #KEYS - 3
 for i = 1, n do
   local a = 2 + (i - 1) * 5
-  if ARGV[a + 5] == '1' then
+  local check = ARGV[a + 5]
+  if check ~= '0' then
     local used = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
-    if used + tonumber(ARGV[a + 1]) > tonumber(ARGV[a + 3]) then return {1, i - 1, used} end
+    local limit = tonumber(ARGV[a + 3])
+    if used + tonumber(ARGV[a + 1]) > limit or (check == '2' and used >= limit) then return {1, i - 1, used} end
   end
 end
 for i = 1, n do
@@ -309,7 +312,13 @@ impl RedisStore {
                     ttl.to_string(),
                     limit.unwrap_or(0).to_string(),
                     u8::from(reserve).to_string(),
-                    u8::from(check).to_string(),
+                    // A spent budget stops a billed request that costs nothing by the gateway's prices.
+                    match (check, kind.is_budget()) {
+                        (false, _) => "0",
+                        (true, false) => "1",
+                        (true, true) => "2",
+                    }
+                    .to_owned(),
                 ]);
                 which.push((index, kind));
             }
