@@ -118,8 +118,6 @@ def test_anthropic_spent_budget_is_not_retried(gateway, upstream):
     assert_names_limit(err.body["error"]["message"], "project:Labs", "usd_per_day")
 
 
-
-
 def test_zero_budget_stops_an_unpriced_model(gateway, upstream):
     """README: "A spent budget stops even requests that cost nothing by the gateway's prices (unpriced models)"."""
     client, _ = openai_client(gateway, CHAT_KEY, f"{ROUTE_PREFIX}/v1", max_retries=0)
