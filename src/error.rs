@@ -48,6 +48,13 @@ pub enum GatewayError {
     #[error("transfer coding {0:?} is not supported: send the body chunked, or with a Content-Length")]
     UnsupportedTransferCoding(String),
 
+    /// A budget applies to the request, and the gateway has no price for its model, so it could not count it:
+    /// the budget's subject.
+    #[error(
+        "the budget of {0} cannot count this request: the gateway has no price for its model (the gateway's operator \
+         can add one under [[prices]])"
+    )]
+    ModelNotPriced(String),
     /// A configured limit refused the request: a rate limit (`rate_limit_exceeded`) or a spent budget
     /// (`insufficient_quota`). The message names that limit, with its own numbers only.
     #[error("{0}")]
@@ -89,7 +96,10 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            Self::ProjectNotAllowed(_) | Self::ProjectRequired | Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::ProjectNotAllowed(_)
+            | Self::ProjectRequired
+            | Self::ModelNotAllowed { .. }
+            | Self::ModelNotPriced(_) => StatusCode::FORBIDDEN,
             Self::UnknownRoute => StatusCode::NOT_FOUND,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
@@ -108,6 +118,7 @@ impl GatewayError {
             Self::ProjectNotAllowed(_) => "project_not_allowed",
             Self::ProjectRequired => "project_required",
             Self::ModelNotAllowed { .. } => "model_not_allowed",
+            Self::ModelNotPriced(_) => "model_not_priced",
             Self::UnknownRoute => "unknown_route",
             Self::RequestTooLarge(_) => "request_too_large",
             Self::InvalidRequest(_) => "invalid_request",
@@ -126,7 +137,10 @@ impl GatewayError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::InvalidApiKey => "authentication_error",
-            Self::ProjectNotAllowed(_) | Self::ProjectRequired | Self::ModelNotAllowed { .. } => "permission_error",
+            Self::ProjectNotAllowed(_)
+            | Self::ProjectRequired
+            | Self::ModelNotAllowed { .. }
+            | Self::ModelNotPriced(_) => "permission_error",
             Self::UnknownRoute => "not_found_error",
             Self::RequestTooLarge(_) => "request_too_large",
             Self::InvalidRequest(_) | Self::UnsupportedTransferCoding(_) => "invalid_request_error",
@@ -155,6 +169,7 @@ impl GatewayError {
             | Self::ProjectNotAllowed(_)
             | Self::ProjectRequired
             | Self::ModelNotAllowed { .. }
+            | Self::ModelNotPriced(_)
             | Self::UnknownRoute
             | Self::RequestTooLarge(_)
             | Self::InvalidRequest(_)

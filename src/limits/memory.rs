@@ -22,15 +22,17 @@ struct Tally {
 }
 
 impl Tally {
-    /// Starts each window that has moved on since it was last counted in.
+    /// Starts each window that has moved on since it was last counted in. Only forward: a request that read the
+    /// clock just before a window ended, and takes the lock just after another began it, counts in the new one
+    /// rather than taking the counters back to the old.
     fn roll(&mut self, w: &Windows) {
-        if self.minute != w.minute {
+        if w.minute > self.minute {
             (self.minute, self.requests, self.input, self.output) = (w.minute, 0, 0, 0);
         }
-        if self.day != w.day {
+        if w.day > self.day {
             (self.day, self.day_nanos) = (w.day, 0);
         }
-        if self.month != w.month {
+        if w.month > self.month {
             (self.month, self.month_nanos) = (w.month, 0);
         }
     }
@@ -47,11 +49,11 @@ impl Tally {
 
     /// Adds `a` (the counters are in `a`'s windows: rolled to them first).
     fn add(&mut self, a: &Amounts) {
-        self.requests += a.requests;
-        self.input += a.input;
-        self.output += a.output;
-        self.day_nanos += a.nanos;
-        self.month_nanos += a.nanos;
+        self.requests = self.requests.saturating_add(a.requests);
+        self.input = self.input.saturating_add(a.input);
+        self.output = self.output.saturating_add(a.output);
+        self.day_nanos = self.day_nanos.saturating_add(a.nanos);
+        self.month_nanos = self.month_nanos.saturating_add(a.nanos);
     }
 
     /// Takes back what was reserved in windows `w`, from each counter still in its window (one that has moved on
@@ -181,13 +183,13 @@ impl MemoryStore {
     pub fn seed(&self, seeded: &Seeded) {
         let mut state = self.lock();
         for (subject, sums) in &seeded.subjects {
+            let (day_nanos, month_nanos) = (sums.day_nanos, sums.month_nanos);
             let tally = state.tallies.entry(subject.as_str().into()).or_default();
             tally.roll(&seeded.windows);
-            tally.requests += sums.requests;
-            tally.input += sums.input;
-            tally.output += sums.output;
-            tally.day_nanos += sums.day_nanos;
-            tally.month_nanos += sums.month_nanos;
+            let sums = Amounts { requests: sums.requests, input: sums.input, output: sums.output, nanos: 0 };
+            tally.add(&sums);
+            tally.day_nanos = tally.day_nanos.saturating_add(day_nanos);
+            tally.month_nanos = tally.month_nanos.saturating_add(month_nanos);
         }
     }
 }

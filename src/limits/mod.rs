@@ -94,6 +94,8 @@ pub struct Demand {
     /// Whether it bills tokens: token and spend limits apply to it even when its amounts are zero (a model
     /// without a price), so that a spent budget stops it.
     pub billed: bool,
+    /// Whether the gateway knows its model's price (a budget cannot count a model it cannot price).
+    pub priced: bool,
 }
 
 /// A request's reservation, from admission to settlement.
@@ -307,12 +309,22 @@ impl Limiter {
         if subjects.is_empty() {
             return Ok(None);
         }
+        // A budget counts spend at the gateway's prices: a model it has no price for would spend it unseen.
+        if demand.billed && !demand.priced {
+            let budgeted = subjects.iter().find(|c| c.limits.iter().any(|(k, _)| k.is_budget()));
+            if let Some(counted) = budgeted {
+                self.counters.rejected(project, &counted.id, "unpriced_model");
+                return Err(GatewayError::ModelNotPriced(counted.id.to_string()));
+            }
+        }
         let limits = &snapshot.config.limits;
         let windows = Windows::now();
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}:{}:{}:{n}", self.instance, self.process, windows.now_ms);
         let mut hold = Hold { id, windows, subjects, reserved: demand.amounts, in_store: true };
         let expires_ms = windows.now_ms + u64::try_from(limits.reservation_ttl.as_millis()).unwrap_or(u64::MAX / 2);
+        // Whether Redis is asked at all (a store marked down is not, until it is seen back).
+        let asked = self.store_up();
         let answer = match &self.store {
             Store::Memory(store) => Ok(store.admit(&hold, demand.billed, expires_ms)),
             Store::Redis(store) => store.admit(&hold, demand.billed, expires_ms, snapshot).await,
@@ -356,6 +368,12 @@ impl Limiter {
                     }
                     OnBackendError::Deny => {
                         self.counters.backend_decision("denied");
+                        // Redis may yet run an admission it did not answer in time (it was hung, or slow), and
+                        // hold the reservation of a request that never ran until its expiry: release it, with a
+                        // settle of nothing, kept and replayed once Redis answers again (after that admission).
+                        if let (true, Err(_), Store::Redis(store)) = (asked, &answer, &self.store) {
+                            tokio::spawn(store.settle(hold, Amounts::default(), windows));
+                        }
                         Err(GatewayError::LimitsUnavailable)
                     }
                 }
@@ -467,7 +485,20 @@ impl Sink for LimitsSink {
     fn record(&self, r: &Record) -> Option<Followup> {
         let hold = r.hold.as_ref()?;
         let usage = r.usage.unwrap_or_default();
-        let used = Amounts { requests: 0, input: usage.input, output: usage.output, nanos: r.cost.map_or(0, nanos) };
+        let seen = Amounts { requests: 0, input: usage.input, output: usage.output, nanos: r.cost.map_or(0, nanos) };
+        // Upstream answered and billed it, but its usage could not be read (a stream cut before its usage, a
+        // compressed answer, a background response): the gateway cannot say how much it used, so its worst case,
+        // as reserved, counts.
+        let unread = r.forwarded && (200..300).contains(&r.status) && r.unmetered.is_some();
+        let used = match unread {
+            true => Amounts {
+                requests: 0,
+                input: seen.input.max(hold.reserved.input),
+                output: seen.output.max(hold.reserved.output),
+                nanos: seen.nanos.max(hold.reserved.nanos),
+            },
+            false => seen,
+        };
         r.snapshot.limiter.settle(hold, used)
     }
 }

@@ -263,12 +263,21 @@ pub fn facts_of(bytes: &[u8]) -> Result<Facts, GatewayError> {
             model: r.model,
             stream: r.stream == Some(true),
             include_usage: r.stream_options.and_then(|o| o.include_usage) == Some(true),
+            // The largest of the caps it sets, whichever its dialect reads: upstream may read any of them.
             max_output: [r.max_completion_tokens, r.max_tokens, r.max_output_tokens]
-                .into_iter()
-                .find_map(|v| v.as_ref().and_then(serde_json::Value::as_u64)),
-            choices: r.n.as_ref().and_then(serde_json::Value::as_u64),
+                .iter()
+                .filter_map(|v| v.as_ref().and_then(whole_number))
+                .max(),
+            choices: r.n.as_ref().and_then(whole_number),
         })
         .map_err(|e| GatewayError::InvalidRequest(format!("request body is not valid JSON: {e}")))
+}
+
+/// A JSON number that is a whole number of 0 or more (`100`, `1e5`), as a cap or a count may be written.
+fn whole_number(value: &serde_json::Value) -> Option<u64> {
+    value
+        .as_u64()
+        .or_else(|| value.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f.min(u64::MAX as f64) as u64))
 }
 
 /// A chat request body with `stream_options.include_usage: true`, so the stream reports its usage. When the
@@ -498,7 +507,9 @@ mod tests {
         let f = facts_of(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#).expect("facts");
         assert_eq!(f, Facts { model: Some("m".into()), stream: true, include_usage: true, ..Facts::default() });
         let f = facts_of(br#"{"max_tokens":7,"max_completion_tokens":5,"n":3}"#).expect("facts");
-        assert_eq!((f.max_output, f.choices), (Some(5), Some(3)));
+        assert_eq!((f.max_output, f.choices), (Some(7), Some(3)));
+        let f = facts_of(br#"{"max_output_tokens":1e5,"max_completion_tokens":1}"#).expect("facts");
+        assert_eq!(f.max_output, Some(100_000));
         // A cap the gateway cannot read is no cap to it (upstream refuses it or not), never a refusal here.
         let f = facts_of(br#"{"max_output_tokens":"many","max_tokens":null,"n":-1}"#).expect("facts");
         assert_eq!((f.max_output, f.choices), (None, None));

@@ -118,13 +118,15 @@ def test_anthropic_spent_budget_is_not_retried(gateway, upstream):
     assert_names_limit(err.body["error"]["message"], "project:Labs", "usd_per_day")
 
 
-def test_zero_budget_stops_an_unpriced_model(gateway, upstream):
-    """README: "A spent budget stops even requests that cost nothing by the gateway's prices (unpriced models)"."""
-    client, _ = openai_client(gateway, CHAT_KEY, f"{ROUTE_PREFIX}/v1", max_retries=0)
-    with pytest.raises(openai.RateLimitError) as info:
+def test_a_budget_refuses_a_model_it_cannot_price(gateway, upstream):
+    """A budget counts spend at the gateway's prices, so a model it cannot price is refused where a budget applies
+    (403 model_not_priced), before anything reaches upstream; the SDK does not retry a 403."""
+    client, responses = openai_client(gateway, CHAT_KEY, f"{ROUTE_PREFIX}/v1")
+    with pytest.raises(openai.PermissionDeniedError) as info:
         client.chat.completions.create(model="anthropic.claude-haiku-4-5", messages=MESSAGES)
 
-    assert_error(info.value, status=429, code="insufficient_quota")
+    assert_error(info.value, status=403, code="model_not_priced")
+    assert len(responses) == 1
     assert upstream.requests() == []
 
 
