@@ -205,6 +205,7 @@ mod tests {
             windows: Windows::at(at),
             subjects: subjects.iter().map(|c| Arc::clone(c)).collect(),
             reserved,
+            billed: true,
             in_store: true,
         }
     }

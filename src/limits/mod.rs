@@ -109,6 +109,8 @@ pub struct Hold {
     pub subjects: Vec<Arc<Counted>>,
     /// What was reserved.
     pub reserved: Amounts,
+    /// Whether its request bills tokens (else it reserved nothing, and has nothing to settle).
+    pub billed: bool,
     /// Whether the store holds it (false: admitted while the store could not be reached; its usage is still
     /// counted when it ends).
     pub in_store: bool,
@@ -215,8 +217,20 @@ pub enum Admit {
 
 /// The store's failure: unreachable, timed out, or an answer it could not read.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+#[error("{message}")]
+pub struct StoreError {
+    /// What happened.
+    pub message: String,
+    /// Whether the call may yet have run (it was sent, and no answer came in time).
+    pub maybe_ran: bool,
+}
+
+impl StoreError {
+    /// A call that did not run.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { message: message.into(), maybe_ran: false }
+    }
+}
 
 /// Where counters live.
 #[derive(Debug)]
@@ -267,13 +281,14 @@ impl Limiter {
             Backend::Memory => {
                 let store = memory::MemoryStore::default();
                 if let Some(path) = ledger {
-                    let seeded = seed::from_ledger(path, Windows::now())?;
+                    let now = Windows::now();
+                    let seeded = seed::from_ledger(path, now, now.now_ms)?;
                     store.seed(&seeded);
                 }
                 Store::Memory(store)
             }
             Backend::Redis(url) => {
-                Store::Redis(redis::RedisStore::new(url, limits.backend_timeout, &limits.instance, &counters)?)
+                Store::Redis(redis::RedisStore::new(url, limits.backend_timeout, ledger, &limits.instance, &counters)?)
             }
         };
         Ok(Arc::new(Self {
@@ -321,13 +336,11 @@ impl Limiter {
         let windows = Windows::now();
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}:{}:{}:{n}", self.instance, self.process, windows.now_ms);
-        let mut hold = Hold { id, windows, subjects, reserved: demand.amounts, in_store: true };
+        let mut hold = Hold { id, windows, subjects, reserved: demand.amounts, billed: demand.billed, in_store: true };
         let expires_ms = windows.now_ms + u64::try_from(limits.reservation_ttl.as_millis()).unwrap_or(u64::MAX / 2);
-        // Whether Redis is asked at all (a store marked down is not, until it is seen back).
-        let asked = self.store_up();
         let answer = match &self.store {
             Store::Memory(store) => Ok(store.admit(&hold, demand.billed, expires_ms)),
-            Store::Redis(store) => store.admit(&hold, demand.billed, expires_ms, snapshot).await,
+            Store::Redis(store) => store.admit(&hold, snapshot).await,
         };
         match answer {
             Ok(Admit::Admitted) => {
@@ -367,13 +380,8 @@ impl Limiter {
                         Ok(Some(hold))
                     }
                     OnBackendError::Deny => {
+                        // (An admission Redis runs after this gave up on it is released as it answers.)
                         self.counters.backend_decision("denied");
-                        // Redis may yet run an admission it did not answer in time (it was hung, or slow), and
-                        // hold the reservation of a request that never ran until its expiry: release it, with a
-                        // settle of nothing, kept and replayed once Redis answers again (after that admission).
-                        if let (true, Err(_), Store::Redis(store)) = (asked, &answer, &self.store) {
-                            tokio::spawn(store.settle(hold, Amounts::default(), windows));
-                        }
                         Err(GatewayError::LimitsUnavailable)
                     }
                 }
@@ -386,6 +394,10 @@ impl Limiter {
     pub fn settle(&self, hold: &Hold, used: Amounts) -> Option<Followup> {
         self.counters.in_flight.dec();
         let used = Amounts { requests: 0, ..used };
+        // A request that bills nothing reserved nothing: its request is all it counts, counted at admission.
+        if !hold.billed && used == Amounts::default() {
+            return None;
+        }
         match &self.store {
             Store::Memory(store) => {
                 store.settle(hold, used, Windows::now());
@@ -401,7 +413,7 @@ impl Limiter {
         let rules: Vec<Arc<Counted>> = snapshot.limited.clone();
         let used = match &self.store {
             Store::Memory(store) => Ok(store.sweep_and_read(&rules, now)),
-            Store::Redis(store) => store.sweep_and_read(&rules, now).await,
+            Store::Redis(store) => store.read(&rules, now, Some(snapshot.ledger.clone())).await,
         };
         match used {
             Ok(used) => self.counters.statuses(statuses(&rules, &used, now)),
@@ -415,7 +427,7 @@ impl Limiter {
         let rules: Vec<Arc<Counted>> = snapshot.limited.clone();
         let used = match &self.store {
             Store::Memory(store) => store.sweep_and_read(&rules, now),
-            Store::Redis(store) => store.sweep_and_read(&rules, now).await?,
+            Store::Redis(store) => store.read(&rules, now, None).await?,
         };
         Ok(statuses(&rules, &used, now))
     }

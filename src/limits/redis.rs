@@ -3,17 +3,23 @@
 //!
 //! Keys, all under the hash tag `{mantlegate}` (one Redis Cluster slot, so a script may touch any of them):
 //! - `{mantlegate}:c:<subject>:<window>:<req|in|out|usd>`: a counter, expiring after its window;
-//! - `{mantlegate}:r:<hold id>`: a reservation, a hash of counter -> amount reserved, listed in the sorted set
-//!   `{mantlegate}:reservations` by expiry; every admission and the sweeper release those past it;
-//! - `{mantlegate}:settled:<hold id>`: a settle done (for two days), so a settle retried counts once;
-//! - `{mantlegate}:seeded:<instance>`: this replica's ledger is counted. Missing (Redis flushed, or restarted
-//!   without its data), admissions stop until the replica has added its ledger's sums again, once.
+//! - `{mantlegate}:r:<hold id>`: a billed request's reservation, a hash of counter -> amount reserved, listed in
+//!   the sorted set `{mantlegate}:reservations` by expiry (by Redis's clock); admissions and each replica's
+//!   sweeper release those past it, leaving a tombstone `{mantlegate}:t:<hold id>` for a day. A settle counts
+//!   only if it finds the reservation or its tombstone (and deletes it), so a settle replayed counts once, and
+//!   no key is left per request;
+//! - `{mantlegate}:done:<hold id>`: the settle of a request admitted while Redis could not be reached (it has
+//!   no reservation to find), for two days;
+//! - `{mantlegate}:seeded:<ledger id>`: this replica's ledger is counted, up to the time it holds. Missing (a new
+//!   store, or one flushed or restarted without its data), admissions wait until the replica has added its
+//!   ledger's sums, once; settles of requests that ended before that time were in the ledger, and only release.
 //!
 //! While Redis cannot be reached, nothing waits on it: the first failure marks it down, requests get
-//! `limits.on_backend_error` at once, a probe reconnects in the background, and settles that failed are kept
-//! and replayed once it is back.
+//! `limits.on_backend_error` at once, a probe reconnects in the background (on a new connection), and settles
+//! that failed are kept and replayed once it is back.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
@@ -24,17 +30,25 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use super::{Admit, Amounts, Counted, Hold, StoreError, Windows};
 use crate::config::Secret;
 use crate::config::limits::Kind;
+use crate::metering::ledger::Ledger;
 use crate::metering::metrics::LimitCounters;
 use crate::record::Followup;
 use crate::snapshot::Snapshot;
 
+/// Redis's own clock, in milliseconds: reservations expire by one clock whichever replica made them.
+const NOW: &str = r"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+";
+
 /// Releases one reservation: takes back what it holds from each counter that still exists (a window that has
-/// ended has nothing to take back from), and forgets it.
+/// ended has nothing to take back from), and forgets it. A reservation swept at its expiry leaves a tombstone for
+/// a day, so a settle that comes after it still counts its usage (once).
 const RELEASE: &str = r"
 local function release(reservations, hash)
   local fields = redis.call('HGETALL', hash)
   for i = 1, #fields, 2 do
-    if redis.call('EXISTS', fields[i]) == 1 then
+    if fields[i] ~= '@' and redis.call('EXISTS', fields[i]) == 1 then
       redis.call('DECRBY', fields[i], fields[i + 1])
     end
   end
@@ -44,16 +58,17 @@ end
 local function sweep(reservations, now, most)
   for _, hash in ipairs(redis.call('ZRANGEBYSCORE', reservations, '-inf', now, 'LIMIT', 0, most)) do
     release(reservations, hash)
+    redis.call('SET', '{mantlegate}:t:' .. string.sub(hash, 16), '1', 'EX', 86400)
   end
 end
 ";
 
-/// KEYS: reservations, this instance's seeded marker, the reservation, then the counters.
-/// ARGV: now (ms), expiry (ms), then five per counter: amount, ttl (s), limit, reserve (1/0), check (0: no; 1:
+/// KEYS: reservations, this ledger's seeded marker, the reservation, then the counters.
+/// ARGV: ttl (ms), billed (1/0), then five per counter: amount, ttl (s), limit, reserve (1/0), check (0: no; 1:
 /// the amount must fit; 2: it must fit, and the limit must not be reached already: a spent budget).
 /// Returns `{0}` admitted, `{1, counter index, used}` refused, `{2}` unseeded.
 const ADMIT: &str = r"
-sweep(KEYS[1], ARGV[1], 100)
+sweep(KEYS[1], now, 100)
 if redis.call('EXISTS', KEYS[2]) == 0 then return {2} end
 local n = #KEYS - 3
 for i = 1, n do
@@ -74,20 +89,37 @@ for i = 1, n do
     if ARGV[a + 4] == '1' then redis.call('HSET', KEYS[3], key, amount) end
   end
 end
-if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('ZADD', KEYS[1], ARGV[2], KEYS[3]) end
+-- A billed request's reservation exists until it is settled (or swept), even if it reserved nothing: that is
+-- how a settle knows it has not been counted yet.
+if ARGV[2] == '1' then redis.call('HSET', KEYS[3], '@', '1') end
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), KEYS[3]) end
 return {0}
 ";
 
-/// KEYS: reservations, the reservation, its settled marker, this instance's seeded marker, then the counters.
-/// ARGV: the marker's ttl (s), then two per counter: amount, ttl (s).
-/// Returns 1 settled, 0 settled before, 2 released only (the store lost its counts: the rebuild from the ledger
-/// counts this request).
+/// KEYS: reservations, the reservation, its tombstone, its done marker, this ledger's seeded marker, then the
+/// counters. ARGV: in store (1/0), when it ended (ms), the done marker's ttl (s), then two per counter: amount,
+/// ttl (s).
+/// Returns 1 counted; 0 nothing to do (settled before); 2 the store has lost its counts, nothing done (replay it
+/// after the rebuild); 3 released only (the rebuild read it from the ledger).
 const SETTLE: &str = r"
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 1 then release(KEYS[1], KEYS[2]) end
-if redis.call('EXISTS', KEYS[4]) == 0 then return 2 end
-for i = 5, #KEYS do
-  local a = 2 + (i - 5) * 2
+local cut = redis.call('GET', KEYS[5])
+if not cut then return 2 end
+local counted
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  release(KEYS[1], KEYS[2])
+  counted = true
+elseif redis.call('DEL', KEYS[3]) == 1 then
+  counted = true
+elseif ARGV[1] == '0' then
+  -- Admitted while the store could not be reached: nothing in it says whether this was counted, but this.
+  counted = redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[3]) and true or false
+else
+  counted = false
+end
+if not counted then return 0 end
+if tonumber(ARGV[2]) <= tonumber(cut) then return 3 end
+for i = 6, #KEYS do
+  local a = 4 + (i - 6) * 2
   if ARGV[a] ~= '0' then
     redis.call('INCRBY', KEYS[i], ARGV[a])
     redis.call('EXPIRE', KEYS[i], ARGV[a + 1])
@@ -96,20 +128,21 @@ end
 return 1
 ";
 
-/// KEYS: reservations, then counters to read. ARGV: now (ms). Returns the reservations held, then each counter.
+/// KEYS: reservations, this ledger's seeded marker, then counters to read. ARGV: sweep (1/0).
+/// Returns whether the marker exists, the reservations held, then each counter.
 const SWEEP: &str = r"
-sweep(KEYS[1], ARGV[1], 1000)
-local out = {redis.call('ZCARD', KEYS[1])}
-for i = 2, #KEYS do out[i] = tonumber(redis.call('GET', KEYS[i]) or '0') end
+if ARGV[1] == '1' then sweep(KEYS[1], now, 1000) end
+local out = {redis.call('EXISTS', KEYS[2]), redis.call('ZCARD', KEYS[1])}
+for i = 3, #KEYS do out[i] = tonumber(redis.call('GET', KEYS[i]) or '0') end
 return out
 ";
 
-/// KEYS: this instance's seeded marker, then counters. ARGV: two per counter: amount, ttl (s).
-/// Returns 1 added, 0 already counted.
+/// KEYS: this ledger's seeded marker, then counters. ARGV: the time up to which the ledger was read (ms), then two
+/// per counter: amount, ttl (s). Returns 1 added, 0 already counted.
 const SEED: &str = r"
-if not redis.call('SET', KEYS[1], '1', 'NX') then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
 for i = 2, #KEYS do
-  local a = (i - 2) * 2 + 1
+  local a = 2 + (i - 2) * 2
   if ARGV[a] ~= '0' then
     redis.call('INCRBY', KEYS[i], ARGV[a])
     redis.call('EXPIRE', KEYS[i], ARGV[a + 1])
@@ -126,15 +159,13 @@ struct Scripts {
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    admit: redis::Script::new(&format!("{RELEASE}{ADMIT}")),
+    admit: redis::Script::new(&format!("{NOW}{RELEASE}{ADMIT}")),
     settle: redis::Script::new(&format!("{RELEASE}{SETTLE}")),
-    sweep: redis::Script::new(&format!("{RELEASE}{SWEEP}")),
+    sweep: redis::Script::new(&format!("{NOW}{RELEASE}{SWEEP}")),
     seed: redis::Script::new(SEED),
 });
 
 const RESERVATIONS: &str = "{mantlegate}:reservations";
-/// How long a settle's marker is kept: a settle retried later than this would count twice, and is dropped first.
-const SETTLED_TTL: Duration = Duration::from_secs(2 * 86_400);
 /// How long a failed settle is kept for replay.
 const REPLAY_WITHIN: Duration = Duration::from_secs(86_400);
 /// Most failed settles kept for replay; past this the oldest are dropped (and counted).
@@ -162,33 +193,78 @@ fn counter(subject: &str, kind: Kind, w: &Windows) -> (String, u64) {
     }
 }
 
-fn seeded_marker(instance: &str) -> String {
-    format!("{{mantlegate}}:seeded:{}", utf8_percent_encode(instance, KEY_ESCAPE))
+fn seeded_marker(source: &str) -> String {
+    format!("{{mantlegate}}:seeded:{}", utf8_percent_encode(source, KEY_ESCAPE))
 }
 
-/// A settle the store could not take, kept for replay.
+fn reservation(id: &str) -> String {
+    format!("{{mantlegate}}:r:{}", utf8_percent_encode(id, KEY_ESCAPE))
+}
+
+fn tombstone(id: &str) -> String {
+    format!("{{mantlegate}}:t:{}", utf8_percent_encode(id, KEY_ESCAPE))
+}
+
+fn done_marker(id: &str) -> String {
+    format!("{{mantlegate}}:done:{}", utf8_percent_encode(id, KEY_ESCAPE))
+}
+
+/// What names this replica's share of the counts in Redis: its ledger's id (kept in `<ledger>.id`, made once),
+/// so that a replica renamed, or a container made again over the same ledger, is never counted twice; without a
+/// ledger, its instance name.
+fn source_of(ledger: Option<&Path>, instance: &str) -> anyhow::Result<String> {
+    let Some(ledger) = ledger else { return Ok(format!("instance:{instance}")) };
+    let mut name = ledger.as_os_str().to_owned();
+    name.push(".id");
+    let path = std::path::PathBuf::from(name);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("limits: cannot create {}: {e}", dir.display()))?;
+    }
+    let made = format!("ledger:{}\n", uuid::Uuid::new_v4().simple());
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+        Ok(mut file) => {
+            std::io::Write::write_all(&mut file, made.as_bytes())
+                .map_err(|e| anyhow::anyhow!("limits: cannot write {}: {e}", path.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => anyhow::bail!("limits: cannot create {}: {e}", path.display()),
+    }
+    let id =
+        std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("limits: cannot read {}: {e}", path.display()))?;
+    match id.trim() {
+        "" => anyhow::bail!("limits: {} is empty (remove it: a new id is made)", path.display()),
+        id => Ok(id.to_owned()),
+    }
+}
+
+/// A settle not yet taken by the store, kept for replay.
 #[derive(Debug)]
 struct Unsettled {
     hold: Hold,
     used: Amounts,
+    /// When its request ended (ms since the epoch): it counts in these windows.
     at: Windows,
     since: std::time::Instant,
 }
 
-/// The Redis client and its health.
-#[derive(Debug)]
-pub struct RedisStore {
-    conn: ConnectionManager,
-    timeout: Duration,
-    /// This replica's name (`limits.instance`).
-    instance: Arc<str>,
-    /// Where calls to Redis run.
-    runtime: tokio::runtime::Handle,
-    shared: Arc<Shared>,
-}
+/// The Redis client and its health. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RedisStore(Arc<Inner>);
 
 #[derive(Debug)]
-struct Shared {
+struct Inner {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// Replaced by a new one each time the store comes back from an outage, so a connection left hanging on a
+    /// socket that went dead (a Redis that moved, a partition) is never used again.
+    conn: Mutex<ConnectionManager>,
+    timeout: Duration,
+    /// This replica's seeded marker (see [`source_of`]).
+    marker: String,
+    /// Where calls to Redis run: the gateway's control runtime, so the connection's own tasks (its reader, a
+    /// reconnect) never live on a traffic thread that may stop first at shutdown, and a call in progress finishes
+    /// even if the request that made it has gone.
+    runtime: tokio::runtime::Handle,
     up: AtomicBool,
     probing: AtomicBool,
     seeding: AtomicBool,
@@ -198,9 +274,21 @@ struct Shared {
     counters: LimitCounters,
 }
 
+/// How late a caller may wait for a call beyond the backend timeout (the call's task must first be run).
+const SLACK: Duration = Duration::from_millis(50);
+/// How long a rebuild waits for the ledger writer to write out the lines appended before it.
+const LEDGER_FLUSH: Duration = Duration::from_secs(2);
+
 impl RedisStore {
-    /// A client for `url`, connecting when first used.
-    pub fn new(url: &Secret, timeout: Duration, instance: &str, counters: &LimitCounters) -> anyhow::Result<Self> {
+    /// A client for `url`, connecting when first used; this replica's share of the counts is named after its
+    /// `ledger` (else `instance`).
+    pub fn new(
+        url: &Secret,
+        timeout: Duration,
+        ledger: Option<&Path>,
+        instance: &str,
+        counters: &LimitCounters,
+    ) -> anyhow::Result<Self> {
         if url.expose().starts_with("rediss://") {
             // The TLS client takes the process's default provider: ring, as everything else here (an error means
             // one is installed already).
@@ -214,32 +302,38 @@ impl RedisStore {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(PROBE_EVERY);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|e| anyhow::anyhow!("limits: cannot set up the Redis client: {:?}", e.kind()))?;
         counters.backend_up(true);
-        Ok(Self {
-            conn,
+        Ok(Self(Arc::new(Inner {
+            client,
+            config,
+            conn: Mutex::new(conn),
             timeout,
-            instance: instance.into(),
+            marker: seeded_marker(&source_of(ledger, instance)?),
             runtime: tokio::runtime::Handle::current(),
-            shared: Arc::new(Shared {
-                up: AtomicBool::new(true),
-                probing: AtomicBool::new(false),
-                seeding: AtomicBool::new(false),
-                seeded: tokio::sync::watch::Sender::new(0),
-                unsettled: Mutex::default(),
-                counters: counters.clone(),
-            }),
-        })
+            up: AtomicBool::new(true),
+            probing: AtomicBool::new(false),
+            seeding: AtomicBool::new(false),
+            seeded: tokio::sync::watch::Sender::new(0),
+            unsettled: Mutex::default(),
+            counters: counters.clone(),
+        })))
     }
 
     /// Whether Redis answered last time it was asked.
     pub fn is_up(&self) -> bool {
-        self.shared.up.load(Ordering::Acquire)
+        self.0.up.load(Ordering::Acquire)
     }
 
-    /// Runs `script` with `keys` and `args`, within the timeout; a failure marks the store down.
-    async fn run<T: redis::FromRedisValue + Send + 'static>(
+    fn conn(&self) -> ConnectionManager {
+        self.0.conn.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Runs `script` with `keys` and `args`, within the timeout, on the control runtime. A connection's failure
+    /// (refused, dropped, timed out) marks the store down; an error answer (a full Redis refusing writes, say)
+    /// fails this call only.
+    async fn invoke<T: redis::FromRedisValue + Send + 'static>(
         &self,
         operation: &'static str,
         script: &'static redis::Script,
@@ -247,63 +341,77 @@ impl RedisStore {
         args: Vec<String>,
     ) -> Result<T, StoreError> {
         if !self.is_up() {
-            return Err(StoreError("the limits store is down".into()));
+            return Err(StoreError::new("the limits store is down"));
         }
-        let (mut conn, timeout) = (self.conn.clone(), self.timeout);
-        // On the runtime the store was made on (the gateway's control runtime), so the connection's own tasks
-        // (its reader, a reconnect) live there, never on a traffic thread that may stop first at shutdown; and a
-        // settle in progress finishes even if the thread that asked for it has gone.
-        let call = self.runtime.spawn(async move {
-            let mut invocation = script.prepare_invoke();
-            for key in &keys {
-                invocation.key(key);
+        let (mut conn, timeout) = (self.conn(), self.0.timeout);
+        let mut invocation = script.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        for arg in &args {
+            invocation.arg(arg);
+        }
+        let (why, down) = match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(e)) => {
+                let down = e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal();
+                (e.to_string().chars().take(200).collect::<String>(), down)
             }
-            for arg in &args {
-                invocation.arg(arg);
-            }
-            tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await
-        });
-        let answer = match call.await {
-            Ok(Ok(Ok(answer))) => return Ok(answer),
-            Ok(Ok(Err(e))) => e.to_string().chars().take(200).collect(),
-            Ok(Err(_)) => format!("no answer within {timeout:?}"),
-            Err(_) => "the gateway is shutting down".to_owned(),
+            Err(_) => (format!("no answer within {timeout:?}"), true),
         };
-        self.shared.counters.backend_error(operation);
-        self.down(&answer);
-        Err(StoreError(answer))
+        self.0.counters.backend_error(operation);
+        if down {
+            self.down(&why);
+        } else {
+            tracing::warn!(operation, error = %why, "the limits store refused a call");
+        }
+        // Sent, and no answer: Redis may run it yet (it was slow, or stopped).
+        Err(StoreError { message: why, maybe_ran: down })
+    }
+
+    /// [`Self::invoke`] on the control runtime, waited for at most the timeout (and a little).
+    async fn call<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        operation: &'static str,
+        script: &'static redis::Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        let task = self.0.runtime.spawn(async move { store.invoke(operation, script, keys, args).await });
+        match tokio::time::timeout(self.0.timeout + SLACK, task).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(StoreError::new("the gateway is shutting down")),
+            Err(_) => Err(StoreError::new("no answer in time")),
+        }
     }
 
     /// Marks the store down (once) and starts probing it.
     fn down(&self, why: &str) {
-        if self.shared.up.swap(false, Ordering::AcqRel) {
+        if self.0.up.swap(false, Ordering::AcqRel) {
             tracing::error!(error = %why, "the limits store (Redis) cannot be reached; limits.on_backend_error applies until it is back");
-            self.shared.counters.backend_up(false);
+            self.0.counters.backend_up(false);
         }
-        if !self.shared.probing.swap(true, Ordering::AcqRel) {
-            self.runtime.spawn(probe(self.clone_handle()));
+        if !self.0.probing.swap(true, Ordering::AcqRel) {
+            self.0.runtime.spawn(probe(self.clone()));
         }
     }
 
-    /// Checks and reserves `hold` against every limit of its subjects. A store that has lost this replica's
-    /// share of spend is given it from the ledger first (waiting for that at most the backend timeout).
-    pub async fn admit(
-        &self,
-        hold: &Hold,
-        billed: bool,
-        expires_ms: u64,
-        snapshot: &Snapshot,
-    ) -> Result<Admit, StoreError> {
+    /// Checks and reserves `hold` against every limit of its subjects, in one round trip. A store that has lost
+    /// this replica's share of the counts is given it from the ledger first (waiting for that at most the backend
+    /// timeout).
+    pub async fn admit(&self, hold: &Hold, snapshot: &Snapshot) -> Result<Admit, StoreError> {
         let w = &hold.windows;
-        let mut keys = vec![RESERVATIONS.to_owned(), seeded_marker(&self.instance), reservation(&hold.id)];
-        let mut args = vec![w.now_ms.to_string(), expires_ms.to_string()];
+        let ttl = snapshot.config.limits.reservation_ttl.as_millis().to_string();
+        let mut keys = vec![RESERVATIONS.to_owned(), self.0.marker.clone(), reservation(&hold.id)];
+        let mut args = vec![ttl, u8::from(hold.billed).to_string()];
         let mut which = Vec::new();
         for (index, counted) in hold.subjects.iter().enumerate() {
             for kind in Kind::ALL.into_iter().filter(|k| counted.counts(*k)) {
                 let (key, ttl) = counter(&counted.id, kind, w);
                 let amount = hold.reserved.of(kind);
                 let limit = counted.limits.iter().find(|(k, _)| *k == kind).map(|(_, n)| *n);
-                let check = limit.is_some() && (amount > 0 || (billed && kind != Kind::RequestsPerMinute));
+                let check = limit.is_some() && (amount > 0 || (hold.billed && kind != Kind::RequestsPerMinute));
                 keys.push(key);
                 // Requests are counted for good at admission; tokens and spend are reserved, to be settled.
                 let reserve = kind != Kind::RequestsPerMinute;
@@ -324,72 +432,108 @@ impl RedisStore {
             }
         }
         for attempt in 0..2 {
-            let answer: Vec<i64> = self.run("admit", &SCRIPTS.admit, keys.clone(), args.clone()).await?;
+            let answer = self.admit_once(hold, keys.clone(), args.clone()).await?;
             match answer.as_slice() {
                 [0] => return Ok(Admit::Admitted),
                 [1, i, used] => {
                     let (index, kind) = usize::try_from(*i)
                         .ok()
                         .and_then(|i| which.get(i).copied())
-                        .ok_or_else(|| StoreError("the admission script named no counter".into()))?;
+                        .ok_or_else(|| StoreError::new("the admission script named no counter"))?;
                     return Ok(Admit::Refused { index, kind, used: u64::try_from(*used).unwrap_or(0) });
                 }
                 [2] if attempt == 0 => {
-                    if !self.wait_for_seed(snapshot).await {
+                    if !self.wait_for_seed(snapshot.ledger.clone()).await {
                         return Ok(Admit::Unseeded);
                     }
                 }
                 [2] => return Ok(Admit::Unseeded),
-                other => return Err(StoreError(format!("the admission script answered {other:?}"))),
+                other => return Err(StoreError::new(format!("the admission script answered {other:?}"))),
             }
         }
         Ok(Admit::Unseeded)
     }
 
-    /// Starts (or joins) the rebuild of this replica's share of spend, and waits for it at most the backend
-    /// timeout: whether it finished.
-    async fn wait_for_seed(&self, snapshot: &Snapshot) -> bool {
-        let mut seeded = self.shared.seeded.subscribe();
-        seeded.mark_unchanged();
-        if !self.shared.seeding.swap(true, Ordering::AcqRel) {
-            let store = self.clone_handle();
-            let ledger = snapshot.config.metering.ledger_path.clone();
-            self.runtime.spawn(async move {
+    /// One admission. Its answer comes back over a channel: if the request has gone by then (its caller left, or
+    /// gave up waiting on a slow Redis), an admission that went through is released at once rather than held
+    /// until its expiry.
+    async fn admit_once(&self, hold: &Hold, keys: Vec<String>, args: Vec<String>) -> Result<Vec<i64>, StoreError> {
+        if !self.is_up() {
+            return Err(StoreError::new("the limits store is down"));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (store, hold) = (self.clone(), hold.clone());
+        self.0.runtime.spawn(async move {
+            let answer = store.invoke::<Vec<i64>>("admit", &SCRIPTS.admit, keys, args).await;
+            // An admission no one waits for any more, or one that Redis may yet run after the gateway gave up on
+            // it (the request went on unreserved, or was refused): released, now or once Redis is back (a
+            // release of one that never ran does nothing; the request's own settle still counts its usage).
+            let late = matches!(&answer, Err(e) if e.maybe_ran);
+            let unclaimed = matches!(tx.send(answer), Err(Ok(answer)) if answer == [0]);
+            if late || unclaimed {
+                let at = hold.windows;
+                let release = Unsettled { hold, used: Amounts::default(), at, since: std::time::Instant::now() };
+                if let Err(release) = store.try_settle(release).await {
+                    store.keep(release);
+                }
+            }
+        });
+        match tokio::time::timeout(self.0.timeout + SLACK, rx).await {
+            Ok(Ok(answer)) => answer,
+            _ => Err(StoreError::new("no answer in time")),
+        }
+    }
+
+    /// Starts the rebuild of this replica's share of the counts from `ledger` (the one in force) unless one is
+    /// running.
+    fn start_seed(&self, ledger: Option<Ledger>) {
+        if !self.0.seeding.swap(true, Ordering::AcqRel) {
+            let store = self.clone();
+            self.0.runtime.spawn(async move {
                 store.seed(ledger).await;
-                store.shared.seeding.store(false, Ordering::Release);
-                store.shared.seeded.send_modify(|n| *n += 1);
+                store.0.seeding.store(false, Ordering::Release);
+                store.0.seeded.send_modify(|n| *n += 1);
+                store.replay().await;
             });
         }
-        matches!(tokio::time::timeout(self.timeout, seeded.changed()).await, Ok(Ok(())))
     }
 
-    fn clone_handle(&self) -> Self {
-        Self {
-            conn: self.conn.clone(),
-            timeout: self.timeout,
-            instance: self.instance.clone(),
-            runtime: self.runtime.clone(),
-            shared: self.shared.clone(),
-        }
+    /// Starts (or joins) the rebuild, and waits for it at most the backend timeout: whether it finished.
+    async fn wait_for_seed(&self, ledger: Option<Ledger>) -> bool {
+        let mut seeded = self.0.seeded.subscribe();
+        seeded.mark_unchanged();
+        self.start_seed(ledger);
+        matches!(tokio::time::timeout(self.0.timeout, seeded.changed()).await, Ok(Ok(())))
     }
 
-    /// Adds what this replica's ledger says was used in the open windows, unless another rebuild already has.
-    async fn seed(&self, ledger: Option<std::path::PathBuf>) {
-        let instance = &*self.instance;
+    /// Adds what this replica's ledger says was used in the open windows by the requests that ended up to now,
+    /// unless another rebuild already has; settles of requests that end later count themselves. A request's
+    /// ledger line is appended before its settle reads the clock, so every request that ended by now has its line
+    /// in the file once the writer has flushed.
+    async fn seed(&self, ledger: Option<Ledger>) {
         let now = Windows::now();
-        let seeded = match ledger {
-            Some(path) => match tokio::task::spawn_blocking(move || super::seed::from_ledger(&path, now)).await {
-                Ok(Ok(seeded)) => seeded,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %format!("{e:#}"), "limits: the ledger could not be read to rebuild spend; counting from zero");
-                    super::seed::Seeded { windows: now, subjects: BTreeMap::new(), lines: 0 }
-                }
-                Err(_) => return,
-            },
-            None => super::seed::Seeded { windows: now, subjects: BTreeMap::new(), lines: 0 },
+        let cutoff = now.now_ms;
+        let read = move || {
+            let Some(ledger) = ledger else {
+                return Ok(super::seed::Seeded { windows: now, subjects: BTreeMap::new(), lines: 0 });
+            };
+            if !ledger.flush(LEDGER_FLUSH) {
+                tracing::warn!(
+                    "limits: the ledger writer did not write out its lines in time; the rebuild may miss some"
+                );
+            }
+            super::seed::from_ledger(ledger.path(), now, cutoff)
         };
-        let mut keys = vec![seeded_marker(instance)];
-        let mut args = Vec::new();
+        let seeded = match tokio::task::spawn_blocking(read).await {
+            Ok(Ok(seeded)) => seeded,
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "limits: the ledger could not be read to rebuild the counts; counting from zero");
+                super::seed::Seeded { windows: now, subjects: BTreeMap::new(), lines: 0 }
+            }
+            Err(_) => return,
+        };
+        let mut keys = vec![self.0.marker.clone()];
+        let mut args = vec![cutoff.to_string()];
         for (subject, sums) in &seeded.subjects {
             let amounts = [
                 (Kind::RequestsPerMinute, sums.requests),
@@ -404,13 +548,16 @@ impl RedisStore {
                 args.extend([amount.to_string(), ttl.to_string()]);
             }
         }
-        // The script is one call however long: time it out by its size too.
-        match self.run::<i64>("seed", &SCRIPTS.seed, keys, args).await {
+        match self.invoke::<i64>("seed", &SCRIPTS.seed, keys, args).await {
+            Ok(1) if seeded.lines == 0 => {
+                tracing::info!(marker = %self.0.marker, "limits: this replica's counts begin in this store");
+            }
             Ok(1) => tracing::warn!(
-                instance,
+                marker = %self.0.marker,
                 ledger_lines = seeded.lines,
                 subjects = seeded.subjects.len(),
-                "limits: the store had lost this replica's counts (Redis flushed or restarted empty); rebuilt them from its ledger"
+                "limits: the store did not hold this replica's counts (a new store, or one flushed or restarted \
+                 empty); rebuilt them from its ledger"
             ),
             Ok(_) => {}
             Err(e) => {
@@ -419,22 +566,31 @@ impl RedisStore {
         }
     }
 
-    /// Settles `hold` with `used`, counted in the windows of `at`, after the request (a follow-up); one the store
-    /// cannot take now is kept and replayed once it is back.
+    /// Settles `hold` with `used`, counted in the windows of `at` (when its request ended), after the request (a
+    /// follow-up); one the store cannot take now is kept and replayed once it can.
     pub fn settle(&self, hold: Hold, used: Amounts, at: Windows) -> Followup {
-        let store = self.clone_handle();
+        let store = self.clone();
         Box::pin(async move {
             let unsettled = Unsettled { hold, used, at, since: std::time::Instant::now() };
-            if let Err(unsettled) = store.try_settle(unsettled).await {
-                store.keep(unsettled);
-            }
+            let task = store.0.runtime.clone().spawn({
+                let store = store.clone();
+                async move {
+                    if let Err(unsettled) = store.try_settle(unsettled).await {
+                        store.keep(unsettled);
+                    }
+                }
+            });
+            let _ = task.await;
         })
     }
 
+    /// One settle; gives it back if it must be replayed (the store is down, or has lost its counts).
     async fn try_settle(&self, u: Unsettled) -> Result<(), Unsettled> {
-        let marker = format!("{{mantlegate}}:settled:{}", utf8_percent_encode(&u.hold.id, KEY_ESCAPE));
-        let mut keys = vec![RESERVATIONS.to_owned(), reservation(&u.hold.id), marker, seeded_marker(&self.instance)];
-        let mut args = vec![SETTLED_TTL.as_secs().to_string()];
+        let id = &u.hold.id;
+        let mut keys =
+            vec![RESERVATIONS.to_owned(), reservation(id), tombstone(id), done_marker(id), self.0.marker.clone()];
+        let mut args =
+            vec![u8::from(u.hold.in_store).to_string(), u.at.now_ms.to_string(), DONE_TTL.as_secs().to_string()];
         for counted in &u.hold.subjects {
             for kind in Kind::ALL.into_iter().filter(|k| counted.counts(*k) && *k != Kind::RequestsPerMinute) {
                 let (key, ttl) = counter(&counted.id, kind, &u.at);
@@ -442,28 +598,48 @@ impl RedisStore {
                 args.extend([u.used.of(kind).to_string(), ttl.to_string()]);
             }
         }
-        match self.run::<i64>("settle", &SCRIPTS.settle, keys, args).await {
+        match self.invoke::<i64>("settle", &SCRIPTS.settle, keys, args).await {
+            // Replayed after the rebuild (the sweeper or the next request starts it).
+            Ok(2) => Err(u),
             Ok(_) => Ok(()),
             Err(_) => Err(u),
         }
     }
 
     fn keep(&self, unsettled: Unsettled) {
-        let mut kept = self.shared.unsettled.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut kept = self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner);
         if kept.len() >= REPLAY_MAX {
             kept.pop_front();
-            self.shared.counters.settle_dropped();
+            self.0.counters.settle_dropped();
         }
         kept.push_back(unsettled);
     }
 
-    /// Releases expired reservations; reads each of `rules`' limits.
-    pub async fn sweep_and_read(
+    /// Replays the settles kept, oldest first, until one fails again.
+    async fn replay(&self) {
+        loop {
+            let next = self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+            let Some(unsettled) = next else { return };
+            if unsettled.since.elapsed() > REPLAY_WITHIN {
+                self.0.counters.settle_dropped();
+                continue;
+            }
+            if let Err(unsettled) = self.try_settle(unsettled).await {
+                self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner).push_front(unsettled);
+                return;
+            }
+        }
+    }
+
+    /// What each of `rules`' limits has used now. With `sweep` (the ledger in force), releases expired reservations
+    /// too, and gives a store found to have lost this replica's counts them again, with no request to notice.
+    pub async fn read(
         &self,
         rules: &[Arc<Counted>],
         now: Windows,
+        sweep: Option<Option<Ledger>>,
     ) -> Result<BTreeMap<(Arc<str>, Kind), u64>, StoreError> {
-        let mut keys = vec![RESERVATIONS.to_owned()];
+        let mut keys = vec![RESERVATIONS.to_owned(), self.0.marker.clone()];
         let mut which = Vec::new();
         for rule in rules {
             for (kind, _) in &rule.limits {
@@ -471,43 +647,44 @@ impl RedisStore {
                 which.push((rule.id.clone(), *kind));
             }
         }
-        let values: Vec<i64> = self.run("sweep", &SCRIPTS.sweep, keys, vec![now.now_ms.to_string()]).await?;
-        Ok(which.into_iter().zip(values.into_iter().skip(1)).map(|(k, v)| (k, u64::try_from(v).unwrap_or(0))).collect())
+        let values: Vec<i64> =
+            self.call("sweep", &SCRIPTS.sweep, keys, vec![u8::from(sweep.is_some()).to_string()]).await?;
+        if let (Some(ledger), Some(0)) = (sweep, values.first()) {
+            self.start_seed(ledger);
+        }
+        Ok(which.into_iter().zip(values.into_iter().skip(2)).map(|(k, v)| (k, u64::try_from(v).unwrap_or(0))).collect())
     }
 }
 
-fn reservation(id: &str) -> String {
-    format!("{{mantlegate}}:r:{}", utf8_percent_encode(id, KEY_ESCAPE))
-}
+/// How long the done marker of a settle admitted while the store was down is kept: a replay later than this
+/// would count twice, and is dropped first ([`REPLAY_WITHIN`]).
+const DONE_TTL: Duration = Duration::from_secs(2 * 86_400);
 
-/// Pings the store until it answers, then marks it up and replays the settles kept meanwhile.
+/// Probes the store until it answers (any answer, an error one too: it is there), on a new connection each time,
+/// then puts that connection in use, marks the store up and replays the settles kept meanwhile.
 async fn probe(store: RedisStore) {
-    let shared = store.shared.clone();
+    let inner = &store.0;
     let mut tick = tokio::time::interval(PROBE_EVERY);
-    loop {
+    let conn = loop {
         tick.tick().await;
-        let mut c = store.conn.clone();
-        let ping = tokio::time::timeout(store.timeout, redis::cmd("PING").query_async::<String>(&mut c)).await;
-        if matches!(ping, Ok(Ok(_))) {
-            break;
-        }
-    }
-    shared.up.store(true, Ordering::Release);
-    shared.probing.store(false, Ordering::Release);
-    shared.counters.backend_up(true);
-    tracing::info!("the limits store (Redis) answers again");
-    loop {
-        let next = shared.unsettled.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
-        let Some(unsettled) = next else { break };
-        if unsettled.since.elapsed() > REPLAY_WITHIN {
-            shared.counters.settle_dropped();
+        let Ok(mut conn) = ConnectionManager::new_lazy_with_config(inner.client.clone(), inner.config.clone()) else {
             continue;
+        };
+        let ping = tokio::time::timeout(inner.timeout, redis::cmd("PING").query_async::<redis::Value>(&mut conn)).await;
+        match ping {
+            Ok(Ok(_)) => break conn,
+            Ok(Err(e))
+                if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()) =>
+            {
+                break conn;
+            }
+            _ => {}
         }
-        if let Err(unsettled) = store.try_settle(unsettled).await {
-            // Down again: the next probe replays it.
-            let mut kept = shared.unsettled.lock().unwrap_or_else(PoisonError::into_inner);
-            kept.push_front(unsettled);
-            break;
-        }
-    }
+    };
+    *inner.conn.lock().unwrap_or_else(PoisonError::into_inner) = conn;
+    inner.up.store(true, Ordering::Release);
+    inner.probing.store(false, Ordering::Release);
+    inner.counters.backend_up(true);
+    tracing::info!("the limits store (Redis) answers again");
+    store.replay().await;
 }

@@ -55,8 +55,9 @@ struct Line {
     refused_by: Option<String>,
 }
 
-/// What the ledger at `path` (and its files rotated this month) says was used in the windows of `now`.
-pub fn from_ledger(path: &Path, now: Windows) -> anyhow::Result<Seeded> {
+/// What the ledger at `path` (and its files rotated this month) says was used in the windows of `now`, by the
+/// requests that ended at `until` (ms since the epoch) or before.
+pub fn from_ledger(path: &Path, now: Windows, until: u64) -> anyhow::Result<Seeded> {
     let month = &now.month_name()[1..];
     let mut seeded = Seeded { windows: now, subjects: BTreeMap::new(), lines: 0 };
     for file in crate::cli::usage::ledger_files(path) {
@@ -73,21 +74,21 @@ pub fn from_ledger(path: &Path, now: Windows) -> anyhow::Result<Seeded> {
         for text in reader.lines() {
             let text = text.map_err(|e| anyhow::anyhow!("limits: reading {}: {e}", file.display()))?;
             if let Ok(line) = serde_json::from_str::<Line>(&text) {
-                add(&mut seeded, &line);
+                add(&mut seeded, &line, until);
             }
         }
     }
     Ok(seeded)
 }
 
-fn add(seeded: &mut Seeded, line: &Line) {
+fn add(seeded: &mut Seeded, line: &Line, until: u64) {
     if line.refused_by.is_some() {
         return;
     }
     let Ok(time) = humantime::parse_rfc3339_weak(&line.time) else { return };
     let ms = time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let (at, now) = (Windows::at(ms), seeded.windows);
-    if at.month != now.month {
+    if at.month != now.month || ms > until {
         return;
     }
     seeded.lines += 1;
@@ -139,7 +140,7 @@ mod tests {
             humantime::parse_rfc3339("2026-12-02T15:20:30Z")
                 .map_or(0, |t| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)),
         );
-        let seeded = from_ledger(&path, now).expect("seeded");
+        let seeded = from_ledger(&path, now, now.now_ms).expect("seeded");
         let nanos = |usd: f64| super::super::nanos(usd);
         assert_eq!(
             seeded.subjects["project:A"],
@@ -152,6 +153,10 @@ mod tests {
         );
         assert_eq!(seeded.subjects["key:j"].month_nanos, nanos(0.125));
         assert_eq!(seeded.lines, 3);
+        // Lines that ended after the time asked for are left out.
+        let earlier = from_ledger(&path, now, now.now_ms - 25_000).expect("seeded");
+        assert_eq!(earlier.subjects["project:A"].requests, 0);
+        assert_eq!(earlier.lines, 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -45,6 +45,8 @@ enum Msg {
     Wake,
     /// Write out everything appended before this, then stop.
     Close,
+    /// Write out everything appended before this, then say so.
+    Flush(SyncSender<()>),
 }
 
 /// What requests and the writer share.
@@ -173,6 +175,13 @@ impl Ledger {
         }
     }
 
+    /// Waits (blocking, at most `within`) until every line appended before the call is written to the file:
+    /// whether it was.
+    pub fn flush(&self, within: Duration) -> bool {
+        let (done, written) = sync_channel(1);
+        self.0.wake.send(Msg::Flush(done)).is_ok() && written.recv_timeout(within).is_ok()
+    }
+
     /// Lines dropped because the writer was behind or had stopped, or because writing them failed.
     pub fn dropped(&self) -> u64 {
         self.0.shared.dropped.get()
@@ -288,10 +297,18 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
     while !closing {
         // Every handle gone (a retired ledger's last requests have ended): one last pass for what they appended.
         let first = rx.recv().unwrap_or(Msg::Close);
-        if !matches!(first, Msg::Close) {
+        // Lines gather for a moment before a pass; one asked for is made at once.
+        if matches!(first, Msg::Wake) {
             std::thread::sleep(GATHER);
         }
-        closing = matches!(first, Msg::Close) || rx.try_iter().any(|msg| matches!(msg, Msg::Close));
+        let mut flushed = Vec::new();
+        for msg in std::iter::once(first).chain(rx.try_iter()) {
+            match msg {
+                Msg::Wake => {}
+                Msg::Close => closing = true,
+                Msg::Flush(done) => flushed.push(done),
+            }
+        }
         if closing {
             // Before the last pass: whatever a thread appends from here on is counted, not lost unseen.
             shared.closed.store(true, Ordering::Release);
@@ -329,6 +346,9 @@ fn write_loop(path: &Path, file: File, rx: &Receiver<Msg>, shared: &Shared) {
         }
         batch.clear();
         batch.shrink_to(KEPT_CAPACITY);
+        for done in flushed {
+            let _ = done.send(());
+        }
     }
 }
 
