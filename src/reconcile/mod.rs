@@ -2,7 +2,7 @@
 //! the tokens AWS itself counted (CloudWatch, `AWS/BedrockMantle`), over the same whole hours. AWS counting more
 //! than the gateway forwarded means traffic reaching a project without the gateway; tokens in the `default`
 //! project mean traffic nothing attributed. `mantlegate usage reconcile` runs it once over any number of ledgers
-//! (one per replica).
+//! (one per replica); `serve` can run it on a schedule over its own ledger ([`schedule`]).
 //!
 //! [`window`] aligns the hours, [`ledger`] sums the gateway's side, [`names`] says which project is which on
 //! each side, `aws::cloudwatch` reads AWS's side, [`compare`] judges each row, and [`render`] prints the report.
@@ -11,6 +11,7 @@ pub mod compare;
 pub mod ledger;
 pub mod names;
 pub mod render;
+pub mod schedule;
 pub mod window;
 
 use std::collections::HashMap;
