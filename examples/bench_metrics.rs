@@ -62,6 +62,8 @@ fn main() -> anyhow::Result<()> {
             status: 200,
             error: None,
             forwarded: true,
+            hold: None,
+            refused_by: None,
             usage: metered.then_some(usage),
             cost: metered.then_some(0.0000114),
             unmetered: None,

@@ -21,6 +21,7 @@ pub mod live;
 pub mod metering;
 pub mod projects;
 pub mod proxy;
+pub mod reconcile;
 pub mod record;
 pub mod send_timeout;
 pub mod server;

@@ -5,8 +5,8 @@
 //! upstream connection pool of its own, all accepting from the one listening socket (nginx's worker model).
 //! A request, its upstream connection and both of its bodies stay on the thread that accepted it: no
 //! hand-off between threads, no work stealing, and wake-ups that never cross a thread (measured large: see
-//! bench/README.md). The admin server, signals, reloads, the projects check and the ledger's flush run on the
-//! caller's runtime.
+//! bench/README.md). The admin server, signals, reloads, the projects check, the scheduled reconciliation and the
+//! ledger's flush run on the caller's runtime.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -123,6 +123,8 @@ async fn start_with(
         start_workers(listener.into_std()?, clients, &server, &reloader, &metrics, &upstream_auth, &shutdown).await?;
     // Calls the Projects API directly, never through the traffic listener.
     let projects_check = tokio::spawn(crate::projects::drift::run(reloader.live().clone(), metrics.clone()));
+    // Reads CloudWatch and this replica's ledger; off unless `reconcile.interval` is set.
+    let reconcile = tokio::spawn(crate::reconcile::schedule::run(reloader.live().clone(), metrics.clone()));
     let admin = crate::admin::serve(
         admin,
         crate::admin::router(shutdown.clone(), upstream_auth, metrics, reloader.clone()),
@@ -146,6 +148,7 @@ async fn start_with(
             }
             admin.abort();
             projects_check.abort();
+            reconcile.abort();
             reloader.finish(LEDGER_FLUSH_LIMIT).await;
             tracing::info!("stopped");
         }

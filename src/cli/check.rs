@@ -180,6 +180,17 @@ pub fn report(path: &Path, config: &Config) -> String {
             );
         }
     }
+    let reconcile = &config.reconcile;
+    if let (Some(interval), Some(region)) = (reconcile.interval, &reconcile.region) {
+        let _ = writeln!(
+            out,
+            "\nreconcile: every {}, the last {} of this replica's ledger against CloudWatch in {region} (tolerance {}%); \
+             needs AWS credentials allowed cloudwatch:GetMetricData",
+            humantime::format_duration(interval),
+            humantime::format_duration(reconcile.lookback),
+            reconcile.tolerance
+        );
+    }
     if let Some(why) = &config.lock.ignored {
         let _ = writeln!(out, "\nwarning: {why}");
     }

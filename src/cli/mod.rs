@@ -1,9 +1,11 @@
-//! The command line: `serve`, `check`, `reload`, `keys new`, `projects plan|apply|import`, `usage report`, `demo`.
+//! The command line: `serve`, `check`, `reload`, `keys new`, `projects plan|apply|import`, `usage report`,
+//! `usage reconcile`, `limits status`, `demo`.
 
 mod check;
 mod keys;
 mod limits;
 mod projects;
+mod reconcile;
 mod reload;
 pub mod usage;
 
@@ -95,6 +97,38 @@ enum UsageCommand {
         since: Option<String>,
         /// `table`, `csv` or `json`.
         #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// The gateway's ledgers against the tokens AWS counted (CloudWatch `AWS/BedrockMantle`), per project and
+    /// model, over the same whole hours. Exit status: 0 every row ok, 2 something is off (bypass, missing,
+    /// unattributed), 3 CloudWatch could not be read, 1 any other error.
+    Reconcile {
+        /// Start of the window: a duration back from now (`6h`, `7d`) or a time (`2026-12-01T08:00:00Z`); rounded
+        /// down to the hour.
+        #[arg(long)]
+        since: String,
+        /// End of the window, in the same forms, rounded down to the hour; default: 15 minutes ago (metrics reach
+        /// CloudWatch minutes late).
+        #[arg(long)]
+        until: Option<String>,
+        /// Ledger files, one per replica (`--ledger a b` or `--ledger a --ledger b`; rotated siblings are read
+        /// too); default: `[metering] ledger_path` of the config.
+        #[arg(long, num_args = 1..)]
+        ledger: Vec<PathBuf>,
+        /// Config file, for the projects' names and ids (and projects.lock.toml beside it); default:
+        /// $MANTLEGATE_CONFIG, else config/mantlegate.toml if there is one; without one, the ledgers name them.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// AWS region whose CloudWatch is read; default: the config's upstream region (or its host's), else the
+        /// AWS SDK's own (AWS_REGION, the profile).
+        #[arg(long)]
+        region: Option<String>,
+        /// How far apart the two counts may be, in percent of the larger, and be `ok`; default: the config's
+        /// `[reconcile] tolerance`, else 2.
+        #[arg(long)]
+        tolerance: Option<f64>,
+        /// `text`, `json` or `csv`.
+        #[arg(long, default_value = "text")]
         format: String,
     },
 }
@@ -251,6 +285,9 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             print!("{}", usage::run(&ledger, &group_by, since.as_deref(), &format)?);
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Usage {
+            command: UsageCommand::Reconcile { since, until, ledger, config, region, tolerance, format },
+        } => reconcile::run(reconcile::Args { since, until, ledgers: ledger, config, region, tolerance, format }),
         Command::Limits { command: LimitsCommand::Status { config, admin, format } } => {
             runtime()?.block_on(limits::status(&config::resolve_path(config), admin, &format))
         }

@@ -175,6 +175,16 @@ pub fn ledger_files(path: &Path) -> Vec<PathBuf> {
     rotated
 }
 
+/// The lines of `files`, in order. Split on newline bytes, not as UTF-8 text: a line torn inside a character (a
+/// crash mid-write) is one unreadable line, and the lines after it are still read.
+pub fn read_lines(files: &[PathBuf]) -> impl Iterator<Item = String> + '_ {
+    files
+        .iter()
+        .filter_map(|f| std::fs::File::open(f).ok())
+        .flat_map(|f| std::io::BufReader::new(f).split(b'\n').map_while(Result::ok))
+        .map(|line| String::from_utf8(line).unwrap_or_else(|_| "\u{fffd}".into()))
+}
+
 /// A sum of costs to the ledger's own precision (1e-12 USD), without the floating-point residue of adding them.
 fn exact_usd(cost: f64) -> f64 {
     (cost * 1e12).round() / 1e12 + 0.0
@@ -289,13 +299,7 @@ pub fn run(ledger: &Path, group_by: &str, since: Option<&str>, format: &str) -> 
     if !files.iter().any(|f| f.is_file()) {
         anyhow::bail!("no usage ledger at {} (set [metering] ledger_path and serve some traffic)", ledger.display());
     }
-    // Split on newline bytes, not as UTF-8 text: a line torn inside a character (a crash mid-write) is one
-    // unreadable line, and the lines after it are still read.
-    let lines = files
-        .iter()
-        .filter_map(|f| std::fs::File::open(f).ok())
-        .flat_map(|f| std::io::BufReader::new(f).split(b'\n').map_while(Result::ok))
-        .map(|line| String::from_utf8(line).unwrap_or_else(|_| "\u{fffd}".into()));
+    let lines = read_lines(&files);
     let group_by = GroupBy::parse(group_by);
     let (rows, skipped) = aggregate(lines, &group_by, since);
     let mut out = render(&rows, &group_by, format)?;

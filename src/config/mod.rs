@@ -5,6 +5,7 @@
 pub mod limits;
 pub mod lock;
 mod raw;
+pub mod reconcile;
 mod schema;
 mod validate;
 
@@ -46,6 +47,8 @@ pub struct Config {
     pub metering: Metering,
     /// Rate limits and budgets.
     pub limits: limits::Limits,
+    /// The ledger compared with CloudWatch on a schedule.
+    pub reconcile: reconcile::Reconcile,
     /// SHA-256 (hex) of the file text it was loaded from: `mantlegate_config_info{sha256}` says which config is in
     /// force, and a reload of an unchanged file changes nothing.
     pub sha256: String,

@@ -96,6 +96,26 @@ pub struct RawConfig {
     pub prices: Vec<RawPrice>,
     /// Rate limits and budgets.
     pub limits: RawLimits,
+    /// The gateway's ledger compared with AWS's own counts, on a schedule.
+    pub reconcile: RawReconcile,
+}
+
+/// `[reconcile]`
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReconcile {
+    /// How often `serve` compares its ledger with CloudWatch's `AWS/BedrockMantle` counts; `0s` never.
+    pub interval: String,
+    /// How far back each comparison looks: whole hours, ending at the last whole hour before 15 minutes ago.
+    pub lookback: String,
+    /// How far apart the gateway's and AWS's counts may be, in percent of the larger, and still be `ok`.
+    pub tolerance: f64,
+}
+
+impl Default for RawReconcile {
+    fn default() -> Self {
+        Self { interval: "0s".into(), lookback: "6h".into(), tolerance: super::reconcile::DEFAULT_TOLERANCE }
+    }
 }
 
 /// `[limits]`

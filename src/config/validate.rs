@@ -151,6 +151,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             }
         }
     }
+    let reconcile = super::reconcile::validate(&mut errs, &raw.reconcile, &upstream, &metering);
     let names = |names: Vec<&String>| names.into_iter().cloned().collect::<Vec<_>>();
     let limits = super::limits::validate(
         &mut errs,
@@ -171,6 +172,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             routes,
             metering,
             limits,
+            reconcile,
             sha256: String::new(),
             lock: super::lock::LockUse::default(),
         })
@@ -569,7 +571,7 @@ fn aws_region(
 }
 
 /// The region in a bedrock-mantle host name, if it names one.
-fn region_of_host(host: &str) -> Option<String> {
+pub(super) fn region_of_host(host: &str) -> Option<String> {
     // Host names are case-insensitive.
     let host = host.to_ascii_lowercase();
     let labels: Vec<&str> = host.strip_suffix('.').unwrap_or(&host).split('.').collect();

@@ -222,6 +222,9 @@ pub struct Metrics {
     projects: Arc<ProjectsExport>,
     upstream_statuses: Arc<UpstreamStatuses>,
     limits: LimitCounters,
+    reconcile_rows: Arc<ReconcileRows>,
+    reconcile_runs: Family<ResultLabels, Counter>,
+    reconcile_last_success: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -353,6 +356,60 @@ impl Collector for UpstreamStatuses {
     }
 }
 
+/// The rows of the last scheduled reconciliation with CloudWatch (see `reconcile::schedule`): replaced whole by
+/// each run, so a scrape never sees half of one.
+#[derive(Debug, Default)]
+struct ReconcileRows(ArcSwap<Vec<crate::reconcile::compare::Row>>);
+
+const RECONCILE_TOKENS: Descriptor = Descriptor {
+    name: "reconcile_tokens",
+    help: "Tokens over the last scheduled reconciliation's window, per project and model (model \"*\": every model), \
+           as the gateway's ledger (source=\"gateway\") and CloudWatch AWS/BedrockMantle (source=\"aws\") count them",
+    kind: MetricType::Gauge,
+};
+
+const RECONCILE_VERDICT: Descriptor = Descriptor {
+    name: "reconcile_verdict",
+    help: "Each row's verdict at the last scheduled reconciliation: 1 for the verdict it has, 0 for the others (ok, \
+           bypass, missing, unattributed)",
+    kind: MetricType::Gauge,
+};
+
+impl Collector for ReconcileRows {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use crate::reconcile::compare::Verdict;
+        let rows = self.0.load();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let d = &RECONCILE_TOKENS;
+        let mut metric = encoder.encode_descriptor(d.name, d.help, None, d.kind)?;
+        for r in rows.iter() {
+            for (source, tokens) in [("gateway", r.gateway), ("aws", r.aws)] {
+                for (kind, n) in [("input", tokens.input), ("output", tokens.output)] {
+                    let labels = [
+                        ("project", r.project.as_str()),
+                        ("model", r.model.as_str()),
+                        ("source", source),
+                        ("kind", kind),
+                    ];
+                    metric.encode_family(&labels)?.encode_gauge(&gauge(n))?;
+                }
+            }
+        }
+        let d = &RECONCILE_VERDICT;
+        let mut metric = encoder.encode_descriptor(d.name, d.help, None, d.kind)?;
+        for r in rows.iter() {
+            for each in Verdict::ALL {
+                let labels = [("project", r.project.as_str()), ("model", r.model.as_str()), ("verdict", each.name())];
+                metric.encode_family(&labels)?.encode_gauge(&i64::from(each == r.verdict))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What the AWS credential refresher reports: each fetch's result, and when the credentials in hand expire.
 #[derive(Debug, Clone, Default)]
 pub struct AwsCredentialMetrics {
@@ -461,6 +518,21 @@ impl Metrics {
             limits.in_flight.clone(),
         );
         registry.register_collector(Box::new(limits.statuses.clone()));
+        let reconcile_rows = Arc::new(ReconcileRows::default());
+        registry.register_collector(Box::new(reconcile_rows.clone()));
+        let reconcile_runs = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "reconcile_runs",
+            "Scheduled reconciliations with CloudWatch, by result: ok, discrepancies (a row not ok), failed (CloudWatch \
+             or the ledger could not be read)",
+            reconcile_runs.clone(),
+        );
+        let reconcile_last_success = Gauge::default();
+        registry.register(
+            "reconcile_last_success_timestamp_seconds",
+            "When the last scheduled reconciliation that read CloudWatch ended (Unix time; 0 before the first)",
+            reconcile_last_success.clone(),
+        );
         Self {
             registry,
             unattributed,
@@ -472,6 +544,9 @@ impl Metrics {
             projects,
             upstream_statuses,
             limits,
+            reconcile_rows,
+            reconcile_runs,
+            reconcile_last_success,
         }
     }
 
@@ -501,6 +576,21 @@ impl Metrics {
     /// From now on, exports these statuses upstream (by project name) as `mantlegate_project_upstream_status`.
     pub fn project_upstream_statuses(&self, statuses: &[(String, Status)]) {
         self.upstream_statuses.0.store(Arc::new(statuses.to_vec()));
+    }
+
+    /// From now on, exports these reconciliation rows as `mantlegate_reconcile_tokens` and
+    /// `mantlegate_reconcile_verdict` (none: neither is exported).
+    pub fn reconcile_rows(&self, rows: &[crate::reconcile::compare::Row]) {
+        self.reconcile_rows.0.store(Arc::new(rows.to_vec()));
+    }
+
+    /// Counts a scheduled reconciliation by result (`ok`, `discrepancies` or `failed`).
+    pub fn reconciled(&self, result: &'static str) {
+        self.reconcile_runs.get_or_create(&ResultLabels { result }).inc();
+        if result != "failed" {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            self.reconcile_last_success.set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
     }
 
     /// The counter of upstream refusals of the gateway's credential.
