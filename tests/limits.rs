@@ -63,19 +63,6 @@ impl Limited {
         self.gw.client.get(url).send().await.unwrap().json().await.unwrap()
     }
 
-    /// `/limits`, once `done` says it shows what the test waits for (the settle runs after the response).
-    async fn limits_until(&self, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let limits = self.limits().await;
-            if done(&limits) {
-                return limits;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "limits never got there: {limits}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
     fn used(limits: &Value, subject: &str, limit: &str) -> f64 {
         limits["limits"]
             .as_array()
