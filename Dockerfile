@@ -11,7 +11,7 @@
 
 # --- build ------------------------------------------------------------------------------------------------------
 # The toolchain the crate's rust-version names, on the same Debian release as the runtime image (same glibc).
-FROM rust:1.85-bookworm AS build
+FROM rust:1.88-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
