@@ -125,7 +125,8 @@ def rss_kib(pids) -> int:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+        rss = re.search(r"VmRSS:\s+(\d+) kB", status)  # none in a child that has exited (redis's snapshot fork)
+        total += int(rss.group(1)) if rss else 0
     return total
 
 
@@ -164,9 +165,10 @@ class Bench:
         proc = self.start_gateway(name, tag, env)
         return Arm(name, f"http://{proc.match.group(1)}", caller, [proc])
 
-    def gateway_config(self, metered: bool, ledger: str, server: str = "") -> str:
+    def gateway_config(self, metered: bool, ledger: str, server: str = "", project: str = "", extra: str = "") -> str:
         """The gateway's config for the bench: the caller key mapped to the bench project, upstream the mock;
-        `ledger` is the ledger file's name in the work directory (used when metered); `server` adds lines."""
+        `ledger` is the ledger file's name in the work directory (used when metered); `server` adds lines to
+        `[server]`, `project` to the bench project's table, `extra` tables at the end (bench/limits.py's)."""
         sha = hashlib.sha256(CALLER_KEY.encode()).hexdigest()
         ledger_path = f'ledger_path = "{self.work}/{ledger}"' if metered else ""
         return f"""
@@ -183,11 +185,12 @@ enabled = {"true" if metered else "false"}
 [[projects]]
 name = "Bench"
 id = "{PROJECT}"
+{project}
 [[keys]]
 name = "bench"
 sha256 = "{sha}"
 project = "Bench"
-"""
+{extra}"""
 
     def nginx_config(self, work: Path, listen: str, nofile: int) -> str:
         """bench/nginx.conf with its @...@ names filled in."""
@@ -198,14 +201,15 @@ project = "Bench"
             conf = conf.replace(f"@{name}@", str(value))
         return conf
 
-    def start_gateway(self, name: str, tag: str, env=None, metered=None, binary=None) -> Started:
-        """A mantlegate arm: `metered` defaults to whether the arm is named `metered`; `binary` to this tree's."""
+    def start_gateway(self, name: str, tag: str, env=None, metered=None, binary=None, **options) -> Started:
+        """A mantlegate arm: `metered` defaults to whether the arm is named `metered`; `binary` to this tree's;
+        `options` go to `gateway_config`."""
         # In a directory of its own: the gateway watches its config's directory, and every write to another file
         # there (this arm's log, in the work directory) would wake the watch.
         config = self.work / f"config-{name}{tag}" / f"{name}{tag}.toml"
         config.parent.mkdir(exist_ok=True)
         metered = name == "metered" if metered is None else metered
-        config.write_text(self.gateway_config(metered, f"usage-{name}{tag}.jsonl"))
+        config.write_text(self.gateway_config(metered, f"usage-{name}{tag}.jsonl", **options))
         binary = binary or RELEASE / "mantlegate"
         proc = Started(self.work, f"{name}{tag}", [str(binary), "serve", "--config", str(config)],
                        r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})})

@@ -3,6 +3,7 @@
 
     bench/instructions.py            # needs valgrind, nginx and the release build bench/run makes
     bench/instructions.py --binary OTHER mantlegate metered   # another build, chosen arms; profiles kept
+    bench/instructions.py tagged limits-memory limits-redis   # bench/limits.py's arms
 
 Instruction counts do not depend on what else the machine is doing, so they compare arms repeatably where
 wall-clock throughput on a shared 2-core machine does not. Each arm runs alone under
@@ -22,8 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare as c  # noqa: E402
+import limits  # noqa: E402
 
 WARMUP = 50
+# bench/limits.py's arms, the project tagged as there: tagged (its baseline), limits-memory and limits-redis
+# (on a redis-server started here; its own instructions are not counted).
+LIMITS_ARMS = ("tagged", "limits-memory", "limits-redis")
+REDIS = None
 BINARY = c.RELEASE / "mantlegate"
 REQUESTS = {"json": 2000, "sse": 1000}
 
@@ -48,10 +54,26 @@ def start(bench: "c.Bench", arm: str, out: Path):
         return proc, proc.match.group(1)
     config = bench.work / f"config-cg-{arm}" / f"cg-{arm}.toml"
     config.parent.mkdir(exist_ok=True)
-    config.write_text(bench.gateway_config(arm == "metered", "usage-cg.jsonl", server="workers = 1"))
+    if arm in LIMITS_ARMS:
+        text = bench.gateway_config(True, f"usage-cg-{arm}.jsonl", server="workers = 1", project=limits.TAGS,
+                                    extra=limits_config(bench, arm))
+    else:
+        text = bench.gateway_config(arm == "metered", "usage-cg.jsonl", server="workers = 1")
+    config.write_text(text)
     proc = c.Started(bench.work, f"cg-{arm}", callgrind + [str(BINARY), "serve", "--config", str(config)],
                      r'"addr":"([^"]+)"', env={"BENCH_UPSTREAM_KEY": c.UPSTREAM_KEY})
     return proc, proc.match.group(1)
+
+
+def limits_config(bench: "c.Bench", arm: str) -> str:
+    """bench/limits.py's arms: `tagged` is its baseline (metered, the project tagged, no limits)."""
+    global REDIS
+    if arm == "limits-memory":
+        return limits.limits_config('"memory"')
+    if arm == "limits-redis":
+        REDIS = REDIS or limits.Redis(bench.work)
+        return limits.limits_config(f'"redis"\nredis_url = "{REDIS.url}"')
+    return ""
 
 
 def send(addr: str, body: bytes, count: int):
@@ -102,6 +124,8 @@ def main():
             print(f"| {arm} | {counts[0]:,.0f} | {counts[1]:,.0f} |", flush=True)
     finally:
         bench.close()
+        if REDIS:
+            REDIS.proc.stop()
     print(f"profiles: {work}/callgrind-*.out")
 
 
