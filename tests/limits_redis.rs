@@ -1186,6 +1186,37 @@ async fn with_redis_down_deny_refuses_at_once_with_limits_unavailable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_whose_caller_left_while_redis_was_slow_holds_nothing_once_redis_answers() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    // Reservations that live an hour: only a release can take this one back in the test's time.
+    let mut gw = Gateway::start(Setup {
+        name: "abandoned",
+        instance: "gw-a",
+        redis: &redis,
+        upstream: &upstream,
+        limits: "backend_timeout = \"2s\"\nreservation_ttl = \"1h\"",
+        rules: COUNTING_RULES,
+        upstream_extra: "",
+    })
+    .await;
+    assert_eq!(gw.send(&chat(false, 100)).await.status, 200);
+    // Redis stalls while a request's admission waits on it; its caller gives up; then Redis runs the admission.
+    redis.pause().await;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let req = gw.request(&chat(false, 100)).header("x-request-id", "rid-abandoned").build().unwrap();
+    assert!(impatient.execute(req).await.is_err(), "the caller timed out");
+    let line = gw.running.as_ref().unwrap().access_line("rid-abandoned").await;
+    assert_eq!(line["status"], 499, "{line}");
+    redis.resume().await;
+    reservations_drain(&redis, "an admission no request waits for").await;
+    assert_eq!(upstream.mock.hits(), 1, "the abandoned request never reached upstream");
+    assert_eq!(gw.send(&chat_dev(true, 100)).await.status, 200);
+    gw.stop().await;
+    assert_counters_equal_ledgers(&redis, &[gw.ledger()], &COUNTED_SUBJECTS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_down_allow_forwards_and_counts_the_usage_once_redis_is_back() {
     let redis = RedisServer::start().await;
     let upstream = Upstream::start().await;
