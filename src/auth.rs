@@ -113,6 +113,7 @@ mod tests {
                 may_select: vec![],
                 member: String::new(),
                 counted: None,
+                counted_with_project: Arc::new([]),
             })
         };
         KeyTable::new(CallerAuth::Keys, &[key("a", b"key-a"), key("b", b"key-b")])

@@ -18,7 +18,7 @@ use crate::auth::KeyTable;
 use crate::config::limits::Subject;
 use crate::config::{self, Config, Unattributed};
 use crate::endpoint::RouteTable;
-use crate::limits::{Counted, Limiter};
+use crate::limits::{Counted, Limiter, Subjects};
 use crate::metering::ledger::Ledger;
 use crate::metering::metrics::{Metrics, ProjectSeries};
 use crate::metering::prices::PriceTable;
@@ -44,7 +44,7 @@ pub struct Project {
     /// Its metric series: one per project name for as long as anything holds it (see [`Metrics::series`]).
     pub series: Arc<ProjectSeries>,
     /// What its requests count against: itself and each of its tag values (none while no limit is configured).
-    pub counted: Vec<Arc<Counted>>,
+    pub counted: Subjects,
 }
 
 impl Project {
@@ -69,6 +69,8 @@ pub struct Key {
     pub member: String,
     /// What its requests count against (none while no limit is configured).
     pub counted: Option<Arc<Counted>>,
+    /// What its requests to its own project count against: the project's subjects and its own, made once.
+    pub counted_with_project: Subjects,
 }
 
 impl Key {
@@ -199,13 +201,19 @@ impl Snapshot {
             .keys
             .iter()
             .map(|k| {
+                let project = k.project.as_deref().and_then(&mut find);
+                let counted_key = count(Subject::Key(k.name.clone()));
                 Arc::new(Key {
                     name: k.name.clone(),
                     sha256: k.sha256,
-                    project: k.project.as_deref().and_then(&mut find),
+                    project: project.clone(),
                     may_select: k.may_select.iter().filter_map(|p| find(p)).collect(),
                     member: members_of(&KeyName { key: &k.name }),
-                    counted: count(Subject::Key(k.name.clone())),
+                    counted_with_project: {
+                        let own = project.as_ref().map(|p| &p.counted[..]).unwrap_or_default();
+                        own.iter().cloned().chain(counted_key.clone()).collect()
+                    },
+                    counted: counted_key,
                 })
             })
             .collect();

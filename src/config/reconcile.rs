@@ -35,7 +35,7 @@ pub struct Reconcile {
 pub(super) fn validate(errs: &mut Errors, raw: &RawReconcile, upstream: &Upstream, metering: &Metering) -> Reconcile {
     let interval = Some(parse_duration(errs, "reconcile.interval", &raw.interval, true)).filter(|d| !d.is_zero());
     let lookback = parse_duration(errs, "reconcile.lookback", &raw.lookback, false);
-    if lookback.as_secs() % 3600 != 0 || lookback.subsec_nanos() != 0 {
+    if !lookback.as_secs().is_multiple_of(3600) || lookback.subsec_nanos() != 0 {
         errs.push(
             "reconcile.lookback",
             format!("{} is not whole hours (CloudWatch's period here is an hour)", shown(&raw.lookback)),

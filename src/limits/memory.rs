@@ -1,11 +1,13 @@
 //! The memory backend: every subject's counters in this process, behind one lock (an admission checks and
 //! reserves across all of a request's subjects at once, and holds it for a few hundred nanoseconds).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::seed::Seeded;
-use super::{Admit, Amounts, Counted, Hold, Windows};
+use rustc_hash::FxHashMap;
+
+use super::{Admit, Amounts, Counted, Hold, Subjects, Windows};
 use crate::config::limits::Kind;
 
 /// One subject's counters, each for the window it was last counted in.
@@ -77,20 +79,22 @@ impl Tally {
 struct Held {
     expires_ms: u64,
     windows: Windows,
-    subjects: Vec<Arc<str>>,
+    subjects: Subjects,
     reserved: Amounts,
 }
 
+/// Keyed by subject id and hold id, with a fast hasher (the keys are the gateway's own names and numbers, not
+/// the caller's: nothing to flood).
 #[derive(Debug, Default)]
 struct State {
-    tallies: HashMap<Arc<str>, Tally>,
-    held: HashMap<String, Held>,
+    tallies: FxHashMap<Arc<str>, Tally>,
+    held: FxHashMap<u64, Held>,
 }
 
 impl State {
     fn release(&mut self, held: &Held) {
-        for id in &held.subjects {
-            if let Some(tally) = self.tallies.get_mut(id) {
+        for counted in held.subjects.iter() {
+            if let Some(tally) = self.tallies.get_mut(&counted.id) {
                 tally.release(&held.windows, &held.reserved);
             }
         }
@@ -125,13 +129,13 @@ impl MemoryStore {
                 }
             }
         }
-        for counted in &hold.subjects {
+        for counted in hold.subjects.iter() {
             if let Some(tally) = state.tallies.get_mut(&counted.id) {
                 tally.add(&hold.reserved);
             }
         }
-        let subjects = hold.subjects.iter().map(|c| c.id.clone()).collect();
-        state.held.insert(hold.id.clone(), Held { expires_ms, windows: *w, subjects, reserved: hold.reserved });
+        let subjects = hold.subjects.clone();
+        state.held.insert(hold.id, Held { expires_ms, windows: *w, subjects, reserved: hold.reserved });
         Admit::Admitted
     }
 
@@ -141,7 +145,7 @@ impl MemoryStore {
         if let Some(held) = state.held.remove(&hold.id) {
             state.release(&held);
         }
-        for counted in &hold.subjects {
+        for counted in hold.subjects.iter() {
             let tally = state.tallies.entry(counted.id.clone()).or_default();
             tally.roll(&now);
             tally.add(&used);
@@ -151,8 +155,8 @@ impl MemoryStore {
     /// Releases reservations past their expiry; what each of `rules`' limits has used now.
     pub fn sweep_and_read(&self, rules: &[Arc<Counted>], now: Windows) -> BTreeMap<(Arc<str>, Kind), u64> {
         let mut state = self.lock();
-        let expired: Vec<String> =
-            state.held.iter().filter(|(_, h)| h.expires_ms <= now.now_ms).map(|(id, _)| id.clone()).collect();
+        let expired: Vec<u64> =
+            state.held.iter().filter(|(_, h)| h.expires_ms <= now.now_ms).map(|(id, _)| *id).collect();
         for id in expired {
             if let Some(held) = state.held.remove(&id) {
                 tracing::warn!(
@@ -199,9 +203,9 @@ mod tests {
     use super::*;
     use crate::config::limits::Subject;
 
-    fn hold(id: &str, subjects: &[&Arc<Counted>], at: u64, reserved: Amounts) -> Hold {
+    fn hold(id: u64, subjects: &[&Arc<Counted>], at: u64, reserved: Amounts) -> Hold {
         Hold {
-            id: id.into(),
+            id,
             windows: Windows::at(at),
             subjects: subjects.iter().map(|c| Arc::clone(c)).collect(),
             reserved,
@@ -222,9 +226,9 @@ mod tests {
         let project = Arc::new(Counted::new(Subject::Project("P".into()), vec![(Kind::OutputTokensPerMinute, 100)]));
         let tag = Arc::new(Counted::new(Subject::Tag("Team".into(), "t".into()), vec![(Kind::UsdPerDay, 1000)]));
         let ask = |output, nanos| Amounts { requests: 1, input: 10, output, nanos };
-        assert!(matches!(store.admit(&hold("a", &[&project, &tag], T, ask(60, 600)), true, T + 1000), Admit::Admitted));
+        assert!(matches!(store.admit(&hold(1, &[&project, &tag], T, ask(60, 600)), true, T + 1000), Admit::Admitted));
         // The tag's budget has room, the project's rate has not: refused, and nothing of it reserved anywhere.
-        match store.admit(&hold("b", &[&project, &tag], T, ask(50, 100)), true, T + 1000) {
+        match store.admit(&hold(2, &[&project, &tag], T, ask(50, 100)), true, T + 1000) {
             Admit::Refused { index: 0, kind: Kind::OutputTokensPerMinute, used: 60 } => {}
             other => panic!("{other:?}"),
         }
@@ -232,11 +236,11 @@ mod tests {
         // A spent budget (used up exactly, or a budget of 0) stops a billed request that costs nothing (an
         // unpriced model), not an unbilled one.
         let spent = Arc::new(Counted::new(Subject::Key("k".into()), vec![(Kind::UsdPerDay, 5)]));
-        store.settle(&hold("x", &[&spent], T, Amounts::default()), ask(0, 5), Windows::at(T));
-        assert!(matches!(store.admit(&hold("c", &[&spent], T, ask(0, 0)), true, T + 1000), Admit::Refused { .. }));
-        assert!(matches!(store.admit(&hold("d", &[&spent], T, ask(0, 0)), false, T + 1000), Admit::Admitted));
+        store.settle(&hold(6, &[&spent], T, Amounts::default()), ask(0, 5), Windows::at(T));
+        assert!(matches!(store.admit(&hold(3, &[&spent], T, ask(0, 0)), true, T + 1000), Admit::Refused { .. }));
+        assert!(matches!(store.admit(&hold(4, &[&spent], T, ask(0, 0)), false, T + 1000), Admit::Admitted));
         let zero = Arc::new(Counted::new(Subject::Key("z".into()), vec![(Kind::UsdPerMonth, 0)]));
-        assert!(matches!(store.admit(&hold("e", &[&zero], T, ask(0, 0)), true, T + 1000), Admit::Refused { .. }));
+        assert!(matches!(store.admit(&hold(5, &[&zero], T, ask(0, 0)), true, T + 1000), Admit::Refused { .. }));
     }
 
     #[test]
@@ -246,7 +250,7 @@ mod tests {
             Subject::Project("P".into()),
             vec![(Kind::UsdPerMonth, 10_000), (Kind::RequestsPerMinute, 9)],
         ));
-        let h = hold("a", &[&p], T, Amounts { requests: 1, input: 100, output: 100, nanos: 5000 });
+        let h = hold(1, &[&p], T, Amounts { requests: 1, input: 100, output: 100, nanos: 5000 });
         assert!(matches!(store.admit(&h, true, T + 1000), Admit::Admitted));
         assert_eq!(used(&store, &p, Kind::UsdPerMonth, T), 5000);
         store.settle(&h, Amounts { requests: 0, input: 40, output: 2, nanos: 700 }, Windows::at(T + 10));
@@ -260,7 +264,7 @@ mod tests {
     fn an_unsettled_reservation_is_released_at_its_expiry_and_a_late_settle_counts_the_usage() {
         let store = MemoryStore::default();
         let p = Arc::new(Counted::new(Subject::Project("P".into()), vec![(Kind::UsdPerDay, 10_000)]));
-        let h = hold("a", &[&p], T, Amounts { requests: 1, input: 1, output: 1, nanos: 9000 });
+        let h = hold(1, &[&p], T, Amounts { requests: 1, input: 1, output: 1, nanos: 9000 });
         assert!(matches!(store.admit(&h, true, T + 1000), Admit::Admitted));
         assert_eq!(used(&store, &p, Kind::UsdPerDay, T + 999), 9000);
         assert_eq!(used(&store, &p, Kind::UsdPerDay, T + 1000), 0);
@@ -278,7 +282,7 @@ mod tests {
         ));
         // Reserved in the last second of a day (and month), settled in the next.
         let before = T - 1000;
-        let h = hold("a", &[&p], before, Amounts { requests: 1, input: 500, output: 0, nanos: 4000 });
+        let h = hold(1, &[&p], before, Amounts { requests: 1, input: 500, output: 0, nanos: 4000 });
         assert!(matches!(store.admit(&h, true, before + 60_000), Admit::Admitted));
         store.settle(&h, Amounts { input: 100, nanos: 100, ..Amounts::default() }, Windows::at(T + 5));
         // The new windows hold the usage only; the old ones had their reservation taken back.

@@ -33,6 +33,9 @@ use crate::record::{Followup, Record, Sink};
 use crate::snapshot::Snapshot;
 pub use window::Windows;
 
+/// What one request counts against, shared (a key's requests to its own project share one list, made once).
+pub type Subjects = Arc<[Arc<Counted>]>;
+
 /// A subject requests count against, with the limits its rule sets (none: its spend is still counted).
 #[derive(Debug)]
 pub struct Counted {
@@ -101,12 +104,12 @@ pub struct Demand {
 /// A request's reservation, from admission to settlement.
 #[derive(Debug, Clone)]
 pub struct Hold {
-    /// Unique across replicas (the instance's name and a counter).
-    pub id: String,
+    /// Unique in this process; the Redis store names it with the instance and a per-process nonce.
+    pub id: u64,
     /// The windows it was reserved in.
     pub windows: Windows,
     /// Whom it counts against.
-    pub subjects: Vec<Arc<Counted>>,
+    pub subjects: Subjects,
     /// What was reserved.
     pub reserved: Amounts,
     /// Whether its request bills tokens (else it reserved nothing, and has nothing to settle).
@@ -262,9 +265,6 @@ pub struct Status {
 #[derive(Debug)]
 pub struct Limiter {
     store: Store,
-    instance: String,
-    /// Random, per process: hold ids stay unique should two processes share an instance name.
-    process: String,
     next_id: AtomicU64,
     counters: crate::metering::metrics::LimitCounters,
 }
@@ -277,6 +277,7 @@ impl Limiter {
         ledger: Option<&std::path::Path>,
         counters: crate::metering::metrics::LimitCounters,
     ) -> anyhow::Result<Arc<Self>> {
+        let process = process_nonce();
         let store = match &limits.backend {
             Backend::Memory => {
                 let store = memory::MemoryStore::default();
@@ -288,16 +289,18 @@ impl Limiter {
                 Store::Memory(store)
             }
             Backend::Redis(url) => {
-                Store::Redis(redis::RedisStore::new(url, limits.backend_timeout, ledger, &limits.instance, &counters)?)
+                let holds = format!("{}:{process}", limits.instance);
+                Store::Redis(redis::RedisStore::new(
+                    url,
+                    limits.backend_timeout,
+                    ledger,
+                    &limits.instance,
+                    holds,
+                    &counters,
+                )?)
             }
         };
-        Ok(Arc::new(Self {
-            store,
-            instance: limits.instance.clone(),
-            process: process_nonce(),
-            next_id: AtomicU64::new(0),
-            counters,
-        }))
+        Ok(Arc::new(Self { store, next_id: AtomicU64::new(0), counters }))
     }
 
     /// A memory limiter of its own, for a snapshot built apart from a running gateway (`check`, tests); a
@@ -305,8 +308,6 @@ impl Limiter {
     pub fn unshared() -> Arc<Self> {
         Arc::new(Self {
             store: Store::Memory(memory::MemoryStore::default()),
-            instance: String::new(),
-            process: process_nonce(),
             next_id: AtomicU64::new(0),
             counters: crate::metering::metrics::LimitCounters::default(),
         })
@@ -318,7 +319,7 @@ impl Limiter {
         &self,
         snapshot: &Snapshot,
         project: &str,
-        subjects: Vec<Arc<Counted>>,
+        subjects: Subjects,
         demand: Demand,
     ) -> Result<Option<Hold>, GatewayError> {
         if subjects.is_empty() {
@@ -334,8 +335,7 @@ impl Limiter {
         }
         let limits = &snapshot.config.limits;
         let windows = Windows::now();
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}:{}:{}:{n}", self.instance, self.process, windows.now_ms);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut hold = Hold { id, windows, subjects, reserved: demand.amounts, billed: demand.billed, in_store: true };
         let expires_ms = windows.now_ms + u64::try_from(limits.reservation_ttl.as_millis()).unwrap_or(u64::MAX / 2);
         let answer = match &self.store {
@@ -460,7 +460,8 @@ impl Limiter {
     }
 }
 
-/// Eight random hex digits.
+/// Eight random hex digits: hold ids in Redis stay unique across restarts, and should two processes share an
+/// instance name.
 fn process_nonce() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }

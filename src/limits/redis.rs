@@ -261,6 +261,8 @@ struct Inner {
     timeout: Duration,
     /// This replica's seeded marker (see [`source_of`]).
     marker: String,
+    /// What its holds' names begin with: its instance and a random nonce, new with each process.
+    holds: String,
     /// Where calls to Redis run: the gateway's control runtime, so the connection's own tasks (its reader, a
     /// reconnect) never live on a traffic thread that may stop first at shutdown, and a call in progress finishes
     /// even if the request that made it has gone.
@@ -287,6 +289,7 @@ impl RedisStore {
         timeout: Duration,
         ledger: Option<&Path>,
         instance: &str,
+        holds: String,
         counters: &LimitCounters,
     ) -> anyhow::Result<Self> {
         if url.expose().starts_with("rediss://") {
@@ -311,6 +314,7 @@ impl RedisStore {
             conn: Mutex::new(conn),
             timeout,
             marker: seeded_marker(&source_of(ledger, instance)?),
+            holds,
             runtime: tokio::runtime::Handle::current(),
             up: AtomicBool::new(true),
             probing: AtomicBool::new(false),
@@ -324,6 +328,11 @@ impl RedisStore {
     /// Whether Redis answered last time it was asked.
     pub fn is_up(&self) -> bool {
         self.0.up.load(Ordering::Acquire)
+    }
+
+    /// A hold's name in Redis: unique across replicas and restarts.
+    fn hold_id(&self, hold: &Hold) -> String {
+        format!("{}:{}", self.0.holds, hold.id)
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -403,7 +412,7 @@ impl RedisStore {
     pub async fn admit(&self, hold: &Hold, snapshot: &Snapshot) -> Result<Admit, StoreError> {
         let w = &hold.windows;
         let ttl = snapshot.config.limits.reservation_ttl.as_millis().to_string();
-        let mut keys = vec![RESERVATIONS.to_owned(), self.0.marker.clone(), reservation(&hold.id)];
+        let mut keys = vec![RESERVATIONS.to_owned(), self.0.marker.clone(), reservation(&self.hold_id(hold))];
         let mut args = vec![ttl, u8::from(hold.billed).to_string()];
         let mut which = Vec::new();
         for (index, counted) in hold.subjects.iter().enumerate() {
@@ -586,12 +595,12 @@ impl RedisStore {
 
     /// One settle; gives it back if it must be replayed (the store is down, or has lost its counts).
     async fn try_settle(&self, u: Unsettled) -> Result<(), Unsettled> {
-        let id = &u.hold.id;
+        let id = &self.hold_id(&u.hold);
         let mut keys =
             vec![RESERVATIONS.to_owned(), reservation(id), tombstone(id), done_marker(id), self.0.marker.clone()];
         let mut args =
             vec![u8::from(u.hold.in_store).to_string(), u.at.now_ms.to_string(), DONE_TTL.as_secs().to_string()];
-        for counted in &u.hold.subjects {
+        for counted in u.hold.subjects.iter() {
             for kind in Kind::ALL.into_iter().filter(|k| counted.counts(*k) && *k != Kind::RequestsPerMinute) {
                 let (key, ttl) = counter(&counted.id, kind, &u.at);
                 keys.push(key);

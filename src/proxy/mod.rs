@@ -32,7 +32,7 @@ use hyper::body::Incoming;
 use crate::attribution::Source;
 use crate::endpoint::{Api, Endpoint};
 use crate::error::GatewayError;
-use crate::limits::{Counted, Demand, estimate};
+use crate::limits::{Demand, Subjects, estimate};
 use crate::live::Live;
 use crate::metering::usage::{Dialect, UsageTap};
 use crate::record::Sinks;
@@ -75,7 +75,7 @@ struct Admitted<'s> {
     /// How much of the path is a route prefix, removed before forwarding.
     prefix_len: usize,
     /// What the request counts against: its project, the project's tag values, its key.
-    limits: Vec<Arc<Counted>>,
+    limits: Subjects,
 }
 
 /// A request body on its way upstream.
@@ -185,8 +185,14 @@ fn request_filter<'s>(
     if attribution.source == Source::Rerouted {
         record.span().in_scope(|| tracing::warn!(project = %attribution.project.name, "unattributed request rerouted"));
     }
-    let mut limits = attribution.project.counted.clone();
-    limits.extend(key.and_then(|k| k.counted.clone()));
+    // Most requests go to their key's own project: their subjects are ready-made.
+    let limits: Subjects = match key {
+        Some(k) if k.project.as_ref().is_some_and(|p| Arc::ptr_eq(p, attribution.project)) => {
+            k.counted_with_project.clone()
+        }
+        Some(k) => attribution.project.counted.iter().cloned().chain(k.counted.clone()).collect(),
+        None => attribution.project.counted.clone(),
+    };
     Ok(Admitted {
         endpoint: matched.endpoint,
         api: matched.api,

@@ -10,19 +10,20 @@ impl UsageTap {
     pub(super) fn read_responses_data(&mut self, data: &[u8]) -> LineSeen {
         let n = &*NEEDLES;
         if [&n.completed, &n.incomplete, &n.failed].iter().any(|f| f.find(data).is_some()) {
-            if let Ok(event) = serde_json::from_slice::<ResponsesEvent>(data) {
-                if matches!(event.kind.as_str(), "response.completed" | "response.incomplete" | "response.failed") {
-                    self.finished = true;
-                    if let Some(r) = event.response {
-                        self.model = r.model.or(self.model.take());
-                        self.usage = r.usage.and_then(ResponsesUsage::counted).or(self.usage);
-                    }
+            if let Ok(event) = serde_json::from_slice::<ResponsesEvent>(data)
+                && matches!(event.kind.as_str(), "response.completed" | "response.incomplete" | "response.failed")
+            {
+                self.finished = true;
+                if let Some(r) = event.response {
+                    self.model = r.model.or(self.model.take());
+                    self.usage = r.usage.and_then(ResponsesUsage::counted).or(self.usage);
                 }
             }
-        } else if self.model.is_none() && NEEDLES.created.find(data).is_some() {
-            if let Ok(ResponsesEvent { response: Some(r), .. }) = serde_json::from_slice(data) {
-                self.model = r.model;
-            }
+        } else if self.model.is_none()
+            && NEEDLES.created.find(data).is_some()
+            && let Ok(ResponsesEvent { response: Some(r), .. }) = serde_json::from_slice(data)
+        {
+            self.model = r.model;
         }
         LineSeen::default()
     }
