@@ -372,6 +372,8 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<String> {
     new.limits.backend = running.limits.backend.clone();
     keep("limits.instance", new.limits.instance != running.limits.instance);
     new.limits.instance = running.limits.instance.clone();
+    keep("limits.backend_timeout", new.limits.backend_timeout != running.limits.backend_timeout);
+    new.limits.backend_timeout = running.limits.backend_timeout;
     kept
 }
 
