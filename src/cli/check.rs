@@ -172,6 +172,11 @@ pub fn report(path: &Path, config: &Config) -> String {
             }
         }
         table(&mut out, &rows);
+        if let crate::config::limits::Backend::Redis(url) = &config.limits.backend
+            && let Err(e) = url.resolve()
+        {
+            let _ = writeln!(out, "\nwarning: {e:#} (needed by `serve`)");
+        }
         if config.metering.ledger_path.is_none() {
             let _ = writeln!(
                 out,

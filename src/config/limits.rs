@@ -35,7 +35,31 @@ pub enum Backend {
     /// In this process: nothing to run, nothing shared.
     Memory,
     /// In Redis, shared by every replica pointed at it.
-    Redis(Secret),
+    Redis(RedisUrl),
+}
+
+/// Where the Redis URL comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisUrl {
+    /// `redis_url` (no password).
+    Given(Secret),
+    /// `redis_url_env`: read when the gateway starts (configs are checked where their secrets are not).
+    Env(String),
+}
+
+impl RedisUrl {
+    /// The URL; the error names the variable, never its value.
+    pub fn resolve(&self) -> anyhow::Result<Secret> {
+        match self {
+            Self::Given(url) => Ok(url.clone()),
+            Self::Env(name) => {
+                let url = std::env::var(name)
+                    .map_err(|_| anyhow::anyhow!("limits.redis_url_env: environment variable {name} is not set"))?;
+                redis_url(&url).map_err(|why| anyhow::anyhow!("limits.redis_url_env: ${name} {why}"))?;
+                Ok(Secret::new(url))
+            }
+        }
+    }
 }
 
 /// What a request gets while the backend cannot be reached.
@@ -151,7 +175,7 @@ pub(super) fn validate(errs: &mut Errors, raw: RawLimits, projects: &[String], k
                 );
                 Backend::Memory
             }
-            Ok(()) => Backend::Redis(Secret::new(url.clone())),
+            Ok(()) => Backend::Redis(RedisUrl::Given(Secret::new(url.clone()))),
             Err(why) => {
                 errs.push("limits.redis_url", why);
                 Backend::Memory
@@ -162,17 +186,15 @@ pub(super) fn validate(errs: &mut Errors, raw: RawLimits, projects: &[String], k
                 errs.push("limits.redis_url_env", format!("{} is not an environment variable name", shown(name)));
                 Backend::Memory
             }
+            // Set here: it must be a URL the client can use. Unset: `serve` needs it, `check` warns.
             Ok(url) => match redis_url(&url) {
-                Ok(()) => Backend::Redis(Secret::new(url)),
+                Ok(()) => Backend::Redis(RedisUrl::Env(name.clone())),
                 Err(why) => {
-                    errs.push("limits.redis_url_env", format!("${name}: {why}"));
+                    errs.push("limits.redis_url_env", format!("${name} {why}"));
                     Backend::Memory
                 }
             },
-            Err(_) => {
-                errs.push("limits.redis_url_env", format!("${name} is not set"));
-                Backend::Memory
-            }
+            Err(_) => Backend::Redis(RedisUrl::Env(name.clone())),
         },
         (other, ..) => {
             errs.push("limits.backend", format!("{} is not one of \"memory\", \"redis\"", shown(other)));

@@ -777,10 +777,18 @@ mod tests {
         );
         let not_a_url = limits("backend = \"redis\"\nredis_url = \"http://user:hunter2@x\"");
         assert!(!not_a_url.concat().contains("hunter2"), "{not_a_url:?}");
+        // A variable unset where the config is checked is `serve`'s to need (`check` warns).
         assert_eq!(
             limits("backend = \"redis\"\nredis_url_env = \"MANTLEGATE_TEST_UNSET_REDIS_URL\""),
-            ["limits.redis_url_env: $MANTLEGATE_TEST_UNSET_REDIS_URL is not set"]
+            Vec::<String>::new()
         );
+        let config = crate::Config::from_toml(&format!(
+            "{BASE}\n[limits]\nbackend = \"redis\"\nredis_url_env = \"MANTLEGATE_TEST_UNSET_REDIS_URL\""
+        ))
+        .expect("config");
+        let crate::config::limits::Backend::Redis(url) = &config.limits.backend else { panic!("redis") };
+        let unset = url.resolve().expect_err("unset").to_string();
+        assert_eq!(unset, "limits.redis_url_env: environment variable MANTLEGATE_TEST_UNSET_REDIS_URL is not set");
         assert_eq!(limits("redis_url = \"redis://x\""), ["limits.redis_url: applies only to backend = \"redis\""]);
         assert_eq!(
             errors(&format!("[metering]\nenabled = false\n{BASE}\n[[limits.rules]]\nkey = \"k\"\nusd_per_day = 1\n")),

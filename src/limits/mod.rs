@@ -289,9 +289,10 @@ impl Limiter {
                 Store::Memory(store)
             }
             Backend::Redis(url) => {
+                let url = url.resolve()?;
                 let holds = format!("{}:{process}", limits.instance);
                 Store::Redis(redis::RedisStore::new(
-                    url,
+                    &url,
                     limits.backend_timeout,
                     ledger,
                     &limits.instance,
