@@ -95,6 +95,8 @@ enum UsageCommand {
         group_by: String,
         #[arg(long, help = usage::SINCE_HELP)]
         since: Option<String>,
+        #[arg(long, help = usage::UNTIL_HELP)]
+        until: Option<String>,
         /// `table`, `csv` or `json`.
         #[arg(long, default_value = "table")]
         format: String,
@@ -275,14 +277,14 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Projects { command: ProjectsCommand::Import { config, api_key_env } } => {
             projects::import(&config::resolve_path(config), api_key_env.as_deref())
         }
-        Command::Usage { command: UsageCommand::Report { ledger, config, group_by, since, format } } => {
+        Command::Usage { command: UsageCommand::Report { ledger, config, group_by, since, until, format } } => {
             let ledger = match ledger {
                 Some(path) => path,
                 None => Config::load(&config::resolve_path(config))?.metering.ledger_path.ok_or_else(|| {
                     anyhow::anyhow!("no --ledger given and the config sets no [metering] ledger_path")
                 })?,
             };
-            print!("{}", usage::run(&ledger, &group_by, since.as_deref(), &format)?);
+            print!("{}", usage::run(&ledger, &group_by, since.as_deref(), until.as_deref(), &format)?);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Usage {
