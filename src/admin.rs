@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 pub mod error;
+pub mod spend;
 pub mod token;
 
 use crate::live::{Live, Outcome, Reloader};
@@ -88,20 +89,23 @@ fn is_local(peer: SocketAddr) -> bool {
 }
 
 /// `/healthz` (the process is up), `/readyz` (it takes traffic; 503 while draining, 200 through reloads),
-/// `/metrics`, `/limits` (every limit with its use), and `POST /reload` (re-reads the config file, as SIGHUP does, and says what happened);
-/// all but the probes behind the admin token, when one is configured.
+/// `/metrics`, `/limits` (every limit with its use), `POST /reload` (re-reads the config file, as SIGHUP does, and says what happened),
+/// and the spend page with its API ([`spend`]); all but the probes behind the admin token, when one is configured.
 pub fn router(
     shutdown: Shutdown,
     upstream_auth: Arc<UpstreamAuth>,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
+    spend: Arc<crate::metering::spend::Spend>,
 ) -> Router {
+    let page = spend::routes(spend::Api { spend, live: reloader.live().clone() });
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz).with_state((shutdown, upstream_auth)))
         .route("/metrics", get(metrics_text).with_state(metrics))
         .route("/limits", get(limits).with_state(reloader.clone()))
         .route("/reload", post(reload).with_state(reloader.clone()))
+        .merge(page)
         // Around every route and the fallback, so an unknown path says no more than a known one.
         .layer(axum::middleware::from_fn_with_state(reloader.live().clone(), token::require))
 }
