@@ -141,6 +141,16 @@ async fn a_configured_admin_token_guards_all_but_the_probes_and_a_rotated_token_
     };
     assert_eq!(reload(None).await.unwrap().status(), 401);
     assert_eq!(reload(Some(first)).await.unwrap().status(), 200);
+    // `mantlegate reload` presents the token the config names.
+    let cli = tokio::process::Command::new(BIN)
+        .args(["reload", "--admin", &served.admin, "--config"])
+        .arg(&config)
+        .env("MANTLE_API_KEY", UPSTREAM_KEY)
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&cli.stdout).to_string() + &String::from_utf8_lossy(&cli.stderr);
+    assert!(cli.status.success() && said.starts_with("unchanged: config"), "{said}");
 
     // A rotated Secret: the new token at once, the old one no more.
     std::fs::write(&token_file, second).unwrap();

@@ -248,11 +248,14 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Check { config, probe_upstream } => check::run(&config::resolve_path(config), probe_upstream),
         Command::Reload { admin, config } => {
-            let admin = match admin {
-                Some(admin) => admin,
-                None => config::admin_listen(&config::resolve_path(config))?,
+            let path = config::resolve_path(config);
+            // The admin token, if the config names one, read here as the gateway reads it (run this in the pod).
+            let (listen, token) = match (&admin, path.is_file()) {
+                (Some(_), false) => (String::new(), None),
+                _ => config::admin_access(&path)?,
             };
-            runtime()?.block_on(reload::run(&admin))
+            let token = token.map(|t| t.read()).transpose()?;
+            runtime()?.block_on(reload::run(&admin.unwrap_or(listen), token.as_ref()))
         }
         Command::Keys { command: KeysCommand::New { name, project, config } } => {
             if let Some(path) = config {

@@ -368,16 +368,29 @@ impl Config {
     }
 }
 
-/// `server.admin_listen` as the file at `path` (and the environment) sets it, read without checking the rest, for
-/// `mantlegate reload` to find a running gateway whose file may have changed since.
-pub fn admin_listen(path: &Path) -> anyhow::Result<String> {
+/// `server.admin_listen`, and where the admin token is read from (`server.admin_token_env` or `_file`), as the file
+/// at `path` (and the environment) sets them, read without checking the rest, for `mantlegate reload` to reach a
+/// running gateway whose file may have changed since.
+pub fn admin_access(path: &Path) -> anyhow::Result<(String, Option<AdminToken>)> {
     let text = read_file(path)?;
     let read = config::Config::builder()
         .add_source(config::File::from_str(&text, config::FileFormat::Toml))
         .add_source(config::Environment::with_prefix("MANTLEGATE").separator("__"))
         .build()
         .map_err(|e| anyhow::anyhow!("reading {}: {}", path.display(), shown_error(&e.to_string())))?;
-    Ok(read.get_string("server.admin_listen").unwrap_or_else(|_| RawConfig::default().server.admin_listen))
+    let listen = read.get_string("server.admin_listen").unwrap_or_else(|_| RawConfig::default().server.admin_listen);
+    let token = match (read.get_string("server.admin_token_env"), read.get_string("server.admin_token_file")) {
+        (Ok(file_too), Ok(_)) if !file_too.is_empty() => {
+            anyhow::bail!(
+                "{}: server.admin_token_file: set either admin_token_env or admin_token_file, not both",
+                path.display()
+            )
+        }
+        (Ok(env), _) if !env.is_empty() => Some(AdminToken::Env(env)),
+        (_, Ok(file)) if !file.is_empty() => Some(AdminToken::File(PathBuf::from(file))),
+        _ => None,
+    };
+    Ok((listen, token))
 }
 
 /// The SHA-256 of a config file's text, in hex.
