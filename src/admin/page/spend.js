@@ -173,7 +173,9 @@ async function refresh() {
     const index = status.index;
     if (index.state !== "ready") {
       const said = {
-        no_ledger: "No usage ledger is configured ([metering] ledger_path): there is no spend to show.",
+        no_ledger: status.ledger_in_force
+          ? `The ledger ${status.ledger_in_force} was configured after this replica started: restart it to see spend.`
+          : "No usage ledger is configured ([metering] ledger_path): there is no spend to show.",
         reading: `Reading the ledger: ${count(index.lines || 0)} lines so far.`,
         failed: `The ledger could not be read: ${index.error}`,
       };

@@ -1,3 +1,5 @@
+//! The spend index against the ledger it reads and the report it must agree with.
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
