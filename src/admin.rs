@@ -3,7 +3,7 @@
 //! [`MAX_CONNECTIONS`] connections (one more is accepted and closed at once, so the file descriptors it can take
 //! are bounded and traffic never starves for them), one request per connection (closed after its response, so
 //! none is held idle), a head timeout, and the traffic listener's send timeout. `POST /reload` is answered only to callers on the
-//! same host.
+//! same host. With `server.admin_token_env` or `_file` set, everything but the probes needs that token ([`token`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +18,10 @@ use http::{StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+pub mod error;
+pub mod spend;
+pub mod token;
 
 use crate::live::{Live, Outcome, Reloader};
 use crate::metering::metrics::Metrics;
@@ -85,19 +89,25 @@ fn is_local(peer: SocketAddr) -> bool {
 }
 
 /// `/healthz` (the process is up), `/readyz` (it takes traffic; 503 while draining, 200 through reloads),
-/// `/metrics`, `/limits` (every limit with its use), and `POST /reload` (re-reads the config file, as SIGHUP does, and says what happened).
+/// `/metrics`, `/limits` (every limit with its use), `POST /reload` (re-reads the config file, as SIGHUP does, and says what happened),
+/// and the spend page with its API ([`spend`]); all but the probes behind the admin token, when one is configured.
 pub fn router(
     shutdown: Shutdown,
     upstream_auth: Arc<UpstreamAuth>,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
+    spend: Arc<crate::metering::spend::Spend>,
 ) -> Router {
+    let page = spend::routes(spend::Api { spend, live: reloader.live().clone() });
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz).with_state((shutdown, upstream_auth)))
         .route("/metrics", get(metrics_text).with_state(metrics))
         .route("/limits", get(limits).with_state(reloader.clone()))
-        .route("/reload", post(reload).with_state(reloader))
+        .route("/reload", post(reload).with_state(reloader.clone()))
+        .merge(page)
+        // Around every route and the fallback, so an unknown path says no more than a known one.
+        .layer(axum::middleware::from_fn_with_state(reloader.live().clone(), token::require))
 }
 
 /// Every configured limit with its use now, read from the limits' store (`mantlegate limits status`); 503 if the

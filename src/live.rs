@@ -103,6 +103,10 @@ impl Reloader {
         credential: Credential,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Self>> {
+        // Read for each admin request; here, so that a token that cannot be read stops the start, not the probes.
+        if let Some(token) = &config.server.admin_token {
+            token.read()?;
+        }
         let mut snapshot = Snapshot::build(config, credential, None, &metrics)
             .map_err(|problems| anyhow::anyhow!("{}", problems.join("; ")))?;
         // The limits' store lives as long as the process: a memory one starts from what the ledger says this
@@ -216,6 +220,9 @@ impl Reloader {
             Err(e) => vec![format!("{e:#}")],
         })?;
         config::lock::apply(&mut config, lock).map_err(|e| vec![format!("{e:#}")])?;
+        if let Some(token) = &config.server.admin_token {
+            token.read().map_err(|e| vec![format!("{e:#}")])?;
+        }
         let kept = keep_restart_only(&mut config, &current.config);
         let (new, old) = (&config.upstream, &current.config.upstream);
         let auth_changed = new.auth != old.auth || (new.auth.is_aws() && new.region != old.region);

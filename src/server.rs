@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,6 +26,7 @@ use crate::limits::LimitsSink;
 use crate::live::{Outcome, Reloader};
 use crate::metering::ledger::LedgerSink;
 use crate::metering::metrics::Metrics;
+use crate::metering::spend::Spend;
 use crate::proxy::access_log::AccessLines;
 use crate::proxy::upstream_auth::UpstreamAuth;
 use crate::proxy::{Credential, UpstreamClient, Worker};
@@ -116,18 +117,21 @@ async fn start_with(
 
     let shutdown = Shutdown::default();
     let reloader = Reloader::start(path, config, credential, metrics.clone())?;
+    // Before traffic starts: what the ledger holds now is read back, what comes after is added as it ends.
+    let spend = Spend::start(reloader.live().load().config.metering.ledger_path.as_deref(), SystemTime::now());
     let upstream_auth = Arc::new(UpstreamAuth::new(metrics.upstream_auth_failures()));
     let clients =
         (0..server.workers).map(|_| UpstreamClient::new(connector.clone(), &upstream)).collect::<Result<_, _>>()?;
     let traffic =
-        start_workers(listener.into_std()?, clients, &server, &reloader, &metrics, &upstream_auth, &shutdown).await?;
+        start_workers(listener.into_std()?, clients, &server, &reloader, (&metrics, &spend), &upstream_auth, &shutdown)
+            .await?;
     // Calls the Projects API directly, never through the traffic listener.
     let projects_check = tokio::spawn(crate::projects::drift::run(reloader.live().clone(), metrics.clone()));
     // Reads CloudWatch and this replica's ledger; off unless `reconcile.interval` is set.
     let reconcile = tokio::spawn(crate::reconcile::schedule::run(reloader.live().clone(), metrics.clone()));
     let admin = crate::admin::serve(
         admin,
-        crate::admin::router(shutdown.clone(), upstream_auth, metrics, reloader.clone()),
+        crate::admin::router(shutdown.clone(), upstream_auth, metrics, reloader.clone(), spend),
         reloader.live().clone(),
     );
 
@@ -172,7 +176,7 @@ async fn start_workers(
     clients: Vec<UpstreamClient>,
     server: &crate::config::Server,
     reloader: &Arc<Reloader>,
-    metrics: &Arc<Metrics>,
+    (metrics, spend): (&Arc<Metrics>, &Arc<Spend>),
     upstream_auth: &Arc<UpstreamAuth>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
@@ -196,7 +200,13 @@ async fn start_workers(
         let worker = Arc::new(Worker {
             live: reloader.live().clone(),
             client,
-            sinks: Sinks::new(vec![metrics.clone(), Arc::new(LedgerSink), access.clone(), Arc::new(LimitsSink)]),
+            sinks: Sinks::new(vec![
+                metrics.clone(),
+                Arc::new(LedgerSink),
+                spend.clone(),
+                access.clone(),
+                Arc::new(LimitsSink),
+            ]),
             shutdown: shutdown.child(),
             upstream_auth: upstream_auth.clone(),
             closing: AtomicBool::new(false),

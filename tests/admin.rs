@@ -95,3 +95,102 @@ async fn an_admin_connection_serves_one_request_and_is_closed() {
         "{answer}"
     );
 }
+
+#[tokio::test]
+async fn a_configured_admin_token_guards_all_but_the_probes_and_a_rotated_token_is_in_force_at_once() {
+    let mock = Mock::ok_json().await;
+    let dir = temp_dir("admin-token");
+    let token_file = dir.join("admin-token");
+    let (first, second) = ("first-admin-token-0123456789", "second-admin-token-0123456789");
+    std::fs::write(&token_file, format!("{first}\n")).unwrap();
+    let config = dir.join("gateway.toml");
+    let server = format!("admin_token_file = \"{}\"", token_file.display());
+    let opts = Opts { server: Box::leak(server.into_boxed_str()), ..Opts::default() };
+    std::fs::write(&config, config_text(mock.addr, &opts)).unwrap();
+    let served = serve(&config, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+    let client = reqwest::Client::new();
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = client.get(format!("http://{}{path}", served.admin));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        req.send()
+    };
+
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(get(probe, None).await.unwrap().status(), 200, "{probe}");
+    }
+    for path in ["/metrics", "/limits", "/api/spend", "/no-such-page"] {
+        for token in [None, Some("wrong-admin-token-0123456789"), Some(&first[..first.len() - 1])] {
+            let res = get(path, token).await.unwrap();
+            assert_eq!(res.status(), 401, "{path} {token:?}");
+            assert_eq!(res.headers()["www-authenticate"], "Bearer realm=\"mantlegate admin\"");
+            let body: serde_json::Value = res.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "invalid_admin_token", "{path}");
+        }
+    }
+    let metrics = get("/metrics", Some(first)).await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.text().await.unwrap().contains("mantlegate_requests"));
+    let reload = |token: Option<&str>| {
+        let mut req = client.post(format!("http://{}/reload", served.admin));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        req.send()
+    };
+    assert_eq!(reload(None).await.unwrap().status(), 401);
+    assert_eq!(reload(Some(first)).await.unwrap().status(), 200);
+    // `mantlegate reload` presents the token the config names.
+    let cli = tokio::process::Command::new(BIN)
+        .args(["reload", "--admin", &served.admin, "--config"])
+        .arg(&config)
+        .env("MANTLE_API_KEY", UPSTREAM_KEY)
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&cli.stdout).to_string() + &String::from_utf8_lossy(&cli.stderr);
+    assert!(cli.status.success() && said.starts_with("unchanged: config"), "{said}");
+
+    // A rotated Secret: the new token at once, the old one no more.
+    std::fs::write(&token_file, second).unwrap();
+    assert_eq!(get("/metrics", Some(first)).await.unwrap().status(), 401);
+    assert_eq!(get("/metrics", Some(second)).await.unwrap().status(), 200);
+    // A token that cannot be read lets nothing through; the probes still answer.
+    std::fs::remove_file(&token_file).unwrap();
+    let res = get("/metrics", Some(second)).await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["error"]["code"], "admin_token_unreadable");
+    assert_eq!(get("/readyz", None).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_gateway_whose_admin_token_cannot_be_read_does_not_start() {
+    let mock = Mock::ok_json().await;
+    let dir = temp_dir("admin-token-unset");
+    let config = dir.join("gateway.toml");
+    let opts = Opts { server: "admin_token_env = \"MANTLEGATE_TEST_ADMIN_TOKEN\"", ..Opts::default() };
+    std::fs::write(&config, config_text(mock.addr, &opts)).unwrap();
+    let out = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("MANTLE_API_KEY", UPSTREAM_KEY)
+        .env_remove("MANTLEGATE_TEST_ADMIN_TOKEN")
+        .output();
+    let out = tokio::time::timeout(WAIT, out).await.expect("serve never exited").unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("server.admin_token_env: environment variable MANTLEGATE_TEST_ADMIN_TOKEN is not set"),
+        "{said}"
+    );
+    let short = tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("MANTLE_API_KEY", UPSTREAM_KEY)
+        .env("MANTLEGATE_TEST_ADMIN_TOKEN", "hunter2")
+        .output();
+    let out = tokio::time::timeout(WAIT, short).await.expect("serve never exited").unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("shorter than 16") && !said.contains("hunter2"), "{said}");
+}

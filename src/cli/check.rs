@@ -199,6 +199,30 @@ pub fn report(path: &Path, config: &Config) -> String {
     if let Some(why) = &config.lock.ignored {
         let _ = writeln!(out, "\nwarning: {why}");
     }
+    match &config.server.admin_token {
+        None if !config.server.admin_listen.ip().is_loopback() => {
+            let _ = writeln!(
+                out,
+                "\nwarning: server.admin_listen {} is not loopback and no admin token is set: whatever reaches it \
+                 reads /metrics and the spend page (set server.admin_token_env or server.admin_token_file, or keep \
+                 the port to the kubelet and Prometheus with a NetworkPolicy)",
+                config.server.admin_listen
+            );
+        }
+        None => {}
+        // Read as `serve` would, and only warned about: configs are checked where their secrets are not.
+        Some(token) => match token.read() {
+            Ok(_) => {
+                let _ = writeln!(
+                    out,
+                    "\nadmin listener: a bearer token from {token} is required (but for /healthz, /readyz)"
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(out, "\nwarning: {e:#} (needed by `serve`)");
+            }
+        },
+    }
     let unprovisioned: Vec<&str> =
         config.projects.iter().filter(|p| p.id.is_none() && !p.archived).map(|p| p.name.as_str()).collect();
     if !unprovisioned.is_empty() {
@@ -228,5 +252,32 @@ fn table(out: &mut String, rows: &[[String; 4]]) {
         }
         out.push_str(line.trim_end());
         out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROJECT: &str = "[[projects]]\nname = \"A\"\nid = \"proj_a\"\n[callers]\nauth = \"none\"\n";
+
+    fn report_of(server: &str) -> String {
+        let config = Config::from_toml(&format!("[server]\n{server}\n{PROJECT}")).expect("config");
+        report(Path::new("gateway.toml"), &config)
+    }
+
+    #[test]
+    fn an_admin_listener_off_loopback_without_a_token_is_warned_about() {
+        let exposed = report_of("admin_listen = \"0.0.0.0:9091\"");
+        assert!(exposed.contains("warning: server.admin_listen 0.0.0.0:9091 is not loopback and no admin token"));
+        assert!(!report_of("admin_listen = \"127.0.0.1:9091\"").contains("admin_listen"));
+        let unset = report_of("admin_listen = \"0.0.0.0:9091\"\nadmin_token_env = \"MANTLEGATE_TEST_UNSET_TOKEN\"");
+        assert!(!unset.contains("is not loopback"), "{unset}");
+        assert!(
+            unset.contains(
+                "warning: server.admin_token_env: environment variable MANTLEGATE_TEST_UNSET_TOKEN is not set"
+            ),
+            "{unset}"
+        );
     }
 }

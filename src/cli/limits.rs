@@ -53,7 +53,9 @@ pub async fn status(path: &Path, admin: Option<String>, format: &str) -> anyhow:
         return Ok(ExitCode::SUCCESS);
     }
     let admin = admin.unwrap_or_else(|| config.server.admin_listen.to_string());
-    let asked = tokio::time::timeout(TIMEOUT, super::reload::call(&admin, http::Method::GET, "/limits")).await;
+    let token = config.server.admin_token.as_ref().map(|t| t.read()).transpose()?;
+    let asked =
+        tokio::time::timeout(TIMEOUT, super::reload::call(&admin, http::Method::GET, "/limits", token.as_ref())).await;
     let answer = match asked {
         Ok(Ok((status, body, _))) if status.is_success() => serde_json::from_slice::<Answer>(&body)
             .map_err(|e| anyhow::anyhow!("{admin} answered /limits with something else: {e}"))?,

@@ -95,6 +95,8 @@ enum UsageCommand {
         group_by: String,
         #[arg(long, help = usage::SINCE_HELP)]
         since: Option<String>,
+        #[arg(long, help = usage::UNTIL_HELP)]
+        until: Option<String>,
         /// `table`, `csv` or `json`.
         #[arg(long, default_value = "table")]
         format: String,
@@ -246,11 +248,14 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Check { config, probe_upstream } => check::run(&config::resolve_path(config), probe_upstream),
         Command::Reload { admin, config } => {
-            let admin = match admin {
-                Some(admin) => admin,
-                None => config::admin_listen(&config::resolve_path(config))?,
+            let path = config::resolve_path(config);
+            // The admin token, if the config names one, read here as the gateway reads it (run this in the pod).
+            let (listen, token) = match (&admin, path.is_file()) {
+                (Some(_), false) => (String::new(), None),
+                _ => config::admin_access(&path)?,
             };
-            runtime()?.block_on(reload::run(&admin))
+            let token = token.map(|t| t.read()).transpose()?;
+            runtime()?.block_on(reload::run(&admin.unwrap_or(listen), token.as_ref()))
         }
         Command::Keys { command: KeysCommand::New { name, project, config } } => {
             if let Some(path) = config {
@@ -275,14 +280,14 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Projects { command: ProjectsCommand::Import { config, api_key_env } } => {
             projects::import(&config::resolve_path(config), api_key_env.as_deref())
         }
-        Command::Usage { command: UsageCommand::Report { ledger, config, group_by, since, format } } => {
+        Command::Usage { command: UsageCommand::Report { ledger, config, group_by, since, until, format } } => {
             let ledger = match ledger {
                 Some(path) => path,
                 None => Config::load(&config::resolve_path(config))?.metering.ledger_path.ok_or_else(|| {
                     anyhow::anyhow!("no --ledger given and the config sets no [metering] ledger_path")
                 })?,
             };
-            print!("{}", usage::run(&ledger, &group_by, since.as_deref(), &format)?);
+            print!("{}", usage::run(&ledger, &group_by, since.as_deref(), until.as_deref(), &format)?);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Usage {

@@ -94,11 +94,13 @@ pub struct Row {
     pub unmetered_requests: u64,
 }
 
-/// Totals per group, most expensive first; `skipped` counts lines that could not be read.
+/// Totals per group of the lines from `since` (inclusive) to `until` (exclusive), most expensive first;
+/// `skipped` counts lines that could not be read.
 pub fn aggregate(
     lines: impl Iterator<Item = String>,
     group_by: &GroupBy,
     since: Option<SystemTime>,
+    until: Option<SystemTime>,
 ) -> (Vec<Row>, u64) {
     let mut groups: BTreeMap<String, Row> = BTreeMap::new();
     let mut skipped = 0;
@@ -113,9 +115,9 @@ pub fn aggregate(
         if line.refused_by.is_some() {
             continue;
         }
-        if let Some(since) = since {
+        if since.is_some() || until.is_some() {
             match humantime::parse_rfc3339_weak(&line.time) {
-                Ok(t) if t >= since => {}
+                Ok(t) if since.is_none_or(|since| t >= since) && until.is_none_or(|until| t < until) => {}
                 Ok(_) => continue,
                 Err(_) => {
                     skipped += 1;
@@ -286,22 +288,49 @@ fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_owned() }
 }
 
-/// Runs the report.
-pub fn run(ledger: &Path, group_by: &str, since: Option<&str>, format: &str) -> anyhow::Result<String> {
-    let since = since
-        .map(|s| {
-            humantime::parse_duration(s)
-                .map_err(|e| anyhow::anyhow!("--since {s:?} is not a duration like 7d or 12h: {e}"))
-                .map(|d| SystemTime::now().checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH))
-        })
-        .transpose()?;
+/// A moment as a report's bounds take it: a UTC date (`2026-12-01`, its midnight) or an RFC 3339 time
+/// (`2026-12-01T15:00:00Z`).
+pub fn parse_time(s: &str) -> Result<SystemTime, String> {
+    let is_date = s.len() == 10
+        && s.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    let text = if is_date { format!("{s}T00:00:00Z") } else { s.to_owned() };
+    humantime::parse_rfc3339_weak(&text)
+        .map_err(|_| format!("{s:?} is not a UTC date (2026-12-01) or an RFC 3339 time (2026-12-01T15:00:00Z)"))
+}
+
+/// `--since`: a duration back from now (`7d`, `12h`), or a date or time ([`parse_time`]).
+fn parse_since(s: &str) -> anyhow::Result<SystemTime> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(SystemTime::now().checked_sub(d).unwrap_or(SystemTime::UNIX_EPOCH));
+    }
+    parse_time(s).map_err(|_| {
+        anyhow::anyhow!("--since {s:?} is not a duration (7d, 12h), a UTC date (2026-12-01) or an RFC 3339 time")
+    })
+}
+
+/// Runs the report over the lines from `since` (a duration back from now, or a date or time) to `until` (a date
+/// or time, exclusive).
+pub fn run(
+    ledger: &Path,
+    group_by: &str,
+    since: Option<&str>,
+    until: Option<&str>,
+    format: &str,
+) -> anyhow::Result<String> {
+    let since = since.map(parse_since).transpose()?;
+    let until = until.map(|s| parse_time(s).map_err(|e| anyhow::anyhow!("--until {e}"))).transpose()?;
+    if let (Some(since), Some(until)) = (since, until)
+        && until <= since
+    {
+        anyhow::bail!("--until must be later than --since");
+    }
     let files = ledger_files(ledger);
     if !files.iter().any(|f| f.is_file()) {
         anyhow::bail!("no usage ledger at {} (set [metering] ledger_path and serve some traffic)", ledger.display());
     }
     let lines = read_lines(&files);
     let group_by = GroupBy::parse(group_by);
-    let (rows, skipped) = aggregate(lines, &group_by, since);
+    let (rows, skipped) = aggregate(lines, &group_by, since, until);
     let mut out = render(&rows, &group_by, format)?;
     if skipped > 0 {
         let _ = writeln!(out, "({skipped} unreadable ledger lines skipped)");
@@ -317,7 +346,12 @@ pub fn run(ledger: &Path, group_by: &str, since: Option<&str>, format: &str) -> 
 }
 
 /// Default `--since` window label for help text.
-pub const SINCE_HELP: &str = "only requests this recent (e.g. 7d, 12h); default: the whole ledger";
+pub const SINCE_HELP: &str = "only requests this recent (7d, 12h) or from this UTC date or RFC 3339 time on \
+                              (2026-12-01, 2026-12-01T15:00:00Z); default: the whole ledger";
+
+/// `--until` help text.
+pub const UNTIL_HELP: &str =
+    "only requests before this UTC date or RFC 3339 time (exclusive: --until 2026-12-02 ends with December 1st)";
 
 #[cfg(test)]
 mod cost_tests {
@@ -357,7 +391,7 @@ mod tests {
             line("2026-11-25T11:00:00Z", "C", "search", "unknown.model", 7, 3, None),
             "not json".into(),
         ];
-        let (rows, skipped) = aggregate(lines.clone().into_iter(), &GroupBy::parse("Team"), None);
+        let (rows, skipped) = aggregate(lines.clone().into_iter(), &GroupBy::parse("Team"), None, None);
         assert_eq!(skipped, 1);
         assert_eq!(rows[0].group, "chat");
         assert_eq!((rows[0].requests, rows[0].input_tokens, rows[0].output_tokens), (2, 11, 6));
@@ -365,7 +399,11 @@ mod tests {
         assert_eq!((rows[1].group.as_str(), rows[1].unpriced_requests), ("search", 1));
 
         let since = humantime::parse_rfc3339("2026-11-24T00:00:00Z").ok();
-        let (rows, _) = aggregate(lines.into_iter(), &GroupBy::Project, since);
+        let (rows, _) = aggregate(lines.clone().into_iter(), &GroupBy::Project, since, None);
+        // Until is exclusive: the line at 11:00 on the 25th is past it.
+        let until = parse_time("2026-11-25T11:00:00Z").ok();
+        let (between, _) = aggregate(lines.clone().into_iter(), &GroupBy::Project, since, until);
+        assert_eq!(between.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), ["B"]);
         assert_eq!(rows.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), ["B", "C"]);
         let csv = render(&rows, &GroupBy::Project, "csv").expect("csv");
         assert!(csv.starts_with("project,requests,"));
@@ -379,7 +417,7 @@ mod tests {
             serde_json::from_str(&line("2026-11-25T10:00:00Z", "A", "chat", "m1", 0, 0, None)).expect("line");
         unread["unmetered"] = "encoded".into();
         let lines = [line("2026-11-25T10:00:00Z", "A", "chat", "m1", 10, 5, Some(1.0)), unread.to_string()];
-        let (rows, _) = aggregate(lines.into_iter(), &GroupBy::Project, None);
+        let (rows, _) = aggregate(lines.into_iter(), &GroupBy::Project, None, None);
         assert_eq!((rows[0].requests, rows[0].unmetered_requests, rows[0].unpriced_requests), (2, 1, 0));
         let csv = render(&rows, &GroupBy::Project, "csv").expect("csv");
         assert!(csv.contains("\nA,2,10,5,0,0,1,0,0,1\n"), "{csv}");
@@ -388,6 +426,7 @@ mod tests {
         let (rows, _) = aggregate(
             std::iter::once(line("2026-11-25T10:00:00Z", "A", "c", "m1", 1, 1, None)),
             &GroupBy::Project,
+            None,
             None,
         );
         assert!(!render(&rows, &GroupBy::Project, "table").expect("table").contains("metered"));
@@ -408,14 +447,24 @@ mod tests {
             text.push(b'\n');
         }
         std::fs::write(&ledger, text).expect("write");
-        let out = run(&ledger, "Team", None, "csv").expect("report");
+        let out = run(&ledger, "Team", None, None, "csv").expect("report");
         assert!(out.contains(&format!("\nchat,3,{},11,0,0,2,1,0,0\n", u64::MAX)), "{out}");
         assert!(out.contains("(1 unreadable ledger lines skipped)"), "{out}");
-        let out = run(&ledger, "team", None, "csv").expect("report");
+        let out = run(&ledger, "team", None, None, "csv").expect("report");
         assert!(out.contains("(no ledger line carries the tag \"team\"; tag names are case-sensitive)"), "{out}");
         // Nothing in the window: the total is zero, not minus zero.
-        let out = run(&ledger, "Team", Some("1s"), "table").expect("report");
+        let out = run(&ledger, "Team", Some("1s"), None, "table").expect("report");
         assert!(!out.contains("-0.0000"), "{out}");
+        // Bounds as dates and times: the lines are all on the 25th.
+        let out = run(&ledger, "Team", Some("2026-11-25"), Some("2026-11-26"), "csv").expect("report");
+        assert!(out.contains("\nchat,3,"), "{out}");
+        let out = run(&ledger, "Team", Some("2026-11-25T10:00:01Z"), None, "csv").expect("report");
+        assert!(!out.contains("\nchat,"), "{out}");
+        for (since, until) in
+            [(Some("yesterday"), None), (None, Some("2026-11")), (Some("2026-11-26"), Some("2026-11-25"))]
+        {
+            assert!(run(&ledger, "Team", since, until, "csv").is_err(), "{since:?} {until:?}");
+        }
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

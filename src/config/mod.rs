@@ -90,6 +90,54 @@ pub struct Server {
     pub workers: usize,
     /// Whether `workers` is "one per CPU" (configured as 0).
     pub workers_per_cpu: bool,
+    /// The bearer token the admin listener requires, if one is configured.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// Where the admin listener's bearer token is read from (`server.admin_token_env` or `server.admin_token_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminToken {
+    /// An environment variable.
+    Env(String),
+    /// A file (a mounted Kubernetes Secret): read for each request that presents a token, so a rotated Secret
+    /// is in force as soon as the kubelet has written it.
+    File(PathBuf),
+}
+
+/// The shortest admin token taken: a bearer token is all that stands between the network and the spend data.
+pub const MIN_ADMIN_TOKEN: usize = 16;
+
+impl AdminToken {
+    /// Reads the token; the error names the setting and the source, never the value.
+    pub fn read(&self) -> anyhow::Result<Secret> {
+        let value = match self {
+            Self::Env(name) => std::env::var(name)
+                .map_err(|_| anyhow::anyhow!("server.admin_token_env: environment variable {name} is not set"))?,
+            Self::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("server.admin_token_file: cannot read {}: {e}", path.display()))?,
+        };
+        let value = value.trim();
+        if value.len() < MIN_ADMIN_TOKEN {
+            anyhow::bail!(
+                "the admin token from {self} is shorter than {MIN_ADMIN_TOKEN} characters: use a long random one \
+                 (openssl rand -hex 32)"
+            );
+        }
+        // Sent as `Authorization: Bearer <token>`: one header word.
+        if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            anyhow::bail!("the admin token from {self} holds spaces or characters a header cannot carry");
+        }
+        Ok(Secret::new(value.to_owned()))
+    }
+}
+
+impl fmt::Display for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Env(name) => write!(f, "environment variable {name}"),
+            Self::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
 }
 
 /// `[upstream]`, validated.
@@ -320,16 +368,29 @@ impl Config {
     }
 }
 
-/// `server.admin_listen` as the file at `path` (and the environment) sets it, read without checking the rest, for
-/// `mantlegate reload` to find a running gateway whose file may have changed since.
-pub fn admin_listen(path: &Path) -> anyhow::Result<String> {
+/// `server.admin_listen`, and where the admin token is read from (`server.admin_token_env` or `_file`), as the file
+/// at `path` (and the environment) sets them, read without checking the rest, for `mantlegate reload` to reach a
+/// running gateway whose file may have changed since.
+pub fn admin_access(path: &Path) -> anyhow::Result<(String, Option<AdminToken>)> {
     let text = read_file(path)?;
     let read = config::Config::builder()
         .add_source(config::File::from_str(&text, config::FileFormat::Toml))
         .add_source(config::Environment::with_prefix("MANTLEGATE").separator("__"))
         .build()
         .map_err(|e| anyhow::anyhow!("reading {}: {}", path.display(), shown_error(&e.to_string())))?;
-    Ok(read.get_string("server.admin_listen").unwrap_or_else(|_| RawConfig::default().server.admin_listen))
+    let listen = read.get_string("server.admin_listen").unwrap_or_else(|_| RawConfig::default().server.admin_listen);
+    let token = match (read.get_string("server.admin_token_env"), read.get_string("server.admin_token_file")) {
+        (Ok(file_too), Ok(_)) if !file_too.is_empty() => {
+            anyhow::bail!(
+                "{}: server.admin_token_file: set either admin_token_env or admin_token_file, not both",
+                path.display()
+            )
+        }
+        (Ok(env), _) if !env.is_empty() => Some(AdminToken::Env(env)),
+        (_, Ok(file)) if !file.is_empty() => Some(AdminToken::File(PathBuf::from(file))),
+        _ => None,
+    };
+    Ok((listen, token))
 }
 
 /// The SHA-256 of a config file's text, in hex.

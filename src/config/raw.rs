@@ -242,6 +242,10 @@ pub struct RawServer {
     pub max_connections: Whole,
     /// Traffic threads; 0 means one per CPU the process may use.
     pub workers: Whole,
+    /// Environment variable holding the bearer token the admin listener requires (all but `/healthz`, `/readyz`).
+    pub admin_token_env: Option<String>,
+    /// File holding that token (a mounted Secret), read again for each request that presents one.
+    pub admin_token_file: Option<String>,
 }
 
 impl Default for RawServer {
@@ -255,6 +259,8 @@ impl Default for RawServer {
             send_timeout: "60s".into(),
             max_connections: Whole::Number(0),
             workers: Whole::Number(0),
+            admin_token_env: None,
+            admin_token_file: None,
         }
     }
 }

@@ -10,8 +10,8 @@ use http::Uri;
 
 use super::raw::{RawConfig, RawKey, RawProject, RawRoute};
 use super::{
-    AttributionPolicy, CallerAuth, Config, Key, KeySource, Metering, Project, Route, Server, Taxonomy, Unattributed,
-    Upstream, UpstreamAuth,
+    AdminToken, AttributionPolicy, CallerAuth, Config, Key, KeySource, Metering, Project, Route, Server, Taxonomy,
+    Unattributed, Upstream, UpstreamAuth,
 };
 use crate::metering::prices::Price;
 
@@ -72,6 +72,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigErrors> {
             Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         },
         workers_per_cpu: matches!(workers, Some(0) | None),
+        admin_token: admin_token(&mut errs, &raw.server.admin_token_env, &raw.server.admin_token_file),
     };
     if workers.is_some_and(|n| n > MAX_WORKERS as u64) {
         errs.push("server.workers", format!("{} is more than {MAX_WORKERS}", server.workers));
@@ -199,6 +200,45 @@ fn shown_url(url: &str) -> String {
     match shown.find(['?', '#']) {
         Some(at) => format!("{}?...", &shown[..at]),
         None => shown,
+    }
+}
+
+/// `server.admin_token_env` or `server.admin_token_file`: names only here (the token is read by `serve`, where
+/// the secret is, not by `check`, which may run where it is not). A value that may be the token itself, put in
+/// the wrong setting, is refused without being shown.
+fn admin_token(errs: &mut Errors, env: &Option<String>, file: &Option<String>) -> Option<AdminToken> {
+    match (env, file) {
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            errs.push("server.admin_token_file", "set either admin_token_env or admin_token_file, not both");
+            None
+        }
+        (Some(env), None) if env.is_empty() => {
+            errs.push("server.admin_token_env", "must not be empty");
+            None
+        }
+        (Some(env), None) if !is_env_name(env) || looks_like_key(env, &['_']) => {
+            errs.push(
+                "server.admin_token_env",
+                "is not an environment variable name (letters, digits and _, at most 64): it names the variable \
+                 that holds the token, never the token itself",
+            );
+            None
+        }
+        (Some(env), None) => Some(AdminToken::Env(env.clone())),
+        (None, Some(file)) if file.is_empty() => {
+            errs.push("server.admin_token_file", "must not be empty");
+            None
+        }
+        (None, Some(file)) if looks_like_key(file, &['/', '\\']) => {
+            errs.push(
+                "server.admin_token_file",
+                "looks like a token, not a path (the value is not shown): it must be the path of the file that \
+                 holds the token, never the token itself",
+            );
+            None
+        }
+        (None, Some(file)) => Some(AdminToken::File(PathBuf::from(file))),
     }
 }
 
@@ -1084,6 +1124,54 @@ mod tests {
                 "{value}"
             );
         }
+    }
+
+    #[test]
+    fn the_admin_token_is_named_never_given_and_read_by_serve() {
+        let with = |settings: &str| crate::Config::from_toml(&format!("[server]\n{settings}\n{BASE}"));
+        assert_eq!(with("").expect("valid").server.admin_token, None);
+        assert_eq!(
+            with("admin_token_env = \"ADMIN_TOKEN\"").expect("valid").server.admin_token,
+            Some(AdminToken::Env("ADMIN_TOKEN".into()))
+        );
+        // Only named: the variable need not be set for the config to be valid (`check` runs where secrets are not).
+        assert_eq!(
+            with("admin_token_file = \"/var/run/secrets/admin/token\"").expect("valid").server.admin_token,
+            Some(AdminToken::File("/var/run/secrets/admin/token".into()))
+        );
+        for (settings, error) in [
+            ("admin_token_env = \"A\"\nadmin_token_file = \"/t\"", "server.admin_token_file: set either"),
+            ("admin_token_env = \"\"", "server.admin_token_env: must not be empty"),
+            ("admin_token_file = \"\"", "server.admin_token_file: must not be empty"),
+            ("admin_token_env = \"hunter2-hunter2-hunter2\"", "server.admin_token_env: is not an environment variable"),
+            ("admin_token_file = \"sk-hunter2hunter2hunter2\"", "server.admin_token_file: looks like a token"),
+        ] {
+            let errs = errors(&format!("[server]\n{settings}\n{BASE}"));
+            assert!(errs.len() == 1 && errs[0].starts_with(error), "{settings}: {errs:?}");
+            assert!(!errs[0].contains("hunter2"), "{errs:?}");
+        }
+    }
+
+    #[test]
+    fn an_admin_token_is_read_whole_and_must_be_long_and_one_word() {
+        let dir = std::env::temp_dir().join(format!("mantlegate-admin-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("token");
+        let read = |text: &str| {
+            std::fs::write(&file, text).expect("write");
+            AdminToken::File(file.clone()).read().map(|s| s.expose().to_owned()).map_err(|e| e.to_string())
+        };
+        assert_eq!(read("0123456789abcdef0123\n"), Ok("0123456789abcdef0123".to_owned()));
+        let short = read("hunter2").expect_err("short");
+        assert!(short.contains("shorter than 16") && !short.contains("hunter2"), "{short}");
+        let spaced = read("hunter2 hunter2 hunter2").expect_err("spaces");
+        assert!(spaced.contains("spaces") && !spaced.contains("hunter2"), "{spaced}");
+        std::fs::remove_file(&file).expect("remove");
+        let missing = AdminToken::File(file.clone()).read().expect_err("missing").to_string();
+        assert!(missing.starts_with("server.admin_token_file: cannot read"), "{missing}");
+        let unset = AdminToken::Env("MANTLEGATE_TEST_UNSET_ADMIN_TOKEN".into()).read().expect_err("unset");
+        assert!(unset.to_string().starts_with("server.admin_token_env: environment variable"), "{unset}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

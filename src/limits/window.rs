@@ -58,6 +58,11 @@ impl Windows {
         (self.day + 1) * DAY_MS
     }
 
+    /// The month's start (midnight of its first day), in milliseconds since the epoch.
+    pub fn month_start_ms(&self) -> u64 {
+        days_from_civil(self.month / 12, self.month % 12 + 1, 1) * DAY_MS
+    }
+
     /// The month's end (midnight of the next month's first day), in milliseconds since the epoch.
     pub fn month_end_ms(&self) -> u64 {
         let next = self.month + 1;
@@ -116,6 +121,7 @@ mod tests {
         assert_eq!(w.minute_left(), Duration::from_millis(29_500));
         assert_eq!(rfc3339(w.day_end_ms()), "2027-01-01T00:00:00Z");
         assert_eq!(rfc3339(w.month_end_ms()), "2027-01-01T00:00:00Z");
+        assert_eq!(rfc3339(w.month_start_ms()), "2026-12-01T00:00:00Z");
         // A leap day, and the month after it.
         let leap = Windows::at(days_from_civil(2028, 2, 29) * DAY_MS + 1);
         assert_eq!(leap.day_name(), "d2028-02-29");

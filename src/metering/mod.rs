@@ -5,6 +5,7 @@
 pub mod ledger;
 pub mod metrics;
 pub mod prices;
+pub mod spend;
 pub mod usage;
 
 /// Why a successful response from an endpoint that bills tokens was not (or not fully) metered: its ledger and
