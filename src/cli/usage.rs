@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::SystemTime;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+use crate::metering::ledger::read::{self, Line};
 
 /// How to group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,32 +44,6 @@ impl GroupBy {
     }
 }
 
-/// The ledger fields a report reads.
-#[derive(Debug, Deserialize)]
-struct Line {
-    time: String,
-    key: Option<String>,
-    project: String,
-    #[serde(default)]
-    tags: BTreeMap<String, String>,
-    model: Option<String>,
-    #[serde(default)]
-    input_tokens: u64,
-    #[serde(default)]
-    output_tokens: u64,
-    #[serde(default)]
-    cached_input_tokens: u64,
-    #[serde(default)]
-    reasoning_tokens: u64,
-    cost_usd: Option<f64>,
-    #[serde(default)]
-    complete: bool,
-    /// Why the gateway could not (fully) read the response's usage; its tokens are what was seen, usually none.
-    unmetered: Option<String>,
-    /// The limit that refused the request: it was never forwarded, and is no request upstream billed.
-    refused_by: Option<String>,
-}
-
 /// One group's totals.
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
 pub struct Row {
@@ -97,7 +72,7 @@ pub struct Row {
 /// Totals per group of the lines from `since` (inclusive) to `until` (exclusive), most expensive first;
 /// `skipped` counts lines that could not be read.
 pub fn aggregate(
-    lines: impl Iterator<Item = String>,
+    lines: impl Iterator<Item = impl AsRef<[u8]>>,
     group_by: &GroupBy,
     since: Option<SystemTime>,
     until: Option<SystemTime>,
@@ -105,10 +80,11 @@ pub fn aggregate(
     let mut groups: BTreeMap<String, Row> = BTreeMap::new();
     let mut skipped = 0;
     for text in lines {
-        if text.trim().is_empty() {
+        let text = text.as_ref();
+        if read::is_blank(text) {
             continue;
         }
-        let Ok(line) = serde_json::from_str::<Line>(&text) else {
+        let Some(line) = Line::parse(text) else {
             skipped += 1;
             continue;
         };
@@ -116,22 +92,22 @@ pub fn aggregate(
             continue;
         }
         if since.is_some() || until.is_some() {
-            match humantime::parse_rfc3339_weak(&line.time) {
-                Ok(t) if since.is_none_or(|since| t >= since) && until.is_none_or(|until| t < until) => {}
-                Ok(_) => continue,
-                Err(_) => {
+            match line.time() {
+                Some(t) if since.is_none_or(|since| t >= since) && until.is_none_or(|until| t < until) => {}
+                Some(_) => continue,
+                None => {
                     skipped += 1;
                     continue;
                 }
             }
         }
-        let group = match group_by {
-            GroupBy::Project => line.project.clone(),
-            GroupBy::Model => line.model.clone().unwrap_or_else(|| "(unknown)".into()),
-            GroupBy::Key => line.key.clone().unwrap_or_else(|| "(no key)".into()),
-            GroupBy::Tag(tag) => line.tags.get(tag).cloned().unwrap_or_else(|| "(untagged)".into()),
+        let group: &str = match group_by {
+            GroupBy::Project => &line.project,
+            GroupBy::Model => line.model.as_deref().unwrap_or("(unknown)"),
+            GroupBy::Key => line.key.as_deref().unwrap_or("(no key)"),
+            GroupBy::Tag(tag) => line.tags.get(tag.as_str()).map_or("(untagged)", |v| v),
         };
-        let row = groups.entry(group.clone()).or_insert_with(|| Row { group, ..Row::default() });
+        let row = groups.entry(group.to_owned()).or_insert_with(|| Row { group: group.to_owned(), ..Row::default() });
         // Counts are whatever the ledger says: sums saturate rather than overflow.
         row.requests += 1;
         row.input_tokens = row.input_tokens.saturating_add(line.input_tokens);
@@ -153,38 +129,6 @@ pub fn aggregate(
     let mut rows: Vec<Row> = groups.into_values().collect();
     rows.sort_by(|a, b| b.cost_usd.total_cmp(&a.cost_usd).then_with(|| a.group.cmp(&b.group)));
     (rows, skipped)
-}
-
-/// The ledger file and its rotated siblings (`usage.jsonl`, `usage.2026-11-25.jsonl`, ...), oldest first.
-pub fn ledger_files(path: &Path) -> Vec<PathBuf> {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            name.strip_prefix(&format!("{stem}."))
-                .and_then(|rest| rest.strip_suffix(&ext))
-                .is_some_and(|day| day.len() == 10 && day.bytes().all(|b| b.is_ascii_digit() || b == b'-'))
-        })
-        .collect();
-    rotated.sort();
-    rotated.push(path.to_owned());
-    rotated
-}
-
-/// The lines of `files`, in order. Split on newline bytes, not as UTF-8 text: a line torn inside a character (a
-/// crash mid-write) is one unreadable line, and the lines after it are still read.
-pub fn read_lines(files: &[PathBuf]) -> impl Iterator<Item = String> + '_ {
-    files
-        .iter()
-        .filter_map(|f| std::fs::File::open(f).ok())
-        .flat_map(|f| std::io::BufReader::new(f).split(b'\n').map_while(Result::ok))
-        .map(|line| String::from_utf8(line).unwrap_or_else(|_| "\u{fffd}".into()))
 }
 
 /// A sum of costs to the ledger's own precision (1e-12 USD), without the floating-point residue of adding them.
@@ -324,13 +268,17 @@ pub fn run(
     {
         anyhow::bail!("--until must be later than --since");
     }
-    let files = ledger_files(ledger);
+    let files = read::files(ledger);
     if !files.iter().any(|f| f.is_file()) {
         anyhow::bail!("no usage ledger at {} (set [metering] ledger_path and serve some traffic)", ledger.display());
     }
-    let lines = read_lines(&files);
     let group_by = GroupBy::parse(group_by);
+    let mut failed = None;
+    let lines = read::lines(&files).map_while(|line| line.map_err(|e| failed = Some(e)).ok());
     let (rows, skipped) = aggregate(lines, &group_by, since, until);
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let mut out = render(&rows, &group_by, format)?;
     if skipped > 0 {
         let _ = writeln!(out, "({skipped} unreadable ledger lines skipped)");

@@ -4,13 +4,10 @@
 //! restarted without its data) is given it again, once (see `redis`).
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::Path;
 
-use serde::Deserialize;
-
 use super::Windows;
-use crate::config::limits::Subject;
+use crate::metering::ledger::read::{self, Line};
 
 /// What one subject used in the open windows.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -38,54 +35,25 @@ pub struct Seeded {
     pub lines: u64,
 }
 
-/// The ledger fields seeding reads.
-#[derive(Deserialize)]
-struct Line {
-    time: String,
-    key: Option<String>,
-    project: String,
-    #[serde(default)]
-    tags: BTreeMap<String, String>,
-    #[serde(default)]
-    input_tokens: u64,
-    #[serde(default)]
-    output_tokens: u64,
-    cost_usd: Option<f64>,
-    /// Set on a request a limit refused: it used nothing and was never forwarded.
-    refused_by: Option<String>,
-}
-
 /// What the ledger at `path` (and its files rotated this month) says was used in the windows of `now`, by the
 /// requests that ended at `until` (ms since the epoch) or before.
 pub fn from_ledger(path: &Path, now: Windows, until: u64) -> anyhow::Result<Seeded> {
-    let month = &now.month_name()[1..];
     let mut seeded = Seeded { windows: now, subjects: BTreeMap::new(), lines: 0 };
-    for file in crate::cli::usage::ledger_files(path) {
-        // Rotated files are named by their day: only this month's can hold this month's lines.
-        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if file != path && !name.contains(&format!(".{month}-")) {
-            continue;
-        }
-        let reader = match std::fs::File::open(&file) {
-            Ok(f) => std::io::BufReader::new(f),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => anyhow::bail!("limits: cannot read the ledger {} to rebuild spend: {e}", file.display()),
-        };
-        for text in reader.lines() {
-            let text = text.map_err(|e| anyhow::anyhow!("limits: reading {}: {e}", file.display()))?;
-            if let Ok(line) = serde_json::from_str::<Line>(&text) {
-                add(&mut seeded, &line, until);
-            }
+    let month_start = crate::limits::window::rfc3339(now.month_start_ms());
+    for text in read::lines(&read::files_from(path, &month_start[..10])) {
+        let text = text.map_err(|e| anyhow::anyhow!("limits: rebuilding spend: {e:#}"))?;
+        if let Some(line) = Line::parse(&text) {
+            add(&mut seeded, &line, until);
         }
     }
     Ok(seeded)
 }
 
-fn add(seeded: &mut Seeded, line: &Line, until: u64) {
+fn add(seeded: &mut Seeded, line: &Line<'_>, until: u64) {
     if line.refused_by.is_some() {
         return;
     }
-    let Ok(time) = humantime::parse_rfc3339_weak(&line.time) else { return };
+    let Some(time) = line.time() else { return };
     let ms = time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let (at, now) = (Windows::at(ms), seeded.windows);
     if at.month != now.month || ms > until {
@@ -93,10 +61,7 @@ fn add(seeded: &mut Seeded, line: &Line, until: u64) {
     }
     seeded.lines += 1;
     let nanos = line.cost_usd.map_or(0, super::nanos);
-    let mut subjects = vec![Subject::Project(line.project.clone())];
-    subjects.extend(line.key.clone().map(Subject::Key));
-    subjects.extend(line.tags.iter().map(|(k, v)| Subject::Tag(k.clone(), v.clone())));
-    for subject in subjects {
+    for subject in line.subjects() {
         let sums = seeded.subjects.entry(subject.to_string()).or_default();
         sums.month_nanos += nanos;
         if at.day == now.day {
@@ -126,15 +91,19 @@ mod tests {
                 r#"{{"time":"{time}","key":"{key}","project":"A","tags":{{"Team":"T"}},"input_tokens":10,"output_tokens":5,"cost_usd":{cost}{refused}}}"#
             ) + "\n"
         };
-        // Last month (rotated), earlier this month (rotated), today, this minute, a refusal, a torn line.
-        std::fs::write(dir.join("usage.2026-11-30.jsonl"), line("2026-11-30T10:00:00Z", "k", 1.0, false))
-            .expect("write");
+        // Last month (rotated, its last batch holding this month's first line), earlier this month (rotated),
+        // today, this minute, a refusal, a line torn inside a character, a torn last line.
+        let last_month =
+            line("2026-11-30T10:00:00Z", "k", 1.0, false) + &line("2026-12-01T00:00:00.010Z", "k", 2.0, false);
+        std::fs::write(dir.join("usage.2026-11-30.jsonl"), last_month).expect("write");
         std::fs::write(dir.join("usage.2026-12-01.jsonl"), line("2026-12-01T10:00:00Z", "k", 0.25, false))
             .expect("write");
         let today = line("2026-12-02T09:00:00Z", "k", 0.5, false)
             + &line("2026-12-02T15:20:10Z", "j", 0.125, false)
             + &line("2026-12-02T15:20:20Z", "j", 9.0, true)
             + "{\"time\":";
+        let mut today = today.into_bytes();
+        today.splice(0..0, b"{\"time\":\"2026-12-02T\xc3\n".iter().copied());
         std::fs::write(&path, today).expect("write");
         let now = Windows::at(
             humantime::parse_rfc3339("2026-12-02T15:20:30Z")
@@ -144,19 +113,19 @@ mod tests {
         let nanos = |usd: f64| super::super::nanos(usd);
         assert_eq!(
             seeded.subjects["project:A"],
-            Sums { requests: 1, input: 10, output: 5, day_nanos: nanos(0.625), month_nanos: nanos(0.875) }
+            Sums { requests: 1, input: 10, output: 5, day_nanos: nanos(0.625), month_nanos: nanos(2.875) }
         );
         assert_eq!(seeded.subjects["tag:Team=T"], seeded.subjects["project:A"]);
         assert_eq!(
             seeded.subjects["key:k"],
-            Sums { requests: 0, input: 0, output: 0, day_nanos: nanos(0.5), month_nanos: nanos(0.75) }
+            Sums { requests: 0, input: 0, output: 0, day_nanos: nanos(0.5), month_nanos: nanos(2.75) }
         );
         assert_eq!(seeded.subjects["key:j"].month_nanos, nanos(0.125));
-        assert_eq!(seeded.lines, 3);
+        assert_eq!(seeded.lines, 4);
         // Lines that ended after the time asked for are left out.
         let earlier = from_ledger(&path, now, now.now_ms - 25_000).expect("seeded");
         assert_eq!(earlier.subjects["project:A"].requests, 0);
-        assert_eq!(earlier.lines, 2);
+        assert_eq!(earlier.lines, 3);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -26,6 +26,8 @@ use thread_local::ThreadLocal;
 use crate::record::{Followup, Record, Sink};
 use crate::telemetry::JsonLine;
 
+pub mod read;
+
 /// How much one thread may hold for the writer before its lines are dropped (some 20,000 lines, a second or
 /// more of a busy thread's traffic).
 const MAX_PENDING: usize = 8 << 20;

@@ -22,11 +22,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use thread_local::ThreadLocal;
 
 use crate::cli::usage::{GroupBy, Row};
 use crate::limits::window::{Windows, rfc3339};
+use crate::metering::ledger::read::{self, Line};
 use crate::metering::usage::Usage;
 use crate::record::{Followup, Record, Sink};
 
@@ -577,16 +578,8 @@ fn open_month(path: &Path, first_hour: u32) -> anyhow::Result<Vec<Opened>> {
     if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
         return Ok(Vec::new());
     }
-    let day_before = &hour_text(first_hour.saturating_sub(24))[..10];
-    let stem = path.file_stem().map(|s| s.len()).unwrap_or_default();
     let mut opened = Vec::new();
-    for file in crate::cli::usage::ledger_files(path) {
-        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        // `usage.2026-11-30.jsonl`: the day is the ten characters after the stem and its dot.
-        let rotated_day = (file != path).then(|| name.get(stem + 1..stem + 11)).flatten();
-        if rotated_day.is_some_and(|day| day < day_before) {
-            continue;
-        }
+    for file in read::files_from(path, &hour_text(first_hour)[..10]) {
         let handle = match File::open(&file) {
             Ok(handle) => handle,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -596,60 +589,6 @@ fn open_month(path: &Path, first_hour: u32) -> anyhow::Result<Vec<Opened>> {
         opened.push(Opened { path: file, file: handle, len });
     }
     Ok(opened)
-}
-
-/// The ledger fields the index reads, borrowed from the line where they need no unescaping.
-#[derive(Deserialize)]
-struct Line<'a> {
-    #[serde(borrow)]
-    time: Text<'a>,
-    #[serde(borrow, default)]
-    key: Option<Text<'a>>,
-    #[serde(borrow)]
-    project: Text<'a>,
-    #[serde(borrow, default)]
-    tags: BTreeMap<Text<'a>, Text<'a>>,
-    #[serde(borrow, default)]
-    model: Option<Text<'a>>,
-    #[serde(default)]
-    input_tokens: u64,
-    #[serde(default)]
-    output_tokens: u64,
-    #[serde(default)]
-    cached_input_tokens: u64,
-    #[serde(default)]
-    reasoning_tokens: u64,
-    cost_usd: Option<f64>,
-    #[serde(default)]
-    complete: bool,
-    /// Only whether it is there counts (a JSON `null` is as good as absent, as in `usage report`).
-    #[serde(borrow, default)]
-    unmetered: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    refused_by: Option<Text<'a>>,
-}
-
-/// A JSON string, borrowed from the line unless it had escapes to undo.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Text<'a>(std::borrow::Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
-            type Value = Text<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Text<'a>, E> {
-                Ok(Text(std::borrow::Cow::Borrowed(s)))
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Text<'a>, E> {
-                Ok(Text(std::borrow::Cow::Owned(s.to_owned())))
-            }
-        }
-        deserializer.deserialize_str(Visitor(std::marker::PhantomData))
-    }
 }
 
 /// Reads `files` into `shard` (the lines from `first_hour` on), reporting the lines read now and then; returns
@@ -690,17 +629,17 @@ fn add_line(shard: &mut Shard, text: &[u8], first_hour: u32) -> bool {
     if text.iter().all(u8::is_ascii_whitespace) {
         return true;
     }
-    let Ok(line) = serde_json::from_slice::<Line<'_>>(text) else { return false };
+    let Some(line) = Line::parse(text) else { return false };
     if line.refused_by.is_some() {
         return true;
     }
-    let Some(hour) = hour_of_text(&line.time.0) else { return false };
+    let Some(hour) = line.time().map(hour_of) else { return false };
     if hour < first_hour {
         return true;
     }
-    let project = shard.project(&line.project.0, line.tags.iter().map(|(t, v)| (&*t.0, &*v.0)));
-    let key = shard.name_id(line.key.as_ref().map(|k| &*k.0));
-    let model = shard.name_id(line.model.as_ref().map(|m| &*m.0));
+    let project = shard.project(&line.project, line.tags.iter().map(|(t, v)| (&**t, &**v)));
+    let key = shard.name_id(line.key.as_deref());
+    let model = shard.name_id(line.model.as_deref());
     let usage = Usage {
         input: line.input_tokens,
         output: line.output_tokens,

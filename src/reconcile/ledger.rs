@@ -3,13 +3,12 @@
 //! (`refused_by`) were never forwarded, so AWS never counted them: they are left out.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
-
-use serde::Deserialize;
 
 use super::names::ProjectNames;
 use super::window::Window;
+use crate::metering::ledger::read::{self, Line};
 
 /// Tokens the gateway forwarded for one project and model.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -69,22 +68,6 @@ impl GatewayUsage {
     }
 }
 
-/// The ledger fields reconciliation reads.
-#[derive(Debug, Deserialize)]
-struct Line {
-    time: String,
-    project: String,
-    project_id: Option<String>,
-    model: Option<String>,
-    #[serde(default)]
-    input_tokens: u64,
-    #[serde(default)]
-    output_tokens: u64,
-    #[serde(default)]
-    cached_input_tokens: u64,
-    refused_by: Option<String>,
-}
-
 /// The model name for a line without one.
 pub const UNKNOWN_MODEL: &str = "(unknown)";
 
@@ -92,15 +75,12 @@ pub const UNKNOWN_MODEL: &str = "(unknown)";
 pub fn read(ledgers: &[PathBuf], window: &Window, names: &ProjectNames) -> anyhow::Result<GatewayUsage> {
     let mut usage = GatewayUsage { files: files(ledgers, window)?, ..GatewayUsage::default() };
     let files = usage.files.clone();
-    for text in crate::cli::usage::read_lines(&files) {
-        if text.trim().is_empty() {
+    for text in read::lines(&files) {
+        let text = text?;
+        if read::is_blank(&text) {
             continue;
         }
-        let Ok(line) = serde_json::from_str::<Line>(&text) else {
-            usage.skipped += 1;
-            continue;
-        };
-        let Ok(time) = humantime::parse_rfc3339_weak(&line.time) else {
+        let Some((line, time)) = Line::parse(&text).and_then(|line| line.time().map(|time| (line, time))) else {
             usage.skipped += 1;
             continue;
         };
@@ -113,10 +93,10 @@ pub fn read(ledgers: &[PathBuf], window: &Window, names: &ProjectNames) -> anyho
         }
         usage.lines += 1;
         let project = names.of_line(&line.project, line.project_id.as_deref());
-        if let Some(id) = line.project_id {
-            usage.ids.entry(project.clone()).or_insert(id);
+        if let Some(id) = &line.project_id {
+            usage.ids.entry(project.clone()).or_insert_with(|| id.to_string());
         }
-        let model = line.model.unwrap_or_else(|| UNKNOWN_MODEL.to_owned());
+        let model = line.model.as_deref().unwrap_or(UNKNOWN_MODEL).to_owned();
         usage.by_model.entry((project, model)).or_default().add(Counted {
             input: line.input_tokens,
             output: line.output_tokens,
@@ -135,12 +115,12 @@ fn files(ledgers: &[PathBuf], window: &Window) -> anyhow::Result<Vec<PathBuf>> {
     let mut seen = BTreeSet::new();
     let mut files = Vec::new();
     for ledger in ledgers {
-        let found = crate::cli::usage::ledger_files(ledger);
+        let found = read::files(ledger);
         if !found.iter().any(|f| f.is_file()) {
             anyhow::bail!("no usage ledger at {} (nor rotated files beside it)", ledger.display());
         }
         for file in found.into_iter().filter(|f| f.is_file()) {
-            if let Some(day) = rotated_day(ledger, &file)
+            if let Some(day) = read::rotated_day(ledger, &file)
                 && (day < first_day.as_str() || day > last_day.as_str())
             {
                 continue;
@@ -156,20 +136,10 @@ fn files(ledgers: &[PathBuf], window: &Window) -> anyhow::Result<Vec<PathBuf>> {
 
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// The day a rotated file of `ledger` is named for (`usage.2026-11-25.jsonl` -> `2026-11-25`); none for the
-/// ledger itself.
-fn rotated_day<'a>(ledger: &Path, file: &'a Path) -> Option<&'a str> {
-    if file == ledger {
-        return None;
-    }
-    let name = file.file_name()?.to_str()?;
-    let stem = ledger.file_stem()?.to_str()?;
-    let rest = name.strip_prefix(stem)?.strip_prefix('.')?;
-    rest.get(..10)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::config::Project;
 
@@ -244,12 +214,5 @@ mod tests {
         let missing = read(&[dir.join("nowhere/usage.jsonl")], &window, &names).expect_err("no ledger");
         assert!(missing.to_string().contains("no usage ledger at"), "{missing}");
         std::fs::remove_dir_all(&dir).expect("cleanup");
-    }
-
-    #[test]
-    fn rotated_days_are_read_from_the_name() {
-        let ledger = Path::new("/v/usage.jsonl");
-        assert_eq!(rotated_day(ledger, Path::new("/v/usage.2026-11-25.jsonl")), Some("2026-11-25"));
-        assert_eq!(rotated_day(ledger, ledger), None);
     }
 }
