@@ -41,6 +41,20 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 ";
 
+/// Adds usage to counters (a settle, a rebuild): each counter from `KEYS[first_key]` on, with two arguments from
+/// `ARGV[first_arg]` on, its amount and its time to live (s).
+const ADD: &str = r"
+local function add(first_key, first_arg)
+  for i = first_key, #KEYS do
+    local a = first_arg + (i - first_key) * 2
+    if ARGV[a] ~= '0' then
+      redis.call('INCRBY', KEYS[i], ARGV[a])
+      redis.call('EXPIRE', KEYS[i], ARGV[a + 1])
+    end
+  end
+end
+";
+
 /// Releases one reservation: takes back what it holds from each counter that still exists (a window that has
 /// ended has nothing to take back from), and forgets it. A reservation swept at its expiry leaves a tombstone for
 /// a day, so a settle that comes after it still counts its usage (once).
@@ -118,13 +132,7 @@ else
 end
 if not counted then return 0 end
 if tonumber(ARGV[2]) <= tonumber(cut) then return 3 end
-for i = 6, #KEYS do
-  local a = 4 + (i - 6) * 2
-  if ARGV[a] ~= '0' then
-    redis.call('INCRBY', KEYS[i], ARGV[a])
-    redis.call('EXPIRE', KEYS[i], ARGV[a + 1])
-  end
-end
+add(6, 4)
 return 1
 ";
 
@@ -141,13 +149,7 @@ return out
 /// per counter: amount, ttl (s). Returns 1 added, 0 already counted.
 const SEED: &str = r"
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
-for i = 2, #KEYS do
-  local a = 2 + (i - 2) * 2
-  if ARGV[a] ~= '0' then
-    redis.call('INCRBY', KEYS[i], ARGV[a])
-    redis.call('EXPIRE', KEYS[i], ARGV[a + 1])
-  end
-end
+add(2, 2)
 return 1
 ";
 
@@ -160,9 +162,9 @@ struct Scripts {
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     admit: redis::Script::new(&format!("{NOW}{RELEASE}{ADMIT}")),
-    settle: redis::Script::new(&format!("{RELEASE}{SETTLE}")),
+    settle: redis::Script::new(&format!("{ADD}{RELEASE}{SETTLE}")),
     sweep: redis::Script::new(&format!("{NOW}{RELEASE}{SWEEP}")),
-    seed: redis::Script::new(SEED),
+    seed: redis::Script::new(&format!("{ADD}{SEED}")),
 });
 
 const RESERVATIONS: &str = "{mantlegate}:reservations";
