@@ -5,10 +5,16 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use common::*;
+use futures_util::StreamExt;
 use http::StatusCode;
+use mantlegate::limits::nanos;
 use mantlegate::live::Outcome;
 use serde_json::{Value, json};
 
@@ -101,7 +107,8 @@ async fn a_request_rate_limit_refuses_with_the_headers_openai_clients_read() {
         assert!((1..=60).contains(&retry), "retry-after {retry}");
         assert_eq!(h("x-ratelimit-limit-requests").as_deref(), Some("2"));
         assert_eq!(h("x-ratelimit-remaining-requests").as_deref(), Some("0"));
-        assert!(h("x-ratelimit-reset-requests").unwrap().ends_with('s'));
+        // Retry-After in seconds, and the same moment as OpenAI spells it (within a minute: `{s}s`).
+        assert_eq!(h("x-ratelimit-reset-requests"), Some(format!("{retry}s")));
         assert_eq!(h("x-should-retry"), None, "a rate limit is worth retrying later");
         let body: Value = refused.json().await.unwrap();
         assert_eq!(body["error"]["code"], "rate_limit_exceeded");
@@ -260,6 +267,155 @@ async fn a_restarted_gateway_and_a_reloaded_budget_both_see_the_spend_so_far() {
     // And its metrics say so.
     let metrics = gw.metric_prefix("mantlegate_limit_used{").await;
     assert!(metrics.contains(r#"subject="project:Chat-Prod""#), "{metrics}");
+}
+
+/// 20 input tokens, and half the output cap the request sets (so each settle gives back part of its reservation).
+fn usage_of(body: &Value) -> (u64, u64) {
+    (20, body["max_tokens"].as_u64().unwrap() / 2)
+}
+
+/// An upstream that answers JSON or a stream (as the request asks) after a few milliseconds, so that requests
+/// overlap, with [`usage_of`] the request.
+async fn concurrent_upstream() -> Arc<Mock> {
+    Mock::start(|seen| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let body: Value = serde_json::from_slice(&seen.body).unwrap();
+        let (input, output) = usage_of(&body);
+        let model = body["model"].as_str().unwrap().to_owned();
+        let usage = json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output});
+        if body["stream"] == true {
+            let chunk = json!({"id": "c", "object": "chat.completion.chunk", "model": model,
+                "choices": [{"index": 0, "delta": {"content": "Hi"}}]});
+            let last =
+                json!({"id": "c", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage});
+            let text = format!("data: {chunk}\n\ndata: {last}\n\ndata: [DONE]\n\n");
+            ([(http::header::CONTENT_TYPE, "text/event-stream")], text).into_response()
+        } else {
+            let text = json!({"id": "c", "object": "chat.completion", "model": model, "choices": [], "usage": usage});
+            ([(http::header::CONTENT_TYPE, "application/json")], text.to_string()).into_response()
+        }
+    })
+    .await
+}
+
+/// The chat team's day budget: 24 requests' worth at max_tokens 100 (20 in, 50 out of gpt-oss-120b: $0.000033
+/// each), against 72 chat requests sent.
+const TEAM_BUDGET_USD: f64 = 24.0 * (20.0 * 0.15 + 50.0 * 0.60) / 1e6;
+/// Search's output tokens per minute: 8 requests of 50, against 36 sent.
+const SEARCH_OUTPUT_PER_MINUTE: u64 = 400;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_traffic_never_spends_past_a_budget_and_leaves_the_counts_equal_to_the_ledger() {
+    let rules = format!(
+        "[[limits.rules]]\ntag = {{ Team = \"chat\" }}\nusd_per_day = {TEAM_BUDGET_USD}\n\
+         [[limits.rules]]\nproject = \"Search\"\noutput_tokens_per_minute = {SEARCH_OUTPUT_PER_MINUTE}\n"
+    );
+    let l = Arc::new(start("concurrent", concurrent_upstream().await, &rules).await);
+
+    // Watches the team's day spend as the store has it (settled plus reserved) while the traffic runs: what the
+    // gateway admitted never exceeds the budget, at any moment.
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = tokio::spawn({
+        let (l, watching) = (l.clone(), watching.clone());
+        async move {
+            let (mut highest, mut reads) = (0f64, 0u64);
+            while watching.load(Ordering::SeqCst) {
+                highest = highest.max(Limited::used(&l.limits().await, "tag:Team=chat", "usd_per_day"));
+                reads += 1;
+            }
+            (highest, reads)
+        }
+    });
+
+    // 108 requests, 24 at a time: Chat-Prod and Chat-Dev (sharing the team budget) and Search (its output
+    // rate), JSON and streams, max_tokens 100 or 60 (Search always 100).
+    let replies: Vec<(&str, StatusCode, Value)> = futures_util::stream::iter(0..108)
+        .map(|i| {
+            let l = l.clone();
+            async move {
+                let project = ["Chat-Prod", "Chat-Dev", "Search"][i % 3];
+                let (model, max_tokens) = if project == "Search" {
+                    ("openai.gpt-oss-20b", 100)
+                } else {
+                    ("openai.gpt-oss-120b", [100, 60][i / 3 % 2])
+                };
+                let mut body =
+                    json!({"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]});
+                if i % 2 == 0 {
+                    body["stream"] = json!(true);
+                    body["stream_options"] = json!({"include_usage": true});
+                }
+                let key = if project == "Search" { SEARCH_KEY } else { CHAT_KEY };
+                let mut req = l.gw.post("/v1/chat/completions", key).json(&body);
+                if project == "Chat-Dev" {
+                    req = req.header("openai-project", project);
+                }
+                let res = req.send().await.unwrap();
+                let status = res.status();
+                let text = res.text().await.unwrap();
+                let error = if status == StatusCode::OK { Value::Null } else { serde_json::from_str(&text).unwrap() };
+                (project, status, error)
+            }
+        })
+        .buffer_unordered(24)
+        .collect()
+        .await;
+    watching.store(false, Ordering::SeqCst);
+    let (highest, reads) = watcher.await.unwrap();
+
+    let mut by_code: BTreeMap<(&str, u16, String), usize> = BTreeMap::new();
+    for (project, status, error) in &replies {
+        let code = error["error"]["code"].as_str().unwrap_or_default().to_owned();
+        match (*project, status.as_u16(), code.as_str()) {
+            (_, 200, _)
+            | ("Chat-Prod" | "Chat-Dev", 429, "insufficient_quota")
+            | ("Search", 429, "rate_limit_exceeded") => {}
+            other => panic!("unexpected answer {other:?}: {error}"),
+        }
+        *by_code.entry((*project, status.as_u16(), code)).or_default() += 1;
+    }
+    let count = |project: &str, status: u16| {
+        by_code.iter().filter(|((p, s, _), _)| *p == project && *s == status).map(|(_, n)| n).sum::<usize>()
+    };
+    assert!(count("Chat-Prod", 429) + count("Chat-Dev", 429) > 0, "the budget refused nothing: {by_code:?}");
+    assert!(count("Search", 429) > 0, "the rate limit refused nothing: {by_code:?}");
+    assert!(reads > 10, "the watcher read the store {reads} times");
+    let budget = nanos(TEAM_BUDGET_USD);
+    assert!(
+        nanos(highest) <= budget,
+        "spend admitted at one moment (${highest}) exceeded the budget (${TEAM_BUDGET_USD})"
+    );
+
+    // Settled: nothing is held, and what the store counts is what the ledger says, to the nano-dollar.
+    l.gw.metric_line("mantlegate_limit_reservations_in_flight 0").await;
+    let counted = nanos(Limited::used(&l.limits().await, "tag:Team=chat", "usd_per_day"));
+    let l = Arc::into_inner(l).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), l.gw.running.unwrap().stop()).await;
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&l.ledger).unwrap().lines().map(|t| serde_json::from_str(t).unwrap()).collect();
+    let forwarded: Vec<&Value> = lines.iter().filter(|v| v["refused_by"].is_null()).collect();
+    assert_eq!(forwarded.len(), count("Chat-Prod", 200) + count("Chat-Dev", 200) + count("Search", 200));
+    let mut spend_by_day: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut search_output_by_minute: BTreeMap<&str, u64> = BTreeMap::new();
+    for line in &forwarded {
+        let time = line["time"].as_str().unwrap();
+        assert!(line["complete"] == true && line["unmetered"].is_null(), "{line}");
+        if line["tags"]["Team"] == "chat" {
+            *spend_by_day.entry(&time[..10]).or_default() += nanos(line["cost_usd"].as_f64().unwrap());
+        } else {
+            *search_output_by_minute.entry(&time[..16]).or_default() += line["output_tokens"].as_u64().unwrap();
+        }
+    }
+    for (day, spent) in &spend_by_day {
+        assert!(*spent <= budget, "{day}: the chat team spent {spent} nano-USD of {budget}");
+    }
+    // More than half of it: the refusals were the budget's, not a count run away.
+    let today = *spend_by_day.values().last().unwrap();
+    assert!(today > budget / 2, "the chat team spent only {today} nano-USD of {budget}");
+    assert_eq!(counted, today, "the store's count against the ledger's sum today");
+    for (minute, output) in &search_output_by_minute {
+        assert!(*output <= SEARCH_OUTPUT_PER_MINUTE, "{minute}: Search used {output} output tokens");
+    }
 }
 
 /// Minutes since the epoch, as limits count them.
