@@ -229,9 +229,13 @@ fn grouped(api: &Api, query: Option<&str>, csv: bool) -> Result<Response, AdminE
 async fn daily(State(api): State<Api>, RawQuery(query): RawQuery) -> Result<Response, AdminError> {
     let now = SystemTime::now();
     let (_, month, next_month) = calendar(now);
-    let params = parse(query.as_deref(), false, api.spend.first_hour(now), month, Some(next_month))?;
+    let params = parse(query.as_deref(), false, api.spend.first_hour(now), month, None)?;
+    // The index holds nothing past this month: a range is cut there (the answer has a row per day asked for).
+    let until = params.hours.until.unwrap_or(next_month).min(next_month);
+    if until <= params.hours.since {
+        return Err(invalid("since", format!("must be before {}: nothing later has happened", hour_text(next_month))));
+    }
     ready(&api.spend)?;
-    let until = params.hours.until.unwrap_or(next_month);
     let days = api.spend.daily(Hours { since: params.hours.since, until: Some(until) }, now);
     if params.csv {
         let mut text = String::from("day,requests,input_tokens,output_tokens,cost_usd\n");
@@ -405,10 +409,38 @@ mod tests {
         );
         let (status, body) = call("/api/spend/daily?since=tomorrow").await;
         assert_eq!((status.as_u16(), &body["error"]["param"]), (400, &serde_json::json!("since")));
+        let (status, body) = call("/api/spend/daily?since=9999-01-01").await;
+        assert_eq!((status.as_u16(), &body["error"]["param"]), (400, &serde_json::json!("since")), "{body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("nothing later")), "{body}");
         // A good question, with no ledger to answer it from.
         let (status, body) = call("/api/spend?group_by=tag:Team").await;
         assert_eq!((status.as_u16(), &body["error"]["code"]), (404, &serde_json::json!("no_ledger")));
         let (status, body) = call("/api/status").await;
         assert_eq!((status.as_u16(), &body["index"]["state"]), (200, &serde_json::json!("no_ledger")));
+    }
+
+    #[tokio::test]
+    async fn a_daily_series_ends_with_the_month_however_far_it_is_asked_for() {
+        let dir = std::env::temp_dir().join(format!("mantlegate-admin-daily-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ledger = dir.join("usage.jsonl");
+        std::fs::write(&ledger, "").expect("ledger");
+        let spend = Spend::start(Some(&ledger), SystemTime::now());
+        crate::metering::spend::tests::ready(&spend).await;
+        let live = Live::new(crate::snapshot::tests::snapshot(
+            "[callers]\nauth = \"none\"\n[[projects]]\nname = \"A\"\nid = \"proj_a\"",
+        ));
+        let app = routes(Api { spend, live: Arc::new(live) });
+        let req =
+            http::Request::get("/api/spend/daily?until=9999-12-31").body(axum::body::Body::empty()).expect("request");
+        let res = tower_service::Service::call(&mut app.into_service(), req).await.expect("response");
+        assert_eq!(res.status(), 200);
+        let body: serde_json::Value =
+            serde_json::from_slice(&axum::body::to_bytes(res.into_body(), 1 << 20).await.expect("body")).expect("json");
+        let (_, month, next_month) = calendar(SystemTime::now());
+        assert_eq!(body["days"].as_array().map(Vec::len), Some(((next_month - month) / 24) as usize), "{body}");
+        assert_eq!(body["until"], hour_text(next_month));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -228,8 +228,12 @@ pub fn render(rows: &[Row], group_by: &GroupBy, format: &str) -> anyhow::Result<
     Ok(out)
 }
 
+/// A CSV field: quoted when it holds a separator, a quote or a line break. A value a spreadsheet would take for a
+/// formula (starting with `=`, `+`, `-`, `@`, a tab or a carriage return) gets a leading `'`, so that opening a
+/// report never runs what a caller or an upstream named a model.
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_owned() }
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{s}") } else { s.to_owned() };
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
 }
 
 /// A moment as a report's bounds take it: a UTC date (`2026-12-01`, its midnight) or an RFC 3339 time
@@ -300,6 +304,28 @@ pub const SINCE_HELP: &str = "only requests this recent (7d, 12h) or from this U
 /// `--until` help text.
 pub const UNTIL_HELP: &str =
     "only requests before this UTC date or RFC 3339 time (exclusive: --until 2026-12-02 ends with December 1st)";
+
+#[cfg(test)]
+mod csv_tests {
+    use super::csv_field;
+
+    #[test]
+    fn fields_are_quoted_and_never_formulas() {
+        for (value, field) in [
+            ("openai.gpt-oss-120b", "openai.gpt-oss-120b"),
+            ("a,b", "\"a,b\""),
+            ("say \"hi\"", "\"say \"\"hi\"\"\""),
+            ("two\rlines", "\"two\rlines\""),
+            ("=HYPERLINK(\"http://x\",\"y\")", "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\""),
+            ("+1", "'+1"),
+            ("-2", "'-2"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tcmd", "'\tcmd"),
+        ] {
+            assert_eq!(csv_field(value), field, "{value:?}");
+        }
+    }
+}
 
 #[cfg(test)]
 mod cost_tests {

@@ -265,11 +265,30 @@ impl Sink for LedgerSink {
 }
 
 fn open_append(path: &Path) -> anyhow::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("metering.ledger_path: cannot open {}: {e}", path.display()))
+    let cannot = |e: std::io::Error| anyhow::anyhow!("metering.ledger_path: cannot open {}: {e}", path.display());
+    // A regular file is opened for reading too, to look at its last byte; anything else (a pipe, /dev/stdout) may
+    // not be readable and has no last line to end.
+    let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+    let mut file = OpenOptions::new().create(true).append(true).read(regular).open(path).map_err(cannot)?;
+    if regular {
+        end_torn_line(&mut file).map_err(cannot)?;
+    }
+    Ok(file)
+}
+
+/// Ends the file's last line if it is torn (a crash mid-write left it without its newline), so that the next
+/// line is not appended to it: that line would be read as part of one unreadable line, and lost with it.
+fn end_torn_line(file: &mut File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut last = [b'\n'];
+    if len > 0 {
+        file.read_exact_at(&mut last, len - 1)?;
+    }
+    if last[0] != b'\n' {
+        file.write_all(b"\n")?;
+    }
+    Ok(())
 }
 
 /// `usage.jsonl` on 2026-11-25 -> `usage.2026-11-25.jsonl`.
@@ -408,6 +427,22 @@ mod tests {
         let rotated = rotated_path(&path, &utc_day(yesterday));
         assert_eq!(std::fs::read_to_string(&rotated).expect("rotated file"), "{\"old\":true}\n");
         assert_eq!(std::fs::read_to_string(&path).expect("new file"), "{\"new\":true}\n");
+    }
+
+    #[tokio::test]
+    async fn a_line_torn_by_a_crash_is_ended_before_the_next_is_written() {
+        let path = fresh_ledger_path("torn");
+        std::fs::write(&path, "{\"whole\":true}\n{\"torn\":").expect("torn ledger");
+        let (ledger, writer) = Ledger::open(&path, Counter::default()).expect("open");
+        append(&ledger, "{\"next\":true}");
+        writer.finish(Duration::from_secs(10)).await;
+        let text = std::fs::read_to_string(&path).expect("ledger");
+        assert_eq!(text, "{\"whole\":true}\n{\"torn\":\n{\"next\":true}\n");
+        // A whole ledger gets nothing added.
+        let (ledger, writer) = Ledger::open(&path, Counter::default()).expect("reopen");
+        append(&ledger, "{\"last\":true}");
+        writer.finish(Duration::from_secs(10)).await;
+        assert!(std::fs::read_to_string(&path).expect("ledger").ends_with("true}\n{\"last\":true}\n"));
     }
 
     #[tokio::test]

@@ -12,7 +12,9 @@
 //! buffers), and a query adds the shards up. Costs are summed in picodollars (the ledger's precision), so the
 //! sums are exact. The index also counts every request (with its 4xx and 5xx answers) and the unattributed ones
 //! (refused as `project_required`, or rerouted), which the ledger does not tell apart, for the page's live figures.
-//! It keeps the month it started in and, from then on, the current month and the one before.
+//! It keeps the month it started in and, from then on, the current month and the one before. A shard tells apart
+//! [`MAX_MODELS`] model names; requests naming any further ones are summed as [`OTHER_MODELS`] (`usage report`
+//! lists each: a caller may name any model, and the index must not grow with what callers make up).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -33,6 +35,11 @@ use crate::record::{Followup, Record, Sink};
 
 const HOUR_MS: u64 = 3_600_000;
 const NONE: u32 = u32::MAX;
+
+/// Distinct model names one shard tells apart; the requests of any further ones count as [`OTHER_MODELS`].
+const MAX_MODELS: usize = 1000;
+/// The model of requests past [`MAX_MODELS`].
+pub const OTHER_MODELS: &str = "(other models)";
 
 /// Lines read between two updates of the progress the page shows while the index is being built.
 const PROGRESS_EVERY: u64 = 65_536;
@@ -177,9 +184,13 @@ struct Shard {
     projects: Vec<ProjectTags>,
     project_ids: HashMap<Box<str>, u32>,
     names: Names,
+    /// How many model names `names` holds (at most [`MAX_MODELS`]).
+    models: usize,
     cells: HashMap<Cell, Sums>,
     /// By day since the epoch.
     unattributed: BTreeMap<u32, Unattributed>,
+    /// Since the start (the days above are pruned with the months).
+    unattributed_since_start: Unattributed,
     answered: Answered,
     /// The first hour of the month after the latest one counted: a record at or past it starts a month, and the
     /// shard lets go of what it no longer keeps.
@@ -213,6 +224,19 @@ impl Shard {
 
     fn name_id(&mut self, name: Option<&str>) -> u32 {
         name.map_or(NONE, |n| self.names.id(n))
+    }
+
+    /// The id of model `name`: past [`MAX_MODELS`] distinct names, the id of [`OTHER_MODELS`] (a caller may name
+    /// any model, even one upstream refuses, and the index must not grow with what callers make up).
+    fn model_id(&mut self, name: Option<&str>) -> u32 {
+        let Some(name) = name else { return NONE };
+        if !self.names.ids.contains_key(name) {
+            if self.models >= MAX_MODELS {
+                return self.names.id(OTHER_MODELS);
+            }
+            self.models += 1;
+        }
+        self.names.id(name)
     }
 
     /// Drops the sums of the hours before `keep_from`.
@@ -497,13 +521,12 @@ impl Spend {
         let today = hour_of(now) / 24;
         let (mut since_start, mut on_day) = (Unattributed::default(), Unattributed::default());
         for shard in self.live.iter() {
-            for (&day, u) in &lock(shard).unattributed {
-                since_start.rejected += u.rejected;
-                since_start.rerouted += u.rerouted;
-                if day == today {
-                    on_day.rejected += u.rejected;
-                    on_day.rerouted += u.rerouted;
-                }
+            let shard = lock(shard);
+            since_start.rejected += shard.unattributed_since_start.rejected;
+            since_start.rerouted += shard.unattributed_since_start.rerouted;
+            if let Some(u) = shard.unattributed.get(&today) {
+                on_day.rejected += u.rejected;
+                on_day.rerouted += u.rerouted;
             }
         }
         (since_start, on_day)
@@ -540,6 +563,8 @@ impl Sink for Spend {
             let day = shard.unattributed.entry(hour / 24).or_default();
             day.rerouted += u64::from(rerouted);
             day.rejected += u64::from(rejected);
+            shard.unattributed_since_start.rerouted += u64::from(rerouted);
+            shard.unattributed_since_start.rejected += u64::from(rejected);
         }
         // As the ledger sink writes a line: for a request upstream answered, under a ledger, with a project.
         let Some((project, _)) = &r.project else { return None };
@@ -548,7 +573,7 @@ impl Sink for Spend {
         }
         let project = shard.project(&project.name, project.tags.iter().map(|(t, v)| (t.as_str(), v.as_str())));
         let key = shard.name_id(r.key.as_ref().map(|k| k.name.as_str()));
-        let model = shard.name_id(r.model.as_deref());
+        let model = shard.model_id(r.model.as_deref());
         let usage = r.usage.unwrap_or_default();
         shard.cells.entry(Cell { hour, project, key, model }).or_default().add_request(
             &usage,
@@ -579,7 +604,7 @@ fn open_month(path: &Path, first_hour: u32) -> anyhow::Result<Vec<Opened>> {
         return Ok(Vec::new());
     }
     let mut opened = Vec::new();
-    for file in read::files_from(path, &hour_text(first_hour)[..10]) {
+    for file in read::files_from(path, &hour_text(first_hour)[..10]).into_iter().filter(|f| f.is_file()) {
         let handle = match File::open(&file) {
             Ok(handle) => handle,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -639,7 +664,7 @@ fn add_line(shard: &mut Shard, text: &[u8], first_hour: u32) -> bool {
     }
     let project = shard.project(&line.project, line.tags.iter().map(|(t, v)| (&**t, &**v)));
     let key = shard.name_id(line.key.as_deref());
-    let model = shard.name_id(line.model.as_deref());
+    let model = shard.model_id(line.model.as_deref());
     let usage = Usage {
         input: line.input_tokens,
         output: line.output_tokens,
@@ -656,4 +681,4 @@ fn add_line(shard: &mut Shard, text: &[u8], first_hour: u32) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

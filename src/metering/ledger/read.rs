@@ -14,8 +14,8 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 
-/// The ledger file and its rotated siblings (`usage.jsonl`, `usage.2026-11-25.jsonl`, ...), oldest first, the
-/// ledger itself last (whether or not it exists).
+/// The ledger file and its rotated siblings (`usage.jsonl`, `usage.2026-11-25.jsonl`, ...: regular files only),
+/// oldest first, the ledger itself last (whether or not it exists).
 pub fn files(path: &Path) -> Vec<PathBuf> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -23,7 +23,7 @@ pub fn files(path: &Path) -> Vec<PathBuf> {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|file| rotated_day(path, file).is_some())
+        .filter(|file| rotated_day(path, file).is_some() && file.is_file())
         .collect();
     rotated.sort();
     rotated.push(path.to_owned());
@@ -59,11 +59,15 @@ pub fn rotated_day<'a>(ledger: &Path, file: &'a Path) -> Option<&'a str> {
 }
 
 /// The lines of `files`, in order, each without its newline. A file that is not there is skipped (rotation may
-/// have moved it since it was listed); one that cannot be read is an error naming it.
+/// have moved it since it was listed), and so is one that is no regular file (a ledger written to `/dev/stdout`
+/// or a pipe has nothing to read back); one that cannot be read is an error naming it.
 pub fn lines(files: &[PathBuf]) -> impl Iterator<Item = anyhow::Result<Vec<u8>>> + '_ {
     files.iter().flat_map(|path| {
-        let (reader, error) = match File::open(path) {
-            Ok(file) => (Some(BufReader::with_capacity(1 << 20, file)), None),
+        // Looked at before it is opened: opening a named pipe waits for a writer.
+        let opened = std::fs::metadata(path).and_then(|m| m.is_file().then(|| File::open(path)).transpose());
+        let (reader, error) = match opened {
+            Ok(Some(file)) => (Some(BufReader::with_capacity(1 << 20, file)), None),
+            Ok(None) => (None, None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
             Err(e) => (None, Some(Err(anyhow::anyhow!("cannot read the ledger {}: {e}", path.display())))),
         };
@@ -243,7 +247,12 @@ mod tests {
         text.push(b'\n');
         std::fs::write(&a, &text).expect("write");
         std::fs::write(&b, format!("\n{good}")).expect("write");
-        let read: Vec<Vec<u8>> = lines(&[a, dir.join("gone.jsonl"), b]).collect::<anyhow::Result<_>>().expect("lines");
+        // A named pipe (a ledger written to a pipe, or to /dev/stdout) is not read: opening it would wait for a
+        // writer. Nor is a directory.
+        let fifo = dir.join("fifo.jsonl");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+        let files = [a, dir.join("gone.jsonl"), fifo, dir.clone(), b];
+        let read: Vec<Vec<u8>> = lines(&files).collect::<anyhow::Result<_>>().expect("lines");
         assert_eq!(read.len(), 4);
         assert!(Line::parse(&read[0]).is_none());
         assert!(is_blank(&read[2]));

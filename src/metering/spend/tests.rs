@@ -131,7 +131,7 @@ fn with_ledger(path: &Path) -> (Arc<Snapshot>, crate::metering::ledger::LedgerWr
 }
 
 /// Waits until `spend` has read its ledger.
-async fn ready(spend: &Spend) -> IndexState {
+pub(crate) async fn ready(spend: &Spend) -> IndexState {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match spend.state() {
@@ -307,4 +307,39 @@ fn the_index_keeps_its_start_month_then_the_current_and_previous_months() {
     assert_eq!(hour_text(next_month(hour("2026-12-31T23:00:00Z"))), "2027-01-01T00:00:00Z");
     assert_eq!(picos(0.000_000_075), 75_000);
     assert_eq!((picos(f64::NAN), picos(-1.0)), (0, 0));
+}
+
+#[test]
+fn model_names_past_the_bound_are_summed_as_other_models_and_unattributed_counts_outlive_their_month() {
+    let dir = dir("models");
+    let (snapshot, _writer) = with_ledger(&dir.join("usage.jsonl"));
+    let spend = Spend::start(snapshot.ledger.as_ref().map(|l| l.path()), now());
+    // Priced and forwarded, with made-up model names: the first MAX_MODELS are told apart, the rest are not.
+    let made_up = MAX_MODELS + 5;
+    for n in 0..made_up {
+        let mut r = record(&snapshot, 1);
+        r.time = Stamp::new(now());
+        r.model = Some(format!("made.up-{n}"));
+        spend.record(&r);
+    }
+    let (rows, total) = spend.rows(&GroupBy::Model, Hours { since: hour("2026-12-01T00:00:00Z"), until: None }, now());
+    assert_eq!(rows.len(), MAX_MODELS + 1);
+    let other = rows.iter().find(|r| r.group == OTHER_MODELS).expect("other models");
+    assert_eq!((other.requests, total.requests), (5, made_up as u64));
+
+    // Requests nothing attributed (rejected: record 9; rerouted: record 4) on December 15th, then January 1st:
+    // today's count is the day's, the count since the start keeps December's after its month is pruned.
+    for (i, at) in [(9, "2026-12-15T12:00:00Z"), (4, "2026-12-15T12:00:00Z"), (9, "2027-01-01T00:10:00Z")] {
+        let mut r = record(&snapshot, i);
+        r.time = Stamp::new(humantime::parse_rfc3339(at).expect("time"));
+        spend.record(&r);
+    }
+    let february = humantime::parse_rfc3339("2027-02-01T00:10:00Z").expect("time");
+    let mut r = record(&snapshot, 9);
+    r.time = Stamp::new(february);
+    spend.record(&r);
+    let (since_start, today) = spend.unattributed(february);
+    assert_eq!((since_start.rejected, since_start.rerouted), (3, 1));
+    assert_eq!((today.rejected, today.rerouted), (1, 0));
+    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
