@@ -300,9 +300,10 @@ impl Reloader {
         }
     }
 
-    /// Writes out what every ledger holds and stops their writers, within `limit` (at shutdown, once every
-    /// request has ended).
+    /// Keeps the limits' settles not yet made, then writes out what every ledger holds and stops their writers,
+    /// within `limit` (at shutdown, once every request has ended).
     pub async fn finish(&self, limit: Duration) {
+        self.live.load().limiter.finish().await;
         let writers: Vec<LedgerWriter> = std::mem::take(&mut self.lock().writers);
         for writer in writers {
             writer.finish(limit).await;

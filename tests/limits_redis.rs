@@ -449,6 +449,14 @@ impl Gateway {
         .await
     }
 
+    /// Starts `serve` again on its config and ledger, as they are (a restart).
+    async fn restart(&mut self) {
+        assert!(self.running.is_none(), "stop it first");
+        let served = serve(&self.config, &[("MANTLE_API_KEY", UPSTREAM_KEY)]).await;
+        (self.addr, self.admin) = (served.addr.clone(), served.admin.clone());
+        self.running = Some(served.watched());
+    }
+
     /// SIGTERM, and the whole log once it has exited (every settle done, the ledger written out).
     async fn stop(&mut self) -> Vec<Value> {
         self.running.take().expect("running").stop().await
@@ -1275,6 +1283,58 @@ async fn with_redis_down_allow_forwards_and_counts_the_usage_once_redis_is_back(
     reservations_drain(&redis, "after Redis hung and came back").await;
     gw.stop().await;
     assert_counters_equal_ledgers(&redis, &ledgers, &COUNTED_SUBJECTS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settles_redis_has_not_taken_when_the_gateway_stops_are_made_by_the_next_process() {
+    let redis = RedisServer::start().await;
+    let upstream = Upstream::start().await;
+    let mut gw = Gateway::start(Setup {
+        name: "kept",
+        instance: "gw-a",
+        redis: &redis,
+        upstream: &upstream,
+        limits: "on_backend_error = \"allow\"\nbackend_timeout = \"250ms\"",
+        rules: COUNTING_RULES,
+        upstream_extra: "",
+    })
+    .await;
+    assert_eq!(gw.send(&chat(false, 100)).await.status, 200);
+    // Hung: requests are forwarded unreserved, and their settles kept for when Redis answers again.
+    redis.pause().await;
+    for call in [chat(false, 90), chat(true, 80), chat_dev(false, 70)] {
+        assert_eq!(gw.send(&call).await.status, 200);
+    }
+    gw.metric_reaches("mantlegate_limit_backend_up", 0.0).await;
+    let ledger = gw.ledger_has(4).await;
+
+    // Stopped before it does: they are written beside the ledger.
+    let log = gw.stop().await;
+    assert_eq!(logged(&log, "kept for the next start").len(), 1, "{log:?}");
+    let mut kept_file = gw.ledger.clone().into_os_string();
+    kept_file.push(".unsettled");
+    let kept = std::fs::read_to_string(&kept_file).unwrap();
+    assert!(kept.lines().count() >= 3, "{kept}");
+    assert!(!kept.contains(UPSTREAM_KEY) && !kept.contains(CHAT_KEY), "{kept}");
+
+    // Redis back, and a new process on the same ledger: it makes them, once, and forgets the file.
+    redis.resume().await;
+    gw.restart().await;
+    let want = used_by_subject(std::slice::from_ref(&ledger))["tag:Team=chat"].nanos;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (got, file) = (redis.counters("tag:Team=chat").await.day_nanos, std::path::Path::new(&kept_file).exists());
+        if got == want && !file {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis counts {got} nano-USD, the ledger {want}; file kept: {file}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.stop().await;
+    assert_counters_equal_ledgers(&redis, &[gw.ledger()], &COUNTED_SUBJECTS).await;
 }
 
 /// The spend of `lines`, in nano-USD.

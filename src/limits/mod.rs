@@ -444,12 +444,28 @@ impl Limiter {
                 tick.tick().await;
                 let Some(limiter) = limiter.upgrade() else { return };
                 let snapshot = live.load();
-                if snapshot.config.limits.rules.is_empty() && limiter.counters.in_flight.get() == 0 {
+                if snapshot.config.limits.rules.is_empty()
+                    && limiter.counters.in_flight.get() == 0
+                    && !limiter.has_kept()
+                {
                     continue;
                 }
                 limiter.sweep(&snapshot).await;
             }
         });
+    }
+
+    /// Whether settles are kept for a store that did not take them (never, for memory).
+    fn has_kept(&self) -> bool {
+        matches!(&self.store, Store::Redis(store) if store.has_kept())
+    }
+
+    /// At shutdown, once every request has ended: a Redis store's settles not yet taken are replayed or written
+    /// beside the ledger for the next start.
+    pub async fn finish(&self) {
+        if let Store::Redis(store) = &self.store {
+            store.finish().await;
+        }
     }
 
     /// Whether the store answers (always, for memory).

@@ -19,7 +19,7 @@
 //! that failed are kept and replayed once it is back.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
@@ -211,6 +211,53 @@ fn done_marker(id: &str) -> String {
     format!("{{mantlegate}}:done:{}", utf8_percent_encode(id, KEY_ESCAPE))
 }
 
+/// Where the settles still kept at shutdown (Redis down, or refusing writes) are written, beside the ledger:
+/// `<ledger>.unsettled`, one JSON call a line, for the next process on this ledger to replay (a settle counts
+/// once however often it is replayed).
+fn kept_path(ledger: &Path) -> PathBuf {
+    let mut name = ledger.as_os_str().to_owned();
+    name.push(".unsettled");
+    PathBuf::from(name)
+}
+
+/// The settles a previous process kept at `path` (none if there is no such file); a line that cannot be read
+/// is skipped, and said.
+fn read_kept(path: &Path) -> anyhow::Result<VecDeque<Unsettled>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(VecDeque::new()),
+        Err(e) => anyhow::bail!("limits: cannot read {}: {e}", path.display()),
+    };
+    let kept: VecDeque<Unsettled> = text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
+    let unreadable = text.lines().filter(|l| !l.trim().is_empty()).count() - kept.len();
+    if unreadable > 0 {
+        tracing::warn!(file = %path.display(), unreadable, "limits: settles kept by the last process could not be read");
+    }
+    if !kept.is_empty() {
+        tracing::info!(file = %path.display(), settles = kept.len(), "limits: settles the last process could not make are replayed once Redis takes them");
+    }
+    Ok(kept)
+}
+
+/// Writes `kept` to `path` whole (a new file renamed over the old), or removes the file when there is none.
+fn write_kept(path: &Path, kept: &VecDeque<Unsettled>) -> std::io::Result<()> {
+    if kept.is_empty() {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    let mut text = String::new();
+    for unsettled in kept {
+        text.push_str(&serde_json::to_string(unsettled).map_err(std::io::Error::other)?);
+        text.push('\n');
+    }
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, path)
+}
+
 /// What names this replica's share of the counts in Redis: its ledger's id (kept in `<ledger>.id`, made once),
 /// so that a replica renamed, or a container made again over the same ledger, is never counted twice; without a
 /// ledger, its instance name.
@@ -239,14 +286,14 @@ fn source_of(ledger: Option<&Path>, instance: &str) -> anyhow::Result<String> {
     }
 }
 
-/// A settle not yet taken by the store, kept for replay.
-#[derive(Debug)]
+/// A settle not yet taken by the store, kept for replay: the settle script's keys and arguments (so a replay
+/// after a restart, or by a process with other rules, is the same call), and when its request ended.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Unsettled {
-    hold: Hold,
-    used: Amounts,
-    /// When its request ended (ms since the epoch): it counts in these windows.
-    at: Windows,
-    since: std::time::Instant,
+    keys: Vec<String>,
+    args: Vec<String>,
+    /// When its request ended, in ms since the epoch.
+    ended_ms: u64,
 }
 
 /// The Redis client and its health. Cheap to clone.
@@ -272,9 +319,12 @@ struct Inner {
     up: AtomicBool,
     probing: AtomicBool,
     seeding: AtomicBool,
+    replaying: AtomicBool,
     /// Bumped by each rebuild that finished: requests waiting for one watch it.
     seeded: tokio::sync::watch::Sender<u64>,
     unsettled: Mutex<VecDeque<Unsettled>>,
+    /// Where the settles kept at shutdown are written ([`kept_path`]), if there is a ledger.
+    kept_file: Option<PathBuf>,
     counters: LimitCounters,
 }
 
@@ -310,6 +360,8 @@ impl RedisStore {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|e| anyhow::anyhow!("limits: cannot set up the Redis client: {:?}", e.kind()))?;
         counters.backend_up(true);
+        let kept_file = ledger.map(kept_path);
+        let unsettled = kept_file.as_deref().map(read_kept).transpose()?.unwrap_or_default();
         Ok(Self(Arc::new(Inner {
             client,
             config,
@@ -321,8 +373,10 @@ impl RedisStore {
             up: AtomicBool::new(true),
             probing: AtomicBool::new(false),
             seeding: AtomicBool::new(false),
+            replaying: AtomicBool::new(false),
             seeded: tokio::sync::watch::Sender::new(0),
-            unsettled: Mutex::default(),
+            unsettled: Mutex::new(unsettled),
+            kept_file,
             counters: counters.clone(),
         })))
     }
@@ -348,18 +402,18 @@ impl RedisStore {
         &self,
         operation: &'static str,
         script: &'static redis::Script,
-        keys: Vec<String>,
-        args: Vec<String>,
+        keys: &[String],
+        args: &[String],
     ) -> Result<T, StoreError> {
         if !self.is_up() {
             return Err(StoreError::new("the limits store is down"));
         }
         let (mut conn, timeout) = (self.conn(), self.0.timeout);
         let mut invocation = script.prepare_invoke();
-        for key in &keys {
+        for key in keys {
             invocation.key(key);
         }
-        for arg in &args {
+        for arg in args {
             invocation.arg(arg);
         }
         let (why, down) = match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
@@ -389,7 +443,7 @@ impl RedisStore {
         args: Vec<String>,
     ) -> Result<T, StoreError> {
         let store = self.clone();
-        let task = self.0.runtime.spawn(async move { store.invoke(operation, script, keys, args).await });
+        let task = self.0.runtime.spawn(async move { store.invoke(operation, script, &keys, &args).await });
         match tokio::time::timeout(self.0.timeout + SLACK, task).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(StoreError::new("the gateway is shutting down")),
@@ -475,15 +529,14 @@ impl RedisStore {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (store, hold) = (self.clone(), hold.clone());
         self.0.runtime.spawn(async move {
-            let answer = store.invoke::<Vec<i64>>("admit", &SCRIPTS.admit, keys, args).await;
+            let answer = store.invoke::<Vec<i64>>("admit", &SCRIPTS.admit, &keys, &args).await;
             // An admission no one waits for any more, or one that Redis may yet run after the gateway gave up on
             // it (the request went on unreserved, or was refused): released, now or once Redis is back (a
             // release of one that never ran does nothing; the request's own settle still counts its usage).
             let late = matches!(&answer, Err(e) if e.maybe_ran);
             let unclaimed = matches!(tx.send(answer), Err(Ok(answer)) if answer == [0]);
             if late || unclaimed {
-                let at = hold.windows;
-                let release = Unsettled { hold, used: Amounts::default(), at, since: std::time::Instant::now() };
+                let release = store.unsettled(&hold, Amounts::default(), hold.windows);
                 if let Err(release) = store.try_settle(release).await {
                     store.keep(release);
                 }
@@ -559,7 +612,7 @@ impl RedisStore {
                 args.extend([amount.to_string(), ttl.to_string()]);
             }
         }
-        match self.invoke::<i64>("seed", &SCRIPTS.seed, keys, args).await {
+        match self.invoke::<i64>("seed", &SCRIPTS.seed, &keys, &args).await {
             Ok(1) if seeded.lines == 0 => {
                 tracing::info!(marker = %self.0.marker, "limits: this replica's counts begin in this store");
             }
@@ -582,7 +635,7 @@ impl RedisStore {
     pub fn settle(&self, hold: Hold, used: Amounts, at: Windows) -> Followup {
         let store = self.clone();
         Box::pin(async move {
-            let unsettled = Unsettled { hold, used, at, since: std::time::Instant::now() };
+            let unsettled = store.unsettled(&hold, used, at);
             let task = store.0.runtime.clone().spawn({
                 let store = store.clone();
                 async move {
@@ -595,21 +648,25 @@ impl RedisStore {
         })
     }
 
-    /// One settle; gives it back if it must be replayed (the store is down, or has lost its counts).
-    async fn try_settle(&self, u: Unsettled) -> Result<(), Unsettled> {
-        let id = &self.hold_id(&u.hold);
+    /// The settle of `hold` with `used`, counted in the windows of `at` (when its request ended), as a call.
+    fn unsettled(&self, hold: &Hold, used: Amounts, at: Windows) -> Unsettled {
+        let id = &self.hold_id(hold);
         let mut keys =
             vec![RESERVATIONS.to_owned(), reservation(id), tombstone(id), done_marker(id), self.0.marker.clone()];
-        let mut args =
-            vec![u8::from(u.hold.in_store).to_string(), u.at.now_ms.to_string(), DONE_TTL.as_secs().to_string()];
-        for counted in u.hold.subjects.iter() {
+        let mut args = vec![u8::from(hold.in_store).to_string(), at.now_ms.to_string(), DONE_TTL.as_secs().to_string()];
+        for counted in hold.subjects.iter() {
             for kind in Kind::ALL.into_iter().filter(|k| counted.counts(*k) && *k != Kind::RequestsPerMinute) {
-                let (key, ttl) = counter(&counted.id, kind, &u.at);
+                let (key, ttl) = counter(&counted.id, kind, &at);
                 keys.push(key);
-                args.extend([u.used.of(kind).to_string(), ttl.to_string()]);
+                args.extend([used.of(kind).to_string(), ttl.to_string()]);
             }
         }
-        match self.invoke::<i64>("settle", &SCRIPTS.settle, keys, args).await {
+        Unsettled { keys, args, ended_ms: at.now_ms }
+    }
+
+    /// One settle; gives it back if it must be replayed (the store is down, or has lost its counts).
+    async fn try_settle(&self, u: Unsettled) -> Result<(), Unsettled> {
+        match self.invoke::<i64>("settle", &SCRIPTS.settle, &u.keys, &u.args).await {
             // Replayed after the rebuild (the sweeper or the next request starts it).
             Ok(2) => Err(u),
             Ok(_) => Ok(()),
@@ -626,18 +683,63 @@ impl RedisStore {
         kept.push_back(unsettled);
     }
 
-    /// Replays the settles kept, oldest first, until one fails again.
+    /// Whether settles are kept for replay.
+    pub fn has_kept(&self) -> bool {
+        !self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
+    }
+
+    /// Replays the settles kept, oldest first, until one fails again. Once none is left, the file a previous
+    /// process kept them in is gone too.
     async fn replay(&self) {
+        // One replay at a time (the sweeper, the probe and a rebuild may each start one).
+        if self.0.replaying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.replay_kept().await;
+        self.0.replaying.store(false, Ordering::Release);
+    }
+
+    async fn replay_kept(&self) {
         loop {
             let next = self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
-            let Some(unsettled) = next else { return };
-            if unsettled.since.elapsed() > REPLAY_WITHIN {
+            let Some(unsettled) = next else {
+                if let Some(path) = &self.0.kept_file
+                    && let Err(e) = write_kept(path, &VecDeque::new())
+                {
+                    tracing::warn!(file = %path.display(), error = %e, "limits: cannot remove the replayed settles' file");
+                }
+                return;
+            };
+            if Windows::now().now_ms.saturating_sub(unsettled.ended_ms) > REPLAY_WITHIN.as_millis() as u64 {
                 self.0.counters.settle_dropped();
                 continue;
             }
             if let Err(unsettled) = self.try_settle(unsettled).await {
                 self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner).push_front(unsettled);
                 return;
+            }
+        }
+    }
+
+    /// At shutdown, once every request has ended: replays what is kept (if Redis takes it now), and writes what it
+    /// still will not take beside the ledger for the next process, so a restart loses no settle.
+    pub async fn finish(&self) {
+        if self.has_kept() && self.is_up() {
+            let store = self.clone();
+            let _ = self.0.runtime.spawn(async move { store.replay().await }).await;
+        }
+        let Some(path) = &self.0.kept_file else { return };
+        let kept = std::mem::take(&mut *self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner));
+        match write_kept(path, &kept) {
+            Ok(()) if kept.is_empty() => {}
+            Ok(()) => {
+                tracing::warn!(file = %path.display(), settles = kept.len(), "limits: settles Redis did not take are kept for the next start")
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, settles = kept.len(), "limits: cannot keep the settles Redis did not take; their usage is missing from its counts");
+                for _ in &kept {
+                    self.0.counters.settle_dropped();
+                }
             }
         }
     }
@@ -662,6 +764,11 @@ impl RedisStore {
             self.call("sweep", &SCRIPTS.sweep, keys, vec![u8::from(sweep.is_some()).to_string()]).await?;
         if let (Some(ledger), Some(0)) = (sweep, values.first()) {
             self.start_seed(ledger);
+        } else if self.has_kept() {
+            // Redis answers: settles kept from an error answer (a full Redis refusing writes) or by the last
+            // process are taken now, not at the next outage's end.
+            let store = self.clone();
+            self.0.runtime.spawn(async move { store.replay().await });
         }
         Ok(which.into_iter().zip(values.into_iter().skip(2)).map(|(k, v)| (k, u64::try_from(v).unwrap_or(0))).collect())
     }
