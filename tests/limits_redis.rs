@@ -1311,9 +1311,16 @@ async fn settles_redis_has_not_taken_when_the_gateway_stops_are_made_by_the_next
     // Stopped before it does: they are written beside the ledger.
     let log = gw.stop().await;
     assert_eq!(logged(&log, "kept for the next start").len(), 1, "{log:?}");
-    let mut kept_file = gw.ledger.clone().into_os_string();
-    kept_file.push(".unsettled");
-    let kept = std::fs::read_to_string(&kept_file).unwrap();
+    // `<ledger>.unsettled.<process>`: one file, of this process.
+    let dir = gw.ledger.parent().unwrap().to_owned();
+    let kept_files = || -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+        files.retain(|f| f.file_name().unwrap().to_str().unwrap().starts_with("usage.jsonl.unsettled."));
+        files
+    };
+    let files = kept_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let kept = std::fs::read_to_string(&files[0]).unwrap();
     assert!(kept.lines().count() >= 3, "{kept}");
     assert!(!kept.contains(UPSTREAM_KEY) && !kept.contains(CHAT_KEY), "{kept}");
 
@@ -1323,13 +1330,13 @@ async fn settles_redis_has_not_taken_when_the_gateway_stops_are_made_by_the_next
     let want = used_by_subject(std::slice::from_ref(&ledger))["tag:Team=chat"].nanos;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let (got, file) = (redis.counters("tag:Team=chat").await.day_nanos, std::path::Path::new(&kept_file).exists());
-        if got == want && !file {
+        let (got, files) = (redis.counters("tag:Team=chat").await.day_nanos, kept_files());
+        if got == want && files.is_empty() {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "Redis counts {got} nano-USD, the ledger {want}; file kept: {file}"
+            "Redis counts {got} nano-USD, the ledger {want}; files {files:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -170,6 +170,10 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 const RESERVATIONS: &str = "{mantlegate}:reservations";
 /// How long a failed settle is kept for replay.
 const REPLAY_WITHIN: Duration = Duration::from_secs(86_400);
+/// Error answers (not outages) after which a kept settle is dropped (and counted).
+const REPLAY_TRIES: u32 = 60;
+/// How long a stopping gateway replays kept settles before it writes the rest beside its ledger.
+const FINISH_REPLAY: Duration = Duration::from_secs(3);
 /// Most failed settles kept for replay; past this the oldest are dropped (and counted).
 const REPLAY_MAX: usize = 100_000;
 /// How often a store marked down is probed.
@@ -211,51 +215,96 @@ fn done_marker(id: &str) -> String {
     format!("{{mantlegate}}:done:{}", utf8_percent_encode(id, KEY_ESCAPE))
 }
 
-/// Where the settles still kept at shutdown (Redis down, or refusing writes) are written, beside the ledger:
-/// `<ledger>.unsettled`, one JSON call a line, for the next process on this ledger to replay (a settle counts
-/// once however often it is replayed).
-fn kept_path(ledger: &Path) -> PathBuf {
-    let mut name = ledger.as_os_str().to_owned();
-    name.push(".unsettled");
-    PathBuf::from(name)
+/// The settles a gateway stopped with, kept beside its ledger for the next process on it: each process writes
+/// what it still holds at shutdown to `<ledger>.unsettled.<process>` (one JSON call a line), and each process
+/// takes every such file at start (into one file of its own, removed once all it took is made). A settle counts
+/// once however often it is replayed, so a file two processes both took costs a replay, never a double count.
+#[derive(Debug)]
+struct KeptFiles {
+    /// The ledger's directory.
+    dir: PathBuf,
+    /// `<ledger file name>.unsettled.`: what every such file's name begins with.
+    prefix: String,
+    /// This process's file.
+    own: PathBuf,
 }
 
-/// The settles a previous process kept at `path` (none if there is no such file); a line that cannot be read
-/// is skipped, and said.
-fn read_kept(path: &Path) -> anyhow::Result<VecDeque<Unsettled>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(VecDeque::new()),
-        Err(e) => anyhow::bail!("limits: cannot read {}: {e}", path.display()),
-    };
-    let kept: VecDeque<Unsettled> = text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
-    let unreadable = text.lines().filter(|l| !l.trim().is_empty()).count() - kept.len();
-    if unreadable > 0 {
-        tracing::warn!(file = %path.display(), unreadable, "limits: settles kept by the last process could not be read");
+impl KeptFiles {
+    fn new(ledger: &Path) -> Self {
+        let dir = ledger.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
+        let name = ledger.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let prefix = format!("{name}.unsettled.");
+        let own = dir.join(format!("{prefix}{}", uuid::Uuid::new_v4().simple()));
+        Self { dir, prefix, own }
     }
-    if !kept.is_empty() {
-        tracing::info!(file = %path.display(), settles = kept.len(), "limits: settles the last process could not make are replayed once Redis takes them");
-    }
-    Ok(kept)
-}
 
-/// Writes `kept` to `path` whole (a new file renamed over the old), or removes the file when there is none.
-fn write_kept(path: &Path, kept: &VecDeque<Unsettled>) -> std::io::Result<()> {
-    if kept.is_empty() {
-        return match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        };
+    /// Takes the settles stopped processes left: read, written to this process's own file, and their files
+    /// removed. Calls made for another version of the settle script, and lines that cannot be read, are
+    /// skipped and said.
+    fn take(&self, counters: &LimitCounters) -> anyhow::Result<VecDeque<Unsettled>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&self.prefix) && !n.ends_with(".partial"))
+            })
+            .collect();
+        files.sort();
+        let (mut kept, mut unreadable) = (VecDeque::new(), 0usize);
+        for file in &files {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("limits: cannot read {}: {e}", file.display()))?;
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                match serde_json::from_str::<Unsettled>(line) {
+                    Ok(u) if u.script == SCRIPTS.settle.get_hash() => kept.push_back(u),
+                    _ => unreadable += 1,
+                }
+            }
+        }
+        if unreadable > 0 {
+            tracing::warn!(dir = %self.dir.display(), unreadable, "limits: settles a stopped process kept cannot be replayed (unreadable, or made for another version)");
+            for _ in 0..unreadable {
+                counters.settle_dropped();
+            }
+        }
+        if files.is_empty() {
+            return Ok(kept);
+        }
+        self.write(&kept).map_err(|e| anyhow::anyhow!("limits: cannot write {}: {e}", self.own.display()))?;
+        for file in files {
+            let _ = std::fs::remove_file(file);
+        }
+        if !kept.is_empty() {
+            tracing::info!(file = %self.own.display(), settles = kept.len(), "limits: settles stopped processes could not make are replayed once Redis takes them");
+        }
+        Ok(kept)
     }
-    let mut text = String::new();
-    for unsettled in kept {
-        text.push_str(&serde_json::to_string(unsettled).map_err(std::io::Error::other)?);
-        text.push('\n');
+
+    /// Writes `kept` to this process's file whole and durably (a new file, synced, renamed over the old), or
+    /// removes the file when there is none.
+    fn write(&self, kept: &VecDeque<Unsettled>) -> std::io::Result<()> {
+        if kept.is_empty() {
+            return match std::fs::remove_file(&self.own) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        let mut text = String::new();
+        for unsettled in kept {
+            text.push_str(&serde_json::to_string(unsettled).map_err(std::io::Error::other)?);
+            text.push('\n');
+        }
+        let mut partial = self.own.as_os_str().to_owned();
+        partial.push(".partial");
+        let mut file = std::fs::File::create(&partial)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&partial, &self.own)
     }
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    std::fs::write(&partial, text)?;
-    std::fs::rename(&partial, path)
 }
 
 /// What names this replica's share of the counts in Redis: its ledger's id (kept in `<ledger>.id`, made once),
@@ -294,6 +343,11 @@ struct Unsettled {
     args: Vec<String>,
     /// When its request ended, in ms since the epoch.
     ended_ms: u64,
+    /// The settle script's hash: a call kept by another version is not replayed into this one's script.
+    script: String,
+    /// Replays Redis answered with an error (not an outage).
+    #[serde(default)]
+    tries: u32,
 }
 
 /// The Redis client and its health. Cheap to clone.
@@ -319,12 +373,18 @@ struct Inner {
     up: AtomicBool,
     probing: AtomicBool,
     seeding: AtomicBool,
-    replaying: AtomicBool,
+    /// Held by the replay in progress (one at a time: the sweeper, the probe and a rebuild may each start one),
+    /// and by `finish` from its start on.
+    replaying: tokio::sync::Mutex<()>,
+    /// Set when shutdown begins: a replay in progress stops after its current call, and none starts.
+    finishing: AtomicBool,
+    /// Set once `finish` has written what is kept: a settle kept later is lost, and counted so.
+    finished: AtomicBool,
     /// Bumped by each rebuild that finished: requests waiting for one watch it.
     seeded: tokio::sync::watch::Sender<u64>,
     unsettled: Mutex<VecDeque<Unsettled>>,
-    /// Where the settles kept at shutdown are written ([`kept_path`]), if there is a ledger.
-    kept_file: Option<PathBuf>,
+    /// Where the settles kept at shutdown are written, if there is a ledger.
+    kept_files: Option<KeptFiles>,
     counters: LimitCounters,
 }
 
@@ -360,8 +420,8 @@ impl RedisStore {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|e| anyhow::anyhow!("limits: cannot set up the Redis client: {:?}", e.kind()))?;
         counters.backend_up(true);
-        let kept_file = ledger.map(kept_path);
-        let unsettled = kept_file.as_deref().map(read_kept).transpose()?.unwrap_or_default();
+        let kept_files = ledger.map(KeptFiles::new);
+        let unsettled = kept_files.as_ref().map(|f| f.take(counters)).transpose()?.unwrap_or_default();
         Ok(Self(Arc::new(Inner {
             client,
             config,
@@ -373,10 +433,12 @@ impl RedisStore {
             up: AtomicBool::new(true),
             probing: AtomicBool::new(false),
             seeding: AtomicBool::new(false),
-            replaying: AtomicBool::new(false),
+            replaying: tokio::sync::Mutex::new(()),
+            finishing: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
             seeded: tokio::sync::watch::Sender::new(0),
             unsettled: Mutex::new(unsettled),
-            kept_file,
+            kept_files,
             counters: counters.clone(),
         })))
     }
@@ -661,7 +723,7 @@ impl RedisStore {
                 args.extend([used.of(kind).to_string(), ttl.to_string()]);
             }
         }
-        Unsettled { keys, args, ended_ms: at.now_ms }
+        Unsettled { keys, args, ended_ms: at.now_ms, script: SCRIPTS.settle.get_hash().to_owned(), tries: 0 }
     }
 
     /// One settle; gives it back if it must be replayed (the store is down, or has lost its counts).
@@ -676,6 +738,11 @@ impl RedisStore {
 
     fn keep(&self, unsettled: Unsettled) {
         let mut kept = self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.0.finished.load(Ordering::Acquire) {
+            tracing::warn!("limits: a settle Redis did not take came after shutdown had kept the others; it is lost");
+            self.0.counters.settle_dropped();
+            return;
+        }
         if kept.len() >= REPLAY_MAX {
             kept.pop_front();
             self.0.counters.settle_dropped();
@@ -688,55 +755,94 @@ impl RedisStore {
         !self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
     }
 
-    /// Replays the settles kept, oldest first, until one fails again. Once none is left, the file a previous
-    /// process kept them in is gone too.
+    /// Replays the settles kept, oldest first (unless one is already running, or shutdown has begun). Once none
+    /// is left, this process's file of them is gone too.
     async fn replay(&self) {
-        // One replay at a time (the sweeper, the probe and a rebuild may each start one).
-        if self.0.replaying.swap(true, Ordering::AcqRel) {
+        let Ok(_replaying) = self.0.replaying.try_lock() else { return };
+        if self.0.finishing.load(Ordering::Acquire) {
             return;
         }
-        self.replay_kept().await;
-        self.0.replaying.store(false, Ordering::Release);
+        self.replay_kept(None).await;
+        if !self.has_kept()
+            && let Some(files) = &self.0.kept_files
+            && let Err(e) = files.write(&VecDeque::new())
+        {
+            tracing::warn!(file = %files.own.display(), error = %e, "limits: cannot remove the replayed settles' file");
+        }
     }
 
-    async fn replay_kept(&self) {
-        loop {
-            let next = self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
-            let Some(unsettled) = next else {
-                if let Some(path) = &self.0.kept_file
-                    && let Err(e) = write_kept(path, &VecDeque::new())
-                {
-                    tracing::warn!(file = %path.display(), error = %e, "limits: cannot remove the replayed settles' file");
-                }
-                return;
+    /// Replays each settle kept once at most, until Redis is down, shutdown begins (for a replay with no
+    /// `deadline`) or `deadline` passes. One Redis answers with an error goes to the back, and is dropped after
+    /// [`REPLAY_TRIES`] such answers (a call Redis will never take must not hold up the others for a day).
+    async fn replay_kept(&self, deadline: Option<tokio::time::Instant>) {
+        let queue = || self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut left = queue().len();
+        while left > 0 {
+            let stop = match deadline {
+                Some(deadline) => tokio::time::Instant::now() >= deadline,
+                None => self.0.finishing.load(Ordering::Acquire),
             };
+            if stop {
+                return;
+            }
+            left -= 1;
+            let Some(unsettled) = queue().pop_front() else { return };
             if Windows::now().now_ms.saturating_sub(unsettled.ended_ms) > REPLAY_WITHIN.as_millis() as u64 {
                 self.0.counters.settle_dropped();
                 continue;
             }
-            if let Err(unsettled) = self.try_settle(unsettled).await {
-                self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner).push_front(unsettled);
-                return;
+            match self.try_settle(unsettled).await {
+                Ok(()) => {}
+                Err(unsettled) if !self.is_up() => {
+                    queue().push_front(unsettled);
+                    return;
+                }
+                Err(mut unsettled) => {
+                    unsettled.tries += 1;
+                    if unsettled.tries >= REPLAY_TRIES {
+                        tracing::warn!(tries = unsettled.tries, "limits: a settle Redis keeps refusing is dropped");
+                        self.0.counters.settle_dropped();
+                    } else {
+                        queue().push_back(unsettled);
+                    }
+                }
             }
         }
     }
 
-    /// At shutdown, once every request has ended: replays what is kept (if Redis takes it now), and writes what it
-    /// still will not take beside the ledger for the next process, so a restart loses no settle.
+    /// At shutdown, once every request has ended: stops any replay, makes what Redis takes within
+    /// [`FINISH_REPLAY`], and writes the rest beside the ledger for the next process (without a ledger, it is
+    /// lost, and counted so).
     pub async fn finish(&self) {
+        self.0.finishing.store(true, Ordering::Release);
+        // A replay in progress stops after its current call (bounded by the backend timeout).
+        let _replaying = self.0.replaying.lock().await;
         if self.has_kept() && self.is_up() {
-            let store = self.clone();
-            let _ = self.0.runtime.spawn(async move { store.replay().await }).await;
+            self.replay_kept(Some(tokio::time::Instant::now() + FINISH_REPLAY)).await;
         }
-        let Some(path) = &self.0.kept_file else { return };
-        let kept = std::mem::take(&mut *self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner));
-        match write_kept(path, &kept) {
-            Ok(()) if kept.is_empty() => {}
-            Ok(()) => {
-                tracing::warn!(file = %path.display(), settles = kept.len(), "limits: settles Redis did not take are kept for the next start")
+        let kept = {
+            let mut queue = self.0.unsettled.lock().unwrap_or_else(PoisonError::into_inner);
+            self.0.finished.store(true, Ordering::Release);
+            std::mem::take(&mut *queue)
+        };
+        if kept.is_empty() {
+            if let Some(files) = &self.0.kept_files
+                && let Err(e) = files.write(&kept)
+            {
+                tracing::warn!(file = %files.own.display(), error = %e, "limits: cannot remove the replayed settles' file");
             }
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, settles = kept.len(), "limits: cannot keep the settles Redis did not take; their usage is missing from its counts");
+            return;
+        }
+        let written = match &self.0.kept_files {
+            Some(files) => files.write(&kept).map_err(|e| format!("cannot write {}: {e}", files.own.display())),
+            None => Err("no ledger to keep them beside".to_owned()),
+        };
+        match written {
+            Ok(()) => {
+                tracing::warn!(settles = kept.len(), "limits: settles Redis did not take are kept for the next start")
+            }
+            Err(why) => {
+                tracing::error!(error = %why, settles = kept.len(), "limits: settles Redis did not take are lost; their usage is missing from its counts");
                 for _ in &kept {
                     self.0.counters.settle_dropped();
                 }
@@ -805,4 +911,63 @@ async fn probe(store: RedisStore) {
     inner.counters.backend_up(true);
     tracing::info!("the limits store (Redis) answers again");
     store.replay().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(hold: &str) -> Unsettled {
+        Unsettled {
+            keys: vec![RESERVATIONS.to_owned(), reservation(hold)],
+            args: vec!["1".into(), "1767225600000".into()],
+            ended_ms: 1_767_225_600_000,
+            script: SCRIPTS.settle.get_hash().to_owned(),
+            tries: 0,
+        }
+    }
+
+    fn line(u: &Unsettled) -> String {
+        serde_json::to_string(u).expect("json") + "\n"
+    }
+
+    #[test]
+    fn a_process_takes_every_file_stopped_ones_left_and_forgets_its_own_once_made() {
+        let dir = std::env::temp_dir().join(format!("mantlegate-kept-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ledger = dir.join("usage.jsonl");
+        // Two stopped processes' files, one with a line of another script version and a torn line; a file half
+        // written (never renamed) and another ledger's file, neither taken.
+        let mut other_version = call("gw:b:3");
+        other_version.script = "0".repeat(40);
+        std::fs::write(dir.join("usage.jsonl.unsettled.aaa"), line(&call("gw:a:1")) + &line(&call("gw:a:2")))
+            .expect("a");
+        std::fs::write(dir.join("usage.jsonl.unsettled.bbb"), line(&other_version) + "{\"keys\":[").expect("b");
+        std::fs::write(dir.join("usage.jsonl.unsettled.ccc.partial"), line(&call("gw:c:1"))).expect("c");
+        std::fs::write(dir.join("other.jsonl.unsettled.ddd"), line(&call("gw:d:1"))).expect("d");
+        let counters = LimitCounters::default();
+        let files = KeptFiles::new(&ledger);
+        let taken = files.take(&counters).expect("taken");
+        assert_eq!(
+            taken.iter().map(|u| u.keys[1].as_str()).collect::<Vec<_>>(),
+            [reservation("gw:a:1"), reservation("gw:a:2")]
+        );
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let own = files.own.file_name().expect("name").to_string_lossy().into_owned();
+        assert_eq!(left, ["other.jsonl.unsettled.ddd", &own, "usage.jsonl.unsettled.ccc.partial"]);
+        // Its own file holds what it took, for a restart before they are made.
+        assert_eq!(std::fs::read_to_string(&files.own).expect("own"), line(&taken[0]) + &line(&taken[1]));
+        // Made: the file goes.
+        files.write(&VecDeque::new()).expect("removed");
+        assert!(!files.own.exists());
+        let next = KeptFiles::new(&ledger).take(&counters).expect("nothing");
+        assert!(next.is_empty());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }

@@ -279,7 +279,8 @@ impl LimitCounters {
         self.backend_up.set(i64::from(up));
     }
 
-    /// A settle kept for replay was dropped (too many kept, or kept too long).
+    /// A settle kept for replay was dropped (too many kept, kept too long, refused too often, or left at shutdown
+    /// with nowhere to keep it).
     pub fn settle_dropped(&self) {
         self.settles_dropped.inc();
     }
@@ -509,7 +510,8 @@ impl Metrics {
         );
         registry.register(
             "limit_settles_dropped",
-            "Settles kept for replay while the limits store was down, then dropped (too many, or too old)",
+            "Settles the limits store did not take and that were then dropped: too many kept, kept too long, refused \
+             too often, or left at shutdown with no ledger to keep them beside",
             limits.settles_dropped.clone(),
         );
         registry.register(
