@@ -960,7 +960,9 @@ mod tests {
             .collect();
         left.sort();
         let own = files.own.file_name().expect("name").to_string_lossy().into_owned();
-        assert_eq!(left, ["other.jsonl.unsettled.ddd", &own, "usage.jsonl.unsettled.ccc.partial"]);
+        let mut want = ["other.jsonl.unsettled.ddd", &own, "usage.jsonl.unsettled.ccc.partial"];
+        want.sort();
+        assert_eq!(left, want);
         // Its own file holds what it took, for a restart before they are made.
         assert_eq!(std::fs::read_to_string(&files.own).expect("own"), line(&taken[0]) + &line(&taken[1]));
         // Made: the file goes.
