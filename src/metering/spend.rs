@@ -9,8 +9,9 @@
 //! (`refused_by`) are not spend and are left out, as `usage report` leaves them out; the sums are the report's.
 //!
 //! Each traffic thread adds to a shard of its own (a request locks nothing another thread holds, as the ledger's
-//! buffers), and a query adds the shards up. Costs are summed in picodollars (the ledger's precision), so the
-//! sums are exact. The index also counts every request (with its 4xx and 5xx answers) and the unattributed ones
+//! buffers), and a query adds the shards up. A query first moves the sums of the hours that have ended out of the
+//! traffic threads' shards into one of its own, so that a traffic thread never waits while a month is added up.
+//! Costs are summed in picodollars (the ledger's precision), so the sums are exact. The index also counts every request (with its 4xx and 5xx answers) and the unattributed ones
 //! (refused as `project_required`, or rerouted), which the ledger does not tell apart, for the page's live figures.
 //! It keeps the month it started in and, from then on, the current month and the one before. A shard tells apart
 //! [`MAX_MODELS`] model names; requests naming any further ones are summed as [`OTHER_MODELS`] (`usage report`
@@ -328,6 +329,9 @@ pub struct Spend {
     live: ThreadLocal<Mutex<Shard>>,
     /// The ledger's sums as read at start, in place once they are all read.
     indexed: Mutex<Shard>,
+    /// The sums of the hours that have ended since the start, moved out of the traffic threads' shards by the
+    /// queries (`fold`), so that a query reads only the current hour under a lock a traffic thread takes.
+    folded: Mutex<Shard>,
     state: Mutex<IndexState>,
     progress: AtomicU64,
     /// The first hour of the month the process started in: nothing before it was read.
@@ -372,6 +376,7 @@ impl Spend {
             path: path.map(Path::to_owned),
             live: ThreadLocal::new(),
             indexed: Mutex::new(Shard { next_month: next_month(first_hour), ..Shard::default() }),
+            folded: Mutex::default(),
             state: Mutex::new(state),
             progress: AtomicU64::new(0),
             first_hour,
@@ -446,8 +451,44 @@ impl Spend {
         indexed.prune(keep_from);
         each(&indexed);
         drop(indexed);
+        // Held until the traffic threads' shards are read too: another query's fold cannot move sums from one to
+        // the other between the two reads.
+        let mut folded = lock(&self.folded);
+        self.fold(&mut folded, hour_of(now));
+        folded.prune(keep_from);
+        each(&folded);
         for shard in self.live.iter() {
             each(&lock(shard));
+        }
+    }
+
+    /// Moves the sums of the hours before `hour` out of the traffic threads' shards into `folded`: a traffic
+    /// thread waits only while its few finished cells are taken out, once an hour, never while a query adds up.
+    fn fold(&self, folded: &mut Shard, hour: u32) {
+        for shard in self.live.iter() {
+            let mut live = lock(shard);
+            if !live.cells.keys().any(|cell| cell.hour < hour) {
+                continue;
+            }
+            let ended: Vec<(Cell, Sums)> = live.cells.extract_if(|cell, _| cell.hour < hour).collect();
+            let moved: Vec<_> = ended
+                .into_iter()
+                .map(|(cell, sums)| {
+                    let project = live.projects.get(cell.project as usize);
+                    let name = project.map_or_else(Box::default, |p| p.name.clone());
+                    let tags = project.map(|p| p.tags.clone()).unwrap_or_default();
+                    let key: Option<Box<str>> = live.names.get(cell.key).map(Into::into);
+                    let model: Option<Box<str>> = live.names.get(cell.model).map(Into::into);
+                    (cell.hour, name, tags, key, model, sums)
+                })
+                .collect();
+            drop(live);
+            for (hour, name, tags, key, model, sums) in moved {
+                let project = folded.project(&name, tags.iter().map(|(t, v)| (&**t, &**v)));
+                let key = folded.name_id(key.as_deref());
+                let model = folded.model_id(model.as_deref());
+                folded.cells.entry(Cell { hour, project, key, model }).or_default().add(&sums);
+            }
         }
     }
 

@@ -343,3 +343,34 @@ fn model_names_past_the_bound_are_summed_as_other_models_and_unattributed_counts
     assert_eq!((today.rejected, today.rerouted), (1, 0));
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[test]
+fn hours_that_ended_leave_the_traffic_threads_shards_and_still_count() {
+    let dir = dir("fold");
+    let (snapshot, _writer) = with_ledger(&dir.join("usage.jsonl"));
+    let spend = Spend::start(snapshot.ledger.as_ref().map(|l| l.path()), now());
+    let month = Hours { since: hour("2026-12-01T00:00:00Z"), until: None };
+    let at = |t: &str| Stamp::new(humantime::parse_rfc3339(t).expect("time"));
+    let mut r = record(&snapshot, 1);
+    for t in ["2026-12-15T10:30:00Z", "2026-12-15T11:59:00Z", "2026-12-15T12:01:00Z"] {
+        r.time = at(t);
+        spend.record(&r);
+    }
+    assert_eq!(spend.rows(&GroupBy::Project, month, now()).1.requests, 3);
+    // A query at 12:00 moved 10:00's and 11:00's sums out: the traffic thread's shard holds only 12:00's.
+    let live_cells = || spend.live.iter().map(|shard| lock(shard).cells.len()).sum::<usize>();
+    assert_eq!((live_cells(), lock(&spend.folded).cells.len()), (1, 2));
+    // A request of an hour already moved, ending late, joins that hour's sums at the next query.
+    r.time = at("2026-12-15T11:59:59Z");
+    spend.record(&r);
+    assert_eq!(spend.rows(&GroupBy::Project, month, now()).1.requests, 4);
+    assert_eq!((live_cells(), lock(&spend.folded).cells.len()), (1, 2));
+    let eleven = Hours { since: hour("2026-12-15T11:00:00Z"), until: Some(hour("2026-12-15T12:00:00Z")) };
+    assert_eq!(spend.rows(&GroupBy::Project, eleven, now()).1.requests, 2);
+    assert_eq!(
+        spend.daily(Hours { since: hour("2026-12-15T00:00:00Z"), until: Some(hour("2026-12-16T00:00:00Z")) }, now())[0]
+            .requests,
+        4
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
