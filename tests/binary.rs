@@ -447,6 +447,13 @@ async fn demo_runs_with_no_aws_account() {
             break rest.split(',').next().unwrap().to_owned();
         }
     };
+    let (admin, ledger) = loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("no spend line").unwrap().unwrap();
+        if let Some(rest) = line.strip_prefix("Spend: http://") {
+            let (admin, ledger) = rest.split_once("/ ").unwrap();
+            break (admin.to_owned(), std::path::PathBuf::from(ledger.rsplit_once("Ledger: ").unwrap().1));
+        }
+    };
     let client = reqwest::Client::new();
     let res = client
         .post(format!("http://{addr}/v1/chat/completions"))
@@ -462,9 +469,26 @@ async fn demo_runs_with_no_aws_account() {
     assert!(text.contains("proj_demo_chatbot_dev"), "{text}");
     let res = client.get(format!("http://{addr}/v1/models")).bearer_auth("demo-ops-key").send().await.unwrap();
     assert_eq!(error_code(res).await, (403, "project_required".into()));
+    // The spend page has it, from the demo's own ledger.
+    let page = client.get(format!("http://{admin}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    // (503 until the index has read the ledger it started with: an empty one.)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let spend: serde_json::Value = loop {
+        let res = client.get(format!("http://{admin}/api/spend?group_by=project")).send().await.unwrap();
+        if res.status() == 200 {
+            break res.json().await.unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the demo's spend index was never ready");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(spend["rows"][0]["group"], "CustomerChatbot-Dev", "{spend}");
+    assert_eq!(spend["rows"][0]["requests"], 1, "{spend}");
+    assert!(ledger.exists(), "{}", ledger.display());
     sigterm(&child).await;
     let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
     assert!(status.success());
+    assert!(!ledger.exists(), "the demo's ledger outlived it");
 }
 
 /// A certificate authority, and servers with certificates it signed.

@@ -5,6 +5,7 @@
 pub mod stub;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -23,8 +24,10 @@ pub const DEMO_KEYS: [(&str, &str, &str, &str); 3] = [
     ("ops-scripts", "demo-ops-key", "", ""),
 ];
 
-/// The demo configuration, with `base_url` pointing at the stub.
-pub fn config_toml(upstream: SocketAddr, listen: SocketAddr, admin_listen: SocketAddr) -> String {
+/// The demo configuration, with `base_url` pointing at the stub and the usage ledger at `ledger`.
+pub fn config_toml(upstream: SocketAddr, listen: SocketAddr, admin_listen: SocketAddr, ledger: &Path) -> String {
+    // A TOML basic string: Rust's escapes of `"` and `\` are TOML's.
+    let ledger = format!("{:?}", ledger.display().to_string());
     let mut toml = format!(
         r#"
 [server]
@@ -34,6 +37,9 @@ shutdown_grace = "2s"
 
 [upstream]
 base_url = "http://{upstream}"
+
+[metering]
+ledger_path = {ledger}
 
 [attribution]
 unattributed = "reject"
@@ -78,7 +84,11 @@ project = "CustomerChatbot-Prod"
 pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()> {
     let stub_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.context("binding the stub upstream")?;
     let stub_addr = stub_listener.local_addr()?;
-    let config = Config::from_toml(&config_toml(stub_addr, listen, admin_listen))?;
+    // The demo's own ledger, for its spend page and `usage report`; gone when it stops.
+    let dir = std::env::temp_dir().join(format!("mantlegate-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ledger = dir.join("usage.jsonl");
+    let config = Config::from_toml(&config_toml(stub_addr, listen, admin_listen, &ledger))?;
     let stub = stub::router(stub::StubConfig {
         api_key: UPSTREAM_KEY.into(),
         project_ids: config.projects.iter().filter_map(|p| p.id.clone()).collect(),
@@ -92,7 +102,7 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result
     let running = crate::server::start(config, credential, Default::default())
         .await
         .context("starting the gateway (is something else on that port? try --listen 127.0.0.1:0)")?;
-    println!("{}", instructions(running.addr, running.admin_addr, stub_addr));
+    println!("{}", instructions(running.addr, running.admin_addr, stub_addr, &ledger));
 
     let shutdown = running.shutdown.clone();
     tokio::select! {
@@ -100,15 +110,18 @@ pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result
         () = shutdown.wait() => running.stopped().await,
     }
     stub_task.abort();
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
-fn instructions(gw: SocketAddr, admin: SocketAddr, stub: SocketAddr) -> String {
+fn instructions(gw: SocketAddr, admin: SocketAddr, stub: SocketAddr, ledger: &Path) -> String {
+    let ledger = ledger.display();
     let chat = r#"'{"model":"openai.gpt-oss-120b","messages":[{"role":"user","content":"Hi"}]}'"#;
     format!(
         r#"
 mantlegate demo: the gateway on http://{gw}, in front of a stub upstream on http://{stub}.
 Admin: http://{admin}/healthz  http://{admin}/readyz   Logs: one JSON line per request, below.
+Spend: http://{admin}/ (the spend page: open it in a browser)   Ledger: {ledger}
 
 Projects: CustomerChatbot-Prod (proj_demo_chatbot_prod), CustomerChatbot-Dev (proj_demo_chatbot_dev),
           Search-Research (proj_demo_search, only openai.gpt-oss-20b)
@@ -150,7 +163,10 @@ Try it (the stub's answer names the project it was billed to):
 c = OpenAI(base_url="http://{gw}/v1", api_key="demo-chatbot-key")
 print(c.chat.completions.create(model="openai.gpt-oss-120b", messages=[{{"role": "user", "content": "Hi"}}]).choices[0].message.content)'
 
-Ctrl-C stops the demo.
+  # what was spent, by team (as the spend page shows it)
+  mantlegate usage report --ledger {ledger} --group-by Team
+
+Ctrl-C stops the demo (and removes its ledger).
 "#
     )
 }
@@ -162,7 +178,10 @@ mod tests {
     #[test]
     fn demo_config_is_valid() {
         let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
-        let config = Config::from_toml(&config_toml(addr, "127.0.0.1:0".parse().expect("addr"), addr)).expect("valid");
+        let ledger = Path::new("/tmp/mantlegate \"demo\"/usage.jsonl");
+        let config =
+            Config::from_toml(&config_toml(addr, "127.0.0.1:0".parse().expect("addr"), addr, ledger)).expect("valid");
+        assert_eq!(config.metering.ledger_path.as_deref(), Some(ledger));
         assert_eq!(config.keys.len(), DEMO_KEYS.len());
         assert!(config.projects.iter().all(|p| p.id.is_some()));
     }
