@@ -281,7 +281,9 @@ impl Limiter {
         let store = match &limits.backend {
             Backend::Memory => {
                 let store = memory::MemoryStore::default();
-                if let Some(path) = ledger {
+                // Without a rule nothing is counted (a first rule added by a reload counts from then on, until
+                // a restart reads the ledger): a gateway without limits does not read its month to start.
+                if let Some(path) = ledger.filter(|_| !limits.rules.is_empty()) {
                     let now = Windows::now();
                     let seeded = seed::from_ledger(path, now, now.now_ms)?;
                     store.seed(&seeded);
@@ -530,5 +532,42 @@ impl Sink for LimitsSink {
             false => seen,
         };
         r.snapshot.limiter.settle(hold, used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the memory store of a limiter started with `rules` on a ledger holding one $1.50 request of project
+    /// A today says A spent today.
+    fn rebuilt_spend(rules: &str) -> u64 {
+        let dir = std::env::temp_dir().join(format!("mantlegate-limiter-start-{}-{}", std::process::id(), rules.len()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ledger = dir.join("usage.jsonl");
+        let now = Windows::now();
+        let line = format!(
+            r#"{{"time":"{}","project":"A","tags":{{}},"input_tokens":1,"output_tokens":1,"cost_usd":1.5}}"#,
+            window::rfc3339(now.now_ms.saturating_sub(1))
+        );
+        std::fs::write(&ledger, line + "\n").expect("ledger");
+        let config = crate::Config::from_toml(&format!(
+            "[callers]\nauth = \"none\"\n[[projects]]\nname = \"A\"\nid = \"proj_a\"\n[limits]\nbackend = \"memory\"\n{rules}"
+        ))
+        .expect("config");
+        let limiter = Limiter::start(&config.limits, Some(&ledger), Default::default()).expect("limiter");
+        let Store::Memory(store) = &limiter.store else { panic!("memory") };
+        let a = Arc::new(Counted::new(Subject::Project("A".into()), vec![(Kind::UsdPerDay, u64::MAX)]));
+        let used = store.sweep_and_read(std::slice::from_ref(&a), now)[&(a.id.clone(), Kind::UsdPerDay)];
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        used
+    }
+
+    #[test]
+    fn the_memory_store_reads_the_ledger_at_start_only_when_a_rule_counts() {
+        assert_eq!(rebuilt_spend("[[limits.rules]]\nproject = \"A\"\nrequests_per_minute = 10\n"), nanos(1.5));
+        // No rule, nothing counted: a gateway without limits does not read its month to start.
+        assert_eq!(rebuilt_spend(""), 0);
     }
 }
